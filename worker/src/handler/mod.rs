@@ -1,0 +1,170 @@
+//! # Handlers: where a device's data lives
+//!
+//! A *handler* serves one *subtype* of TCMU backstore (`file`, `ram`, ...). The worker runtime
+//! fetches SCSI commands from the ring, and the SCSI emulation ([`crate::scsi`]) turns the ones it
+//! emulates into the few block operations of the [`Handler`] trait: read, write, flush and
+//! (optionally) unmap. A handler that wants to answer some SCSI commands itself lists their
+//! opcodes in [`Handler::implemented_opcodes`] and gets them, CDB and data, in
+//! [`Handler::execute`]; the runtime emulates every other command.
+//!
+//! ## Writing a handler in your own crate
+//! Implement [`Handler`] for your device type and [`HandlerFactory`] for something that builds it
+//! from a [`DeviceConfig`], then hand your factories to [`crate::worker_main`] in your binary's
+//! `main`. The result is a worker executable that speaks the supervisor's protocol and runs under
+//! the same jail as the built-in one.
+//!
+//! ## Rules a handler must follow
+//! - Methods are called concurrently from several threads; use interior mutability.
+//! - [`Handler::write`] with `durable == true` returns only once the data would survive power loss
+//!   (the device has no volatile write cache, or the initiator set FUA). [`Handler::flush`] makes
+//!   every completed write durable.
+//! - [`Handler::read`] fills every byte it is asked for; reading beyond the end of a backing store
+//!   that is shorter than the device returns zeros.
+//! - A handler never panics on command input; errors are returned and become SCSI sense data.
+//!
+//! This module owns the trait and the built-in handlers; it never decodes CDBs (that is
+//! [`crate::scsi`]) and never touches the ring.
+
+pub mod file;
+pub mod ram;
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use crate::scsi::{Command, CommandResult};
+
+/// What a handler learns about its device when it is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The backstore's name in configfs.
+    pub name: String,
+    /// The subtype (first element of `dev_config`).
+    pub subtype: String,
+    /// The rest of `dev_config`: handler-specific.
+    pub cfgstring: String,
+    /// Device size in bytes.
+    pub dev_size: u64,
+    /// Logical block size in bytes (a power of two, 512..=65536).
+    pub block_size: u32,
+    /// Largest transfer in blocks.
+    pub max_sectors: u32,
+    /// Whether the device advertises a volatile write cache (WCE=1).
+    pub write_cache: bool,
+    /// Unit serial number, for VPD pages 0x80 and 0x83.
+    pub unit_serial: String,
+}
+
+impl DeviceConfig {
+    /// Number of whole logical blocks on the device.
+    pub fn num_blocks(&self) -> u64 {
+        self.dev_size / u64::from(self.block_size.max(1))
+    }
+}
+
+impl From<&tcmu_warden_proto::DeviceSpec> for DeviceConfig {
+    fn from(s: &tcmu_warden_proto::DeviceSpec) -> Self {
+        DeviceConfig {
+            name: s.name.clone(),
+            subtype: s.subtype.clone(),
+            cfgstring: s.cfgstring.clone(),
+            dev_size: s.dev_size,
+            block_size: s.block_size,
+            max_sectors: s.max_sectors,
+            write_cache: s.write_cache,
+            unit_serial: s.unit_serial.clone(),
+        }
+    }
+}
+
+/// Capabilities a handler advertises, which shape the emulated VPD pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HandlerCaps {
+    /// The handler implements [`Handler::unmap`] (thin provisioning, UNMAP, WRITE SAME with UNMAP).
+    pub unmap: bool,
+    /// Unmap granularity in logical blocks (0: not reported).
+    pub unmap_granularity: u32,
+    /// Unmapped blocks read back as zeros.
+    pub unmap_reads_zero: bool,
+}
+
+/// Errors opening a handler.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The cfgstring is not acceptable to this handler.
+    #[error("bad cfgstring {cfgstring:?}: {why}")]
+    Config {
+        /// The offending cfgstring.
+        cfgstring: String,
+        /// Why.
+        why: String,
+    },
+    /// The handler needs a backing-store descriptor that the supervisor did not pass.
+    #[error("no backing store was passed for this device")]
+    NoBacking,
+    /// Opening or inspecting the backing store failed.
+    #[error("backing store: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One device's data store. See the module documentation for the rules.
+pub trait Handler: Send + Sync {
+    /// What the handler supports beyond read/write/flush.
+    fn caps(&self) -> HandlerCaps {
+        HandlerCaps::default()
+    }
+
+    /// Reads `bufs` full from byte `offset` of the device.
+    fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()>;
+
+    /// Writes all of `bufs` at byte `offset`; with `durable`, returns only once it is durable.
+    fn write(&self, offset: u64, bufs: &[IoSlice<'_>], durable: bool) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Deallocates `[offset, offset+len)`; afterwards it reads as zeros if
+    /// [`HandlerCaps::unmap_reads_zero`]. Only called when [`HandlerCaps::unmap`] is set.
+    fn unmap(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// The device was resized to `new_size` bytes.
+    fn resize(&self, _new_size: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// SCSI opcodes (CDB byte 0) this handler executes itself through [`Handler::execute`].
+    fn implemented_opcodes(&self) -> &[u8] {
+        &[]
+    }
+
+    /// Executes a command whose opcode is in [`Handler::implemented_opcodes`].
+    fn execute(&self, _cmd: &mut Command<'_>) -> CommandResult {
+        CommandResult::invalid_opcode()
+    }
+}
+
+/// Builds handlers of one subtype.
+pub trait HandlerFactory: Send + Sync {
+    /// The subtype served, e.g. `"file"`.
+    fn subtype(&self) -> &str;
+
+    /// Whether devices of this subtype come with a backing-store descriptor opened by the
+    /// supervisor (the cfgstring names a path the policy must allow).
+    fn needs_backing_fd(&self) -> bool {
+        false
+    }
+
+    /// Opens the handler for one device. `backing` is the descriptor the supervisor opened, if any.
+    fn open(
+        &self,
+        dev: &DeviceConfig,
+        backing: Option<OwnedFd>,
+    ) -> Result<Arc<dyn Handler>, HandlerError>;
+}
+
+/// The factories of the handlers built into `tcmu-warden-worker`.
+pub fn builtin_factories() -> Vec<Arc<dyn HandlerFactory>> {
+    vec![Arc::new(file::FileFactory), Arc::new(ram::RamFactory)]
+}

@@ -1,0 +1,20 @@
+//! # tcmu-warden worker runtime
+//!
+//! The unprivileged half of tcmu-warden. A worker receives TCMU devices (an open `/dev/uioN`
+//! and, for some handlers, an open backing store) from the supervisor, maps each device's shared
+//! ring, and executes the SCSI commands it finds there.
+//!
+//! Where things live:
+//! - [`ring`]: the kernel's shared-memory layout and the fetch/complete protocol.
+//! - [`scsi`]: CDB decoding, sense data, and emulation of every command a handler does not
+//!   implement itself.
+//! - [`handler`]: the [`handler::Handler`] trait and the built-in `file` and `ram` handlers.
+//! - [`iobuf`]: scatter-gather access to command data.
+//! - [`runtime`]: the per-device loop that ties ring, SCSI and handler together, and the worker's
+//!   conversation with the supervisor.
+
+pub mod handler;
+pub mod iobuf;
+pub mod ring;
+pub mod runtime;
+pub mod scsi;

@@ -1,0 +1,2 @@
+//! `tcmu-warden-worker`: the built-in worker executable.
+fn main() {}
