@@ -111,6 +111,9 @@ pub struct DeviceSpec {
     pub unit_serial: String,
     /// Whether a backing-store descriptor follows the UIO descriptor.
     pub has_backing_fd: bool,
+    /// Set when the policy refuses this device: the worker must not open any handler for it and
+    /// completes every command with NOT READY sense, so initiators fail fast instead of timing out.
+    pub refusal: Option<String>,
 }
 
 impl DeviceSpec {
@@ -140,6 +143,12 @@ impl DeviceSpec {
                 "map_size",
                 format!("{} is out of range", self.map_size),
             ));
+        }
+        if let Some(why) = &self.refusal {
+            check_len("refusal", why, MAX_REASON_LEN)?;
+            if self.has_backing_fd {
+                return Err(invalid("has_backing_fd", "a refused device has no backing store".into()));
+            }
         }
         if self.dev_size < u64::from(self.block_size) {
             return Err(invalid(
@@ -497,6 +506,7 @@ mod tests {
             write_cache: false,
             unit_serial: "abc".into(),
             has_backing_fd: true,
+            refusal: None,
         }
     }
 
