@@ -18,3 +18,5 @@ pub mod iobuf;
 pub mod ring;
 pub mod runtime;
 pub mod scsi;
+
+pub use runtime::worker_main;

@@ -1,1 +1,278 @@
-//! # Runtime (skeleton)
+//! # The worker runtime: the conversation with the supervisor, and one runner per device
+//!
+//! A worker process starts with one inherited descriptor, a `SOCK_SEQPACKET` socket to the
+//! supervisor (its number in `TCMU_WARDEN_FD`). It answers the supervisor's `Hello`, then serves
+//! devices as they arrive: for each [`ToWorker::AddDevice`] it opens the subtype's handler (or, for
+//! a device the policy refused, an emulator that fails every command with NOT READY), maps the UIO
+//! region, and starts a [`device::DeviceRunner`]. It reports each device ready or failed, answers
+//! pings with counters, and on `Shutdown` (or when the supervisor goes away) drains its devices and
+//! exits.
+//!
+//! [`worker_main`] is the whole of a worker executable's `main`: the built-in `tcmu-warden-worker`
+//! calls it with the built-in handler factories, and a third-party handler binary calls it with its
+//! own.
+//!
+//! This module never opens a path: every file it uses arrives as a descriptor from the supervisor.
+
+pub mod device;
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tcmu_warden_proto::{Channel, DeviceSpec, DeviceStats, FromWorker, ProtoError, ToWorker};
+use tracing::{error, info, warn};
+
+use crate::handler::{DeviceConfig, HandlerFactory};
+use crate::ring::{Mapping, Ring, RingError};
+use crate::scsi::Emulator;
+pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner};
+
+/// Environment variable naming the inherited supervisor socket.
+pub const FD_ENV: &str = "TCMU_WARDEN_FD";
+/// Environment variable selecting the log format (`text` or `json`).
+pub const LOG_FORMAT_ENV: &str = "TCMU_WARDEN_LOG_FORMAT";
+
+/// Errors that end a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The supervisor socket failed or sent something unacceptable.
+    #[error("supervisor channel: {0}")]
+    Proto(#[from] ProtoError),
+    /// The conversation broke its rules.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The inherited socket is missing or bad.
+    #[error("no supervisor socket: {0}")]
+    NoSocket(String),
+}
+
+/// Why a device could not be served.
+#[derive(Debug, thiserror::Error)]
+enum AddError {
+    #[error("no handler for subtype {0:?} in this worker")]
+    UnknownSubtype(String),
+    #[error("{0}")]
+    Handler(#[from] crate::handler::HandlerError),
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    #[error("starting device threads: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("expected {expected} descriptors, got {got}")]
+    Fds { expected: usize, got: usize },
+    #[error("device id {0} is already served")]
+    Duplicate(u64),
+    #[error("map size {0} does not fit this machine's address space")]
+    MapSize(u64),
+}
+
+struct Served {
+    runner: DeviceRunner,
+}
+
+/// A worker's state: its handler factories and the devices it serves.
+pub struct Worker {
+    chan: Arc<Channel>,
+    factories: Vec<Arc<dyn HandlerFactory>>,
+    devices: HashMap<u64, Served>,
+    opts: DeviceOptions,
+}
+
+impl Worker {
+    /// A worker speaking on `chan` with the given handler factories.
+    pub fn new(chan: Channel, factories: Vec<Arc<dyn HandlerFactory>>) -> Worker {
+        Worker { chan: Arc::new(chan), factories, devices: HashMap::new(), opts: DeviceOptions::default() }
+    }
+
+    fn factory(&self, subtype: &str) -> Option<&Arc<dyn HandlerFactory>> {
+        self.factories.iter().find(|f| f.subtype() == subtype)
+    }
+
+    /// Runs the conversation until `Shutdown` or until the supervisor hangs up.
+    pub fn serve(mut self) -> Result<(), WorkerError> {
+        let (hello, fds) = self.chan.recv::<ToWorker>()?;
+        let ToWorker::Hello { worker, subtypes } = hello else {
+            return Err(WorkerError::Protocol(format!("expected Hello, got {hello:?}")));
+        };
+        drop(fds);
+        let missing: Vec<&String> = subtypes.iter().filter(|s| self.factory(s).is_none()).collect();
+        if !missing.is_empty() {
+            return Err(WorkerError::Protocol(format!("asked to serve subtypes this worker lacks: {missing:?}")));
+        }
+        let span = tracing::info_span!("worker", worker = %worker);
+        let _enter = span.enter();
+        let mine: Vec<String> = self.factories.iter().map(|f| f.subtype().to_owned()).collect();
+        self.chan.send(&FromWorker::Hello { pid: std::process::id(), subtypes: mine }, &[])?;
+        info!(?subtypes, "worker ready");
+        loop {
+            let (msg, fds) = match self.chan.recv::<ToWorker>() {
+                Ok(m) => m,
+                Err(ProtoError::Closed) => {
+                    warn!("supervisor closed the connection; draining devices and exiting");
+                    self.stop_all();
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.stop_all();
+                    return Err(e.into());
+                }
+            };
+            match msg {
+                ToWorker::Hello { .. } => return Err(WorkerError::Protocol("second Hello".into())),
+                ToWorker::AddDevice(spec) => {
+                    let id = spec.id;
+                    let name = spec.name.clone();
+                    match self.add_device(spec, fds) {
+                        Ok(()) => {
+                            info!(device = %name, id, "device ready");
+                            self.chan.send(&FromWorker::DeviceReady { id }, &[])?;
+                        }
+                        Err(e) => {
+                            error!(device = %name, id, error = %e, "device failed");
+                            let mut reason = e.to_string();
+                            reason.truncate(tcmu_warden_proto::MAX_REASON_LEN);
+                            self.chan.send(&FromWorker::DeviceFailed { id, reason }, &[])?;
+                        }
+                    }
+                }
+                ToWorker::RemoveDevice { id } => {
+                    if let Some(dev) = self.devices.remove(&id) {
+                        if let Err(e) = dev.runner.stop() {
+                            warn!(id, error = %e, "device did not stop cleanly");
+                        }
+                        self.chan.send(&FromWorker::DeviceRemoved { id }, &[])?;
+                    } else {
+                        warn!(id, "asked to remove a device this worker does not serve");
+                    }
+                }
+                ToWorker::Ping { seq } => {
+                    let stats = self.stats();
+                    self.chan.send(&FromWorker::Pong { seq, stats }, &[])?;
+                }
+                ToWorker::Shutdown => {
+                    info!("shutdown requested");
+                    self.stop_all();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> Vec<DeviceStats> {
+        let mut v: Vec<DeviceStats> = self
+            .devices
+            .iter()
+            .take(tcmu_warden_proto::MAX_DEVICES_PER_WORKER)
+            .map(|(&id, d)| {
+                let c = d.runner.counters();
+                let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                DeviceStats {
+                    id,
+                    commands: get(&c.commands),
+                    errors: get(&c.errors),
+                    bytes_read: get(&c.bytes_read),
+                    bytes_written: get(&c.bytes_written),
+                }
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    fn stop_all(&mut self) {
+        for (id, dev) in self.devices.drain() {
+            if let Err(e) = dev.runner.stop() {
+                warn!(id, error = %e, "device did not stop cleanly");
+            }
+        }
+    }
+
+    fn add_device(&mut self, spec: DeviceSpec, fds: Vec<OwnedFd>) -> Result<(), AddError> {
+        if self.devices.contains_key(&spec.id) {
+            return Err(AddError::Duplicate(spec.id));
+        }
+        let expected = spec.fd_count();
+        if fds.len() != expected {
+            return Err(AddError::Fds { expected, got: fds.len() });
+        }
+        let mut fds = fds.into_iter();
+        let uio = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
+        let backing = fds.next();
+        let cfg = DeviceConfig::from(&spec);
+        let emulator = match &spec.refusal {
+            Some(why) => {
+                warn!(device = %spec.name, reason = %why, "serving refused device: every command fails NOT READY");
+                Emulator::refused(&cfg, why)
+            }
+            None => {
+                let factory = self.factory(&spec.subtype).ok_or_else(|| AddError::UnknownSubtype(spec.subtype.clone()))?;
+                let handler = factory.open(&cfg, backing)?;
+                Emulator::new(&cfg, handler)
+            }
+        };
+        let len = usize::try_from(spec.map_size).map_err(|_| AddError::MapSize(spec.map_size))?;
+        let map = Mapping::map(uio.as_fd(), len)?;
+        let ring = Ring::new(map)?;
+        let chan = self.chan.clone();
+        let id = spec.id;
+        let on_exit = Box::new(move |r: &Result<(), DeviceError>| {
+            if let Err(e) = r {
+                let mut reason = e.to_string();
+                reason.truncate(tcmu_warden_proto::MAX_REASON_LEN);
+                let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
+            }
+        });
+        let runner = DeviceRunner::start(spec.name.clone(), ring, uio, Arc::new(emulator), self.opts, on_exit)?;
+        self.devices.insert(spec.id, Served { runner });
+        Ok(())
+    }
+}
+
+/// Takes ownership of the supervisor socket named by `TCMU_WARDEN_FD`.
+pub fn channel_from_env() -> Result<Channel, WorkerError> {
+    let raw = std::env::var(FD_ENV).map_err(|_| WorkerError::NoSocket(format!("{FD_ENV} is not set")))?;
+    let fd: i32 = raw.trim().parse().map_err(|_| WorkerError::NoSocket(format!("{FD_ENV}={raw:?} is not a number")))?;
+    if fd < 3 {
+        return Err(WorkerError::NoSocket(format!("{FD_ENV}={fd} names a standard stream")));
+    }
+    // SAFETY: F_GETFD only inspects the descriptor table entry.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(WorkerError::NoSocket(format!("descriptor {fd} is not open")));
+    }
+    // SAFETY: the supervisor installed this descriptor for us at exec; nothing else in this
+    // process owns it, and we take it exactly once (the variable is removed right after).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: single-threaded at this point of start-up; nothing reads the environment concurrently.
+    unsafe { std::env::remove_var(FD_ENV) };
+    // SAFETY: fcntl with an integer argument on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(Channel::from_fd(owned))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// The `main` of a worker executable: logging, the supervisor socket, then [`Worker::serve`].
+pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
+    init_logging();
+    let chan = match channel_from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "a worker is started by the tcmu-warden supervisor, not by hand");
+            return ExitCode::from(2);
+        }
+    };
+    match Worker::new(chan, factories).serve() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "worker ends");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! # Serving one device: the ring thread and its I/O threads
+//!
+//! Each device gets one *ring thread* and a small pool of *I/O threads*:
+//!
+//! ```text
+//!   kernel ──(cmd_head, uio event)──▶ ring thread ──jobs──▶ I/O threads ──▶ Emulator ──▶ Handler
+//!   kernel ◀──(cmd_tail, 4-byte write)── ring thread ◀──completions + eventfd wake──┘
+//! ```
+//!
+//! The ring thread is the only code that touches the ring: it waits for the kernel's event, fetches
+//! every new entry, hands commands to the pool, writes finished commands back (out of order, as they
+//! finish), and notifies the kernel once per batch. I/O threads only see a command's own CDB and data
+//! buffers. So many commands are in flight per device at once, and a slow command never holds back a
+//! fast one.
+//!
+//! This module must never block the ring thread on a handler, and never let a handler's failure
+//! (an error or even a panic) take the device down: every command ends with a SCSI status.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tracing::{debug, error, info, warn};
+
+use crate::ring::{Completion, Fetched, Ring, RingCommand, RingError};
+use crate::scsi::{Command, CommandResult, Emulator, Sense, status};
+
+/// Errors that stop a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The ring is unusable (corrupt header, completion refused).
+    #[error("ring: {0}")]
+    Ring(#[from] RingError),
+    /// Waiting for or notifying the kernel failed.
+    #[error("event I/O: {0}")]
+    Io(#[from] io::Error),
+    /// In-flight commands did not finish before the deadline.
+    #[error("{0} commands still in flight at the drain deadline")]
+    DrainTimeout(usize),
+}
+
+/// Tuning of one device's runtime.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceOptions {
+    /// I/O threads executing commands concurrently.
+    pub io_threads: usize,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions { io_threads: 4 }
+    }
+}
+
+/// Counters of one device (monotonic).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Commands completed.
+    pub commands: AtomicU64,
+    /// Commands completed with a status other than GOOD.
+    pub errors: AtomicU64,
+    /// Bytes returned to initiators by READ commands.
+    pub bytes_read: AtomicU64,
+    /// Bytes received from initiators by WRITE commands.
+    pub bytes_written: AtomicU64,
+}
+
+struct Done {
+    cmd_id: u16,
+    result: CommandResult,
+}
+
+/// A running device. Dropping it without [`DeviceRunner::stop`] stops it too.
+pub struct DeviceRunner {
+    name: String,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    counters: Arc<Counters>,
+    ring_thread: Option<JoinHandle<Result<(), DeviceError>>>,
+    io_threads: Vec<JoinHandle<()>>,
+}
+
+/// Reads an opcode's data direction for the byte counters only.
+fn is_read(op: u8) -> bool {
+    matches!(op, 0x08 | 0x28 | 0xA8 | 0x88)
+}
+fn is_write(op: u8) -> bool {
+    matches!(op, 0x0A | 0x2A | 0xAA | 0x8A | 0x2E | 0xAE | 0x8E | 0x89)
+}
+
+impl DeviceRunner {
+    /// Starts serving `ring`. `event` is the descriptor the kernel signals new commands on and
+    /// that we write to after completing (the `/dev/uioN` itself on a real system).
+    pub fn start(
+        name: String,
+        ring: Ring,
+        event: OwnedFd,
+        emulator: Arc<Emulator>,
+        opts: DeviceOptions,
+        on_exit: Box<dyn FnOnce(&Result<(), DeviceError>) + Send>,
+    ) -> io::Result<DeviceRunner> {
+        set_nonblocking(&event)?;
+        let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<RingCommand>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+
+        let mut io_threads = Vec::new();
+        for i in 0..opts.io_threads.max(1) {
+            let (rx, tx, wake, emu, ctr) =
+                (job_rx.clone(), done_tx.clone(), wake.clone(), emulator.clone(), counters.clone());
+            let dev = name.clone();
+            io_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("io-{i}"))
+                    .spawn(move || io_loop(&dev, rx, tx, &wake, &emu, &ctr))?,
+            );
+        }
+        drop(done_tx);
+        let ring_thread = {
+            let (wake, stop, dev) = (wake.clone(), stop.clone(), name.clone());
+            std::thread::Builder::new().name("ring".into()).spawn(move || {
+                let r = ring_loop(&dev, ring, &event, &wake, &stop, job_tx, done_rx);
+                match &r {
+                    Ok(()) => info!(device = %dev, "device stopped"),
+                    Err(e) => error!(device = %dev, error = %e, "device failed"),
+                }
+                on_exit(&r);
+                r
+            })?
+        };
+        Ok(DeviceRunner { name, stop, wake, counters, ring_thread: Some(ring_thread), io_threads })
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Whether the ring thread has ended (stopped or failed).
+    pub fn is_finished(&self) -> bool {
+        self.ring_thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops fetching, lets in-flight commands finish (up to the drain deadline inside the ring
+    /// thread), and joins every thread.
+    pub fn stop(mut self) -> Result<(), DeviceError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), DeviceError> {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+        let r = match self.ring_thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err(DeviceError::Io(io::Error::other("ring thread panicked")))),
+            None => Ok(()),
+        };
+        // The ring thread dropped the job sender on exit, so the I/O threads see a closed channel.
+        for t in self.io_threads.drain(..) {
+            if t.join().is_err() {
+                warn!(device = %self.name, "an I/O thread panicked");
+            }
+        }
+        r
+    }
+}
+
+impl Drop for DeviceRunner {
+    fn drop(&mut self) {
+        if self.ring_thread.is_some() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+/// How long a stopping device waits for in-flight commands.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+fn ring_loop(
+    dev: &str,
+    mut ring: Ring,
+    event: &OwnedFd,
+    wake: &EventFd,
+    stop: &AtomicBool,
+    jobs: Sender<RingCommand>,
+    done: Receiver<Done>,
+) -> Result<(), DeviceError> {
+    let mut drain_started: Option<Instant> = None;
+    loop {
+        let mut completed = 0usize;
+        // Completions first: they free ring space for the kernel.
+        loop {
+            match done.try_recv() {
+                Ok(d) => {
+                    complete(&mut ring, d.cmd_id, &d.result)?;
+                    completed += 1;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if ring.in_flight() > 0 {
+                        return Err(DeviceError::Io(io::Error::other("every I/O thread is gone")));
+                    }
+                    break;
+                }
+            }
+        }
+        let stopping = stop.load(Ordering::Acquire);
+        if !stopping {
+            while let Some(entry) = ring.fetch()? {
+                match entry {
+                    Fetched::Cmd(cmd) => {
+                        if let Err(e) = jobs.send(cmd) {
+                            // No I/O thread left: fail the command rather than lose it.
+                            let id = e.0.cmd_id;
+                            complete(&mut ring, id, &internal_error())?;
+                            completed += 1;
+                        }
+                    }
+                    Fetched::Tmr(tmr) => {
+                        // Aborted commands still complete normally; the kernel ignores their
+                        // status once it has answered the task management request.
+                        debug!(device = %dev, tmr_type = tmr.tmr_type, commands = tmr.cmd_ids.len(),
+                               "task management notification");
+                    }
+                    Fetched::Invalid { cmd_id, why } => {
+                        warn!(device = %dev, cmd_id, why = %why, "malformed ring entry failed");
+                        complete(&mut ring, cmd_id, &internal_error())?;
+                        completed += 1;
+                    }
+                }
+            }
+        }
+        if completed > 0 {
+            notify(event)?;
+        }
+        if stopping {
+            if ring.in_flight() == 0 {
+                return Ok(());
+            }
+            let started = *drain_started.get_or_insert_with(Instant::now);
+            if started.elapsed() > DRAIN_DEADLINE {
+                return Err(DeviceError::DrainTimeout(ring.in_flight()));
+            }
+        }
+        let timeout = if stopping { PollTimeout::from(100u16) } else { PollTimeout::NONE };
+        let mut fds = [PollFd::new(event.as_fd(), PollFlags::POLLIN), PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(DeviceError::Io(e.into())),
+        }
+        let hangup = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
+        if fds[0].revents().is_some_and(|r| r.intersects(hangup)) {
+            // The UIO device was removed (or the simulator closed its end).
+            return Err(DeviceError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "device event channel closed")));
+        }
+        drain_event(event)?;
+        let _ = wake.read();
+    }
+}
+
+fn internal_error() -> CommandResult {
+    // HARDWARE ERROR / INTERNAL TARGET FAILURE: the command itself was fine, our side was not.
+    CommandResult::check(Sense::new(0x04, 0x44, 0x00))
+}
+
+fn complete(ring: &mut Ring, cmd_id: u16, r: &CommandResult) -> Result<(), RingError> {
+    let sense = r.sense.as_ref().map(Sense::to_bytes).unwrap_or_default();
+    ring.complete(cmd_id, &Completion { status: r.status, sense: &sense, read_len: r.read_len })
+}
+
+fn io_loop(
+    dev: &str,
+    jobs: Receiver<RingCommand>,
+    done: Sender<Done>,
+    wake: &EventFd,
+    emulator: &Emulator,
+    counters: &Counters,
+) {
+    for mut cmd in jobs {
+        let op = cmd.cdb.first().copied().unwrap_or(0);
+        let len = cmd.data.len() as u64;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            emulator.execute(&mut Command { cdb: &cmd.cdb, data: &mut cmd.data, bidi_in: cmd.bidi_in.as_mut() })
+        }))
+        .unwrap_or_else(|_| {
+            error!(device = %dev, opcode = op, "command handler panicked; failing the command");
+            internal_error()
+        });
+        let cmd_id = cmd.cmd_id;
+        // The data buffers point into pages the kernel reuses once the command completes: drop
+        // them before the completion can be written.
+        drop(cmd);
+        counters.commands.fetch_add(1, Ordering::Relaxed);
+        if result.status != status::GOOD {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+        } else if is_read(op) {
+            counters.bytes_read.fetch_add(result.read_len.map_or(len, u64::from), Ordering::Relaxed);
+        } else if is_write(op) {
+            counters.bytes_written.fetch_add(len, Ordering::Relaxed);
+        }
+        if done.send(Done { cmd_id, result }).is_err() {
+            return;
+        }
+        let _ = wake.write(1);
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own, with an integer argument.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Consumes pending wake-ups: a UIO device returns a 4-byte event count per read.
+fn drain_event(fd: &OwnedFd) -> io::Result<()> {
+    let mut buf = [0u8; 4];
+    loop {
+        // SAFETY: reading at most 4 bytes into a 4-byte stack buffer.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(()),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Tells the kernel that completions are waiting: one 4-byte write.
+fn notify(fd: &OwnedFd) -> io::Result<()> {
+    let one: u32 = 1;
+    loop {
+        // SAFETY: writing the 4 bytes of a local u32.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u32).cast(), 4) };
+        if n == 4 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if n < 0 && e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(if n < 0 { e } else { io::Error::other("short notification write") });
+    }
+}
