@@ -84,7 +84,12 @@ pub fn describe_config(config: &Config, worker_exe: &Path) -> String {
     if let Some(file) = &config.file {
         let _ = writeln!(out, "  file  isolation = {}", file.isolation.as_str());
         for path in &file.allow_paths {
-            let _ = writeln!(out, "        allow {} ({})", path.display(), path_kind(path));
+            let _ = writeln!(
+                out,
+                "        allow {} ({})",
+                path.display(),
+                path_kind(path)
+            );
         }
     }
     if let Some(ram) = &config.ram {
@@ -129,7 +134,13 @@ mod tests {
         ));
         let cli =
             Cli::try_parse_from(["tcmu-warden", "run", "-c", "w.toml", "--foreground"]).unwrap();
-        assert!(matches!(cli.command, Command::Run { foreground: true, .. }));
+        assert!(matches!(
+            cli.command,
+            Command::Run {
+                foreground: true,
+                ..
+            }
+        ));
         let cli = Cli::try_parse_from(["tcmu-warden", "check-config", "w.toml"]).unwrap();
         assert!(
             matches!(cli.command, Command::CheckConfig { ref file } if file == Path::new("w.toml"))
@@ -153,15 +164,26 @@ mod tests {
         let cfg = Config::from_toml_str(&text, Path::new("/etc/w.toml")).unwrap();
         let out = describe_config(&cfg, Path::new("/nonexistent/worker"));
         assert!(out.starts_with("/etc/w.toml: valid\n"), "{out}");
-        assert!(out.contains("worker_exe = /nonexistent/worker (default: next to tcmu-warden; NOT FOUND)"), "{out}");
+        assert!(
+            out.contains(
+                "worker_exe = /nonexistent/worker (default: next to tcmu-warden; NOT FOUND)"
+            ),
+            "{out}"
+        );
         assert!(out.contains("log_format = json"), "{out}");
         assert!(out.contains("file  isolation = device"), "{out}");
-        assert!(out.contains(&format!("allow {} (directory", dir.display())), "{out}");
+        assert!(
+            out.contains(&format!("allow {} (directory", dir.display())),
+            "{out}"
+        );
         assert!(out.contains("allow /nonexistent/x (missing)"), "{out}");
         assert!(out.contains("ram   max_size = 64GiB"), "{out}");
 
         let cfg = Config::from_toml_str("", Path::new("/etc/w.toml")).unwrap();
         let out = describe_config(&cfg, Path::new("/nonexistent/worker"));
-        assert!(out.contains("no handlers: every device is refused"), "{out}");
+        assert!(
+            out.contains("no handlers: every device is refused"),
+            "{out}"
+        );
     }
 }

@@ -199,11 +199,10 @@ pub fn read_device(sysfs_root: &Path, uio: &str) -> Result<Option<TcmuDevice>, D
     }
     let name_path = uio_dir.join("name");
     let text = read_attr(&name_path)?;
-    let Some(parsed) =
-        parse_uio_name(&text).map_err(|why| DiscoveryError::Parse {
-            path: name_path.clone(),
-            why,
-        })?
+    let Some(parsed) = parse_uio_name(&text).map_err(|why| DiscoveryError::Parse {
+        path: name_path.clone(),
+        why,
+    })?
     else {
         return Ok(None);
     };
@@ -256,12 +255,11 @@ pub fn read_device(sysfs_root: &Path, uio: &str) -> Result<Option<TcmuDevice>, D
         }
     };
     let serial_path = dir.join("wwn/vpd_unit_serial");
-    let serial = parse_unit_serial(&read_attr(&serial_path)?).map_err(|why| {
-        DiscoveryError::Parse {
+    let serial =
+        parse_unit_serial(&read_attr(&serial_path)?).map_err(|why| DiscoveryError::Parse {
             path: serial_path,
             why,
-        }
-    })?;
+        })?;
     let unit_serial = serial.unwrap_or_else(|| derived_serial(parsed.hba, &parsed.name));
 
     Ok(Some(TcmuDevice {
@@ -413,8 +411,14 @@ pub mod fake {
             fs::create_dir_all(dir.join("wwn"))?;
             let attrib = dir.join("attrib");
             fs::write(attrib.join("dev_size"), format!("{}\n", self.dev_size))?;
-            fs::write(attrib.join("hw_block_size"), format!("{}\n", self.block_size))?;
-            fs::write(attrib.join("hw_max_sectors"), format!("{}\n", self.max_sectors))?;
+            fs::write(
+                attrib.join("hw_block_size"),
+                format!("{}\n", self.block_size),
+            )?;
+            fs::write(
+                attrib.join("hw_max_sectors"),
+                format!("{}\n", self.max_sectors),
+            )?;
             fs::write(
                 attrib.join("emulate_write_cache"),
                 format!("{}\n", self.write_cache),
@@ -444,16 +448,24 @@ mod tests {
         assert_eq!(n.cfgstring, "/var/lib/tcmu/a b.img");
 
         let n = parse_uio_name("tcm-user/12/r/ram/").unwrap().unwrap();
-        assert_eq!((n.subtype.as_deref(), n.cfgstring.as_str()), (Some("ram"), ""));
+        assert_eq!(
+            (n.subtype.as_deref(), n.cfgstring.as_str()),
+            (Some("ram"), "")
+        );
         let n = parse_uio_name("tcm-user/12/r/ram").unwrap().unwrap();
-        assert_eq!((n.subtype.as_deref(), n.cfgstring.as_str()), (Some("ram"), ""));
+        assert_eq!(
+            (n.subtype.as_deref(), n.cfgstring.as_str()),
+            (Some("ram"), "")
+        );
         let n = parse_uio_name("tcm-user/3/bare\n").unwrap().unwrap();
         assert_eq!(n.subtype, None);
         assert_eq!(n.cfgstring, "");
         let n = parse_uio_name("tcm-user/3/x//weird").unwrap().unwrap();
         assert_eq!(n.subtype, None);
         assert_eq!(n.cfgstring, "weird");
-        let n = parse_uio_name("tcm-user/0/d/qcow/a/b/c.qcow2").unwrap().unwrap();
+        let n = parse_uio_name("tcm-user/0/d/qcow/a/b/c.qcow2")
+            .unwrap()
+            .unwrap();
         assert_eq!(n.cfgstring, "a/b/c.qcow2");
 
         assert_eq!(parse_uio_name("uio_pdrv_genirq\n").unwrap(), None);
@@ -474,7 +486,10 @@ mod tests {
             parse_unit_serial("T10 VPD Unit Serial Number: 6b1e-99 \n"),
             Ok(Some("6b1e-99".into()))
         );
-        assert_eq!(parse_unit_serial("T10 VPD Unit Serial Number: \n"), Ok(None));
+        assert_eq!(
+            parse_unit_serial("T10 VPD Unit Serial Number: \n"),
+            Ok(None)
+        );
         assert!(parse_unit_serial("garbage\n").is_err());
         assert!(parse_unit_serial("T10 VPD Unit Serial Number: a\u{7}b").is_err());
     }
@@ -486,7 +501,10 @@ mod tests {
         assert_ne!(derived_serial(1, "disk0"), derived_serial(1, "disk1"));
         assert_eq!(derived_serial(1, "disk0").len(), 16);
         // FNV-1a is fixed: pin one value so a change is noticed (serials must not move).
-        assert_eq!(derived_serial(0, ""), format!("{:016x}", fnv_reference(b"user_0/")));
+        assert_eq!(
+            derived_serial(0, ""),
+            format!("{:016x}", fnv_reference(b"user_0/"))
+        );
     }
 
     fn fnv_reference(bytes: &[u8]) -> u64 {
@@ -506,7 +524,9 @@ mod tests {
         let mut ram = FakeDevice::new("uio2", 2, "scratch", Some("ram/"));
         ram.serial = "";
         ram.write(root).unwrap();
-        FakeDevice::new("uio3", 3, "bare", None).write(root).unwrap();
+        FakeDevice::new("uio3", 3, "bare", None)
+            .write(root)
+            .unwrap();
         // A uio device from another driver.
         let other = root.join("class/uio/uio0");
         fs::create_dir_all(&other).unwrap();
@@ -558,12 +578,16 @@ mod tests {
         let (uio, err) = &scan.skipped[1];
         assert_eq!(uio, "uio5");
         assert!(matches!(err, DiscoveryError::Read { .. }), "{err}");
-        assert!(err.to_string().contains("user_9/lost/attrib/dev_size"), "{err}");
+        assert!(
+            err.to_string().contains("user_9/lost/attrib/dev_size"),
+            "{err}"
+        );
     }
 
     #[test]
     fn each_bad_attribute_names_its_file() {
-        let cases: [(&str, fn(&mut FakeDevice<'_>)); 6] = [
+        type Spoil = fn(&mut FakeDevice<'_>);
+        let cases: [(&str, Spoil); 6] = [
             ("maps/map0/size", |d| d.map_size = "lots"),
             ("maps/map0/size", |d| d.map_size = "0x10"),
             ("attrib/dev_size", |d| d.dev_size = 100),

@@ -11,6 +11,8 @@
 //!
 //! This module only configures output; it never decides what is logged.
 
+use std::io::IsTerminal as _;
+
 use tcmu_warden_policy::LogFormat;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -43,7 +45,11 @@ pub fn init(format: LogFormat) -> Result<LogFormat, LoggingError> {
             installed(
                 tracing_subscriber::registry()
                     .with(filter())
-                    .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                    .with(
+                        tracing_subscriber::fmt::layer()
+                            .with_ansi(std::io::stderr().is_terminal())
+                            .with_writer(std::io::stderr),
+                    )
                     .try_init(),
             )?;
             Ok(LogFormat::Text)
@@ -55,6 +61,7 @@ pub fn init(format: LogFormat) -> Result<LogFormat, LoggingError> {
                     .with(
                         tracing_subscriber::fmt::layer()
                             .json()
+                            .with_ansi(false)
                             .flatten_event(true)
                             .with_current_span(false)
                             .with_writer(std::io::stderr),

@@ -7,8 +7,9 @@
 //!
 //! What the child gets, and nothing more:
 //! - fd 0 is `/dev/null`; fds 1 and 2 are the supervisor's (so worker logs reach the same place,
-//!   the journal under systemd); fd 3 is the channel. Every other descriptor of the supervisor
-//!   is close-on-exec and does not cross `exec`.
+//!   the journal under systemd); fd 3 is the channel. Every other descriptor is closed at
+//!   `exec`: the supervisor's own are close-on-exec anyway, and any it inherited without the
+//!   flag are marked close-on-exec in the child.
 //! - An empty environment except `TCMU_WARDEN_FD=3`, `RUST_LOG` (if the supervisor has it) and
 //!   `TCMU_WARDEN_LOG_FORMAT` (the supervisor's log format, or its own variable if it has one).
 //! - Its own process group, so a Ctrl-C on the supervisor's terminal reaches only the
@@ -114,6 +115,7 @@ impl WorkerProcess {
                 } else if libc::dup2(child_fd, WORKER_CHANNEL_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
+                close_inherited_descriptors();
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -168,15 +170,19 @@ impl WorkerProcess {
 
     /// Receives one message if one is waiting (`Ok(None)` otherwise). Every message is decoded
     /// and validated by the protocol crate; any error means the worker broke the protocol or
-    /// closed the connection ([`ProtoError::Closed`]).
+    /// closed the connection ([`ProtoError::Closed`], also for a reset connection).
     pub fn recv(&self) -> Result<Option<FromWorker>, WorkerError> {
         let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
         match channel.recv::<FromWorker>() {
             // FromWorker messages carry no descriptors; the protocol crate refuses any that
             // come anyway, so the vector is empty here.
             Ok((msg, _fds)) => Ok(Some(msg)),
-            Err(ProtoError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(ProtoError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(ProtoError::Io(e)) => match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                // A peer that closes with our messages unread resets the connection.
+                io::ErrorKind::ConnectionReset => Err(ProtoError::Closed.into()),
+                _ => Err(ProtoError::Io(e).into()),
+            },
             Err(e) => Err(e.into()),
         }
     }
@@ -187,12 +193,17 @@ impl WorkerProcess {
     }
 
     /// Sends SIGKILL (unless the process was already reaped) and closes the channel.
+    ///
+    /// The signal goes first: a worker must not see its channel close and get to run its own
+    /// exit path before the kill lands.
     pub fn kill(&mut self) -> io::Result<()> {
+        let result = if self.exit.is_some() {
+            Ok(())
+        } else {
+            self.child.kill()
+        };
         self.close_channel();
-        if self.exit.is_some() {
-            return Ok(());
-        }
-        self.child.kill()
+        result
     }
 
     /// Reaps the process if it has exited, without blocking.
@@ -214,6 +225,33 @@ impl Drop for WorkerProcess {
             // Never leave a child behind; SIGKILL cannot be ignored, so the wait is short.
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Marks every descriptor above the channel's close-on-exec, in the forked child before exec:
+/// a descriptor the supervisor itself inherited without the flag must not reach a worker either.
+/// (Marking rather than closing keeps the pipe the standard library uses to report a failed
+/// `exec` working.)
+///
+/// Only async-signal-safe system calls: `close_range(CLOSE_RANGE_CLOEXEC)` (Linux 5.11), or one
+/// `fcntl` per descriptor number on older kernels.
+fn close_inherited_descriptors() {
+    let first = (WORKER_CHANNEL_FD + 1) as libc::c_uint;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on descriptors of this
+    // forked child.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc != 0 {
+        for fd in (WORKER_CHANNEL_FD + 1)..4096 {
+            // SAFETY: as above; on a number that is not open this is a harmless EBADF.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
     }
 }

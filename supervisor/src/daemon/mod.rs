@@ -570,8 +570,7 @@ impl Supervisor {
             return;
         }
         let fatal = {
-            let (Some(slot), Some(dev)) = (self.workers.get(key), self.devices.get_mut(&id))
-            else {
+            let (Some(slot), Some(dev)) = (self.workers.get(key), self.devices.get_mut(&id)) else {
                 return;
             };
             let mut fds: Vec<BorrowedFd<'_>> = vec![dev.uio_fd.as_fd()];
@@ -579,7 +578,10 @@ impl Supervisor {
                 fds.push(b.as_fd());
             }
             let count = fds.len();
-            match slot.process.send(&ToWorker::AddDevice(dev.spec.clone()), &fds) {
+            match slot
+                .process
+                .send(&ToWorker::AddDevice(dev.spec.clone()), &fds)
+            {
                 Ok(()) => {
                     debug!(device = %dev.dev.uio, worker = %slot.name, fds = count, "device sent to worker");
                     dev.phase = DevicePhase::Sent;
@@ -702,7 +704,10 @@ impl Supervisor {
             info!(signal = name, "termination requested");
             self.begin_shutdown();
         } else {
-            warn!(signal = name, "second termination request; killing workers now");
+            warn!(
+                signal = name,
+                "second termination request; killing workers now"
+            );
             let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();
             for key in keys {
                 self.kill_worker(&key, format!("{name} during shutdown"));
@@ -768,7 +773,10 @@ impl Supervisor {
             (_, FromWorker::DeviceReady { id }) => {
                 let (dev, worker) = self.owned(key, id, "DeviceReady")?;
                 if dev.phase != DevicePhase::Sent {
-                    return Err(format!("DeviceReady for device {id}, which is {:?}", dev.phase));
+                    return Err(format!(
+                        "DeviceReady for device {id}, which is {:?}",
+                        dev.phase
+                    ));
                 }
                 dev.phase = DevicePhase::Ready;
                 dev.deadline = None;
@@ -793,7 +801,10 @@ impl Supervisor {
             (_, FromWorker::DeviceFailed { id, reason }) => {
                 let (dev, worker) = self.owned(key, id, "DeviceFailed")?;
                 if !matches!(dev.phase, DevicePhase::Sent | DevicePhase::Ready) {
-                    return Err(format!("DeviceFailed for device {id}, which is {:?}", dev.phase));
+                    return Err(format!(
+                        "DeviceFailed for device {id}, which is {:?}",
+                        dev.phase
+                    ));
                 }
                 // The reason is the worker's text: logged escaped, never interpreted.
                 error!(
@@ -810,7 +821,10 @@ impl Supervisor {
             (_, FromWorker::DeviceRemoved { id }) => {
                 let (dev, _) = self.owned(key, id, "DeviceRemoved")?;
                 if dev.phase != DevicePhase::Removing {
-                    return Err(format!("DeviceRemoved for device {id}, which is {:?}", dev.phase));
+                    return Err(format!(
+                        "DeviceRemoved for device {id}, which is {:?}",
+                        dev.phase
+                    ));
                 }
                 self.drop_device(id);
                 Ok(())
@@ -1038,7 +1052,10 @@ impl Supervisor {
 
     /// Snapshots of every device, by id.
     pub fn devices(&self) -> Vec<DeviceStatus> {
-        self.devices.iter().map(|(id, d)| status_of(*id, d)).collect()
+        self.devices
+            .iter()
+            .map(|(id, d)| status_of(*id, d))
+            .collect()
     }
 
     /// Snapshot of one device.
@@ -1201,7 +1218,10 @@ mod tests {
     fn poll_timeouts_round_up() {
         assert_eq!(poll_timeout(Duration::from_micros(1)).as_millis(), Some(1));
         assert_eq!(poll_timeout(Duration::ZERO).as_millis(), Some(0));
-        assert_eq!(poll_timeout(Duration::from_millis(1500)).as_millis(), Some(1500));
+        assert_eq!(
+            poll_timeout(Duration::from_millis(1500)).as_millis(),
+            Some(1500)
+        );
         assert_eq!(
             poll_timeout(Duration::from_secs(u64::MAX)).as_millis(),
             Some(i32::MAX as u32)
@@ -1238,10 +1258,19 @@ mod tests {
     fn worker_assignment() {
         let sup = supervisor("[handler.file]\nallow_paths=['/a']\n[handler.ram]\n");
         let file = device(Some("file"));
-        assert_eq!(sup.worker_key(&file, false), WorkerKey::Subtype("file".into()));
+        assert_eq!(
+            sup.worker_key(&file, false),
+            WorkerKey::Subtype("file".into())
+        );
         // Refused but configured: stays with its subtype's worker.
-        assert_eq!(sup.worker_key(&file, true), WorkerKey::Subtype("file".into()));
-        assert_eq!(sup.worker_key(&device(Some("qcow")), true), WorkerKey::Refused);
+        assert_eq!(
+            sup.worker_key(&file, true),
+            WorkerKey::Subtype("file".into())
+        );
+        assert_eq!(
+            sup.worker_key(&device(Some("qcow")), true),
+            WorkerKey::Refused
+        );
         assert_eq!(sup.worker_key(&device(None), true), WorkerKey::Refused);
 
         let sup = supervisor("[handler.file]\nallow_paths=['/a']\nisolation='device'\n");

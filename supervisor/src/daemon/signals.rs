@@ -103,9 +103,15 @@ mod tests {
         let signals = Signals::new().unwrap();
         let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
         child.wait().unwrap();
-        let mut fds = [nix::poll::PollFd::new(signals.fd(), nix::poll::PollFlags::POLLIN)];
-        let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(30_000u32).unwrap())
-            .unwrap();
+        let mut fds = [nix::poll::PollFd::new(
+            signals.fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let n = nix::poll::poll(
+            &mut fds,
+            nix::poll::PollTimeout::try_from(30_000u32).unwrap(),
+        )
+        .unwrap();
         assert_eq!(n, 1);
         assert_eq!(signals.drain(), None);
     }
