@@ -125,19 +125,23 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
-    /// The configuration rule that refused, for logs (`rule=` field).
+    /// The rule that refused, for logs (`rule=` field): a configuration key
+    /// (`handler.<subtype>`, `handler.file.allow_paths`, `handler.ram.max_size`), `cfgstring`
+    /// (a path that is unusable as written), `dev_config` (no subtype) or `backing store` (an
+    /// allowed path that cannot be opened).
     pub fn rule(&self) -> String {
         match self {
             PolicyError::NoSubtype => "dev_config".into(),
             PolicyError::NotServed { subtype } => format!("handler.{subtype}"),
             PolicyError::NotAbsolute { .. } | PolicyError::BadPath { .. } => "cfgstring".into(),
             PolicyError::TooLarge { .. } => "handler.ram.max_size".into(),
-            PolicyError::OutsideAllowPaths { .. }
-            | PolicyError::NotFound { .. }
-            | PolicyError::Escapes { .. }
+            PolicyError::OutsideAllowPaths { .. } | PolicyError::Escapes { .. } => {
+                "handler.file.allow_paths".into()
+            }
+            PolicyError::NotFound { .. }
             | PolicyError::WrongType { .. }
             | PolicyError::Changed { .. }
-            | PolicyError::Open { .. } => "handler.file.allow_paths".into(),
+            | PolicyError::Open { .. } => "backing store".into(),
         }
     }
 }
@@ -497,6 +501,7 @@ mod tests {
         assert!(matches!(err, PolicyError::Escapes { .. }), "{err}");
         let err = open(&t, "allowed/up/secret").unwrap_err();
         assert!(matches!(err, PolicyError::Escapes { .. }), "{err}");
+        assert_eq!(err.rule(), "handler.file.allow_paths");
         assert_eq!(fs::read(t.root.join("secret")).unwrap(), b"outside");
     }
 
@@ -528,6 +533,7 @@ mod tests {
         let t = tree();
         let err = open(&t, "allowed/missing.img").unwrap_err();
         assert!(matches!(err, PolicyError::NotFound { .. }), "{err}");
+        assert_eq!(err.rule(), "backing store");
         assert!(err.to_string().contains("missing.img"), "{err}");
         assert!(err.to_string().contains("does not exist"), "{err}");
         // An exactly-listed entry that does not exist.

@@ -50,7 +50,9 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tcmu_warden_policy::{Config, Isolation, LogFormat};
-use tcmu_warden_proto::{DeviceSpec, FromWorker, MAX_REASON_LEN, ProtoError, ToWorker};
+use tcmu_warden_proto::{
+    DeviceSpec, FromWorker, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError, ToWorker,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
@@ -184,7 +186,11 @@ impl WorkerKey {
     pub fn name(&self) -> String {
         match self {
             WorkerKey::Subtype(s) => s.clone(),
-            WorkerKey::Device { subtype, hba, name } => format!("{subtype}:user_{hba}/{name}"),
+            WorkerKey::Device { subtype, hba, name } => {
+                let mut full = format!("{subtype}:user_{hba}/{name}");
+                cut_at_boundary(&mut full, MAX_NAME_LEN);
+                full
+            }
             WorkerKey::Refused => REFUSED_WORKER.to_owned(),
         }
     }
@@ -615,13 +621,17 @@ impl Supervisor {
             if matches!(dev.phase, DevicePhase::Failed(_) | DevicePhase::Orphaned) {
                 return;
             }
-            warn!(
-                device = %dev.dev.uio,
-                backstore = %dev.dev.label(),
-                worker = %dev.worker.name(),
-                why,
-                "device is not served; its uio descriptor stays open"
-            );
+            if self.shutdown.is_some() {
+                debug!(device = %dev.dev.uio, worker = %dev.worker.name(), why, "device no longer served (shutting down)");
+            } else {
+                warn!(
+                    device = %dev.dev.uio,
+                    backstore = %dev.dev.label(),
+                    worker = %dev.worker.name(),
+                    why,
+                    "device is not served; its uio descriptor stays open"
+                );
+            }
             dev.phase = DevicePhase::Orphaned;
             dev.deadline = None;
         }
@@ -1147,14 +1157,21 @@ fn kind(msg: &FromWorker) -> &'static str {
 /// Cuts a refusal reason to the wire's limit, at a character boundary.
 fn truncate_reason(mut reason: String) -> String {
     if reason.len() > MAX_REASON_LEN {
-        let mut cut = MAX_REASON_LEN.saturating_sub(3);
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
+        cut_at_boundary(&mut reason, MAX_REASON_LEN.saturating_sub(3));
         reason.push_str("...");
     }
     reason
+}
+
+/// Truncates `s` to at most `max` bytes without splitting a character.
+fn cut_at_boundary(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while cut > 0 && !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
 }
 
 /// `poll` timeout in whole milliseconds, rounded up so a deadline is never missed by a spin.
@@ -1202,6 +1219,13 @@ mod tests {
         assert_eq!(k.name(), "file:user_1/d0");
         assert_eq!(k.subtypes(), vec!["file".to_owned()]);
         assert_eq!(WorkerKey::Refused.name(), "refused");
+        let long = WorkerKey::Device {
+            subtype: "file".into(),
+            hba: 1,
+            name: "ü".repeat(300),
+        };
+        assert!(long.name().len() <= MAX_NAME_LEN);
+        assert!(long.name().starts_with("file:user_1/ü"));
         assert!(WorkerKey::Refused.subtypes().is_empty());
     }
 
