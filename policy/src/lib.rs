@@ -1,1 +1,70 @@
-//! Policy (skeleton).
+//! # tcmu-warden policy: what may be served, and how
+//!
+//! tcmu-warden serves Linux SCSI disks from userspace through TCMU, the kernel's `user`
+//! backstore of LIO (the Linux SCSI target). Each TCMU device names a *subtype* (the kind of
+//! handler that serves it: `file`, `ram`, ...) and a *cfgstring* (handler-specific; for `file`,
+//! the path of the backing file). Whoever creates LIO backstores chooses both, so the daemon
+//! decides, from this configuration, which devices it serves and what they may touch.
+//!
+//! This crate owns:
+//! - the configuration schema ([`Config`], parsed from TOML by [`Config::load`], with errors that
+//!   name file, line and column),
+//! - admission ([`Config::admit`], [`Config::open_backing`]): whether a device is served, and
+//!   opening its backing store without ever leaving the allowed directories.
+//!
+//! It never talks to workers or the kernel's TCMU interface; the supervisor does that with the
+//! answers it gets here.
+//!
+//! ## The configuration file
+//!
+//! A commented example lives in `docs/tcmu-warden.example.toml`. Unknown sections and keys are
+//! errors, so a typo never silently changes behaviour.
+//!
+//! ```toml
+//! [daemon]
+//! # The worker executable. Default: `tcmu-warden-worker` in the directory of the running
+//! # `tcmu-warden`. Must be absolute.
+//! worker_exe = "/usr/libexec/tcmu-warden/tcmu-warden-worker"
+//! # Where sysfs is mounted: `class/uio` and `kernel/config` (configfs) are looked up under it.
+//! # Default "/sys". Tests point it at a fake tree.
+//! sysfs_root = "/sys"
+//! # Where the `uioN` device nodes are. Default "/dev".
+//! dev_root = "/dev"
+//! # "text" (human-readable, stderr), "json" (one object per line, stderr) or "journald"
+//! # (native journal entries). Default: journald when JOURNAL_STREAM is set (started by
+//! # systemd with output to the journal), text otherwise.
+//! log_format = "text"
+//!
+//! # Devices of subtype `file`: the cfgstring is an absolute path to a regular file or a block
+//! # device. Without this section every `file` device is refused.
+//! [handler.file]
+//! # Required, non-empty. Directories whose files (at any depth) may back devices, or paths
+//! # allowed exactly (typically a block device such as /dev/disk/by-id/wwn-0x5000c500a1b2c3d4).
+//! # Absolute, no `..`. Symlinks *inside* a directory may not lead out of it.
+//! allow_paths = ["/var/lib/tcmu", "/srv/disks"]
+//! # "subtype" (default): one worker process serves every `file` device.
+//! # "device": one worker process per device.
+//! isolation = "subtype"
+//!
+//! # Devices of subtype `ram`: volatile, held in the worker's memory. Without this section every
+//! # `ram` device is refused.
+//! [handler.ram]
+//! # Optional cap on a device's size: an integer (bytes) or a string such as "64GiB", "512MiB",
+//! # "10GB" (see [`size`] for the units).
+//! max_size = "64GiB"
+//! ```
+//!
+//! A device whose subtype has no section, whose cfgstring the rules refuse, or that has no
+//! subtype at all is *refused*: the supervisor logs why and still hands it to a worker that
+//! answers every SCSI command with NOT READY, so initiators fail at once rather than time out.
+
+pub mod admit;
+pub mod config;
+pub mod size;
+
+pub use admit::{Admission, PolicyError};
+pub use config::{
+    Config, ConfigError, DaemonConfig, FileHandlerConfig, Isolation, KNOWN_SUBTYPES, LogFormat,
+    RamHandlerConfig,
+};
+pub use size::{ByteSize, SizeError, format_size, parse_size};

@@ -1,1 +1,51 @@
-fn main() {}
+//! `tcmu-warden`: the supervisor daemon's executable. Parses the command line, loads the
+//! configuration, sets up logging and runs [`tcmu_warden_supervisor::daemon::run`]. Errors end
+//! here, with context, on stderr and a non-zero exit status.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tcmu_warden_policy::{Config, LogFormat};
+use tcmu_warden_supervisor::cli::{Cli, Command, describe_config};
+use tcmu_warden_supervisor::daemon::{self, Options};
+use tcmu_warden_supervisor::logging;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, foreground } => run(&config, foreground),
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tcmu-warden: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &Path, foreground: bool) -> anyhow::Result<()> {
+    let config = Config::load(path).context("invalid configuration")?;
+    let format = if foreground {
+        LogFormat::Text
+    } else {
+        config.effective_log_format()
+    };
+    let format = logging::init(format).context("setting up logging")?;
+    let mut opts = Options::from_config(&config)?;
+    opts.worker_log_format = Some(format);
+    daemon::run(config, opts).context("the daemon stopped on an error")
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path).context("invalid configuration")?;
+    let exe = match &config.daemon.worker_exe {
+        Some(exe) => exe.clone(),
+        None => daemon::default_worker_exe()?,
+    };
+    print!("{}", describe_config(&config, &exe));
+    Ok(())
+}

@@ -1,0 +1,1349 @@
+//! # The daemon: devices, workers, and the event loop that ties them together
+//!
+//! [`Supervisor`] owns every TCMU device the daemon serves and every worker process serving
+//! them. [`run`] is the daemon: scan, hand devices to workers, then loop until told to stop.
+//!
+//! ## Devices
+//! [`Supervisor::adopt`] takes a discovered [`TcmuDevice`], opens its `/dev/uioN` and keeps that
+//! descriptor for as long as it manages the device: the kernel tears a TCMU ring down only on
+//! the *last* close, so a worker that crashes leaves the ring (and the commands in it) intact
+//! for a successor. The supervisor never `read`s the uio descriptor: the wake-up counter behind
+//! it is shared with the worker's copy, and a read here would steal the worker's wake-ups.
+//!
+//! Every device is asked of the policy ([`Config::admit`]). An admitted device goes to the
+//! worker for its subtype with its backing store (for `file`, the descriptor the policy opened).
+//! A refused device is logged (one WARN line naming device, cfgstring and rule) and still goes to
+//! a worker, with [`DeviceSpec::refusal`] set and no backing store: the worker answers its SCSI
+//! commands with NOT READY, so initiators fail at once instead of timing out. Refused devices of
+//! a configured subtype stay with that subtype's worker (under `isolation = "subtype"`); the
+//! others go to a worker dedicated to refusals, which is given no subtypes.
+//!
+//! ## Workers
+//! One worker per [`WorkerKey`]: per subtype, per device (`isolation = "device"`), or the
+//! refusals worker. A worker is started on first need, greeted with `Hello`, and sent devices
+//! once it answered. Workers are untrusted: every message is decoded and validated by the
+//! protocol crate, and a worker that sends something undecodable, something unexpected in its
+//! state, or a reply about a device it does not own is killed (SIGKILL, reaped, logged) — the
+//! supervisor itself carries on. A worker that misses a deadline (Hello, a device reply,
+//! shutdown) is killed too.
+//!
+//! ## The loop
+//! [`Supervisor::poll_once`] is one turn of the event loop: `poll` on the workers' channels and
+//! the signal wake-up socket (with the nearest deadline as timeout), then messages, then reaping
+//! (`waitpid(WNOHANG)` per worker), then deadlines. Nothing else blocks. Later work (restart
+//! with backoff, heartbeats, hot-plug through netlink, the status socket) adds sources and
+//! deadlines to the same loop.
+//!
+//! This module never parses sysfs (that is [`crate::discovery`]), never decides policy (that is
+//! the policy crate), and never spawns processes by hand (that is [`crate::worker`]).
+
+mod signals;
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use tcmu_warden_policy::{Config, Isolation, LogFormat};
+use tcmu_warden_proto::{
+    DeviceSpec, FromWorker, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError, ToWorker,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
+use crate::worker::{WorkerError, WorkerProcess, describe_exit};
+
+use signals::Signals;
+
+/// Name of the worker that serves refused devices of unconfigured subtypes.
+pub const REFUSED_WORKER: &str = "refused";
+
+/// Most messages handled from one worker in one turn, so a chatty worker cannot starve others.
+const MAX_MESSAGES_PER_TURN: usize = 64;
+
+/// Longest sleep of one loop turn when no deadline is nearer.
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// How long after SIGKILL at the end of a shutdown the daemon waits for reaping before it exits
+/// anyway (a process stuck in uninterruptible I/O cannot be reaped).
+const REAP_GRACE: Duration = Duration::from_secs(5);
+
+/// Tunables of the supervisor; [`Options::from_config`] fills them from the configuration.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The worker executable.
+    pub worker_exe: PathBuf,
+    /// Where `class/uio` and `kernel/config` are.
+    pub sysfs_root: PathBuf,
+    /// Where the `uioN` nodes are.
+    pub dev_root: PathBuf,
+    /// `TCMU_WARDEN_LOG_FORMAT` for workers (`None`: pass the supervisor's own through).
+    pub worker_log_format: Option<LogFormat>,
+    /// How long a new worker has to answer `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long a worker has to answer `AddDevice` or `RemoveDevice`.
+    pub reply_timeout: Duration,
+    /// How long workers have to exit after `Shutdown` before they are killed.
+    pub shutdown_timeout: Duration,
+    /// How long a worker that closed its channel has to exit before it is killed.
+    pub exit_grace: Duration,
+}
+
+impl Options {
+    /// Options from the configuration, with default timeouts. The worker executable defaults to
+    /// `tcmu-warden-worker` next to the running executable.
+    pub fn from_config(config: &Config) -> Result<Options, DaemonError> {
+        let worker_exe = match &config.daemon.worker_exe {
+            Some(exe) => exe.clone(),
+            None => default_worker_exe()?,
+        };
+        Ok(Options {
+            worker_exe,
+            sysfs_root: config.daemon.sysfs_root.clone(),
+            dev_root: config.daemon.dev_root.clone(),
+            worker_log_format: None,
+            handshake_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+            exit_grace: Duration::from_secs(2),
+        })
+    }
+}
+
+/// `tcmu-warden-worker` in the directory of the running executable.
+pub fn default_worker_exe() -> Result<PathBuf, DaemonError> {
+    let me = std::env::current_exe().map_err(DaemonError::WorkerExe)?;
+    Ok(me.with_file_name("tcmu-warden-worker"))
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The default worker executable could not be located.
+    #[error("locating the worker executable: {0}")]
+    WorkerExe(io::Error),
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(io::Error),
+    /// The start-up scan failed as a whole.
+    #[error("scanning for TCMU devices: {0}")]
+    Scan(#[from] DiscoveryError),
+    /// `poll` failed.
+    #[error("poll: {0}")]
+    Poll(nix::Error),
+}
+
+/// Why a device could not be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// The daemon is stopping.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// Not a `uioN` name.
+    #[error("{0:?} is not a uio device name")]
+    BadUio(String),
+    /// The device is already managed.
+    #[error("{0} is already managed")]
+    AlreadyManaged(String),
+    /// `/dev/uioN` could not be opened (`EBUSY`: another TCMU runner holds it).
+    #[error("opening {}: {source}", path.display())]
+    OpenUio {
+        /// The node.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The device's attributes do not fit the wire's limits.
+    #[error("cannot describe the device to a worker: {0}")]
+    Spec(ProtoError),
+}
+
+/// Which worker serves a device.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkerKey {
+    /// The shared worker of a subtype.
+    Subtype(String),
+    /// A device's own worker (`isolation = "device"`).
+    Device {
+        /// The subtype.
+        subtype: String,
+        /// LIO HBA number.
+        hba: u32,
+        /// Backstore name.
+        name: String,
+    },
+    /// The worker for refused devices of unconfigured subtypes.
+    Refused,
+}
+
+impl WorkerKey {
+    /// The worker's name in logs and in `Hello`: `file`, `file:user_1/disk0`, `refused`.
+    pub fn name(&self) -> String {
+        match self {
+            WorkerKey::Subtype(s) => s.clone(),
+            WorkerKey::Device { subtype, hba, name } => {
+                let mut full = format!("{subtype}:user_{hba}/{name}");
+                cut_at_boundary(&mut full, MAX_NAME_LEN);
+                full
+            }
+            WorkerKey::Refused => REFUSED_WORKER.to_owned(),
+        }
+    }
+
+    /// The subtypes the worker is told to serve.
+    pub fn subtypes(&self) -> Vec<String> {
+        match self {
+            WorkerKey::Subtype(s) | WorkerKey::Device { subtype: s, .. } => vec![s.clone()],
+            WorkerKey::Refused => Vec::new(),
+        }
+    }
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerPhase {
+    /// Started; `Hello` sent, answer awaited.
+    Handshaking,
+    /// Serving.
+    Ready,
+    /// `Shutdown` sent; exit awaited.
+    ShuttingDown,
+    /// It closed its channel; exit awaited.
+    Closing,
+    /// Killed by the supervisor; reaping awaited.
+    Killed,
+    /// Reaped.
+    Exited,
+}
+
+/// A snapshot of one worker, for callers and tests.
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    /// The worker's name.
+    pub name: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Its phase.
+    pub phase: WorkerPhase,
+    /// The subtypes it was assigned.
+    pub subtypes: Vec<String>,
+    /// The subtypes it said it serves (after `Hello`).
+    pub supported: Option<Vec<String>>,
+    /// Devices assigned to it.
+    pub devices: Vec<u64>,
+    /// Why the supervisor killed it, if it did.
+    pub kill_reason: Option<String>,
+    /// How it ended, once reaped.
+    pub exit: Option<ExitStatus>,
+}
+
+/// Where a device is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePhase {
+    /// Waiting for its worker to finish the handshake.
+    Queued,
+    /// `AddDevice` sent; answer awaited.
+    Sent,
+    /// The worker serves it.
+    Ready,
+    /// The worker reported it cannot serve it.
+    Failed(String),
+    /// `RemoveDevice` sent; answer awaited.
+    Removing,
+    /// No live worker serves it; the supervisor still holds its uio descriptor.
+    Orphaned,
+}
+
+/// A snapshot of one device, for callers and tests.
+#[derive(Debug, Clone)]
+pub struct DeviceStatus {
+    /// Supervisor-assigned id.
+    pub id: u64,
+    /// `uioN`.
+    pub uio: String,
+    /// `user_<hba>/<name>`.
+    pub label: String,
+    /// Subtype, if any.
+    pub subtype: Option<String>,
+    /// The cfgstring.
+    pub cfgstring: String,
+    /// The worker it is assigned to.
+    pub worker: String,
+    /// Why the policy refused it, if it did.
+    pub refusal: Option<String>,
+    /// Whether a backing descriptor was (or will be) sent.
+    pub has_backing: bool,
+    /// Its phase.
+    pub phase: DevicePhase,
+}
+
+struct Slot {
+    name: String,
+    subtypes: Vec<String>,
+    process: WorkerProcess,
+    phase: WorkerPhase,
+    deadline: Option<Instant>,
+    /// Devices waiting for the handshake, with their backing descriptors.
+    queue: Vec<(u64, Option<OwnedFd>)>,
+    supported: Option<Vec<String>>,
+    kill_reason: Option<String>,
+    /// Sequence number of an outstanding `Ping` (heartbeats will set it).
+    ping: Option<u64>,
+}
+
+struct Device {
+    dev: TcmuDevice,
+    spec: DeviceSpec,
+    uio_fd: OwnedFd,
+    worker: WorkerKey,
+    phase: DevicePhase,
+    deadline: Option<Instant>,
+}
+
+struct Shutdown {
+    give_up: Instant,
+}
+
+/// The supervisor: devices, workers, and one turn of the event loop at a time.
+pub struct Supervisor {
+    config: Config,
+    opts: Options,
+    workers: BTreeMap<WorkerKey, Slot>,
+    devices: BTreeMap<u64, Device>,
+    next_id: u64,
+    signals: Signals,
+    shutdown: Option<Shutdown>,
+}
+
+impl Supervisor {
+    /// A supervisor with no devices and no workers. Watches `SIGCHLD` (to reap promptly), not
+    /// termination signals (see [`Supervisor::handle_termination_signals`]).
+    pub fn new(config: Config, opts: Options) -> Result<Supervisor, DaemonError> {
+        Ok(Supervisor {
+            config,
+            opts,
+            workers: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            next_id: 1,
+            signals: Signals::new().map_err(DaemonError::Signals)?,
+            shutdown: None,
+        })
+    }
+
+    /// Makes `SIGTERM` and `SIGINT` start an orderly shutdown (a second one kills the workers
+    /// at once).
+    pub fn handle_termination_signals(&mut self) -> Result<(), DaemonError> {
+        self.signals
+            .watch_termination()
+            .map_err(DaemonError::Signals)
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Scans for devices and adopts each; problems with single devices are logged and skipped.
+    pub fn start(&mut self) -> Result<(), DaemonError> {
+        let scan = discovery::scan(&self.opts.sysfs_root)?;
+        for (uio, err) in &scan.skipped {
+            warn!(device = %uio, error = %err, "skipping a TCMU device whose attributes cannot be read");
+        }
+        let found = scan.devices.len();
+        for dev in scan.devices {
+            let uio = dev.uio.clone();
+            let label = dev.label();
+            if let Err(err) = self.adopt(dev) {
+                error!(device = %uio, backstore = %label, error = %err, "cannot take over the device");
+            }
+        }
+        info!(
+            found,
+            skipped = scan.skipped.len(),
+            managed = self.devices.len(),
+            workers = self.workers.len(),
+            "start-up scan complete"
+        );
+        Ok(())
+    }
+
+    /// Takes over a device: opens its uio node, asks the policy, and hands it to its worker
+    /// (starting the worker if needed). Returns the device's id.
+    pub fn adopt(&mut self, dev: TcmuDevice) -> Result<u64, AdoptError> {
+        if self.shutdown.is_some() {
+            return Err(AdoptError::ShuttingDown);
+        }
+        if !is_uio_name(&dev.uio) {
+            return Err(AdoptError::BadUio(dev.uio));
+        }
+        if self.devices.values().any(|d| d.dev.uio == dev.uio) {
+            return Err(AdoptError::AlreadyManaged(dev.uio));
+        }
+        let path = self.opts.dev_root.join(&dev.uio);
+        let uio_fd: OwnedFd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)
+            .map_err(|source| AdoptError::OpenUio { path, source })?
+            .into();
+
+        let (refusal, backing) =
+            match self
+                .config
+                .admit(dev.subtype.as_deref(), &dev.cfgstring, dev.dev_size)
+            {
+                Ok(admission) => (None, admission.into_backing()),
+                Err(err) => {
+                    let reason = truncate_reason(err.to_string());
+                    warn!(
+                        device = %dev.uio,
+                        backstore = %dev.label(),
+                        subtype = dev.subtype.as_deref().unwrap_or("-"),
+                        cfgstring = ?dev.cfgstring,
+                        rule = %err.rule(),
+                        reason = %reason,
+                        "device refused by policy; it will answer NOT READY"
+                    );
+                    (Some(reason), None)
+                }
+            };
+
+        let id = self.next_id;
+        let spec = DeviceSpec {
+            id,
+            uio: dev.uio.clone(),
+            hba: dev.hba,
+            name: dev.name.clone(),
+            subtype: dev.subtype.clone().unwrap_or_default(),
+            cfgstring: dev.cfgstring.clone(),
+            map_size: dev.map_size,
+            dev_size: dev.dev_size,
+            block_size: dev.block_size,
+            max_sectors: dev.max_sectors,
+            write_cache: dev.write_cache,
+            unit_serial: dev.unit_serial.clone(),
+            has_backing_fd: backing.is_some(),
+            refusal,
+        };
+        spec.validate().map_err(AdoptError::Spec)?;
+        self.next_id += 1;
+
+        let worker = self.worker_key(&dev, spec.refusal.is_some());
+        self.devices.insert(
+            id,
+            Device {
+                dev,
+                spec,
+                uio_fd,
+                worker: worker.clone(),
+                phase: DevicePhase::Queued,
+                deadline: None,
+            },
+        );
+        self.assign(&worker, id, backing);
+        Ok(id)
+    }
+
+    /// Stops serving a device: asks its worker to release it (the supervisor closes its uio
+    /// descriptor when the worker confirms), or drops it at once if no worker serves it.
+    /// Returns false for an unknown id.
+    pub fn remove_device(&mut self, id: u64) -> bool {
+        let Some(dev) = self.devices.get(&id) else {
+            return false;
+        };
+        let key = dev.worker.clone();
+        let uio = dev.dev.uio.clone();
+        let phase = dev.phase.clone();
+        let live = self
+            .workers
+            .get(&key)
+            .filter(|s| matches!(s.phase, WorkerPhase::Ready | WorkerPhase::ShuttingDown));
+        match (phase, live) {
+            (DevicePhase::Sent | DevicePhase::Ready, Some(slot)) => {
+                let name = slot.name.clone();
+                match slot.process.send(&ToWorker::RemoveDevice { id }, &[]) {
+                    Ok(()) => {
+                        if let Some(dev) = self.devices.get_mut(&id) {
+                            dev.phase = DevicePhase::Removing;
+                            dev.deadline = Some(Instant::now() + self.opts.reply_timeout);
+                        }
+                        info!(device = %uio, worker = %name, "asked the worker to release the device");
+                    }
+                    Err(err) => {
+                        self.kill_worker(&key, format!("sending RemoveDevice: {err}"));
+                        self.drop_device(id);
+                    }
+                }
+            }
+            (DevicePhase::Removing, _) => {}
+            _ => {
+                if let Some(slot) = self.workers.get_mut(&key) {
+                    slot.queue.retain(|(queued, _)| *queued != id);
+                }
+                self.drop_device(id);
+            }
+        }
+        true
+    }
+
+    fn drop_device(&mut self, id: u64) {
+        if let Some(dev) = self.devices.remove(&id) {
+            info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device released");
+        }
+    }
+
+    fn worker_key(&self, dev: &TcmuDevice, refused: bool) -> WorkerKey {
+        let Some(subtype) = dev.subtype.as_deref() else {
+            return WorkerKey::Refused;
+        };
+        if !self.config.serves(subtype) {
+            return WorkerKey::Refused;
+        }
+        match self.config.isolation(subtype) {
+            Isolation::Subtype => WorkerKey::Subtype(subtype.to_owned()),
+            // A refused device runs no handler code, so there is nothing to isolate.
+            Isolation::Device if refused => WorkerKey::Refused,
+            Isolation::Device => WorkerKey::Device {
+                subtype: subtype.to_owned(),
+                hba: dev.hba,
+                name: dev.name.clone(),
+            },
+        }
+    }
+
+    /// Hands device `id` to worker `key`, starting the worker if there is none yet.
+    fn assign(&mut self, key: &WorkerKey, id: u64, backing: Option<OwnedFd>) {
+        if !self.workers.contains_key(key) {
+            self.start_worker(key);
+        }
+        match self.workers.get_mut(key) {
+            Some(slot) if slot.phase == WorkerPhase::Handshaking => {
+                slot.queue.push((id, backing));
+            }
+            Some(slot) if slot.phase == WorkerPhase::Ready => self.send_add(key, id, backing),
+            _ => self.orphan(id, "no live worker for it"),
+        }
+    }
+
+    fn start_worker(&mut self, key: &WorkerKey) {
+        let name = key.name();
+        let exe = &self.opts.worker_exe;
+        let process = match WorkerProcess::spawn(exe, &name, self.opts.worker_log_format) {
+            Ok(p) => p,
+            Err(err) => {
+                error!(worker = %name, error = %err, "cannot start worker");
+                return;
+            }
+        };
+        info!(worker = %name, pid = process.pid(), exe = %exe.display(), "worker started");
+        let hello = ToWorker::Hello {
+            worker: name.clone(),
+            subtypes: key.subtypes(),
+        };
+        let sent = process.send(&hello, &[]);
+        self.workers.insert(
+            key.clone(),
+            Slot {
+                name,
+                subtypes: key.subtypes(),
+                process,
+                phase: WorkerPhase::Handshaking,
+                deadline: Some(Instant::now() + self.opts.handshake_timeout),
+                queue: Vec::new(),
+                supported: None,
+                kill_reason: None,
+                ping: None,
+            },
+        );
+        if let Err(err) = sent {
+            self.kill_worker(key, format!("sending Hello: {err}"));
+        }
+    }
+
+    fn send_add(&mut self, key: &WorkerKey, id: u64, backing: Option<OwnedFd>) {
+        if !self
+            .workers
+            .get(key)
+            .is_some_and(|s| s.phase == WorkerPhase::Ready)
+        {
+            self.orphan(id, "its worker is gone");
+            return;
+        }
+        let fatal = {
+            let (Some(slot), Some(dev)) = (self.workers.get(key), self.devices.get_mut(&id)) else {
+                return;
+            };
+            let mut fds: Vec<BorrowedFd<'_>> = vec![dev.uio_fd.as_fd()];
+            if let Some(b) = &backing {
+                fds.push(b.as_fd());
+            }
+            let count = fds.len();
+            match slot
+                .process
+                .send(&ToWorker::AddDevice(dev.spec.clone()), &fds)
+            {
+                Ok(()) => {
+                    debug!(device = %dev.dev.uio, worker = %slot.name, fds = count, "device sent to worker");
+                    dev.phase = DevicePhase::Sent;
+                    dev.deadline = Some(Instant::now() + self.opts.reply_timeout);
+                    None
+                }
+                Err(WorkerError::Proto(
+                    err @ (ProtoError::Invalid { .. }
+                    | ProtoError::Oversized
+                    | ProtoError::FdCount { .. }),
+                )) => {
+                    error!(device = %dev.dev.uio, worker = %slot.name, error = %err, "cannot send the device to its worker");
+                    dev.phase = DevicePhase::Failed(err.to_string());
+                    dev.deadline = None;
+                    None
+                }
+                Err(err) => Some(format!("sending AddDevice for {}: {err}", dev.dev.uio)),
+            }
+        };
+        if let Some(why) = fatal {
+            self.kill_worker(key, why);
+        }
+    }
+
+    fn orphan(&mut self, id: u64, why: &str) {
+        if let Some(dev) = self.devices.get_mut(&id) {
+            if dev.phase == DevicePhase::Removing {
+                self.drop_device(id);
+                return;
+            }
+            if matches!(dev.phase, DevicePhase::Failed(_) | DevicePhase::Orphaned) {
+                return;
+            }
+            if self.shutdown.is_some() {
+                debug!(device = %dev.dev.uio, worker = %dev.worker.name(), why, "device no longer served (shutting down)");
+            } else {
+                warn!(
+                    device = %dev.dev.uio,
+                    backstore = %dev.dev.label(),
+                    worker = %dev.worker.name(),
+                    why,
+                    "device is not served; its uio descriptor stays open"
+                );
+            }
+            dev.phase = DevicePhase::Orphaned;
+            dev.deadline = None;
+        }
+    }
+
+    fn orphan_all(&mut self, key: &WorkerKey, why: &str) {
+        let ids: Vec<u64> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| &d.worker == key)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.orphan(id, why);
+        }
+    }
+
+    /// Kills a worker (SIGKILL) and orphans its devices. It is reaped by a later turn.
+    fn kill_worker(&mut self, key: &WorkerKey, reason: String) {
+        let Some(slot) = self.workers.get_mut(key) else {
+            return;
+        };
+        if matches!(slot.phase, WorkerPhase::Killed | WorkerPhase::Exited) {
+            return;
+        }
+        error!(worker = %slot.name, pid = slot.process.pid(), reason = %reason, "killing worker");
+        if let Err(err) = slot.process.kill() {
+            error!(worker = %slot.name, error = %err, "SIGKILL failed");
+        }
+        slot.phase = WorkerPhase::Killed;
+        slot.kill_reason = Some(reason);
+        slot.deadline = None;
+        slot.queue.clear();
+        self.orphan_all(key, "its worker was killed");
+    }
+
+    /// One turn of the event loop; sleeps at most `max_wait` (less if a deadline is nearer).
+    pub fn poll_once(&mut self, max_wait: Duration) -> Result<(), DaemonError> {
+        let now = Instant::now();
+        let wait = self
+            .next_deadline()
+            .map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
+        let (signalled, ready) = {
+            let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+            let mut keys = Vec::new();
+            for (key, slot) in &self.workers {
+                if let Some(channel) = slot.process.channel() {
+                    fds.push(PollFd::new(channel.fd(), PollFlags::POLLIN));
+                    keys.push(key.clone());
+                }
+            }
+            match poll(&mut fds, poll_timeout(wait)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(err) => return Err(DaemonError::Poll(err)),
+            }
+            let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            let signalled = fds.first().is_some_and(is_ready);
+            let ready: Vec<WorkerKey> = keys
+                .into_iter()
+                .zip(fds.iter().skip(1))
+                .filter(|(_, fd)| is_ready(fd))
+                .map(|(key, _)| key)
+                .collect();
+            (signalled, ready)
+        };
+        if signalled && let Some(sig) = self.signals.drain() {
+            self.on_termination_signal(sig);
+        }
+        for key in ready {
+            self.service(&key);
+        }
+        self.reap();
+        self.check_deadlines(Instant::now());
+        Ok(())
+    }
+
+    fn on_termination_signal(&mut self, sig: i32) {
+        let name = nix::sys::signal::Signal::try_from(sig).map_or("signal", |s| s.as_str());
+        if self.shutdown.is_none() {
+            info!(signal = name, "termination requested");
+            self.begin_shutdown();
+        } else {
+            warn!(
+                signal = name,
+                "second termination request; killing workers now"
+            );
+            let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();
+            for key in keys {
+                self.kill_worker(&key, format!("{name} during shutdown"));
+            }
+        }
+    }
+
+    /// Handles what one worker sent.
+    fn service(&mut self, key: &WorkerKey) {
+        for _ in 0..MAX_MESSAGES_PER_TURN {
+            let Some(slot) = self.workers.get(key) else {
+                return;
+            };
+            match slot.process.recv() {
+                Ok(Some(msg)) => {
+                    if let Err(why) = self.handle(key, msg) {
+                        self.kill_worker(key, why);
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(WorkerError::Proto(ProtoError::Closed)) => {
+                    self.on_closed(key);
+                    return;
+                }
+                Err(WorkerError::NoChannel) => return,
+                Err(err) => {
+                    self.kill_worker(key, format!("protocol violation: {err}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_closed(&mut self, key: &WorkerKey) {
+        let grace = self.opts.exit_grace;
+        let Some(slot) = self.workers.get_mut(key) else {
+            return;
+        };
+        slot.process.close_channel();
+        if slot.phase == WorkerPhase::ShuttingDown {
+            return;
+        }
+        warn!(worker = %slot.name, pid = slot.process.pid(), "worker closed its channel");
+        slot.phase = WorkerPhase::Closing;
+        slot.deadline = Some(Instant::now() + grace);
+        slot.queue.clear();
+        self.orphan_all(key, "its worker closed its channel");
+    }
+
+    /// Acts on one validated message. `Err` is a protocol violation that ends the worker.
+    fn handle(&mut self, key: &WorkerKey, msg: FromWorker) -> Result<(), String> {
+        let phase = self.workers.get(key).map(|s| s.phase);
+        match (phase, msg) {
+            (Some(WorkerPhase::Handshaking), FromWorker::Hello { pid, subtypes }) => {
+                self.on_hello(key, pid, subtypes);
+                Ok(())
+            }
+            (Some(WorkerPhase::Handshaking), other) => {
+                Err(format!("sent {} before answering Hello", kind(&other)))
+            }
+            (_, FromWorker::Hello { .. }) => Err("sent a second Hello".into()),
+            (_, FromWorker::DeviceReady { id }) => {
+                let (dev, worker) = self.owned(key, id, "DeviceReady")?;
+                if dev.phase != DevicePhase::Sent {
+                    return Err(format!(
+                        "DeviceReady for device {id}, which is {:?}",
+                        dev.phase
+                    ));
+                }
+                dev.phase = DevicePhase::Ready;
+                dev.deadline = None;
+                match &dev.spec.refusal {
+                    None => info!(
+                        device = %dev.dev.uio,
+                        backstore = %dev.dev.label(),
+                        worker = %worker,
+                        subtype = %dev.spec.subtype,
+                        "device is being served"
+                    ),
+                    Some(refusal) => info!(
+                        device = %dev.dev.uio,
+                        backstore = %dev.dev.label(),
+                        worker = %worker,
+                        refusal = %refusal,
+                        "refused device answers NOT READY"
+                    ),
+                }
+                Ok(())
+            }
+            (_, FromWorker::DeviceFailed { id, reason }) => {
+                let (dev, worker) = self.owned(key, id, "DeviceFailed")?;
+                if !matches!(dev.phase, DevicePhase::Sent | DevicePhase::Ready) {
+                    return Err(format!(
+                        "DeviceFailed for device {id}, which is {:?}",
+                        dev.phase
+                    ));
+                }
+                // The reason is the worker's text: logged escaped, never interpreted.
+                error!(
+                    device = %dev.dev.uio,
+                    backstore = %dev.dev.label(),
+                    worker = %worker,
+                    reason = ?reason,
+                    "worker cannot serve the device"
+                );
+                dev.phase = DevicePhase::Failed(reason);
+                dev.deadline = None;
+                Ok(())
+            }
+            (_, FromWorker::DeviceRemoved { id }) => {
+                let (dev, _) = self.owned(key, id, "DeviceRemoved")?;
+                if dev.phase != DevicePhase::Removing {
+                    return Err(format!(
+                        "DeviceRemoved for device {id}, which is {:?}",
+                        dev.phase
+                    ));
+                }
+                self.drop_device(id);
+                Ok(())
+            }
+            (_, FromWorker::Pong { seq, stats }) => {
+                let owned_all = stats
+                    .iter()
+                    .all(|s| self.devices.get(&s.id).is_some_and(|d| &d.worker == key));
+                let slot = self.workers.get_mut(key).ok_or("unknown worker")?;
+                if slot.ping != Some(seq) {
+                    return Err(format!("unsolicited Pong {seq}"));
+                }
+                if !owned_all {
+                    return Err("Pong reports devices it does not own".into());
+                }
+                slot.ping = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// The device `id` if worker `key` owns it, with the worker's name.
+    fn owned(
+        &mut self,
+        key: &WorkerKey,
+        id: u64,
+        what: &str,
+    ) -> Result<(&mut Device, String), String> {
+        let name = key.name();
+        match self.devices.get_mut(&id) {
+            Some(dev) if &dev.worker == key => Ok((dev, name)),
+            _ => Err(format!("{what} for device {id}, which it does not own")),
+        }
+    }
+
+    fn on_hello(&mut self, key: &WorkerKey, pid: u32, supported: Vec<String>) {
+        let exe = self.opts.worker_exe.display().to_string();
+        let Some(slot) = self.workers.get_mut(key) else {
+            return;
+        };
+        info!(
+            worker = %slot.name,
+            pid = slot.process.pid(),
+            reported_pid = pid,
+            subtypes = ?supported,
+            "worker ready"
+        );
+        let missing: Vec<String> = slot
+            .subtypes
+            .iter()
+            .filter(|s| !supported.contains(s))
+            .cloned()
+            .collect();
+        for subtype in &missing {
+            error!(
+                worker = %slot.name,
+                subtype = %subtype,
+                exe = %exe,
+                "the worker executable has no handler for this subtype; its devices will answer NOT READY"
+            );
+        }
+        slot.phase = WorkerPhase::Ready;
+        slot.deadline = None;
+        slot.supported = Some(supported);
+        let queue = std::mem::take(&mut slot.queue);
+        for (id, mut backing) in queue {
+            if let Some(dev) = self.devices.get_mut(&id)
+                && dev.spec.refusal.is_none()
+                && missing.contains(&dev.spec.subtype)
+            {
+                let reason = truncate_reason(format!(
+                    "the worker executable {exe} has no handler for subtype {:?}",
+                    dev.spec.subtype
+                ));
+                warn!(
+                    device = %dev.dev.uio,
+                    backstore = %dev.dev.label(),
+                    cfgstring = ?dev.dev.cfgstring,
+                    rule = "worker capabilities",
+                    reason = %reason,
+                    "device refused; it will answer NOT READY"
+                );
+                dev.spec.refusal = Some(reason);
+                dev.spec.has_backing_fd = false;
+                backing = None;
+            }
+            self.send_add(key, id, backing);
+        }
+    }
+
+    /// Reaps every worker that exited.
+    fn reap(&mut self) {
+        let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();
+        for key in keys {
+            let Some(slot) = self.workers.get_mut(&key) else {
+                continue;
+            };
+            if slot.phase == WorkerPhase::Exited {
+                continue;
+            }
+            let status = match slot.process.try_reap() {
+                Ok(Some(status)) => status,
+                Ok(None) => continue,
+                Err(err) => {
+                    error!(worker = %slot.name, error = %err, "cannot reap worker");
+                    continue;
+                }
+            };
+            let was = slot.phase;
+            slot.phase = WorkerPhase::Exited;
+            slot.deadline = None;
+            slot.queue.clear();
+            slot.process.close_channel();
+            let how = describe_exit(status);
+            match was {
+                WorkerPhase::Killed => {
+                    info!(worker = %slot.name, pid = slot.process.pid(), status = %how, "killed worker reaped");
+                }
+                WorkerPhase::ShuttingDown if status.success() => {
+                    info!(worker = %slot.name, pid = slot.process.pid(), "worker exited");
+                }
+                _ => {
+                    error!(worker = %slot.name, pid = slot.process.pid(), status = %how, "worker exited unexpectedly");
+                }
+            }
+            self.orphan_all(&key, "its worker exited");
+        }
+    }
+
+    fn check_deadlines(&mut self, now: Instant) {
+        let mut overdue: Vec<(WorkerKey, String)> = Vec::new();
+        for (key, slot) in &self.workers {
+            if slot.deadline.is_none_or(|d| d > now) {
+                continue;
+            }
+            let why = match slot.phase {
+                WorkerPhase::Handshaking => format!(
+                    "no answer to Hello within {:?}",
+                    self.opts.handshake_timeout
+                ),
+                WorkerPhase::ShuttingDown => format!(
+                    "still running {:?} after Shutdown",
+                    self.opts.shutdown_timeout
+                ),
+                WorkerPhase::Closing => format!(
+                    "closed its channel but still running after {:?}",
+                    self.opts.exit_grace
+                ),
+                _ => continue,
+            };
+            overdue.push((key.clone(), why));
+        }
+        for dev in self.devices.values() {
+            if dev.deadline.is_some_and(|d| d <= now) {
+                let what = match dev.phase {
+                    DevicePhase::Removing => "RemoveDevice",
+                    _ => "AddDevice",
+                };
+                overdue.push((
+                    dev.worker.clone(),
+                    format!(
+                        "no answer to {what} for {} within {:?}",
+                        dev.dev.uio, self.opts.reply_timeout
+                    ),
+                ));
+            }
+        }
+        for (key, why) in overdue {
+            self.kill_worker(&key, why);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|s| s.deadline);
+        let devices = self.devices.values().filter_map(|d| d.deadline);
+        let give_up = self.shutdown.as_ref().map(|s| s.give_up);
+        workers.chain(devices).chain(give_up).min()
+    }
+
+    /// Starts an orderly shutdown: `Shutdown` to every worker; workers still running after
+    /// [`Options::shutdown_timeout`] are killed. Idempotent.
+    pub fn begin_shutdown(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let deadline = Instant::now() + self.opts.shutdown_timeout;
+        self.shutdown = Some(Shutdown {
+            give_up: deadline + REAP_GRACE,
+        });
+        info!(workers = self.workers.len(), "shutting down");
+        let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();
+        for key in keys {
+            let Some(slot) = self.workers.get_mut(&key) else {
+                continue;
+            };
+            if !matches!(slot.phase, WorkerPhase::Handshaking | WorkerPhase::Ready) {
+                continue;
+            }
+            match slot.process.send(&ToWorker::Shutdown, &[]) {
+                Ok(()) => {
+                    slot.phase = WorkerPhase::ShuttingDown;
+                    slot.deadline = Some(deadline);
+                    slot.queue.clear();
+                }
+                Err(err) => self.kill_worker(&key, format!("sending Shutdown: {err}")),
+            }
+        }
+    }
+
+    /// Whether a shutdown is complete: every worker reaped (or the reaping grace ran out).
+    pub fn is_finished(&self) -> bool {
+        let Some(shutdown) = &self.shutdown else {
+            return false;
+        };
+        self.workers
+            .values()
+            .all(|s| s.phase == WorkerPhase::Exited)
+            || Instant::now() >= shutdown.give_up
+    }
+
+    /// Whether a shutdown was requested.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_some()
+    }
+
+    /// Snapshots of every device, by id.
+    pub fn devices(&self) -> Vec<DeviceStatus> {
+        self.devices
+            .iter()
+            .map(|(id, d)| status_of(*id, d))
+            .collect()
+    }
+
+    /// Snapshot of one device.
+    pub fn device(&self, id: u64) -> Option<DeviceStatus> {
+        self.devices.get(&id).map(|d| status_of(id, d))
+    }
+
+    /// Snapshot of the device on `uio` (e.g. `uio0`).
+    pub fn device_by_uio(&self, uio: &str) -> Option<DeviceStatus> {
+        self.devices
+            .iter()
+            .find(|(_, d)| d.dev.uio == uio)
+            .map(|(id, d)| status_of(*id, d))
+    }
+
+    /// The supervisor's own descriptor of a device's uio node.
+    pub fn uio_fd(&self, id: u64) -> Option<BorrowedFd<'_>> {
+        self.devices.get(&id).map(|d| d.uio_fd.as_fd())
+    }
+
+    /// Snapshots of every worker ever started, by key.
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        self.workers
+            .iter()
+            .map(|(key, s)| self.worker_status(key, s))
+            .collect()
+    }
+
+    /// Snapshot of the worker called `name`.
+    pub fn worker(&self, name: &str) -> Option<WorkerStatus> {
+        self.workers
+            .iter()
+            .find(|(_, s)| s.name == name)
+            .map(|(key, s)| self.worker_status(key, s))
+    }
+
+    fn worker_status(&self, key: &WorkerKey, s: &Slot) -> WorkerStatus {
+        WorkerStatus {
+            name: s.name.clone(),
+            pid: s.process.pid(),
+            phase: s.phase,
+            subtypes: s.subtypes.clone(),
+            supported: s.supported.clone(),
+            devices: self
+                .devices
+                .iter()
+                .filter(|(_, d)| &d.worker == key)
+                .map(|(id, _)| *id)
+                .collect(),
+            kill_reason: s.kill_reason.clone(),
+            exit: s.process.exit_status(),
+        }
+    }
+
+    /// Logs workers that could not be reaped by the end of a shutdown.
+    fn log_unreaped(&self) {
+        for slot in self.workers.values() {
+            if slot.phase != WorkerPhase::Exited {
+                error!(worker = %slot.name, pid = slot.process.pid(), "worker could not be reaped; leaving it behind");
+            }
+        }
+    }
+}
+
+fn status_of(id: u64, d: &Device) -> DeviceStatus {
+    DeviceStatus {
+        id,
+        uio: d.dev.uio.clone(),
+        label: d.dev.label(),
+        subtype: d.dev.subtype.clone(),
+        cfgstring: d.dev.cfgstring.clone(),
+        worker: d.worker.name(),
+        refusal: d.spec.refusal.clone(),
+        has_backing: d.spec.has_backing_fd,
+        phase: d.phase.clone(),
+    }
+}
+
+fn kind(msg: &FromWorker) -> &'static str {
+    match msg {
+        FromWorker::Hello { .. } => "Hello",
+        FromWorker::DeviceReady { .. } => "DeviceReady",
+        FromWorker::DeviceFailed { .. } => "DeviceFailed",
+        FromWorker::DeviceRemoved { .. } => "DeviceRemoved",
+        FromWorker::Pong { .. } => "Pong",
+    }
+}
+
+/// Cuts a refusal reason to the wire's limit, at a character boundary.
+fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_LEN {
+        cut_at_boundary(&mut reason, MAX_REASON_LEN.saturating_sub(3));
+        reason.push_str("...");
+    }
+    reason
+}
+
+/// Truncates `s` to at most `max` bytes without splitting a character.
+fn cut_at_boundary(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while cut > 0 && !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+/// `poll` timeout in whole milliseconds, rounded up so a deadline is never missed by a spin.
+fn poll_timeout(d: Duration) -> PollTimeout {
+    let millis = d.as_micros().div_ceil(1000);
+    PollTimeout::try_from(millis.min(i32::MAX as u128)).unwrap_or(PollTimeout::MAX)
+}
+
+/// The daemon: takes over every TCMU device, serves until `SIGTERM`/`SIGINT`, shuts the workers
+/// down, and returns.
+pub fn run(config: Config, opts: Options) -> Result<(), DaemonError> {
+    if !opts.worker_exe.exists() {
+        warn!(exe = %opts.worker_exe.display(), "the worker executable does not exist; devices will not be served");
+    }
+    info!(
+        config = %config.source.display(),
+        handlers = ?config.served_subtypes(),
+        sysfs_root = %opts.sysfs_root.display(),
+        "tcmu-warden starting"
+    );
+    let mut sup = Supervisor::new(config, opts)?;
+    sup.handle_termination_signals()?;
+    sup.start()?;
+    while !sup.is_finished() {
+        sup.poll_once(IDLE_TICK)?;
+    }
+    sup.log_unreaped();
+    info!("tcmu-warden stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn worker_keys() {
+        assert_eq!(WorkerKey::Subtype("file".into()).name(), "file");
+        let k = WorkerKey::Device {
+            subtype: "file".into(),
+            hba: 1,
+            name: "d0".into(),
+        };
+        assert_eq!(k.name(), "file:user_1/d0");
+        assert_eq!(k.subtypes(), vec!["file".to_owned()]);
+        assert_eq!(WorkerKey::Refused.name(), "refused");
+        let long = WorkerKey::Device {
+            subtype: "file".into(),
+            hba: 1,
+            name: "ü".repeat(300),
+        };
+        assert!(long.name().len() <= MAX_NAME_LEN);
+        assert!(long.name().starts_with("file:user_1/ü"));
+        assert!(WorkerKey::Refused.subtypes().is_empty());
+    }
+
+    #[test]
+    fn reasons_are_cut_to_the_wire_limit() {
+        let long = "é".repeat(MAX_REASON_LEN);
+        let cut = truncate_reason(long);
+        assert!(cut.len() <= MAX_REASON_LEN);
+        assert!(cut.ends_with("..."));
+        assert_eq!(truncate_reason("short".into()), "short");
+    }
+
+    #[test]
+    fn poll_timeouts_round_up() {
+        assert_eq!(poll_timeout(Duration::from_micros(1)).as_millis(), Some(1));
+        assert_eq!(poll_timeout(Duration::ZERO).as_millis(), Some(0));
+        assert_eq!(
+            poll_timeout(Duration::from_millis(1500)).as_millis(),
+            Some(1500)
+        );
+        assert_eq!(
+            poll_timeout(Duration::from_secs(u64::MAX)).as_millis(),
+            Some(i32::MAX as u32)
+        );
+    }
+
+    fn config(text: &str) -> Config {
+        Config::from_toml_str(text, Path::new("t.toml")).unwrap()
+    }
+
+    fn device(subtype: Option<&str>) -> TcmuDevice {
+        TcmuDevice {
+            uio: "uio0".into(),
+            hba: 1,
+            name: "d0".into(),
+            subtype: subtype.map(str::to_owned),
+            cfgstring: String::new(),
+            map_size: 1 << 20,
+            dev_size: 1 << 20,
+            block_size: 512,
+            max_sectors: 128,
+            write_cache: false,
+            unit_serial: "s".into(),
+        }
+    }
+
+    fn supervisor(text: &str) -> Supervisor {
+        let cfg = config(text);
+        let opts = Options::from_config(&cfg).unwrap();
+        Supervisor::new(cfg, opts).unwrap()
+    }
+
+    #[test]
+    fn worker_assignment() {
+        let sup = supervisor("[handler.file]\nallow_paths=['/a']\n[handler.ram]\n");
+        let file = device(Some("file"));
+        assert_eq!(
+            sup.worker_key(&file, false),
+            WorkerKey::Subtype("file".into())
+        );
+        // Refused but configured: stays with its subtype's worker.
+        assert_eq!(
+            sup.worker_key(&file, true),
+            WorkerKey::Subtype("file".into())
+        );
+        assert_eq!(
+            sup.worker_key(&device(Some("qcow")), true),
+            WorkerKey::Refused
+        );
+        assert_eq!(sup.worker_key(&device(None), true), WorkerKey::Refused);
+
+        let sup = supervisor("[handler.file]\nallow_paths=['/a']\nisolation='device'\n");
+        assert_eq!(
+            sup.worker_key(&file, false),
+            WorkerKey::Device {
+                subtype: "file".into(),
+                hba: 1,
+                name: "d0".into()
+            }
+        );
+        assert_eq!(sup.worker_key(&file, true), WorkerKey::Refused);
+    }
+
+    #[test]
+    fn adopt_refuses_bad_or_missing_nodes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[daemon]\ndev_root = {:?}\nworker_exe = '/nonexistent/worker'\n[handler.ram]\n",
+            tmp.path().display().to_string()
+        );
+        let mut sup = supervisor(&text);
+        let mut dev = device(Some("ram"));
+        dev.uio = "../x".into();
+        assert!(matches!(sup.adopt(dev), Err(AdoptError::BadUio(_))));
+        let err = sup.adopt(device(Some("ram"))).unwrap_err();
+        assert!(matches!(err, AdoptError::OpenUio { .. }), "{err}");
+        assert!(sup.devices().is_empty());
+
+        // With a node but no worker executable: managed, orphaned, descriptor held.
+        std::fs::write(tmp.path().join("uio0"), b"").unwrap();
+        let id = sup.adopt(device(Some("ram"))).unwrap();
+        let status = sup.device(id).unwrap();
+        assert_eq!(status.phase, DevicePhase::Orphaned);
+        assert_eq!(status.worker, "ram");
+        assert!(sup.uio_fd(id).is_some());
+        assert!(matches!(
+            sup.adopt(device(Some("ram"))),
+            Err(AdoptError::AlreadyManaged(_))
+        ));
+        assert!(sup.remove_device(id));
+        assert!(sup.device(id).is_none());
+        assert!(!sup.remove_device(id));
+
+        sup.begin_shutdown();
+        assert!(sup.is_finished());
+        assert!(matches!(
+            sup.adopt(device(Some("ram"))),
+            Err(AdoptError::ShuttingDown)
+        ));
+    }
+}

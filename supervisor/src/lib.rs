@@ -1,0 +1,24 @@
+//! # tcmu-warden supervisor
+//!
+//! The privileged half of tcmu-warden. LIO (the Linux SCSI target) can hand a disk's SCSI
+//! commands to userspace through TCMU, its `user` backstore: each such device appears as a UIO
+//! device (`/dev/uioN`) holding a shared-memory command ring. The supervisor finds those devices,
+//! decides from its configuration whether to serve each one, and hands each device's open
+//! `/dev/uioN` (plus, for file-backed devices, the open backing file) to a *worker* process that
+//! does the actual SCSI work. Workers are treated as hostile: the supervisor validates everything
+//! they say and kills any that misbehave, without ever going down itself.
+//!
+//! Where things live:
+//! - [`cli`]: the command line (`tcmu-warden run|check-config`).
+//! - [`discovery`]: the start-up scan of sysfs and configfs.
+//! - [`worker`]: starting one worker process and talking to it.
+//! - [`daemon`]: the device table, the worker table and the event loop.
+//! - [`logging`]: text, JSON or journald output.
+//!
+//! The binary, `tcmu-warden`, is a thin layer over these (`src/main.rs`).
+
+pub mod cli;
+pub mod daemon;
+pub mod discovery;
+pub mod logging;
+pub mod worker;

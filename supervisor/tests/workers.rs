@@ -1,0 +1,1081 @@
+//! Integration tests of the supervisor's worker management, against a fake worker.
+//!
+//! This test binary is two programs. Run by cargo, it is a small test runner (`harness = false`
+//! in Cargo.toml). Started by the supervisor as a worker (it finds `TCMU_WARDEN_FD` in its
+//! environment), it is a fake worker that speaks the real protocol over fd 3. The supervisor
+//! starts it through a symlink whose file name selects the fake's behaviour (`echo`, `garbage`,
+//! ...; `garbage@file` misbehaves only as the worker named `file`), and the fake appends what it
+//! received (descriptor contents included) to `<symlink>.log`, which the tests read.
+//!
+//! Tests assert through the supervisor's public state (`devices()`, `workers()`), the fake's log
+//! and the supervisor's captured log lines, and wait by turning the supervisor's event loop until
+//! a condition holds (with a generous deadline), never by sleeping.
+
+// A test program (clippy's in-test allowances do not reach a `harness = false` binary): a panic
+// here is a failed test, caught and reported by the runner below.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::fmt::Debug;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, symlink};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tcmu_warden_policy::Config;
+use tcmu_warden_proto::{Channel, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
+use tcmu_warden_supervisor::discovery::fake::FakeDevice;
+
+fn main() -> ExitCode {
+    if std::env::var_os("TCMU_WARDEN_FD").is_some() {
+        return fake_worker::main();
+    }
+    harness::run(&[
+        (
+            "handshake_and_add_device_carry_the_right_fds",
+            handshake_and_add_device_carry_the_right_fds,
+        ),
+        (
+            "worker_gets_a_scrubbed_environment_and_only_its_fds",
+            worker_gets_a_scrubbed_environment_and_only_its_fds,
+        ),
+        (
+            "refused_devices_are_logged_and_still_served",
+            refused_devices_are_logged_and_still_served,
+        ),
+        (
+            "garbage_kills_only_that_worker",
+            garbage_kills_only_that_worker,
+        ),
+        (
+            "reply_for_a_foreign_device_kills_the_worker",
+            reply_for_a_foreign_device_kills_the_worker,
+        ),
+        (
+            "message_before_hello_kills_the_worker",
+            message_before_hello_kills_the_worker,
+        ),
+        (
+            "silent_worker_is_killed_at_the_handshake_deadline",
+            silent_worker_is_killed_at_the_handshake_deadline,
+        ),
+        (
+            "crashing_worker_is_reaped_and_its_devices_kept",
+            crashing_worker_is_reaped_and_its_devices_kept,
+        ),
+        (
+            "worker_closing_its_channel_is_killed_after_grace",
+            worker_closing_its_channel_is_killed_after_grace,
+        ),
+        (
+            "worker_without_the_subtype_gets_refusals",
+            worker_without_the_subtype_gets_refusals,
+        ),
+        (
+            "device_failure_is_recorded_and_logged_escaped",
+            device_failure_is_recorded_and_logged_escaped,
+        ),
+        (
+            "remove_device_round_trip_closes_the_uio_fd",
+            remove_device_round_trip_closes_the_uio_fd,
+        ),
+        (
+            "device_isolation_gives_each_device_a_worker",
+            device_isolation_gives_each_device_a_worker,
+        ),
+        (
+            "orderly_shutdown_reaps_every_worker",
+            orderly_shutdown_reaps_every_worker,
+        ),
+        (
+            "stubborn_worker_is_killed_at_the_shutdown_deadline",
+            stubborn_worker_is_killed_at_the_shutdown_deadline,
+        ),
+        ("binary_check_config", binary_check_config),
+        (
+            "binary_runs_and_stops_on_sigterm",
+            binary_runs_and_stops_on_sigterm,
+        ),
+    ])
+}
+
+// ---- fixture ----------------------------------------------------------------------------------
+
+/// A fake sysfs tree, fake uio nodes, backing files and fake-worker symlinks in a tempdir.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    sysfs: PathBuf,
+    dev: PathBuf,
+    data: PathBuf,
+    bin: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let f = Fixture {
+            sysfs: root.join("sys"),
+            dev: root.join("dev"),
+            data: root.join("data"),
+            bin: root.join("bin"),
+            _tmp: tmp,
+        };
+        for d in [&f.sysfs, &f.dev, &f.data, &f.bin] {
+            fs::create_dir_all(d).unwrap();
+        }
+        f
+    }
+
+    /// A TCMU device in sysfs/configfs, and its "uio node" (a regular file reading `UIO:<uio>`).
+    fn device(&self, uio: &str, hba: u32, name: &str, dev_config: Option<&str>) {
+        FakeDevice::new(uio, hba, name, dev_config)
+            .write(&self.sysfs)
+            .unwrap();
+        fs::write(self.dev.join(uio), format!("UIO:{uio}")).unwrap();
+    }
+
+    /// A backing file in the allowed directory; returns its path.
+    fn backing(&self, name: &str) -> PathBuf {
+        let path = self.data.join(name);
+        fs::write(&path, format!("BACKING:{name}")).unwrap();
+        path
+    }
+
+    /// A `file` device backed by `data/<name>.img`.
+    fn file_device(&self, uio: &str, name: &str) {
+        let path = self.backing(&format!("{name}.img"));
+        self.device(uio, 1, name, Some(&format!("file/{}", path.display())));
+    }
+
+    /// The fake worker executable for `mode`.
+    fn exe(&self, mode: &str) -> PathBuf {
+        let link = self.bin.join(mode);
+        if !link.exists() {
+            symlink(std::env::current_exe().unwrap(), &link).unwrap();
+        }
+        link
+    }
+
+    fn config_text(&self, mode: &str, handlers: &str) -> String {
+        format!(
+            "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\n{handlers}",
+            self.exe(mode).display().to_string(),
+            self.sysfs.display().to_string(),
+            self.dev.display().to_string(),
+        )
+    }
+
+    fn file_and_ram(&self) -> String {
+        format!(
+            "[handler.file]\nallow_paths = [{:?}]\n[handler.ram]\n",
+            self.data.display().to_string()
+        )
+    }
+
+    /// A supervisor that has scanned the tree, with the given fake-worker mode and handlers.
+    fn start(&self, mode: &str, handlers: &str, tweak: impl FnOnce(&mut Options)) -> Supervisor {
+        let text = self.config_text(mode, handlers);
+        let config = Config::from_toml_str(&text, Path::new("test.toml")).unwrap();
+        let mut opts = Options::from_config(&config).unwrap();
+        opts.handshake_timeout = Duration::from_secs(20);
+        opts.reply_timeout = Duration::from_secs(20);
+        opts.shutdown_timeout = Duration::from_secs(20);
+        opts.exit_grace = Duration::from_secs(20);
+        tweak(&mut opts);
+        let mut sup = Supervisor::new(config, opts).unwrap();
+        sup.start().unwrap();
+        sup
+    }
+
+    /// What the fake workers of `mode` logged.
+    fn log(&self, mode: &str) -> String {
+        fs::read_to_string(self.bin.join(format!("{mode}.log"))).unwrap_or_default()
+    }
+}
+
+/// Turns the event loop until `pred` holds (deadline: 60 s, then fails with the state).
+fn until(sup: &mut Supervisor, what: &str, pred: impl Fn(&Supervisor) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pred(sup) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}\ndevices: {:#?}\nworkers: {:#?}",
+            sup.devices(),
+            sup.workers()
+        );
+        sup.poll_once(Duration::from_millis(100)).unwrap();
+    }
+}
+
+fn phase_of(sup: &Supervisor, uio: &str) -> Option<DevicePhase> {
+    sup.device_by_uio(uio).map(|d| d.phase)
+}
+
+fn worker_phase(sup: &Supervisor, name: &str) -> Option<WorkerPhase> {
+    sup.worker(name).map(|w| w.phase)
+}
+
+/// Where an open descriptor of this process points.
+fn fd_target(fd: BorrowedFd<'_>) -> PathBuf {
+    fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+}
+
+/// Whether any descriptor of this process points at `path`.
+fn process_has_open(path: &Path) -> bool {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+}
+
+fn assert_contains(haystack: &str, needle: &str) {
+    assert!(
+        haystack.contains(needle),
+        "expected to find {needle:?} in:\n{haystack}"
+    );
+}
+
+fn assert_some_line<T: Debug>(text: &str, parts: &[&str], ctx: T) {
+    assert!(
+        text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
+        "no line contains all of {parts:?} in:\n{text}\n({ctx:?})"
+    );
+}
+
+// ---- tests ------------------------------------------------------------------------------------
+
+fn handshake_and_add_device_carry_the_right_fds() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    f.device("uio1", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    until(&mut sup, "both devices are served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+            && phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
+
+    let file = sup.worker("file").unwrap();
+    assert_eq!(file.phase, WorkerPhase::Ready);
+    assert_eq!(file.supported, Some(vec!["file".to_owned()]));
+    let ram = sup.worker("ram").unwrap();
+    assert_eq!(ram.phase, WorkerPhase::Ready);
+    assert_ne!(file.pid, ram.pid);
+    assert_eq!(sup.workers().len(), 2);
+
+    let log = f.log("echo");
+    assert_some_line(&log, &["hello worker=file", "subtypes=[\"file\"]"], ());
+    assert_some_line(&log, &["hello worker=ram", "subtypes=[\"ram\"]"], ());
+    // The file device came with exactly its uio node and its backing file.
+    assert_some_line(
+        &log,
+        &[
+            "add worker=file",
+            "uio=uio0",
+            "nfds=2",
+            "uio_content=\"UIO:uio0\"",
+            "backing=Some(\"BACKING:disk0.img\")",
+            "refusal=None",
+        ],
+        (),
+    );
+    // The ram device with its uio node only.
+    assert_some_line(
+        &log,
+        &[
+            "add worker=ram",
+            "uio=uio1",
+            "nfds=1",
+            "uio_content=\"UIO:uio1\"",
+            "backing=None",
+        ],
+        (),
+    );
+    // The spec carries what discovery read.
+    assert_some_line(
+        &log,
+        &[
+            "uio=uio0",
+            "hba=1",
+            "name=disk0",
+            "map_size=1082130432",
+            "dev_size=1073741824",
+            "block_size=512",
+            "serial=6b1e2f4c-9a2d-4c1e-8f00-0123456789ab",
+        ],
+        (),
+    );
+
+    // The supervisor still holds its own descriptor of each uio node.
+    for (uio, d) in [("uio0", "uio0"), ("uio1", "uio1")] {
+        let id = sup.device_by_uio(uio).unwrap().id;
+        assert_eq!(fd_target(sup.uio_fd(id).unwrap()), f.dev.join(d));
+    }
+}
+
+fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    f.file_device("uio1", "disk0");
+    let mut sup = f.start("echo", &f.file_and_ram(), |o| {
+        o.worker_log_format = Some(tcmu_warden_policy::LogFormat::Json);
+    });
+    until(&mut sup, "both devices are served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+            && phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
+    let log = f.log("echo");
+    let hellos: Vec<&str> = log.lines().filter(|l| l.starts_with("hello ")).collect();
+    assert_eq!(hellos.len(), 2, "{log}");
+    for line in hellos {
+        // Only stdin, stdout, stderr and the channel: not the uio node or backing file of
+        // another device, not the other worker's channel.
+        assert_contains(line, "fds=[0, 1, 2, 3]");
+        assert_contains(line, "fd3=socket");
+        assert_contains(line, "TCMU_WARDEN_FD=3");
+        assert_contains(line, "TCMU_WARDEN_LOG_FORMAT=json");
+        let env = line
+            .split("env=[")
+            .nth(1)
+            .unwrap()
+            .split(']')
+            .next()
+            .unwrap();
+        for var in env.split(", ").filter(|v| !v.is_empty()) {
+            let key = var.trim_matches('"').split('=').next().unwrap();
+            assert!(
+                ["TCMU_WARDEN_FD", "TCMU_WARDEN_LOG_FORMAT", "RUST_LOG"].contains(&key),
+                "unexpected variable {var} in {line}"
+            );
+        }
+    }
+}
+
+fn refused_devices_are_logged_and_still_served() {
+    let f = Fixture::new();
+    let outside_dir = f.dev.parent().unwrap().join("elsewhere");
+    fs::create_dir_all(&outside_dir).unwrap();
+    let outside = outside_dir.join("secret.img");
+    fs::write(&outside, "SECRET").unwrap();
+    f.device(
+        "uio0",
+        1,
+        "outside",
+        Some(&format!("file/{}", outside.display())),
+    );
+    f.device("uio1", 1, "qc", Some("qcow//images/a.qcow2"));
+    f.device("uio2", 1, "bare", None);
+    let escape = format!("{}/../elsewhere/secret.img", f.data.display());
+    f.device("uio3", 1, "dotdot", Some(&format!("file/{escape}")));
+    harness::take_logs();
+    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    until(&mut sup, "all four devices are served", |s| {
+        ["uio0", "uio1", "uio2", "uio3"]
+            .iter()
+            .all(|u| phase_of(s, u) == Some(DevicePhase::Ready))
+    });
+
+    let d0 = sup.device_by_uio("uio0").unwrap();
+    assert_eq!(d0.worker, "file");
+    assert!(!d0.has_backing);
+    assert_contains(d0.refusal.as_deref().unwrap(), "outside allow_paths");
+    let d3 = sup.device_by_uio("uio3").unwrap();
+    assert_eq!(d3.worker, "file");
+    assert_contains(d3.refusal.as_deref().unwrap(), "..");
+    for uio in ["uio1", "uio2"] {
+        let d = sup.device_by_uio(uio).unwrap();
+        assert_eq!(d.worker, "refused", "{d:?}");
+        assert!(d.refusal.is_some());
+    }
+    let refused = sup.worker("refused").unwrap();
+    assert!(refused.subtypes.is_empty());
+    assert!(sup.worker("qcow").is_none());
+
+    let log = f.log("echo");
+    assert_some_line(&log, &["hello worker=refused", "subtypes=[]"], ());
+    for uio in ["uio0", "uio1", "uio2", "uio3"] {
+        assert_some_line(
+            &log,
+            &[
+                &format!("uio={uio} "),
+                "nfds=1",
+                "backing=None",
+                "refusal=Some(",
+            ],
+            uio,
+        );
+    }
+    assert!(!log.contains("SECRET"), "{log}");
+
+    let logs = harness::take_logs();
+    let warn = "device refused by policy";
+    assert_some_line(
+        &logs,
+        &[
+            "WARN",
+            warn,
+            "device=uio0",
+            &outside.display().to_string(),
+            "rule=handler.file.allow_paths",
+        ],
+        (),
+    );
+    assert_some_line(
+        &logs,
+        &[
+            "WARN",
+            warn,
+            "device=uio1",
+            "/images/a.qcow2",
+            "rule=handler.qcow",
+        ],
+        (),
+    );
+    assert_some_line(&logs, &["WARN", warn, "device=uio2", "rule=dev_config"], ());
+    assert_some_line(&logs, &["WARN", warn, "device=uio3", "rule=cfgstring"], ());
+}
+
+fn garbage_kills_only_that_worker() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    f.device("uio1", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("garbage@file", &f.file_and_ram(), |_| {});
+    until(
+        &mut sup,
+        "the file worker is reaped and ram is served",
+        |s| {
+            worker_phase(s, "file") == Some(WorkerPhase::Exited)
+                && phase_of(s, "uio1") == Some(DevicePhase::Ready)
+        },
+    );
+    let file = sup.worker("file").unwrap();
+    assert_contains(file.kill_reason.as_deref().unwrap(), "protocol violation");
+    assert_eq!(file.exit.unwrap().signal(), Some(libc::SIGKILL));
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+    // The ring of the orphaned device stays open in the supervisor.
+    let id = sup.device_by_uio("uio0").unwrap().id;
+    assert_eq!(fd_target(sup.uio_fd(id).unwrap()), f.dev.join("uio0"));
+
+    // The supervisor carries on: more turns, the other worker unaffected.
+    for _ in 0..5 {
+        sup.poll_once(Duration::from_millis(10)).unwrap();
+    }
+    assert_eq!(worker_phase(&sup, "ram"), Some(WorkerPhase::Ready));
+    assert_eq!(phase_of(&sup, "uio1"), Some(DevicePhase::Ready));
+}
+
+fn reply_for_a_foreign_device_kills_the_worker() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("impostor", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the impostor is reaped", |s| {
+        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_contains(w.kill_reason.as_deref().unwrap(), "does not own");
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+}
+
+fn message_before_hello_kills_the_worker() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("early", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the early talker is reaped", |s| {
+        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_contains(
+        w.kill_reason.as_deref().unwrap(),
+        "sent DeviceReady before answering Hello",
+    );
+    assert_eq!(w.supported, None);
+}
+
+fn silent_worker_is_killed_at_the_handshake_deadline() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("silent", &f.file_and_ram(), |o| {
+        o.handshake_timeout = Duration::from_millis(300);
+    });
+    assert_eq!(worker_phase(&sup, "ram"), Some(WorkerPhase::Handshaking));
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Queued));
+    until(&mut sup, "the silent worker is reaped", |s| {
+        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_contains(w.kill_reason.as_deref().unwrap(), "no answer to Hello");
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+}
+
+fn crashing_worker_is_reaped_and_its_devices_kept() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    let mut sup = f.start("crash", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the crashed worker is reaped", |s| {
+        worker_phase(s, "file") == Some(WorkerPhase::Exited)
+    });
+    let w = sup.worker("file").unwrap();
+    assert_eq!(w.exit.unwrap().code(), Some(3));
+    assert_eq!(w.kill_reason, None);
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+    let id = sup.device_by_uio("uio0").unwrap().id;
+    assert_eq!(fd_target(sup.uio_fd(id).unwrap()), f.dev.join("uio0"));
+}
+
+fn worker_closing_its_channel_is_killed_after_grace() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("hangup", &f.file_and_ram(), |o| {
+        o.exit_grace = Duration::from_millis(300);
+    });
+    until(&mut sup, "the hung-up worker is reaped", |s| {
+        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_contains(w.kill_reason.as_deref().unwrap(), "closed its channel");
+    assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGKILL));
+    assert_some_line(&f.log("hangup"), &["hangup worker=ram"], ());
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+}
+
+fn worker_without_the_subtype_gets_refusals() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    let mut sup = f.start("nofile", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    let d = sup.device_by_uio("uio0").unwrap();
+    assert_contains(
+        d.refusal.as_deref().unwrap(),
+        "has no handler for subtype \"file\"",
+    );
+    assert!(!d.has_backing);
+    assert_some_line(
+        &f.log("nofile"),
+        &[
+            "add worker=file",
+            "nfds=1",
+            "backing=None",
+            "no handler for subtype",
+        ],
+        (),
+    );
+}
+
+fn device_failure_is_recorded_and_logged_escaped() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    let mut sup = f.start("failing", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the device failed", |s| {
+        matches!(phase_of(s, "uio0"), Some(DevicePhase::Failed(_)))
+    });
+    assert_eq!(
+        phase_of(&sup, "uio0"),
+        Some(DevicePhase::Failed("backing store\nis on fire".into()))
+    );
+    assert_eq!(worker_phase(&sup, "ram"), Some(WorkerPhase::Ready));
+    let logs = harness::take_logs();
+    assert_some_line(
+        &logs,
+        &[
+            "worker cannot serve the device",
+            "device=uio0",
+            "backing store\\nis on fire",
+        ],
+        (),
+    );
+}
+
+fn remove_device_round_trip_closes_the_uio_fd() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    let node = f.dev.join("uio0");
+    assert!(process_has_open(&node));
+    let id = sup.device_by_uio("uio0").unwrap().id;
+    assert!(sup.remove_device(id));
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Removing));
+    until(&mut sup, "the device is released", |s| {
+        s.device(id).is_none()
+    });
+    assert!(!process_has_open(&node));
+    assert_some_line(
+        &f.log("echo"),
+        &["remove worker=ram", &format!("id={id}")],
+        (),
+    );
+    assert_eq!(worker_phase(&sup, "ram"), Some(WorkerPhase::Ready));
+}
+
+fn device_isolation_gives_each_device_a_worker() {
+    let f = Fixture::new();
+    f.file_device("uio0", "d0");
+    f.file_device("uio1", "d1");
+    let handlers = format!(
+        "[handler.file]\nallow_paths = [{:?}]\nisolation = 'device'\n",
+        f.data.display().to_string()
+    );
+    let mut sup = f.start("echo", &handlers, |_| {});
+    until(&mut sup, "both devices are served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+            && phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
+    let w0 = sup.worker("file:user_1/d0").unwrap();
+    let w1 = sup.worker("file:user_1/d1").unwrap();
+    assert_ne!(w0.pid, w1.pid);
+    assert_eq!(w0.devices, vec![sup.device_by_uio("uio0").unwrap().id]);
+    assert_eq!(w1.devices, vec![sup.device_by_uio("uio1").unwrap().id]);
+    let log = f.log("echo");
+    assert_some_line(
+        &log,
+        &["add worker=file:user_1/d0", "uio=uio0", "BACKING:d0.img"],
+        (),
+    );
+    assert_some_line(
+        &log,
+        &["add worker=file:user_1/d1", "uio=uio1", "BACKING:d1.img"],
+        (),
+    );
+}
+
+fn orderly_shutdown_reaps_every_worker() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    f.device("uio1", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    until(&mut sup, "both devices are served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+            && phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
+    assert!(!sup.is_finished());
+    sup.begin_shutdown();
+    until(&mut sup, "the shutdown completes", Supervisor::is_finished);
+    for w in sup.workers() {
+        assert_eq!(w.phase, WorkerPhase::Exited, "{w:?}");
+        assert!(w.exit.unwrap().success(), "{w:?}");
+        assert_eq!(w.kill_reason, None);
+    }
+    let log = f.log("echo");
+    assert_some_line(&log, &["shutdown worker=file"], ());
+    assert_some_line(&log, &["shutdown worker=ram"], ());
+}
+
+fn stubborn_worker_is_killed_at_the_shutdown_deadline() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("stubborn", &f.file_and_ram(), |o| {
+        o.shutdown_timeout = Duration::from_millis(300);
+    });
+    until(&mut sup, "the device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    sup.begin_shutdown();
+    until(&mut sup, "the shutdown completes", Supervisor::is_finished);
+    let w = sup.worker("ram").unwrap();
+    assert_eq!(w.phase, WorkerPhase::Exited);
+    assert_contains(w.kill_reason.as_deref().unwrap(), "after Shutdown");
+    assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGKILL));
+    assert_some_line(&f.log("stubborn"), &["shutdown worker=ram"], ());
+}
+
+fn binary_check_config() {
+    let exe = env!("CARGO_BIN_EXE_tcmu-warden");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
+    let out = std::process::Command::new(exe)
+        .arg("check-config")
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_contains(&stdout, "valid");
+    assert_contains(&stdout, "file  isolation = subtype");
+    assert_contains(&stdout, "allow /var/lib/tcmu");
+    assert_contains(&stdout, "ram   max_size = 64GiB");
+
+    let f = Fixture::new();
+    let bad = f.data.join("bad.toml");
+    fs::write(
+        &bad,
+        "[daemon]\n\n[handler.file]\nallow_paths = ['relative']\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(exe)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_contains(&stderr, &format!("{}:4:", bad.display()));
+    assert_contains(&stderr, "not an absolute path");
+
+    let out = std::process::Command::new(exe)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_contains(
+        &String::from_utf8(out.stdout).unwrap(),
+        env!("CARGO_PKG_VERSION"),
+    );
+}
+
+fn binary_runs_and_stops_on_sigterm() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    f.device("uio1", 2, "scratch", Some("ram/"));
+    let config = f.data.join("warden.toml");
+    fs::write(&config, f.config_text("echo", &f.file_and_ram())).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
+        .args(["run", "--foreground", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f
+        .log("echo")
+        .lines()
+        .filter(|l| l.starts_with("add "))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "devices never reached the workers"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon exited early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert_contains(&stderr, "termination requested");
+    assert_contains(&stderr, "tcmu-warden stopped");
+    let log = f.log("echo");
+    assert_some_line(&log, &["shutdown worker=file"], ());
+    assert_some_line(&log, &["shutdown worker=ram"], ());
+}
+
+// ---- the fake worker --------------------------------------------------------------------------
+
+mod fake_worker {
+    use super::*;
+
+    /// Runs as a worker. The file name we were started as selects the behaviour.
+    pub fn main() -> ExitCode {
+        let argv0 = PathBuf::from(std::env::args_os().next().unwrap_or_default());
+        let log_path = PathBuf::from(format!("{}.log", argv0.display()));
+        let mode_name = argv0
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (mode, target) = match mode_name.split_once('@') {
+            Some((m, t)) => (m.to_owned(), Some(t.to_owned())),
+            None => (mode_name.clone(), None),
+        };
+        let log = |line: String| {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .unwrap();
+            f.write_all(format!("{line}\n").as_bytes()).unwrap();
+        };
+
+        // What we were started with, before opening anything ourselves.
+        let fds = open_fds();
+        let fd3 = fs::read_link("/proc/self/fd/3")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let mut env: Vec<String> = std::env::vars()
+            .map(|(k, v)| {
+                if k == "RUST_LOG" {
+                    k
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        env.sort();
+
+        let raw: i32 = std::env::var("TCMU_WARDEN_FD").unwrap().parse().unwrap();
+        // SAFETY: the supervisor installed this descriptor for us; nothing else owns it.
+        let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(raw) });
+
+        let (worker, subtypes) = match chan.recv::<ToWorker>() {
+            Ok((ToWorker::Hello { worker, subtypes }, _)) => (worker, subtypes),
+            other => {
+                log(format!("expected Hello, got {other:?}"));
+                return ExitCode::from(4);
+            }
+        };
+        let kind = if fd3.starts_with("socket:") {
+            "socket"
+        } else {
+            "other"
+        };
+        log(format!(
+            "hello worker={worker} subtypes={subtypes:?} env={env:?} fds={fds:?} fd3={kind}"
+        ));
+        let active = target.as_deref().is_none_or(|t| t == worker);
+        let mode = if active { mode.as_str() } else { "echo" };
+
+        match mode {
+            "silent" => {
+                // Never answer; leave when the supervisor closes its end or kills us.
+                while chan.recv::<ToWorker>().is_ok() {}
+                return ExitCode::SUCCESS;
+            }
+            "early" => send(&chan, FromWorker::DeviceReady { id: 1 }),
+            _ => {}
+        }
+        let offered = if mode == "nofile" {
+            subtypes.iter().filter(|s| *s != "file").cloned().collect()
+        } else {
+            subtypes.clone()
+        };
+        send(
+            &chan,
+            FromWorker::Hello {
+                pid: std::process::id(),
+                subtypes: offered,
+            },
+        );
+        if mode == "hangup" {
+            // Take the first device, then close the channel but keep running until killed.
+            let _first = chan.recv::<ToWorker>();
+            log(format!("hangup worker={worker}"));
+            drop(chan);
+            loop {
+                std::thread::park();
+            }
+        }
+
+        let mut held: Vec<(u64, Vec<OwnedFd>)> = Vec::new();
+        loop {
+            let (msg, fds) = match chan.recv::<ToWorker>() {
+                Ok(m) => m,
+                Err(ProtoError::Closed) => return ExitCode::SUCCESS,
+                Err(e) => {
+                    log(format!("recv error {e}"));
+                    return ExitCode::from(2);
+                }
+            };
+            match msg {
+                ToWorker::AddDevice(spec) => {
+                    let uio = fds.first().map(read_all);
+                    let backing = fds.get(1).map(read_all);
+                    log(format!(
+                        "add worker={worker} id={} uio={} nfds={} uio_content={:?} backing={:?} \
+                         refusal={:?} hba={} name={} map_size={} dev_size={} block_size={} \
+                         serial={}",
+                        spec.id,
+                        spec.uio,
+                        fds.len(),
+                        uio.unwrap_or_default(),
+                        backing,
+                        spec.refusal,
+                        spec.hba,
+                        spec.name,
+                        spec.map_size,
+                        spec.dev_size,
+                        spec.block_size,
+                        spec.unit_serial,
+                    ));
+                    held.push((spec.id, fds));
+                    match mode {
+                        "garbage" => {
+                            let dup = nix::unistd::dup(chan.fd()).unwrap();
+                            let raw = UnixDatagram::from(dup);
+                            raw.send(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]).unwrap();
+                        }
+                        "impostor" => send(&chan, FromWorker::DeviceReady { id: spec.id + 1000 }),
+                        "crash" => std::process::exit(3),
+                        "failing" => send(
+                            &chan,
+                            FromWorker::DeviceFailed {
+                                id: spec.id,
+                                reason: "backing store\nis on fire".into(),
+                            },
+                        ),
+                        _ => send(&chan, FromWorker::DeviceReady { id: spec.id }),
+                    }
+                }
+                ToWorker::RemoveDevice { id } => {
+                    held.retain(|(held_id, _)| *held_id != id);
+                    log(format!("remove worker={worker} id={id}"));
+                    send(&chan, FromWorker::DeviceRemoved { id });
+                }
+                ToWorker::Ping { seq } => send(
+                    &chan,
+                    FromWorker::Pong {
+                        seq,
+                        stats: Vec::new(),
+                    },
+                ),
+                ToWorker::Shutdown => {
+                    log(format!("shutdown worker={worker}"));
+                    if mode != "stubborn" {
+                        return ExitCode::SUCCESS;
+                    }
+                }
+                ToWorker::Hello { .. } => {
+                    log("second Hello".into());
+                    return ExitCode::from(4);
+                }
+            }
+        }
+    }
+
+    fn send(chan: &Channel, msg: FromWorker) {
+        chan.send(&msg, &[]).unwrap();
+    }
+
+    fn read_all(fd: &OwnedFd) -> String {
+        let file = fs::File::from(fd.try_clone().unwrap());
+        let mut buf = vec![0u8; 256];
+        // Positional read: the offset is shared with the supervisor's descriptor.
+        let n = file.read_at(&mut buf, 0).unwrap();
+        buf.truncate(n);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Descriptor numbers open in this process (the directory's own descriptor excluded).
+    fn open_fds() -> Vec<i32> {
+        let listed: Vec<i32> = fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        // The listing's own descriptor is closed by now.
+        let mut open: Vec<i32> = listed
+            .into_iter()
+            // SAFETY: F_GETFD only queries the descriptor table.
+            .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+            .collect();
+        open.sort_unstable();
+        open
+    }
+}
+
+// ---- the test runner --------------------------------------------------------------------------
+
+mod harness {
+    use super::*;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if std::env::var_os("WARDEN_TEST_LOG").is_some() {
+                std::io::stderr().write_all(buf)?;
+            }
+            LOGS.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The supervisor's log lines since the last call.
+    pub fn take_logs() -> String {
+        String::from_utf8_lossy(&std::mem::take(&mut *LOGS.lock().unwrap())).into_owned()
+    }
+
+    /// Runs the tests named on the command line (substring match; all without arguments).
+    pub fn run(tests: &[(&str, fn())]) -> ExitCode {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        if args.iter().any(|a| a == "--list") {
+            for (name, _) in tests {
+                println!("{name}: test");
+            }
+            return ExitCode::SUCCESS;
+        }
+        let exact = args.iter().any(|a| a == "--exact");
+        let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_ansi(false)
+            .with_writer(|| Capture)
+            .init();
+
+        let selected: Vec<&(&str, fn())> = tests
+            .iter()
+            .filter(|(name, _)| {
+                filters.is_empty()
+                    || filters.iter().any(|f| {
+                        if exact {
+                            name == f
+                        } else {
+                            name.contains(f.as_str())
+                        }
+                    })
+            })
+            .collect();
+        println!("\nrunning {} tests", selected.len());
+        let mut failed = Vec::new();
+        for (name, test) in &selected {
+            let result = catch_unwind(AssertUnwindSafe(test));
+            match result {
+                Ok(()) => println!("test {name} ... ok"),
+                Err(_) => {
+                    println!("test {name} ... FAILED");
+                    failed.push(*name);
+                }
+            }
+        }
+        let passed = selected.len() - failed.len();
+        if failed.is_empty() {
+            println!(
+                "\ntest result: ok. {passed} passed; 0 failed; {} filtered out\n",
+                tests.len() - selected.len()
+            );
+            ExitCode::SUCCESS
+        } else {
+            println!("\nfailures:");
+            for name in &failed {
+                println!("    {name}");
+            }
+            println!(
+                "\ntest result: FAILED. {passed} passed; {} failed; {} filtered out\n",
+                failed.len(),
+                tests.len() - selected.len()
+            );
+            ExitCode::from(101)
+        }
+    }
+}
