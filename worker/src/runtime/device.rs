@@ -195,13 +195,11 @@ fn ring_loop(
 ) -> Result<(), DeviceError> {
     let mut drain_started: Option<Instant> = None;
     loop {
-        let mut completed = 0usize;
         // Completions first: they free ring space for the kernel.
         loop {
             match done.try_recv() {
                 Ok(d) => {
                     complete(&mut ring, d.cmd_id, &d.result)?;
-                    completed += 1;
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -221,7 +219,6 @@ fn ring_loop(
                             // No I/O thread left: fail the command rather than lose it.
                             let id = e.0.cmd_id;
                             complete(&mut ring, id, &internal_error())?;
-                            completed += 1;
                         }
                     }
                     Fetched::Tmr(tmr) => {
@@ -233,12 +230,13 @@ fn ring_loop(
                     Fetched::Invalid { cmd_id, why } => {
                         warn!(device = %dev, cmd_id, why = %why, "malformed ring entry failed");
                         complete(&mut ring, cmd_id, &internal_error())?;
-                        completed += 1;
                     }
                 }
             }
         }
-        if completed > 0 {
+        // One notification per batch, and only when the tail really moved (without CAP_OOOC an
+        // early completion may wait for an older command).
+        if ring.take_tail_moved() {
             notify(event)?;
         }
         if stopping {
