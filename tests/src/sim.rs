@@ -23,8 +23,8 @@
 //!   sits right after the iovec array, a PAD entry fills the end of the ring when the entry does
 //!   not fit there, ring space keeps one byte free (so full and empty differ), and `cmd_head` is
 //!   published with a Release store. A request larger than half the ring is refused, as the
-//!   kernel refuses it. Command ids are nonzero, allocated cyclically, unique among in-flight
-//!   commands. Data-in space is filled with [`SIM_POISON`] so that bytes the worker never wrote
+//!   kernel refuses it. Command ids are the lowest free id from 1 to 0xffff, as the kernel
+//!   allocates them, so an id comes back as soon as its command is reaped. Data-in space is filled with [`SIM_POISON`] so that bytes the worker never wrote
 //!   are recognisable.
 //! - **Waking the worker** ([`KernelSim::kick`]): like `uio_event_notify`: the worker's event fd
 //!   polls readable and a 4-byte read returns an event count.
@@ -296,7 +296,6 @@ pub struct KernelSim {
     last_cleaned: u32,
     written: VecDeque<Written>,
     in_flight: HashMap<u16, SimCmd>,
-    next_id: u16,
     free_blocks: Vec<bool>,
     broken: Option<String>,
     /// `submit_corrupt` was called: the head is no longer the simulator's to manage.
@@ -417,7 +416,6 @@ impl KernelSim {
             last_cleaned: 0,
             written: VecDeque::new(),
             in_flight: HashMap::new(),
-            next_id: 1,
             free_blocks: vec![true; blocks],
             broken: None,
             corrupted: false,
@@ -553,15 +551,12 @@ impl KernelSim {
         Ok(pos)
     }
 
-    fn alloc_id(&mut self) -> Result<u16, SimError> {
-        for _ in 0..=u16::MAX {
-            let id = self.next_id;
-            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-            if id != 0 && !self.in_flight.contains_key(&id) {
-                return Ok(id);
-            }
-        }
-        Err(SimError::Full)
+    /// The lowest id in 1..=0xffff not in flight, like the kernel's
+    /// `xa_alloc(..., XA_LIMIT(1, 0xffff))`: ids are reused as soon as they are reaped.
+    fn alloc_id(&self) -> Result<u16, SimError> {
+        (1..=u16::MAX)
+            .find(|id| !self.in_flight.contains_key(id))
+            .ok_or(SimError::Full)
     }
 
     /// Takes the lowest free blocks for `n` bytes; `None` when there are not enough.
