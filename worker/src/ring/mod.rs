@@ -374,10 +374,11 @@ impl Ring {
     pub fn fetch(&mut self) -> Result<Option<Fetched>, RingError> {
         loop {
             let pos = self.fetch_pos;
-            // Acquire pairs with the kernel's publication of `cmd_head`: the kernel writes an
-            // entry completely and only then stores the new head, so everything it wrote before
-            // that store is visible to the reads of the entry below. (The kernel stores the head
-            // with a plain write after its own barrier; an acquire load is what our side needs.)
+            // Acquire: the kernel writes an entry completely and only then stores the new head.
+            // Loading the head with Acquire keeps our reads of the entry below from being
+            // performed before this load, so they see everything the kernel wrote before the
+            // head we observed (a plain load would let weakly ordered CPUs read stale entry
+            // bytes: the aarch64 bug tcmu-runner once had).
             let head = self.mailbox_word(MB_CMD_HEAD).load(Ordering::Acquire);
             if head >= self.cmdr_size || head % TCMU_OP_ALIGN_SIZE != 0 {
                 return Err(corrupt(
