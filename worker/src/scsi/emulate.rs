@@ -121,6 +121,8 @@ impl std::fmt::Debug for Emulator {
 
 impl Emulator {
     /// An emulator for one device served by `handler`.
+    ///
+    /// The handler's [`Handler::caps`] and [`Handler::implemented_opcodes`] are read once, here.
     pub fn new(cfg: &DeviceConfig, handler: Arc<dyn Handler>) -> Emulator {
         let caps = handler.caps();
         let mut handler_ops = [false; 256];
@@ -175,7 +177,7 @@ impl Emulator {
                 return CommandResult::check(ua);
             }
         }
-        if self.handler_implements(opcode) && self.refusal.is_none() {
+        if self.handler_implements(opcode) {
             return self.handler.execute(cmd);
         }
         let cdb = Cdb::new(bytes);
