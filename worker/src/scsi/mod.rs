@@ -1,14 +1,52 @@
 //! # SCSI core: CDB decoding, sense data and command emulation
 //!
-//! (Skeleton: the SCSI helper owns this module and replaces this text.)
+//! An initiator (the host using the disk) sends SCSI **commands**; each is a CDB (command
+//! descriptor block: an opcode byte and its fields) plus an optional data buffer: *data-out*
+//! flows from initiator to device (WRITE), *data-in* from device to initiator (READ, INQUIRY).
+//! The device answers with a **status** byte: GOOD, or CHECK CONDITION with **sense data**
+//! (a sense key, ASC and ASCQ saying what went wrong; see [`sense`]).
+//!
+//! The kernel's TCMU backstore hands us every command for a device; this module executes them.
+//! [`Emulator`] is one device's executor. Commands whose opcode the handler lists in
+//! [`Handler::implemented_opcodes`](crate::handler::Handler::implemented_opcodes) go to the
+//! handler; every other command is emulated here on top of the handler's read/write/flush/unmap.
+//!
+//! Submodules:
+//! - [`sense`]: sense data encoding (fixed format with field pointers and information field);
+//! - [`cdb`]: checked CDB field access, opcodes, the reserved-bit check, block-range decoding;
+//! - `table`: the command table that drives dispatch, reserved-bit checks and REPORT
+//!   SUPPORTED OPERATION CODES alike;
+//! - `emulate`: [`Emulator`], the dispatcher and the device state (write cache, capacity,
+//!   unit attentions);
+//! - `inquiry`: standard INQUIRY data and VPD pages (vital product data);
+//! - `mode`: mode pages (caching, control) for MODE SENSE / MODE SELECT;
+//! - `block`: READ/WRITE/VERIFY/WRITE SAME/UNMAP/COMPARE AND WRITE/SYNCHRONIZE CACHE/READ
+//!   CAPACITY/GET LBA STATUS;
+//! - `misc`: TEST UNIT READY, REQUEST SENSE, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL,
+//!   REPORT LUNS;
+//! - `rangelock`: the block-range lock that makes COMPARE AND WRITE atomic.
+//!
+//! This module must never panic, whatever the CDB or data-out bytes: every field is read with
+//! checked access and every malformed command becomes sense data. It never touches the ring.
 
+mod block;
+pub mod cdb;
+mod emulate;
+mod inquiry;
+mod misc;
+mod mode;
+mod rangelock;
 pub mod sense;
+mod table;
 
-use std::sync::Arc;
+#[cfg(test)]
+mod tests;
 
-use crate::handler::{DeviceConfig, Handler};
 use crate::iobuf::DataBuf;
+pub use emulate::Emulator;
+pub use inquiry::naa_designator;
 pub use sense::Sense;
+pub use table::{DataDir, describe};
 
 /// SCSI status byte values (SAM-5).
 pub mod status {
@@ -27,7 +65,8 @@ pub mod status {
 /// One SCSI command as the emulation sees it.
 #[derive(Debug)]
 pub struct Command<'a> {
-    /// The CDB (6 to 16 bytes, or longer for variable-length CDBs).
+    /// The CDB (6 to 16 bytes, or longer for variable-length CDBs). Bytes beyond the
+    /// command's CDB length are ignored.
     pub cdb: &'a [u8],
     /// The data buffer: data-out (initiator to us) for writes, data-in (us to initiator) for reads.
     pub data: &'a mut DataBuf,
@@ -42,7 +81,8 @@ pub struct CommandResult {
     pub status: u8,
     /// Sense data for CHECK CONDITION.
     pub sense: Option<Sense>,
-    /// For data-in commands, bytes actually transferred when fewer than the buffer holds.
+    /// For data-in commands, bytes actually transferred when fewer than the buffer holds (or
+    /// fewer than the command asked for).
     pub read_len: Option<u32>,
 }
 
@@ -74,30 +114,5 @@ impl CommandResult {
             sense: None,
             read_len: None,
         }
-    }
-}
-
-/// Executes commands for one device.
-pub struct Emulator {
-    handler: Arc<dyn Handler>,
-    _cfg: DeviceConfig,
-}
-
-impl Emulator {
-    /// An emulator for one device.
-    pub fn new(cfg: &DeviceConfig, handler: Arc<dyn Handler>) -> Emulator {
-        Emulator {
-            handler,
-            _cfg: cfg.clone(),
-        }
-    }
-
-    /// Executes one command.
-    pub fn execute(&self, cmd: &mut Command<'_>) -> CommandResult {
-        let op = cmd.cdb.first().copied().unwrap_or(0xff);
-        if self.handler.implemented_opcodes().contains(&op) {
-            return self.handler.execute(cmd);
-        }
-        CommandResult::invalid_opcode()
     }
 }

@@ -1,0 +1,509 @@
+//! # Block commands: reading, writing and provisioning logical blocks
+//!
+//! The SBC-3 commands that move or check data: READ/WRITE (6/10/12/16), WRITE AND VERIFY,
+//! VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, SYNCHRONIZE CACHE, READ CAPACITY (10/16) and
+//! GET LBA STATUS.
+//!
+//! Rules every command here follows:
+//! - the transfer length is checked against the device's maximum transfer length
+//!   (`hw_max_sectors`; INVALID FIELD IN CDB pointing at the length field), then the range
+//!   `[LBA, LBA + length)` against the capacity (LOGICAL BLOCK ADDRESS OUT OF RANGE, 05/21/00,
+//!   also when LBA + length overflows);
+//! - a zero transfer length is a GOOD no-op (READ (6)/WRITE (6) excepted: 0 means 256 there);
+//! - **durability**: a write is passed to the handler with `durable = FUA || !WCE`. With the
+//!   write cache off (WCE=0) every write is durable before it completes; with it on, only FUA
+//!   ("force unit access") writes are, and SYNCHRONIZE CACHE makes the rest durable. WRITE AND
+//!   VERIFY is always durable (verification is against the medium). UNMAP and WRITE SAME with
+//!   UNMAP are followed by a flush when WCE=0, so that deallocated blocks cannot come back after
+//!   a power loss with their old contents;
+//! - a READ with FUA while WCE=1 flushes first: FUA asks for the data from the medium, so dirty
+//!   cached data is written back before it is read (reading through the same cache then returns
+//!   what the medium holds). DPO (a cache retention hint) is accepted and ignored;
+//! - data-in and data-out go between the handler and the command's [`DataBuf`] segments directly
+//!   (`io_slices`), without copying. If the data buffer is shorter than the CDB's transfer, the
+//!   part that fits is transferred and, for reads, `read_len` reports how much that was;
+//! - COMPARE AND WRITE is atomic: it holds an exclusive lock on its block range from reading to
+//!   writing, and every other modifying command holds a shared lock on its range.
+//!
+//! This module never reads CDB bytes without the checked accessors of [`Cdb`] and never
+//! allocates more than [`CHUNK`] bytes (or a COMPARE AND WRITE's bounded size) per command.
+
+use std::io::IoSliceMut;
+
+use super::Command;
+use super::cdb::{Cdb, RwLayout, block_range, op};
+use super::emulate::{Done, Emulator, IoKind, zero_tail};
+use super::sense::Sense;
+use crate::iobuf::DataBuf;
+
+/// Largest buffer the emulation allocates for one step of WRITE SAME or VERIFY.
+pub const CHUNK: u64 = 1 << 20;
+/// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT reported in the block limits page.
+pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
+/// Bytes one WRITE SAME may cover (bounds the time one command can take).
+const MAX_WRITE_SAME_BYTES: u64 = 256 << 20;
+/// Bytes one UNMAP command may deallocate in total.
+const MAX_UNMAP_BYTES: u64 = 1 << 30;
+
+/// MAXIMUM COMPARE AND WRITE LENGTH: at most 255 blocks (the CDB field is one byte), at most
+/// [`CHUNK`] bytes, at least one block, and no more than the maximum transfer length.
+pub fn max_compare_write_blocks(emu: &Emulator) -> u8 {
+    let by_bytes = (CHUNK / u64::from(emu.block_size())).max(1);
+    let n = by_bytes
+        .min(255)
+        .min(u64::from(emu.max_transfer_blocks()).max(1));
+    u8::try_from(n).unwrap_or(1)
+}
+
+/// MAXIMUM WRITE SAME LENGTH in blocks.
+pub fn max_write_same_blocks(emu: &Emulator) -> u64 {
+    (MAX_WRITE_SAME_BYTES / u64::from(emu.block_size())).max(1)
+}
+
+/// MAXIMUM UNMAP LBA COUNT in blocks.
+pub fn max_unmap_blocks(emu: &Emulator) -> u32 {
+    u32::try_from((MAX_UNMAP_BYTES / u64::from(emu.block_size())).max(1)).unwrap_or(u32::MAX)
+}
+
+/// Checks the transfer length against the maximum transfer length.
+fn check_max_transfer(emu: &Emulator, blocks: u32, len_byte: u16) -> Result<(), Sense> {
+    if blocks > emu.max_transfer_blocks() {
+        return Err(Sense::invalid_field_in_cdb(len_byte, Some(7)));
+    }
+    Ok(())
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// FUA bit (byte 1, bit 3) of the 10/12/16-byte READ/WRITE/COMPARE AND WRITE CDBs.
+fn fua(cdb: &Cdb<'_>) -> bool {
+    RwLayout::of(cdb.u8(0)) != RwLayout::Six && cdb.bit(1, 3)
+}
+
+fn flush(emu: &Emulator) -> Result<(), Sense> {
+    emu.handler()
+        .flush()
+        .map_err(|e| emu.io_sense(&e, IoKind::Write, "flush"))
+}
+
+/// Reads `len` bytes at device offset `off` into a new vector.
+fn read_vec(emu: &Emulator, off: u64, len: usize) -> Result<Vec<u8>, Sense> {
+    let mut v = vec![0u8; len];
+    emu.handler()
+        .read(off, &mut [IoSliceMut::new(&mut v)])
+        .map_err(|e| emu.io_sense(&e, IoKind::Read, "read"))?;
+    Ok(v)
+}
+
+/// Compares `len` bytes of `data` (from `data_off`) with the medium at `dev_off`, chunk by
+/// chunk; returns the offset (relative to the compared region) of the first difference.
+fn compare_with_medium(
+    emu: &Emulator,
+    dev_off: u64,
+    data: &DataBuf,
+    data_off: usize,
+    len: u64,
+) -> Result<Option<u64>, Sense> {
+    let mut done = 0u64;
+    while done < len {
+        let n = to_usize((len - done).min(CHUNK));
+        let medium = read_vec(emu, dev_off.saturating_add(done), n)?;
+        let mut expect = vec![0u8; n];
+        data.copy_to(data_off.saturating_add(to_usize(done)), &mut expect);
+        if let Some(i) = medium.iter().zip(&expect).position(|(a, b)| a != b) {
+            return Ok(Some(done + i as u64));
+        }
+        done += n as u64;
+    }
+    Ok(None)
+}
+
+/// READ (6), (10), (12), (16).
+pub fn read(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let r = block_range(&cdb, true);
+    check_max_transfer(emu, r.blocks, r.len_byte)?;
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    if fua(&cdb) && emu.write_cache() {
+        flush(emu)?;
+    }
+    let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
+    let n = to_usize(len).min(cmd.data.len());
+    if n > 0 {
+        let mut slices = cmd.data.io_slices_mut(0, n);
+        emu.handler()
+            .read(off, &mut slices)
+            .map_err(|e| emu.io_sense(&e, IoKind::Read, "read"))?;
+    }
+    zero_tail(cmd.data, n);
+    Ok(Done::DataIn {
+        transferred: n,
+        expected: to_usize(len),
+    })
+}
+
+/// Writes the first `n` bytes of `data` at `off` with the given durability.
+fn write_data(
+    emu: &Emulator,
+    off: u64,
+    data: &DataBuf,
+    from: usize,
+    n: usize,
+    durable: bool,
+) -> Result<(), Sense> {
+    if n == 0 {
+        return Ok(());
+    }
+    let slices = data.io_slices(from, n);
+    emu.handler()
+        .write(off, &slices, durable)
+        .map_err(|e| emu.io_sense(&e, IoKind::Write, "write"))
+}
+
+/// WRITE (6), (10), (12), (16).
+pub fn write(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let r = block_range(&cdb, true);
+    check_max_transfer(emu, r.blocks, r.len_byte)?;
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    let durable = fua(&cdb) || !emu.write_cache();
+    let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
+    let n = to_usize(len).min(cmd.data.len());
+    let _g = emu
+        .ranges()
+        .shared(r.lba, r.lba.saturating_add(u64::from(r.blocks)));
+    write_data(emu, off, cmd.data, 0, n, durable)?;
+    Ok(Done::Good)
+}
+
+/// BYTCHK field (byte 1, bits 2..1) of VERIFY and WRITE AND VERIFY.
+fn bytchk(cdb: &Cdb<'_>) -> u8 {
+    (cdb.u8(1) >> 1) & 0x03
+}
+
+/// WRITE AND VERIFY (10), (12), (16): a durable write, then with BYTCHK=1 a read-back compared
+/// with the data (MISCOMPARE with the offset if they differ). BYTCHK 10b/11b are not defined
+/// for this command: INVALID FIELD IN CDB.
+pub fn write_verify(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let check = match bytchk(&cdb) {
+        0 => false,
+        1 => true,
+        _ => return Err(Sense::invalid_field_in_cdb(1, Some(2))),
+    };
+    let r = block_range(&cdb, false);
+    check_max_transfer(emu, r.blocks, r.len_byte)?;
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
+    let n = to_usize(len).min(cmd.data.len());
+    let end = r.lba.saturating_add(u64::from(r.blocks));
+    // Verification needs the blocks to stay as written until compared.
+    let _g = if check {
+        emu.ranges().exclusive(r.lba, end)
+    } else {
+        emu.ranges().shared(r.lba, end)
+    };
+    write_data(emu, off, cmd.data, 0, n, true)?;
+    if check {
+        if let Some(at) = compare_with_medium(emu, off, cmd.data, 0, n as u64)? {
+            return Err(Sense::miscompare(at));
+        }
+    }
+    Ok(Done::Good)
+}
+
+/// VERIFY (10), (12), (16).
+/// - BYTCHK=00b: range check only (the medium cannot fail verification otherwise);
+/// - BYTCHK=01b: the data-out holds every block; compared with the medium;
+/// - BYTCHK=11b: the data-out holds one block, compared with each block of the range;
+/// - BYTCHK=10b: reserved, INVALID FIELD IN CDB.
+///
+/// A miscompare is 0E/1D/00 with the information field set to the byte offset of the first
+/// difference from the start of the verified range (for 01b that is also the offset in the
+/// data-out buffer).
+pub fn verify(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let mode = bytchk(&cdb);
+    if mode == 2 {
+        return Err(Sense::invalid_field_in_cdb(1, Some(2)));
+    }
+    let r = block_range(&cdb, false);
+    if mode == 1 {
+        check_max_transfer(emu, r.blocks, r.len_byte)?;
+    }
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    if r.blocks == 0 || mode == 0 {
+        return Ok(Done::Good);
+    }
+    let bs = u64::from(emu.block_size());
+    let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
+    let need = if mode == 1 { len } else { bs };
+    if (cmd.data.len() as u64) < need {
+        return Err(Sense::invalid_field_in_cdb(r.len_byte, Some(7)));
+    }
+    if mode == 1 {
+        if let Some(at) = compare_with_medium(emu, off, cmd.data, 0, len)? {
+            return Err(Sense::miscompare(at));
+        }
+        return Ok(Done::Good);
+    }
+    for k in 0..u64::from(r.blocks) {
+        let block_off = k * bs;
+        if let Some(at) = compare_with_medium(emu, off + block_off, cmd.data, 0, bs)? {
+            return Err(Sense::miscompare(block_off + at));
+        }
+    }
+    Ok(Done::Good)
+}
+
+/// SYNCHRONIZE CACHE (10), (16): range check (0 blocks means "to the last block"), then flush.
+/// IMMED (return before the flush finishes) is accepted, but we flush before answering anyway:
+/// an error would otherwise be lost.
+pub fn synchronize_cache(
+    emu: &Emulator,
+    _cmd: &mut Command<'_>,
+    cdb: Cdb<'_>,
+) -> Result<Done, Sense> {
+    let r = block_range(&cdb, false);
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    flush(emu)?;
+    Ok(Done::Good)
+}
+
+/// WRITE SAME (10), (16): one block of data-out (or zeros with NDOB, "no data-out buffer",
+/// WRITE SAME (16) only) written to every block of the range.
+///
+/// With UNMAP set, the blocks are deallocated instead when that gives the same result: the
+/// handler supports unmap, unmapped blocks read as zeros, and the data is all zeros. Otherwise
+/// (UNMAP is only a permission) the data is written. A zero block count is INVALID FIELD IN CDB
+/// (we report WSNZ=1), as is a count above the MAXIMUM WRITE SAME LENGTH.
+pub fn write_same(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let r = block_range(&cdb, false);
+    let unmap = cdb.bit(1, 3);
+    let ndob = cdb.u8(0) == op::WRITE_SAME_16 && cdb.bit(1, 0);
+    if r.blocks == 0 || u64::from(r.blocks) > max_write_same_blocks(emu) {
+        return Err(Sense::invalid_field_in_cdb(r.len_byte, Some(7)));
+    }
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    let bs = to_usize(u64::from(emu.block_size()));
+    let mut block = vec![0u8; bs];
+    if !ndob {
+        if cmd.data.len() < bs {
+            return Err(Sense::invalid_field_in_cdb(r.len_byte, Some(7)));
+        }
+        cmd.data.copy_to(0, &mut block);
+    }
+    let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
+    let caps = emu.caps();
+    let _g = emu
+        .ranges()
+        .shared(r.lba, r.lba.saturating_add(u64::from(r.blocks)));
+    if unmap && caps.unmap && caps.unmap_reads_zero && block.iter().all(|&b| b == 0) {
+        emu.handler()
+            .unmap(off, len)
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "unmap"))?;
+        if !emu.write_cache() {
+            flush(emu)?;
+        }
+        return Ok(Done::Good);
+    }
+    let durable = !emu.write_cache();
+    let per_chunk = (CHUNK / bs as u64).max(1);
+    let chunk_blocks = per_chunk.min(u64::from(r.blocks));
+    let pattern: Vec<u8> = block
+        .iter()
+        .copied()
+        .cycle()
+        .take(to_usize(chunk_blocks).saturating_mul(bs))
+        .collect();
+    let mut done = 0u64;
+    while done < u64::from(r.blocks) {
+        let n = chunk_blocks.min(u64::from(r.blocks) - done);
+        let bytes = pattern
+            .get(..to_usize(n).saturating_mul(bs))
+            .unwrap_or(&pattern);
+        emu.handler()
+            .write(
+                off + done * bs as u64,
+                &[std::io::IoSlice::new(bytes)],
+                durable,
+            )
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "write same"))?;
+        done += n;
+    }
+    Ok(Done::Good)
+}
+
+/// UNMAP: deallocates the ranges of the parameter list's block descriptors.
+///
+/// Parameter list: an 8-byte header (UNMAP DATA LENGTH, UNMAP BLOCK DESCRIPTOR DATA LENGTH)
+/// then 16-byte descriptors (LBA, block count). Checks, all before anything is unmapped:
+/// a list (as sent) shorter than the header or than the descriptor length it claims is
+/// PARAMETER LIST LENGTH ERROR; a trailing partial descriptor is ignored; more descriptors than
+/// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT, or more blocks in total than MAXIMUM UNMAP LBA COUNT,
+/// is INVALID FIELD IN PARAMETER LIST; a descriptor outside the medium is LBA OUT OF RANGE.
+/// A zero parameter list length and zero-block descriptors are no-ops.
+pub fn unmap(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let param_len = usize::from(cdb.be16(7));
+    if param_len == 0 {
+        return Ok(Done::Good);
+    }
+    let avail = param_len.min(cmd.data.len());
+    let mut list = vec![0u8; avail];
+    cmd.data.copy_to(0, &mut list);
+    if avail < 8 {
+        return Err(Sense::param_list_length_error());
+    }
+    let field = |at: usize, n: usize| -> u64 {
+        (0..n).fold(0u64, |acc, k| {
+            (acc << 8) | u64::from(list.get(at + k).copied().unwrap_or(0))
+        })
+    };
+    let data_len = to_usize(field(0, 2));
+    let bd_len = to_usize(field(2, 2));
+    if data_len.saturating_add(2) > avail || bd_len.saturating_add(8) > avail {
+        return Err(Sense::param_list_length_error());
+    }
+    let count = bd_len / 16;
+    if count > MAX_UNMAP_DESCRIPTORS as usize {
+        return Err(Sense::invalid_field_in_param_list(2, Some(7)));
+    }
+    let max_total = u64::from(max_unmap_blocks(emu));
+    let mut total = 0u64;
+    let mut ranges = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = 8 + 16 * i;
+        let lba = field(at, 8);
+        let blocks = field(at + 8, 4);
+        if blocks == 0 {
+            continue;
+        }
+        total = total.saturating_add(blocks);
+        if total > max_total {
+            return Err(Sense::invalid_field_in_param_list(
+                u16::try_from(at + 8).unwrap_or(u16::MAX),
+                Some(7),
+            ));
+        }
+        emu.check_range(lba, blocks)?;
+        ranges.push((lba, blocks));
+    }
+    for (lba, blocks) in ranges {
+        let _g = emu.ranges().shared(lba, lba.saturating_add(blocks));
+        let (off, len) = emu.byte_range(lba, blocks);
+        emu.handler()
+            .unmap(off, len)
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "unmap"))?;
+    }
+    if total > 0 && !emu.write_cache() {
+        flush(emu)?;
+    }
+    Ok(Done::Good)
+}
+
+/// COMPARE AND WRITE: the data-out holds N blocks to compare, then N blocks to write. Under an
+/// exclusive range lock, the medium is read and compared; on a difference the command ends in
+/// MISCOMPARE (0E/1D/00) with the information field set to the offset of the first differing
+/// byte and nothing is written; otherwise the second half is written (`durable = FUA || !WCE`).
+pub fn compare_and_write(
+    emu: &Emulator,
+    cmd: &mut Command<'_>,
+    cdb: Cdb<'_>,
+) -> Result<Done, Sense> {
+    let lba = cdb.be64(2);
+    let blocks = cdb.u8(13);
+    if blocks == 0 {
+        return Ok(Done::Good);
+    }
+    if blocks > max_compare_write_blocks(emu) {
+        return Err(Sense::invalid_field_in_cdb(13, Some(7)));
+    }
+    emu.check_range(lba, u64::from(blocks))?;
+    let (off, len) = emu.byte_range(lba, u64::from(blocks));
+    let half = to_usize(len);
+    if cmd.data.len() < half.saturating_mul(2) {
+        return Err(Sense::invalid_field_in_cdb(13, Some(7)));
+    }
+    let durable = fua(&cdb) || !emu.write_cache();
+    let _g = emu.ranges().exclusive(lba, lba + u64::from(blocks));
+    let medium = read_vec(emu, off, half)?;
+    let mut verify = vec![0u8; half];
+    cmd.data.copy_to(0, &mut verify);
+    if let Some(i) = medium.iter().zip(&verify).position(|(a, b)| a != b) {
+        return Err(Sense::miscompare(i as u64));
+    }
+    write_data(emu, off, cmd.data, half, half, durable)?;
+    Ok(Done::Good)
+}
+
+/// The PMI bit / LBA check of READ CAPACITY: with PMI=0 the LBA field must be zero.
+fn check_pmi(pmi: bool, lba: u64) -> Result<(), Sense> {
+    if !pmi && lba != 0 {
+        return Err(Sense::invalid_field_in_cdb(2, Some(7)));
+    }
+    Ok(())
+}
+
+/// READ CAPACITY (10): last LBA (FFFFFFFFh if it does not fit, telling the initiator to use
+/// READ CAPACITY (16)) and block length.
+pub fn read_capacity_10(
+    emu: &Emulator,
+    cmd: &mut Command<'_>,
+    cdb: Cdb<'_>,
+) -> Result<Done, Sense> {
+    check_pmi(cdb.bit(8, 0), u64::from(cdb.be32(2)))?;
+    let last = emu.num_blocks().saturating_sub(1);
+    let returned = u32::try_from(last)
+        .ok()
+        .filter(|&l| l != u32::MAX)
+        .unwrap_or(u32::MAX);
+    let mut resp = Vec::with_capacity(8);
+    resp.extend_from_slice(&returned.to_be_bytes());
+    resp.extend_from_slice(&emu.block_size().to_be_bytes());
+    Ok(super::emulate::data_in(cmd, &resp, 8))
+}
+
+/// READ CAPACITY (16) (SERVICE ACTION IN 9Eh/10h): last LBA, block length, and LBPME (logical
+/// block provisioning management enabled: the handler supports unmap) / LBPRZ (unmapped blocks
+/// read as zeros).
+pub fn read_capacity_16(
+    emu: &Emulator,
+    cmd: &mut Command<'_>,
+    cdb: Cdb<'_>,
+) -> Result<Done, Sense> {
+    check_pmi(cdb.bit(14, 0), cdb.be64(2))?;
+    let alloc = to_usize(u64::from(cdb.be32(10)));
+    let caps = emu.caps();
+    let mut resp = vec![0u8; 32];
+    let last = emu.num_blocks().saturating_sub(1);
+    if let Some(f) = resp.get_mut(0..8) {
+        f.copy_from_slice(&last.to_be_bytes());
+    }
+    if let Some(f) = resp.get_mut(8..12) {
+        f.copy_from_slice(&emu.block_size().to_be_bytes());
+    }
+    if let Some(f) = resp.get_mut(14) {
+        if caps.unmap {
+            *f |= 0x80;
+            if caps.unmap_reads_zero {
+                *f |= 0x40;
+            }
+        }
+    }
+    Ok(super::emulate::data_in(cmd, &resp, alloc))
+}
+
+/// GET LBA STATUS (9Eh/12h), offered with thin provisioning: handlers cannot tell us which
+/// blocks are mapped, so one descriptor reports the range from the starting LBA (up to 2^32-1
+/// blocks) as "mapped or unknown" (status 0), which SBC-4 allows.
+pub fn get_lba_status(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let lba = cdb.be64(2);
+    let alloc = to_usize(u64::from(cdb.be32(10)));
+    emu.check_range(lba, 1)?;
+    let blocks = u32::try_from(emu.num_blocks().saturating_sub(lba)).unwrap_or(u32::MAX);
+    let mut resp = Vec::with_capacity(24);
+    resp.extend_from_slice(&20u32.to_be_bytes());
+    resp.extend_from_slice(&[0; 4]);
+    resp.extend_from_slice(&lba.to_be_bytes());
+    resp.extend_from_slice(&blocks.to_be_bytes());
+    resp.extend_from_slice(&[0; 4]);
+    Ok(super::emulate::data_in(cmd, &resp, alloc))
+}
