@@ -147,7 +147,10 @@ impl DeviceSpec {
         if let Some(why) = &self.refusal {
             check_len("refusal", why, MAX_REASON_LEN)?;
             if self.has_backing_fd {
-                return Err(invalid("has_backing_fd", "a refused device has no backing store".into()));
+                return Err(invalid(
+                    "has_backing_fd",
+                    "a refused device has no backing store".into(),
+                ));
             }
         }
         if self.dev_size < u64::from(self.block_size) {

@@ -3,6 +3,13 @@
 //! emulation, `ram` and `file` handlers) serves them. Everything is checked from the simulated
 //! kernel's side: statuses, sense data, and the bytes an initiator would receive.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsFd;
@@ -40,7 +47,12 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(cfg: &DeviceConfig, handler: Arc<dyn Handler>, sim_cfg: SimConfig, io_threads: usize) -> Rig {
+    fn new(
+        cfg: &DeviceConfig,
+        handler: Arc<dyn Handler>,
+        sim_cfg: SimConfig,
+        io_threads: usize,
+    ) -> Rig {
         let (sim, dev) = KernelSim::new(sim_cfg).unwrap();
         let map = Mapping::map(dev.map_fd.as_fd(), dev.map_len).unwrap();
         let ring = Ring::new(map).unwrap();
@@ -54,7 +66,10 @@ impl Rig {
             Box::new(|r| assert!(r.is_ok(), "device ended with {r:?}")),
         )
         .unwrap();
-        Rig { sim, runner: Some(runner) }
+        Rig {
+            sim,
+            runner: Some(runner),
+        }
     }
 
     /// Runs every command, keeping as many in flight as the ring allows, and returns their
@@ -65,13 +80,19 @@ impl Rig {
         let mut by_id: HashMap<u16, usize> = HashMap::new();
         let mut next = 0;
         while results.iter().any(Option::is_none) {
-            assert!(Instant::now() < deadline, "commands did not complete in time");
+            assert!(
+                Instant::now() < deadline,
+                "commands did not complete in time"
+            );
             let mut queued = false;
             while next < cmds.len() {
                 let (cdb, out, in_len) = &cmds[next];
                 match self.sim.submit(cdb, out, *in_len) {
                     Ok(id) => {
-                        assert!(by_id.insert(id, next).is_none(), "cmd_id {id} reused while in flight");
+                        assert!(
+                            by_id.insert(id, next).is_none(),
+                            "cmd_id {id} reused while in flight"
+                        );
                         next += 1;
                         queued = true;
                     }
@@ -84,12 +105,17 @@ impl Rig {
             }
             self.sim.wait_notified(Duration::from_millis(200)).unwrap();
             for c in self.sim.reap().unwrap() {
-                let idx = by_id.remove(&c.cmd_id).expect("completion for a command not in flight");
+                let idx = by_id
+                    .remove(&c.cmd_id)
+                    .expect("completion for a command not in flight");
                 assert!(results[idx].is_none(), "command completed twice");
                 results[idx] = Some(c);
             }
         }
-        assert!(self.sim.is_drained(), "ring not drained after all completions");
+        assert!(
+            self.sim.is_drained(),
+            "ring not drained after all completions"
+        );
         results.into_iter().map(Option::unwrap).collect()
     }
 
@@ -123,7 +149,11 @@ fn write10(lba: u32, blocks: u16, fua: bool) -> Vec<u8> {
 }
 
 fn sense_triple(c: &Completed) -> (u8, u8, u8) {
-    assert_eq!(c.status, 0x02, "expected CHECK CONDITION, got status {:#x}", c.status);
+    assert_eq!(
+        c.status, 0x02,
+        "expected CHECK CONDITION, got status {:#x}",
+        c.status
+    );
     let s = &c.sense;
     match s[0] & 0x7f {
         0x70 | 0x71 => (s[2] & 0x0f, s[12], s[13]),
@@ -135,17 +165,32 @@ fn sense_triple(c: &Completed) -> (u8, u8, u8) {
 #[test]
 fn identifies_itself_and_reports_capacity() {
     let blocks = 2048;
-    let mut rig = Rig::new(&cfg(blocks, false), Arc::new(RamHandler::new(blocks * 512)), SimConfig::default(), 2);
+    let mut rig = Rig::new(
+        &cfg(blocks, false),
+        Arc::new(RamHandler::new(blocks * 512)),
+        SimConfig::default(),
+        2,
+    );
     let tur = rig.one(&[0, 0, 0, 0, 0, 0], &[], 0);
     assert_eq!(tur.status, 0);
     let inq = rig.one(&[0x12, 0, 0, 0, 96, 0], &[], 96);
     assert_eq!(inq.status, 0);
     assert_eq!(inq.data_in[0] & 0x1f, 0, "peripheral device type: disk");
     assert_eq!(&inq.data_in[8..16], b"LIO-ORG ");
-    let rc16 = rig.one(&[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], &[], 32);
+    let rc16 = rig.one(
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        &[],
+        32,
+    );
     assert_eq!(rc16.status, 0);
-    assert_eq!(u64::from_be_bytes(rc16.data_in[0..8].try_into().unwrap()), blocks - 1);
-    assert_eq!(u32::from_be_bytes(rc16.data_in[8..12].try_into().unwrap()), BS);
+    assert_eq!(
+        u64::from_be_bytes(rc16.data_in[0..8].try_into().unwrap()),
+        blocks - 1
+    );
+    assert_eq!(
+        u32::from_be_bytes(rc16.data_in[8..12].try_into().unwrap()),
+        BS
+    );
     let vpd83 = rig.one(&[0x12, 1, 0x83, 0, 255, 0], &[], 255);
     assert_eq!(vpd83.status, 0);
     assert_eq!(vpd83.data_in[1], 0x83);
@@ -154,21 +199,39 @@ fn identifies_itself_and_reports_capacity() {
 #[test]
 fn errors_carry_the_right_sense() {
     let blocks = 1024;
-    let mut rig = Rig::new(&cfg(blocks, false), Arc::new(RamHandler::new(blocks * 512)), SimConfig::default(), 2);
+    let mut rig = Rig::new(
+        &cfg(blocks, false),
+        Arc::new(RamHandler::new(blocks * 512)),
+        SimConfig::default(),
+        2,
+    );
     let past_end = rig.one(&read10(blocks as u32, 1), &[], 512);
-    assert_eq!(sense_triple(&past_end), (0x05, 0x21, 0x00), "LBA OUT OF RANGE");
+    assert_eq!(
+        sense_triple(&past_end),
+        (0x05, 0x21, 0x00),
+        "LBA OUT OF RANGE"
+    );
     let straddle = rig.one(&read10(blocks as u32 - 1, 2), &[], 1024);
     assert_eq!(sense_triple(&straddle), (0x05, 0x21, 0x00));
     let last = rig.one(&read10(blocks as u32 - 1, 1), &[], 512);
     assert_eq!(last.status, 0);
     let unknown = rig.one(&[0xc7, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
-    assert_eq!(sense_triple(&unknown), (0x05, 0x20, 0x00), "INVALID COMMAND OPERATION CODE");
+    assert_eq!(
+        sense_triple(&unknown),
+        (0x05, 0x20, 0x00),
+        "INVALID COMMAND OPERATION CODE"
+    );
 }
 
 #[test]
 fn a_malformed_entry_fails_alone() {
     let blocks = 64;
-    let mut rig = Rig::new(&cfg(blocks, false), Arc::new(RamHandler::new(blocks * 512)), SimConfig::default(), 2);
+    let mut rig = Rig::new(
+        &cfg(blocks, false),
+        Arc::new(RamHandler::new(blocks * 512)),
+        SimConfig::default(),
+        2,
+    );
     // A CMD entry whose one iovec points far outside the data area.
     let mut e = vec![0u8; 128];
     e[0..4].copy_from_slice(&(128u32 | 1).to_le_bytes());
@@ -178,7 +241,11 @@ fn a_malformed_entry_fails_alone() {
     let cdb_off = rig.sim.next_entry_offset(128).unwrap() + 64;
     e[24..32].copy_from_slice(&cdb_off.to_le_bytes());
     e[64..74].copy_from_slice(&read10(0, 8));
-    let id = rig.sim.submit_raw_entry(&e).unwrap().expect("a CMD entry has an id");
+    let id = rig
+        .sim
+        .submit_raw_entry(&e)
+        .unwrap()
+        .expect("a CMD entry has an id");
     rig.sim.kick().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let done = loop {
@@ -190,8 +257,16 @@ fn a_malformed_entry_fails_alone() {
         }
     };
     assert_eq!(done.cmd_id, id);
-    assert_eq!(sense_triple(&done).0, 0x04, "HARDWARE ERROR for a malformed entry");
-    assert_eq!(rig.one(&[0, 0, 0, 0, 0, 0], &[], 0).status, 0, "the device keeps serving");
+    assert_eq!(
+        sense_triple(&done).0,
+        0x04,
+        "HARDWARE ERROR for a malformed entry"
+    );
+    assert_eq!(
+        rig.one(&[0, 0, 0, 0, 0, 0], &[], 0).status,
+        0,
+        "the device keeps serving"
+    );
 }
 
 /// A handler wrapper that records how writes were asked to be made durable.
@@ -207,7 +282,12 @@ impl Handler for Recording {
         self.inner.read(offset, bufs)
     }
     fn write(&self, offset: u64, bufs: &[IoSlice<'_>], durable: bool) -> std::io::Result<()> {
-        if durable { &self.durable } else { &self.volatile }.fetch_add(1, Ordering::SeqCst);
+        if durable {
+            &self.durable
+        } else {
+            &self.volatile
+        }
+        .fetch_add(1, Ordering::SeqCst);
         self.inner.write(offset, bufs, durable)
     }
     fn flush(&self) -> std::io::Result<()> {
@@ -241,8 +321,17 @@ fn durability_follows_write_cache_and_fua() {
     let mut rig = Rig::new(&cfg(blocks, true), h.clone(), SimConfig::default(), 2);
     assert_eq!(rig.one(&write10(0, 1, false), &[1u8; 512], 0).status, 0);
     assert_eq!(rig.one(&write10(1, 1, true), &[2u8; 512], 0).status, 0);
-    assert_eq!((h.durable.load(Ordering::SeqCst), h.volatile.load(Ordering::SeqCst)), (1, 1));
-    assert_eq!(rig.one(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0).status, 0);
+    assert_eq!(
+        (
+            h.durable.load(Ordering::SeqCst),
+            h.volatile.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        rig.one(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0).status,
+        0
+    );
     assert!(h.flushes.load(Ordering::SeqCst) >= 1);
 }
 
@@ -281,7 +370,10 @@ fn round_trip(handler: Arc<dyn Handler>, blocks: u64, seed: u64, sim_cfg: SimCon
             reads.push((lba, n));
             lba += n;
         }
-        let cmds: Vec<_> = reads.iter().map(|&(l, n)| (read10(l as u32, n as u16), vec![], (n * 512) as usize)).collect();
+        let cmds: Vec<_> = reads
+            .iter()
+            .map(|&(l, n)| (read10(l as u32, n as u16), vec![], (n * 512) as usize))
+            .collect();
         for (c, &(l, n)) in rig.run(&cmds).iter().zip(&reads) {
             assert_eq!(c.status, 0);
             assert!(
@@ -294,7 +386,12 @@ fn round_trip(handler: Arc<dyn Handler>, blocks: u64, seed: u64, sim_cfg: SimCon
 
 #[test]
 fn ram_round_trip_with_many_in_flight() {
-    round_trip(Arc::new(RamHandler::new(512 * 512)), 512, 0x9e37_79b9_7f4a_7c15, SimConfig::default());
+    round_trip(
+        Arc::new(RamHandler::new(512 * 512)),
+        512,
+        0x9e37_79b9_7f4a_7c15,
+        SimConfig::default(),
+    );
 }
 
 #[test]
@@ -303,7 +400,10 @@ fn file_round_trip_with_many_in_flight() {
     let d = cfg(blocks, false);
     let f = tempfile::tempfile().unwrap();
     let h = Arc::new(FileHandler::new(&d, f).unwrap());
-    let sim_cfg = SimConfig { max_iov_len: 1536, ..SimConfig::default() };
+    let sim_cfg = SimConfig {
+        max_iov_len: 1536,
+        ..SimConfig::default()
+    };
     round_trip(h, blocks, 0x1234_5678_9abc_def1, sim_cfg);
 }
 
@@ -363,7 +463,10 @@ fn stop_drains_in_flight_commands() {
     rig.sim.kick().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while gate.waiting.load(Ordering::SeqCst) < 2 {
-        assert!(Instant::now() < deadline, "commands never reached the handler");
+        assert!(
+            Instant::now() < deadline,
+            "commands never reached the handler"
+        );
         std::thread::yield_now();
     }
     let runner = rig.runner.take().unwrap();
@@ -375,5 +478,8 @@ fn stop_drains_in_flight_commands() {
     ids.sort_unstable();
     let mut want = vec![a, b];
     want.sort_unstable();
-    assert_eq!(ids, want, "both in-flight commands completed before stop returned");
+    assert_eq!(
+        ids, want,
+        "both in-flight commands completed before stop returned"
+    );
 }

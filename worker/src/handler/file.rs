@@ -35,7 +35,11 @@ impl HandlerFactory for FileFactory {
         true
     }
 
-    fn open(&self, dev: &DeviceConfig, backing: Option<OwnedFd>) -> Result<Arc<dyn Handler>, HandlerError> {
+    fn open(
+        &self,
+        dev: &DeviceConfig,
+        backing: Option<OwnedFd>,
+    ) -> Result<Arc<dyn Handler>, HandlerError> {
         let fd = backing.ok_or(HandlerError::NoBacking)?;
         Ok(Arc::new(FileHandler::new(dev, File::from(fd))?))
     }
@@ -66,7 +70,10 @@ impl FileHandler {
             if size < dev.dev_size {
                 return Err(HandlerError::Config {
                     cfgstring: dev.cfgstring.clone(),
-                    why: format!("block device holds {size} bytes, the LUN is {} bytes", dev.dev_size),
+                    why: format!(
+                        "block device holds {size} bytes, the LUN is {} bytes",
+                        dev.dev_size
+                    ),
                 });
             }
         } else if meta.len() < dev.dev_size {
@@ -81,7 +88,11 @@ impl FileHandler {
             unmap_granularity: u32::try_from(granularity).unwrap_or(1),
             unmap_reads_zero: !is_block_device,
         };
-        Ok(FileHandler { file, is_block_device, caps })
+        Ok(FileHandler {
+            file,
+            is_block_device,
+            caps,
+        })
     }
 }
 
@@ -91,12 +102,19 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(size) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(size)
+    }
 }
 
 fn as_iovecs(bufs: &[IoSlice<'_>]) -> Vec<libc::iovec> {
     bufs.iter()
-        .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() })
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
         .collect()
 }
 
@@ -115,12 +133,23 @@ impl Handler for FileHandler {
             let iov: Vec<libc::iovec> = bufs
                 .iter_mut()
                 .take(chunk)
-                .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
                 .collect();
-            let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let off = libc::off_t::try_from(pos)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             // SAFETY: every iovec describes a live, exclusively borrowed buffer from `bufs`, and
             // `iov.len()` is the count passed.
-            let n = unsafe { libc::preadv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, off) };
+            let n = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    off,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -131,7 +160,10 @@ impl Handler for FileHandler {
             let n = n as usize;
             if n == 0 {
                 if self.is_block_device {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the block device"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "read past the end of the block device",
+                    ));
                 }
                 // Past the end of a short regular file: the rest reads as zeros.
                 for b in bufs.iter_mut() {
@@ -153,10 +185,19 @@ impl Handler for FileHandler {
         while !rest.is_empty() {
             let chunk = rest.len().min(IOV_MAX);
             let iov = as_iovecs(rest.get(..chunk).unwrap_or_default());
-            let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let off = libc::off_t::try_from(pos)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             // SAFETY: every iovec describes a live buffer borrowed from `bufs` for this call, and
             // `iov.len()` is the count passed.
-            let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, off, flags) };
+            let n = unsafe {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    off,
+                    flags,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -181,13 +222,24 @@ impl Handler for FileHandler {
         if self.is_block_device {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let n = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let n =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: fallocate on a descriptor we own; no memory is passed.
         let rc = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, n)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            )
         };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -216,7 +268,8 @@ mod tests {
         let h = FileHandler::new(&cfg(1 << 20), f).unwrap();
         let mut a = [1u8; 64];
         let mut b = [1u8; 64];
-        h.read(64, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)]).unwrap();
+        h.read(64, &mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .unwrap();
         assert!(a[..36].iter().all(|&x| x == 7));
         assert!(a[36..].iter().all(|&x| x == 0));
         assert!(b.iter().all(|&x| x == 0));
@@ -248,11 +301,17 @@ mod tests {
     fn refuses_a_directory() {
         let d = tempfile::tempdir().unwrap();
         let f = File::open(d.path()).unwrap();
-        assert!(matches!(FileHandler::new(&cfg(4096), f), Err(HandlerError::Config { .. })));
+        assert!(matches!(
+            FileHandler::new(&cfg(4096), f),
+            Err(HandlerError::Config { .. })
+        ));
     }
 
     #[test]
     fn factory_needs_a_descriptor() {
-        assert!(matches!(FileFactory.open(&cfg(4096), None), Err(HandlerError::NoBacking)));
+        assert!(matches!(
+            FileFactory.open(&cfg(4096), None),
+            Err(HandlerError::NoBacking)
+        ));
     }
 }

@@ -28,7 +28,11 @@ impl HandlerFactory for RamFactory {
         "ram"
     }
 
-    fn open(&self, dev: &DeviceConfig, _backing: Option<OwnedFd>) -> Result<Arc<dyn Handler>, HandlerError> {
+    fn open(
+        &self,
+        dev: &DeviceConfig,
+        _backing: Option<OwnedFd>,
+    ) -> Result<Arc<dyn Handler>, HandlerError> {
         Ok(Arc::new(RamHandler::new(dev.dev_size)))
     }
 }
@@ -44,12 +48,17 @@ pub struct RamHandler {
 
 impl std::fmt::Debug for RamHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RamHandler").field("size", &self.size.load(Ordering::Relaxed)).finish()
+        f.debug_struct("RamHandler")
+            .field("size", &self.size.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
 fn out_of_range() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, "access beyond the end of the ram device")
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "access beyond the end of the ram device",
+    )
 }
 
 impl RamHandler {
@@ -64,7 +73,10 @@ impl RamHandler {
 
     /// Bytes of memory currently allocated for data.
     pub fn allocated_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.read().map(|m| m.len() as u64).unwrap_or(0) * CHUNK).sum()
+        self.shards
+            .iter()
+            .map(|s| s.read().map(|m| m.len() as u64).unwrap_or(0) * CHUNK)
+            .sum()
     }
 
     fn shard(&self, chunk: u64) -> Option<&Shard> {
@@ -73,11 +85,19 @@ impl RamHandler {
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.checked_add(len).ok_or_else(out_of_range)?;
-        if end > self.size.load(Ordering::Acquire) { Err(out_of_range()) } else { Ok(()) }
+        if end > self.size.load(Ordering::Acquire) {
+            Err(out_of_range())
+        } else {
+            Ok(())
+        }
     }
 
     /// Calls `f(chunk, offset_in_chunk, n, done)` for each chunk piece of `[offset, offset+len)`.
-    fn pieces(offset: u64, len: u64, mut f: impl FnMut(u64, usize, usize, usize) -> io::Result<()>) -> io::Result<()> {
+    fn pieces(
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, usize, usize, usize) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut pos = offset;
         let end = offset + len;
         let mut done = 0usize;
@@ -96,7 +116,9 @@ impl RamHandler {
         Self::pieces(offset, dst.len() as u64, |chunk, within, n, done| {
             let out = dst.get_mut(done..done + n).ok_or_else(out_of_range)?;
             let shard = self.shard(chunk).ok_or_else(out_of_range)?;
-            let map = shard.read().map_err(|_| io::Error::other("ram shard lock poisoned"))?;
+            let map = shard
+                .read()
+                .map_err(|_| io::Error::other("ram shard lock poisoned"))?;
             match map.get(&chunk).and_then(|c| c.get(within..within + n)) {
                 Some(src) => out.copy_from_slice(src),
                 None => out.fill(0),
@@ -109,9 +131,15 @@ impl RamHandler {
         Self::pieces(offset, src.len() as u64, |chunk, within, n, done| {
             let from = src.get(done..done + n).ok_or_else(out_of_range)?;
             let shard = self.shard(chunk).ok_or_else(out_of_range)?;
-            let mut map = shard.write().map_err(|_| io::Error::other("ram shard lock poisoned"))?;
-            let c = map.entry(chunk).or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
-            c.get_mut(within..within + n).ok_or_else(out_of_range)?.copy_from_slice(from);
+            let mut map = shard
+                .write()
+                .map_err(|_| io::Error::other("ram shard lock poisoned"))?;
+            let c = map
+                .entry(chunk)
+                .or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
+            c.get_mut(within..within + n)
+                .ok_or_else(out_of_range)?
+                .copy_from_slice(from);
             Ok(())
         })
     }
@@ -119,7 +147,11 @@ impl RamHandler {
 
 impl Handler for RamHandler {
     fn caps(&self) -> HandlerCaps {
-        HandlerCaps { unmap: true, unmap_granularity: self.granularity, unmap_reads_zero: true }
+        HandlerCaps {
+            unmap: true,
+            unmap_granularity: self.granularity,
+            unmap_reads_zero: true,
+        }
     }
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
@@ -152,11 +184,15 @@ impl Handler for RamHandler {
         self.check(offset, len)?;
         Self::pieces(offset, len, |chunk, within, n, _| {
             let shard = self.shard(chunk).ok_or_else(out_of_range)?;
-            let mut map = shard.write().map_err(|_| io::Error::other("ram shard lock poisoned"))?;
+            let mut map = shard
+                .write()
+                .map_err(|_| io::Error::other("ram shard lock poisoned"))?;
             if n as u64 == CHUNK {
                 map.remove(&chunk);
             } else if let Some(c) = map.get_mut(&chunk) {
-                c.get_mut(within..within + n).ok_or_else(out_of_range)?.fill(0);
+                c.get_mut(within..within + n)
+                    .ok_or_else(out_of_range)?
+                    .fill(0);
             }
             Ok(())
         })
@@ -168,13 +204,17 @@ impl Handler for RamHandler {
             // Drop what now lies beyond the end, so a later grow reads zeros there.
             let first_gone = new_size.div_ceil(CHUNK);
             for shard in &self.shards {
-                let mut map = shard.write().map_err(|_| io::Error::other("ram shard lock poisoned"))?;
+                let mut map = shard
+                    .write()
+                    .map_err(|_| io::Error::other("ram shard lock poisoned"))?;
                 map.retain(|&k, _| k < first_gone);
             }
             if new_size % CHUNK != 0 {
                 let last = new_size / CHUNK;
                 if let Some(shard) = self.shard(last) {
-                    let mut map = shard.write().map_err(|_| io::Error::other("ram shard lock poisoned"))?;
+                    let mut map = shard
+                        .write()
+                        .map_err(|_| io::Error::other("ram shard lock poisoned"))?;
                     if let Some(c) = map.get_mut(&last)
                         && let Some(tail) = c.get_mut((new_size % CHUNK) as usize..)
                     {
@@ -202,7 +242,8 @@ mod tests {
         let a = vec![0xAAu8; 5000];
         let b = vec![0xBBu8; 5000];
         let off = CHUNK - 4000;
-        h.write(off, &[IoSlice::new(&a), IoSlice::new(&b)], true).unwrap();
+        h.write(off, &[IoSlice::new(&a), IoSlice::new(&b)], true)
+            .unwrap();
         assert_eq!(h.allocated_bytes(), 2 * CHUNK);
         let mut back = vec![0u8; 10000];
         h.read(off, &mut [IoSliceMut::new(&mut back)]).unwrap();
@@ -218,15 +259,22 @@ mod tests {
     fn bounds_are_enforced() {
         let h = RamHandler::new(4096);
         let mut buf = [0u8; 512];
-        assert!(h.read(4096 - 511, &mut [IoSliceMut::new(&mut buf)]).is_err());
-        assert!(h.write(u64::MAX - 10, &[IoSlice::new(&buf)], false).is_err());
+        assert!(
+            h.read(4096 - 511, &mut [IoSliceMut::new(&mut buf)])
+                .is_err()
+        );
+        assert!(
+            h.write(u64::MAX - 10, &[IoSlice::new(&buf)], false)
+                .is_err()
+        );
         assert!(h.read(4096 - 512, &mut [IoSliceMut::new(&mut buf)]).is_ok());
     }
 
     #[test]
     fn shrink_then_grow_reads_zeros() {
         let h = RamHandler::new(4 * CHUNK);
-        h.write(0, &[IoSlice::new(&vec![9u8; (4 * CHUNK) as usize])], false).unwrap();
+        h.write(0, &[IoSlice::new(&vec![9u8; (4 * CHUNK) as usize])], false)
+            .unwrap();
         h.resize(CHUNK + 100).unwrap();
         h.resize(4 * CHUNK).unwrap();
         let mut back = vec![0u8; (4 * CHUNK) as usize];

@@ -72,6 +72,9 @@ pub struct Counters {
     pub bytes_written: AtomicU64,
 }
 
+/// Called once on the ring thread when the device stops, with how it ended.
+pub type OnExit = Box<dyn FnOnce(&Result<(), DeviceError>) + Send>;
+
 struct Done {
     cmd_id: u16,
     result: CommandResult,
@@ -104,10 +107,13 @@ impl DeviceRunner {
         event: OwnedFd,
         emulator: Arc<Emulator>,
         opts: DeviceOptions,
-        on_exit: Box<dyn FnOnce(&Result<(), DeviceError>) + Send>,
+        on_exit: OnExit,
     ) -> io::Result<DeviceRunner> {
         set_nonblocking(&event)?;
-        let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
+        let wake = Arc::new(EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )?);
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<RingCommand>();
@@ -115,8 +121,13 @@ impl DeviceRunner {
 
         let mut io_threads = Vec::new();
         for i in 0..opts.io_threads.max(1) {
-            let (rx, tx, wake, emu, ctr) =
-                (job_rx.clone(), done_tx.clone(), wake.clone(), emulator.clone(), counters.clone());
+            let (rx, tx, wake, emu, ctr) = (
+                job_rx.clone(),
+                done_tx.clone(),
+                wake.clone(),
+                emulator.clone(),
+                counters.clone(),
+            );
             let dev = name.clone();
             io_threads.push(
                 std::thread::Builder::new()
@@ -127,17 +138,26 @@ impl DeviceRunner {
         drop(done_tx);
         let ring_thread = {
             let (wake, stop, dev) = (wake.clone(), stop.clone(), name.clone());
-            std::thread::Builder::new().name("ring".into()).spawn(move || {
-                let r = ring_loop(&dev, ring, &event, &wake, &stop, job_tx, done_rx);
-                match &r {
-                    Ok(()) => info!(device = %dev, "device stopped"),
-                    Err(e) => error!(device = %dev, error = %e, "device failed"),
-                }
-                on_exit(&r);
-                r
-            })?
+            std::thread::Builder::new()
+                .name("ring".into())
+                .spawn(move || {
+                    let r = ring_loop(&dev, ring, &event, &wake, &stop, job_tx, done_rx);
+                    match &r {
+                        Ok(()) => info!(device = %dev, "device stopped"),
+                        Err(e) => error!(device = %dev, error = %e, "device failed"),
+                    }
+                    on_exit(&r);
+                    r
+                })?
         };
-        Ok(DeviceRunner { name, stop, wake, counters, ring_thread: Some(ring_thread), io_threads })
+        Ok(DeviceRunner {
+            name,
+            stop,
+            wake,
+            counters,
+            ring_thread: Some(ring_thread),
+            io_threads,
+        })
     }
 
     /// The device's counters.
@@ -147,7 +167,9 @@ impl DeviceRunner {
 
     /// Whether the ring thread has ended (stopped or failed).
     pub fn is_finished(&self) -> bool {
-        self.ring_thread.as_ref().is_none_or(JoinHandle::is_finished)
+        self.ring_thread
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
     }
 
     /// Stops fetching, lets in-flight commands finish (up to the drain deadline inside the ring
@@ -160,7 +182,9 @@ impl DeviceRunner {
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.write(1);
         let r = match self.ring_thread.take() {
-            Some(t) => t.join().unwrap_or_else(|_| Err(DeviceError::Io(io::Error::other("ring thread panicked")))),
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(DeviceError::Io(io::Error::other("ring thread panicked")))),
             None => Ok(()),
         };
         // The ring thread dropped the job sender on exit, so the I/O threads see a closed channel.
@@ -204,7 +228,9 @@ fn ring_loop(
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     if ring.in_flight() > 0 {
-                        return Err(DeviceError::Io(io::Error::other("every I/O thread is gone")));
+                        return Err(DeviceError::Io(io::Error::other(
+                            "every I/O thread is gone",
+                        )));
                     }
                     break;
                 }
@@ -248,8 +274,15 @@ fn ring_loop(
                 return Err(DeviceError::DrainTimeout(ring.in_flight()));
             }
         }
-        let timeout = if stopping { PollTimeout::from(100u16) } else { PollTimeout::NONE };
-        let mut fds = [PollFd::new(event.as_fd(), PollFlags::POLLIN), PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+        let timeout = if stopping {
+            PollTimeout::from(100u16)
+        } else {
+            PollTimeout::NONE
+        };
+        let mut fds = [
+            PollFd::new(event.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+        ];
         match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -258,7 +291,10 @@ fn ring_loop(
         let hangup = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
         if fds[0].revents().is_some_and(|r| r.intersects(hangup)) {
             // The UIO device was removed (or the simulator closed its end).
-            return Err(DeviceError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "device event channel closed")));
+            return Err(DeviceError::Io(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "device event channel closed",
+            )));
         }
         drain_event(event)?;
         let _ = wake.read();
@@ -272,7 +308,14 @@ fn internal_error() -> CommandResult {
 
 fn complete(ring: &mut Ring, cmd_id: u16, r: &CommandResult) -> Result<(), RingError> {
     let sense = r.sense.as_ref().map(Sense::to_bytes).unwrap_or_default();
-    ring.complete(cmd_id, &Completion { status: r.status, sense: &sense, read_len: r.read_len })
+    ring.complete(
+        cmd_id,
+        &Completion {
+            status: r.status,
+            sense: &sense,
+            read_len: r.read_len,
+        },
+    )
 }
 
 fn io_loop(
@@ -287,7 +330,11 @@ fn io_loop(
         let op = cmd.cdb.first().copied().unwrap_or(0);
         let len = cmd.data.len() as u64;
         let result = catch_unwind(AssertUnwindSafe(|| {
-            emulator.execute(&mut Command { cdb: &cmd.cdb, data: &mut cmd.data, bidi_in: cmd.bidi_in.as_mut() })
+            emulator.execute(&mut Command {
+                cdb: &cmd.cdb,
+                data: &mut cmd.data,
+                bidi_in: cmd.bidi_in.as_mut(),
+            })
         }))
         .unwrap_or_else(|_| {
             error!(device = %dev, opcode = op, "command handler panicked; failing the command");
@@ -301,7 +348,9 @@ fn io_loop(
         if result.status != status::GOOD {
             counters.errors.fetch_add(1, Ordering::Relaxed);
         } else if is_read(op) {
-            counters.bytes_read.fetch_add(result.read_len.map_or(len, u64::from), Ordering::Relaxed);
+            counters
+                .bytes_read
+                .fetch_add(result.read_len.map_or(len, u64::from), Ordering::Relaxed);
         } else if is_write(op) {
             counters.bytes_written.fetch_add(len, Ordering::Relaxed);
         }
@@ -356,6 +405,10 @@ fn notify(fd: &OwnedFd) -> io::Result<()> {
         if n < 0 && e.kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        return Err(if n < 0 { e } else { io::Error::other("short notification write") });
+        return Err(if n < 0 {
+            e
+        } else {
+            io::Error::other("short notification write")
+        });
     }
 }

@@ -27,7 +27,7 @@ use tracing::{error, info, warn};
 use crate::handler::{DeviceConfig, HandlerFactory};
 use crate::ring::{Mapping, Ring, RingError};
 use crate::scsi::Emulator;
-pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner};
+pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
 
 /// Environment variable naming the inherited supervisor socket.
 pub const FD_ENV: &str = "TCMU_WARDEN_FD";
@@ -82,7 +82,12 @@ pub struct Worker {
 impl Worker {
     /// A worker speaking on `chan` with the given handler factories.
     pub fn new(chan: Channel, factories: Vec<Arc<dyn HandlerFactory>>) -> Worker {
-        Worker { chan: Arc::new(chan), factories, devices: HashMap::new(), opts: DeviceOptions::default() }
+        Worker {
+            chan: Arc::new(chan),
+            factories,
+            devices: HashMap::new(),
+            opts: DeviceOptions::default(),
+        }
     }
 
     fn factory(&self, subtype: &str) -> Option<&Arc<dyn HandlerFactory>> {
@@ -93,17 +98,34 @@ impl Worker {
     pub fn serve(mut self) -> Result<(), WorkerError> {
         let (hello, fds) = self.chan.recv::<ToWorker>()?;
         let ToWorker::Hello { worker, subtypes } = hello else {
-            return Err(WorkerError::Protocol(format!("expected Hello, got {hello:?}")));
+            return Err(WorkerError::Protocol(format!(
+                "expected Hello, got {hello:?}"
+            )));
         };
         drop(fds);
-        let missing: Vec<&String> = subtypes.iter().filter(|s| self.factory(s).is_none()).collect();
+        let missing: Vec<&String> = subtypes
+            .iter()
+            .filter(|s| self.factory(s).is_none())
+            .collect();
         if !missing.is_empty() {
-            return Err(WorkerError::Protocol(format!("asked to serve subtypes this worker lacks: {missing:?}")));
+            return Err(WorkerError::Protocol(format!(
+                "asked to serve subtypes this worker lacks: {missing:?}"
+            )));
         }
         let span = tracing::info_span!("worker", worker = %worker);
         let _enter = span.enter();
-        let mine: Vec<String> = self.factories.iter().map(|f| f.subtype().to_owned()).collect();
-        self.chan.send(&FromWorker::Hello { pid: std::process::id(), subtypes: mine }, &[])?;
+        let mine: Vec<String> = self
+            .factories
+            .iter()
+            .map(|f| f.subtype().to_owned())
+            .collect();
+        self.chan.send(
+            &FromWorker::Hello {
+                pid: std::process::id(),
+                subtypes: mine,
+            },
+            &[],
+        )?;
         info!(?subtypes, "worker ready");
         loop {
             let (msg, fds) = match self.chan.recv::<ToWorker>() {
@@ -132,7 +154,8 @@ impl Worker {
                             error!(device = %name, id, error = %e, "device failed");
                             let mut reason = e.to_string();
                             reason.truncate(tcmu_warden_proto::MAX_REASON_LEN);
-                            self.chan.send(&FromWorker::DeviceFailed { id, reason }, &[])?;
+                            self.chan
+                                .send(&FromWorker::DeviceFailed { id, reason }, &[])?;
                         }
                     }
                 }
@@ -166,7 +189,8 @@ impl Worker {
             .take(tcmu_warden_proto::MAX_DEVICES_PER_WORKER)
             .map(|(&id, d)| {
                 let c = d.runner.counters();
-                let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                let get =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 DeviceStats {
                     id,
                     commands: get(&c.commands),
@@ -194,7 +218,10 @@ impl Worker {
         }
         let expected = spec.fd_count();
         if fds.len() != expected {
-            return Err(AddError::Fds { expected, got: fds.len() });
+            return Err(AddError::Fds {
+                expected,
+                got: fds.len(),
+            });
         }
         let mut fds = fds.into_iter();
         let uio = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
@@ -206,7 +233,9 @@ impl Worker {
                 Emulator::refused(&cfg, why)
             }
             None => {
-                let factory = self.factory(&spec.subtype).ok_or_else(|| AddError::UnknownSubtype(spec.subtype.clone()))?;
+                let factory = self
+                    .factory(&spec.subtype)
+                    .ok_or_else(|| AddError::UnknownSubtype(spec.subtype.clone()))?;
                 let handler = factory.open(&cfg, backing)?;
                 Emulator::new(&cfg, handler)
             }
@@ -223,7 +252,14 @@ impl Worker {
                 let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
             }
         });
-        let runner = DeviceRunner::start(spec.name.clone(), ring, uio, Arc::new(emulator), self.opts, on_exit)?;
+        let runner = DeviceRunner::start(
+            spec.name.clone(),
+            ring,
+            uio,
+            Arc::new(emulator),
+            self.opts,
+            on_exit,
+        )?;
         self.devices.insert(spec.id, Served { runner });
         Ok(())
     }
@@ -231,14 +267,22 @@ impl Worker {
 
 /// Takes ownership of the supervisor socket named by `TCMU_WARDEN_FD`.
 pub fn channel_from_env() -> Result<Channel, WorkerError> {
-    let raw = std::env::var(FD_ENV).map_err(|_| WorkerError::NoSocket(format!("{FD_ENV} is not set")))?;
-    let fd: i32 = raw.trim().parse().map_err(|_| WorkerError::NoSocket(format!("{FD_ENV}={raw:?} is not a number")))?;
+    let raw =
+        std::env::var(FD_ENV).map_err(|_| WorkerError::NoSocket(format!("{FD_ENV} is not set")))?;
+    let fd: i32 = raw
+        .trim()
+        .parse()
+        .map_err(|_| WorkerError::NoSocket(format!("{FD_ENV}={raw:?} is not a number")))?;
     if fd < 3 {
-        return Err(WorkerError::NoSocket(format!("{FD_ENV}={fd} names a standard stream")));
+        return Err(WorkerError::NoSocket(format!(
+            "{FD_ENV}={fd} names a standard stream"
+        )));
     }
     // SAFETY: F_GETFD only inspects the descriptor table entry.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(WorkerError::NoSocket(format!("descriptor {fd} is not open")));
+        return Err(WorkerError::NoSocket(format!(
+            "descriptor {fd} is not open"
+        )));
     }
     // SAFETY: the supervisor installed this descriptor for us at exec; nothing else in this
     // process owns it, and we take it exactly once (the variable is removed right after).
@@ -254,8 +298,15 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// The `main` of a worker executable: logging, the supervisor socket, then [`Worker::serve`].
