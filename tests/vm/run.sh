@@ -89,6 +89,8 @@ build_initrd() {
     mkdir -p "$stage"/{bin,sbin,mods,proc,sys,dev,tmp,etc/target}
     local bb
     bb=$(command -v busybox) || { rm -rf "$stage"; die "busybox not found"; }
+    # The initramfs has no libraries: only busybox-static's binary works there.
+    if ldd "$bb" >/dev/null 2>&1; then rm -rf "$stage"; die "$bb is not static (install busybox-static)"; fi
     cp "$bb" "$stage/bin/busybox"
     cp "$here/init" "$stage/init"
     chmod 0755 "$stage/init"

@@ -132,6 +132,11 @@ fetch_kernel() {
     printf '%s\n' "$ver" > "$dir/version"
     touch "$dir/.complete"
     log "kernel $ver ready in $dir"
+    # Older kernels' caches are dead weight (about 400 MB each).
+    local old
+    for old in "$cache"/kernel-*; do
+        [[ $old == "$dir" ]] || rm -rf "$old"
+    done
     printf '%s\n' "$dir"
 }
 
