@@ -41,6 +41,9 @@ pub enum DeviceError {
     /// Waiting for or notifying the kernel failed.
     #[error("event I/O: {0}")]
     Io(#[from] io::Error),
+    /// The kernel removed the device (its UIO node reports an error on poll).
+    #[error("the kernel removed the device")]
+    Gone,
     /// In-flight commands did not finish before the deadline.
     #[error("{0} commands still in flight at the drain deadline")]
     DrainTimeout(usize),
@@ -144,6 +147,9 @@ impl DeviceRunner {
                     let r = ring_loop(&dev, ring, &event, &wake, &stop, job_tx, done_rx);
                     match &r {
                         Ok(()) => info!(device = %dev, "device stopped"),
+                        Err(DeviceError::Gone) => {
+                            warn!(device = %dev, "device removed by the kernel; no longer served")
+                        }
                         Err(e) => error!(device = %dev, error = %e, "device failed"),
                     }
                     on_exit(&r);
@@ -290,11 +296,9 @@ fn ring_loop(
         }
         let hangup = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
         if fds[0].revents().is_some_and(|r| r.intersects(hangup)) {
-            // The UIO device was removed (or the simulator closed its end).
-            return Err(DeviceError::Io(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "device event channel closed",
-            )));
+            // A UIO device whose backstore was deleted polls as an error (the simulator's socket
+            // as a hang-up): nothing more will arrive on this ring.
+            return Err(DeviceError::Gone);
         }
         drain_event(event)?;
         let _ = wake.read();
