@@ -267,18 +267,39 @@ impl Journal {
         }
     }
 
-    /// The whole journal copied into private memory, each byte read once.
+    /// The journal copied into private memory: the header, and every slot whose state word is
+    /// not `FREE` (free slots stay zero in the copy, which reads as `FREE`). Each byte is read at
+    /// most once; the parse looks only at the copy.
     pub fn snapshot(&self) -> Vec<u8> {
         let mut out = vec![0u8; JOURNAL_LEN];
-        // SAFETY: reads JOURNAL_LEN bytes of a JOURNAL_LEN-byte mapping; volatile because a
-        // misbehaving process might still write the file; whatever is read is validated.
-        unsafe {
-            let src = self.map.as_ptr();
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = std::ptr::read_volatile(src.add(i));
+        self.copy_words(0, HEADER_SIZE, &mut out);
+        for slot in 0..JOURNAL_SLOTS as u16 {
+            let base = slot_base(slot);
+            if self.word32(base + S_STATE).load(Ordering::Acquire) != FREE {
+                self.copy_words(base, SLOT_SIZE, &mut out);
             }
         }
         out
+    }
+
+    /// Copies `[off, off + len)` of the journal into the same range of `out`, in aligned u64
+    /// volatile reads (`off` and `len` multiples of 8).
+    fn copy_words(&self, off: usize, len: usize, out: &mut [u8]) {
+        const WORD: usize = std::mem::size_of::<u64>();
+        let Some(dst) = out.get_mut(off..off.saturating_add(len)) else {
+            return;
+        };
+        if off % WORD != 0 || off.saturating_add(len) > JOURNAL_LEN {
+            return;
+        }
+        let src = self.map.as_ptr().cast::<u64>();
+        for (i, chunk) in dst.chunks_exact_mut(WORD).enumerate() {
+            // SAFETY: word `off / 8 + i` lies inside the JOURNAL_LEN-byte mapping (checked
+            // above), which is page-aligned, so the u64 read is aligned. Volatile because a
+            // misbehaving process might still write the file; what is read is validated later.
+            let w = unsafe { std::ptr::read_volatile(src.add(off / WORD + i)) };
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
     }
 
     /// Writes a fresh journal for a ring whose tail (and fetch position) is `tail`: every slot
