@@ -675,7 +675,10 @@ mod tests {
         .unwrap();
         assert!(matches!(
             decode::<FromWorker>(&bytes),
-            Err(ProtoError::Invalid { field: "reason", .. })
+            Err(ProtoError::Invalid {
+                field: "reason",
+                ..
+            })
         ));
     }
 

@@ -125,10 +125,24 @@ impl Handler for Jittery {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { lba: usize, data: Vec<u8> },
-    Read { lba: usize, blocks: usize },
-    WriteSame { lba: usize, blocks: usize, pattern: u8 },
-    Caw { lba: usize, old: Vec<u8>, new: Vec<u8> },
+    Write {
+        lba: usize,
+        data: Vec<u8>,
+    },
+    Read {
+        lba: usize,
+        blocks: usize,
+    },
+    WriteSame {
+        lba: usize,
+        blocks: usize,
+        pattern: u8,
+    },
+    Caw {
+        lba: usize,
+        old: Vec<u8>,
+        new: Vec<u8>,
+    },
     Tur,
     Sync,
     Inquiry,
@@ -394,7 +408,14 @@ impl World {
                 if let Some(p) = &plan {
                     rec.ring.set_crash_plan(p.clone());
                 }
-                DeviceRunner::start_recovered("kill".into(), rec, event, emu, opts, Box::new(|_| {}))
+                DeviceRunner::start_recovered(
+                    "kill".into(),
+                    rec,
+                    event,
+                    emu,
+                    opts,
+                    Box::new(|_| {}),
+                )
             }
             StartWith::Fresh(mut ring) => {
                 if let Some(p) = &plan {
@@ -447,14 +468,18 @@ impl World {
             if self.reserved[lba..lba + n].iter().any(|r| *r) {
                 return None;
             }
-            self.reserved[lba..lba + n].iter_mut().for_each(|r| *r = true);
+            self.reserved[lba..lba + n]
+                .iter_mut()
+                .for_each(|r| *r = true);
         }
         Some(op)
     }
 
     fn release(&mut self, op: &Op) {
         if let Some((lba, n)) = op.range() {
-            self.reserved[lba..lba + n].iter_mut().for_each(|r| *r = false);
+            self.reserved[lba..lba + n]
+                .iter_mut()
+                .for_each(|r| *r = false);
         }
     }
 
@@ -509,7 +534,10 @@ impl World {
     fn reap(&mut self) {
         let done = match self.sim.reap() {
             Ok(d) => d,
-            Err(e) => panic!("the simulated kernel broke the ring: {e}\nlog: {:#?}", self.log),
+            Err(e) => panic!(
+                "the simulated kernel broke the ring: {e}\nlog: {:#?}",
+                self.log
+            ),
         };
         self.process(done);
     }
@@ -773,7 +801,11 @@ fn kill_at_random_points_loses_nothing() {
 
 #[test]
 fn garbage_journal_falls_back_to_a_ring_reset() {
-    let stats = campaign(iterations(1000) / 10, 0x5eed_0002_0bad_cafe, Damage::Garbage);
+    let stats = campaign(
+        iterations(1000) / 10,
+        0x5eed_0002_0bad_cafe,
+        Damage::Garbage,
+    );
     eprintln!("{stats:#?}");
     assert!(stats.resets > 0);
     assert_eq!(stats.recoveries, 0);

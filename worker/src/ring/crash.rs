@@ -83,7 +83,10 @@ impl CrashPlan {
 
     /// Where the plan fired, if it did.
     pub fn fired(&self) -> Option<CrashPoint> {
-        *self.fired.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self
+            .fired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Called at each crash point; true when the engine must stop here.

@@ -253,7 +253,10 @@ impl Journal {
 
     /// Volatile copy of `src` to `off`; the caller passes in-bounds offsets (constants).
     fn put(&self, off: usize, src: &[u8]) {
-        if off.checked_add(src.len()).is_none_or(|end| end > JOURNAL_LEN) {
+        if off
+            .checked_add(src.len())
+            .is_none_or(|end| end > JOURNAL_LEN)
+        {
             return;
         }
         // SAFETY: in bounds (checked); the journal is written by this thread only, and the
@@ -359,7 +362,9 @@ impl Journal {
         } else {
             req.cdb
         };
-        let cdb = cdb.get(..cdb.len().min(SCSI_MAX_VARLEN_CDB_SIZE)).unwrap_or_default();
+        let cdb = cdb
+            .get(..cdb.len().min(SCSI_MAX_VARLEN_CDB_SIZE))
+            .unwrap_or_default();
         let cdb_len = cdb.len() as u16;
         self.put(base + S_CMD_ID, &req.cmd_id.to_ne_bytes());
         self.put(base + S_FLAGS, &flags.to_ne_bytes());
@@ -466,7 +471,12 @@ fn request_shape(req: &JournalRequest<'_>) -> (u16, Vec<IoVec>, u16, u16) {
         return (SlotFlags::OVERFLOW, Vec::new(), 0, 0);
     }
     let all: Vec<IoVec> = req.iovecs.iter().chain(req.bidi_iovecs).copied().collect();
-    (0, all, req.iovecs.len() as u16, req.bidi_iovecs.len() as u16)
+    (
+        0,
+        all,
+        req.iovecs.len() as u16,
+        req.bidi_iovecs.len() as u16,
+    )
 }
 
 /// A response as journaled.
@@ -593,8 +603,12 @@ fn parse_slot(raw: &[u8], index: u16) -> Result<Option<ParsedSlot>, String> {
         return Err(bad(&format!("CDB length {cdb_len}")));
     }
     let total = usize::from(n_iov) + usize::from(n_bidi);
-    if total > MAX_JOURNAL_IOVECS || (flags != 0 && (total != 0 || (flags == SlotFlags::INVALID && cdb_len != 0))) {
-        return Err(bad(&format!("{n_iov}+{n_bidi} iovecs with flags {flags:#x}")));
+    if total > MAX_JOURNAL_IOVECS
+        || (flags != 0 && (total != 0 || (flags == SlotFlags::INVALID && cdb_len != 0)))
+    {
+        return Err(bad(&format!(
+            "{n_iov}+{n_bidi} iovecs with flags {flags:#x}"
+        )));
     }
     let cdb = raw
         .get(S_CDB..S_CDB + cdb_len)
@@ -694,7 +708,12 @@ mod tests {
 
     #[test]
     fn fetch_word_round_trips_and_detects_flips() {
-        for (pos, pending) in [(0, None), (8, Some(0)), (65400, Some(511)), (u32::MAX, None)] {
+        for (pos, pending) in [
+            (0, None),
+            (8, Some(0)),
+            (65400, Some(511)),
+            (u32::MAX, None),
+        ] {
             let w = fetch_word(pos, pending);
             assert_eq!(parse_fetch_word(w), Some((pos, pending)));
             for bit in 0..64 {
@@ -715,7 +734,11 @@ mod tests {
             cmdr_size: 4096,
             ..IDENT
         };
-        assert!(parse(&j.snapshot(), other).unwrap_err().contains("another ring"));
+        assert!(
+            parse(&j.snapshot(), other)
+                .unwrap_err()
+                .contains("another ring")
+        );
     }
 
     #[test]
@@ -746,8 +769,14 @@ mod tests {
         let p = parse(&j.snapshot(), IDENT).unwrap();
         assert_eq!(p.slots.len(), 1);
         let s = &p.slots[0];
-        assert_eq!((s.index, s.cmd_id, s.state.clone()), (3, 42, LiveState::Fetched));
-        assert_eq!((s.cdb.as_slice(), s.iovecs.as_slice()), (&cdb[..], &iovs[..]));
+        assert_eq!(
+            (s.index, s.cmd_id, s.state.clone()),
+            (3, 42, LiveState::Fetched)
+        );
+        assert_eq!(
+            (s.cdb.as_slice(), s.iovecs.as_slice()),
+            (&cdb[..], &iovs[..])
+        );
         let mut sense = [0u8; TCMU_SENSE_BUFFERSIZE];
         sense[0] = 0x70;
         let resp = JournalResponse {

@@ -34,8 +34,8 @@ use std::sync::{Arc, Weak};
 
 use super::journal::{self, Journal, LiveState, ParsedSlot, SlotFlags};
 use super::layout::{
-    HDR_CMD_ID, HDR_LEN_OP, MB_CMD_HEAD, TCMU_CMD_ENTRY_MIN_SIZE, TCMU_HDR_SIZE, TCMU_OP_ALIGN_SIZE,
-    TCMU_OP_CMD, TCMU_OP_MASK, TCMU_OP_PAD, TCMU_OP_TMR, rd_u16, rd_u32,
+    HDR_CMD_ID, HDR_LEN_OP, MB_CMD_HEAD, TCMU_CMD_ENTRY_MIN_SIZE, TCMU_HDR_SIZE,
+    TCMU_OP_ALIGN_SIZE, TCMU_OP_CMD, TCMU_OP_MASK, TCMU_OP_PAD, TCMU_OP_TMR, rd_u16, rd_u32,
 };
 use super::{InFlight, Jrnl, Mapping, Response, Ring, RingCommand, RingError, Slot, read_shared};
 
@@ -130,7 +130,9 @@ impl Ring {
         let tail = ring.tail;
         let head = ring.mailbox_word(MB_CMD_HEAD).load(Ordering::Acquire);
         if head >= size || head % TCMU_OP_ALIGN_SIZE != 0 {
-            return Err(inconsistent(format!("cmd_head {head} is not a ring offset")));
+            return Err(inconsistent(format!(
+                "cmd_head {head} is not a ring offset"
+            )));
         }
         let parsed = journal::parse(&journal.snapshot(), ring.ident()).map_err(inconsistent)?;
         let fetch_pos = parsed.fetch_pos;
@@ -145,7 +147,11 @@ impl Ring {
             )));
         }
         let slots = ring.walk(tail, fetch_pos)?;
-        let cmd_slots: Vec<Slot> = slots.iter().filter(|s| s.cmd_id.is_some()).copied().collect();
+        let cmd_slots: Vec<Slot> = slots
+            .iter()
+            .filter(|s| s.cmd_id.is_some())
+            .copied()
+            .collect();
 
         // Sort the journal's live slots.
         let mut ids = HashSet::new();
@@ -279,7 +285,9 @@ impl Ring {
         while pos != to {
             let mut hdr = [0u8; TCMU_HDR_SIZE];
             if !read_shared(&self.map, self.cmdr_off + pos as usize, &mut hdr) {
-                return Err(inconsistent(format!("ring entry at {pos} outside the mapping")));
+                return Err(inconsistent(format!(
+                    "ring entry at {pos} outside the mapping"
+                )));
             }
             let len_op = rd_u32(&hdr, HDR_LEN_OP).unwrap_or(0);
             let cmd_id = rd_u16(&hdr, HDR_CMD_ID).unwrap_or(0);

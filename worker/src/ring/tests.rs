@@ -1083,7 +1083,11 @@ fn recovery_returns_the_command_whose_slot_was_taken() {
     assert_eq!(c.cmd_id, y);
     assert_eq!(c.cdb, READ10);
     assert_eq!(c.iovecs, vec![buf]);
-    assert_eq!(c.data.to_vec(), vec![7; 4096], "the buffer is rebuilt over the same bytes");
+    assert_eq!(
+        c.data.to_vec(),
+        vec![7; 4096],
+        "the buffer is rebuilt over the same bytes"
+    );
     assert!(!ring.take_tail_moved(), "nothing was re-delivered");
     ring.complete_command(c, &Completion::status(0)).unwrap();
     // Y's answer goes into the slot that still held X's request.
@@ -1103,12 +1107,20 @@ fn responses_written_but_not_published_are_redelivered() {
     let ids: Vec<u16> = (0..3).map(|_| d.cmd(&TUR, &[])).collect();
     let cmds: Vec<RingCommand> = (0..3).map(|_| expect_cmd(ring.fetch().unwrap())).collect();
     // Die right after the first response is written into the ring.
-    ring.set_crash_plan(Arc::new(CrashPlan::new(Some(CrashPoint::ResponseWritten), 1)));
+    ring.set_crash_plan(Arc::new(CrashPlan::new(
+        Some(CrashPoint::ResponseWritten),
+        1,
+    )));
     let mut it = cmds.into_iter();
     let (c0, _c1, c2) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
     drop(c0);
-    let err = ring.complete_command(c2, &Completion::status(0x28)).unwrap_err();
-    assert!(matches!(err, RingError::Crashed(CrashPoint::ResponseWritten)));
+    let err = ring
+        .complete_command(c2, &Completion::status(0x28))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        RingError::Crashed(CrashPoint::ResponseWritten)
+    ));
     assert_eq!(d.slot(RING_OFF).0, ids[2], "the response is in the ring");
     assert_eq!(d.mb_tail(), 0, "but the tail never moved");
     // A dead engine writes nothing more.
@@ -1135,7 +1147,10 @@ fn responses_written_but_not_published_are_redelivered() {
     let labels: Vec<u16> = (0..3).map(|i| d.slot(RING_OFF + 120 * i).0).collect();
     let mut sorted = labels.clone();
     sorted.sort_unstable();
-    assert_eq!(sorted, ids, "each command answered in exactly one slot: {labels:?}");
+    assert_eq!(
+        sorted, ids,
+        "each command answered in exactly one slot: {labels:?}"
+    );
 }
 
 /// A worker dies after storing the tail but before freeing the journal slots: the kernel has
@@ -1174,7 +1189,10 @@ fn an_uncommitted_fetch_is_fetched_again() {
     let a = d.cmd(&TUR, &[]);
     let b = d.cmd(&WRITE10, &[]);
     let ca = expect_cmd(ring.fetch().unwrap());
-    ring.set_crash_plan(Arc::new(CrashPlan::new(Some(CrashPoint::FetchJournaled), 1)));
+    ring.set_crash_plan(Arc::new(CrashPlan::new(
+        Some(CrashPoint::FetchJournaled),
+        1,
+    )));
     assert!(matches!(ring.fetch(), Err(RingError::Crashed(_))));
     drop((ca, ring));
     let rec = recover(&d, &jfd).unwrap();
@@ -1199,18 +1217,25 @@ fn held_back_responses_survive_in_order_mode() {
     let ids: Vec<u16> = (0..2).map(|_| d.cmd(&TUR, &[])).collect();
     let c0 = expect_cmd(ring.fetch().unwrap());
     let c1 = expect_cmd(ring.fetch().unwrap());
-    ring.complete_command(c1, &Completion::status(0x28)).unwrap();
+    ring.complete_command(c1, &Completion::status(0x28))
+        .unwrap();
     assert_eq!(d.mb_tail(), 0);
     drop((c0, ring));
     let rec = recover(&d, &jfd).unwrap();
     assert_eq!((rec.report.redelivered, rec.report.pending), (1, 1));
     let mut ring = rec.ring;
-    assert!(!ring.take_tail_moved(), "still held behind the older command");
+    assert!(
+        !ring.take_tail_moved(),
+        "still held behind the older command"
+    );
     let c0 = expect_pending(rec.commands.into_iter().next().unwrap());
     assert_eq!(c0.cmd_id, ids[0]);
     ring.complete_command(c0, &Completion::status(0)).unwrap();
     assert_eq!(d.mb_tail(), d.head);
-    assert_eq!((d.slot(RING_OFF + 120).0, d.slot(RING_OFF + 120).2), (ids[1], 0x28));
+    assert_eq!(
+        (d.slot(RING_OFF + 120).0, d.slot(RING_OFF + 120).2),
+        (ids[1], 0x28)
+    );
 }
 
 #[test]
@@ -1304,7 +1329,10 @@ fn random_damage_is_refused_or_harmless() {
     // All garbage: refused.
     let junk: Vec<u8> = (0..journal::JOURNAL_LEN).map(|_| next() as u8).collect();
     std::os::unix::fs::FileExt::write_all_at(&f, &junk, 0).unwrap();
-    assert!(matches!(recover(&d, &jfd), Err(RecoverError::Inconsistent(_))));
+    assert!(matches!(
+        recover(&d, &jfd),
+        Err(RecoverError::Inconsistent(_))
+    ));
 }
 
 #[test]

@@ -36,7 +36,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, error, info, warn};
 
-use crate::ring::{Completion, CrashPoint, Fetched, Recovered, Recovery, Ring, RingCommand, RingError};
+use crate::ring::{
+    Completion, CrashPoint, Fetched, Recovered, Recovery, Ring, RingCommand, RingError,
+};
 use crate::scsi::{Command, CommandResult, Emulator, Sense, status};
 
 use super::replay::is_replay_safe;
@@ -186,9 +188,7 @@ impl DeviceRunner {
             std::thread::Builder::new()
                 .name("ring".into())
                 .spawn(move || {
-                    let r = ring_loop(
-                        &dev, ring, recovered, &event, &wake, &stop, job_tx, done_rx,
-                    );
+                    let r = ring_loop(&dev, ring, recovered, &event, &wake, &stop, job_tx, done_rx);
                     match &r {
                         Ok(()) => info!(device = %dev, "device stopped"),
                         Err(e) => {

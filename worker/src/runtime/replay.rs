@@ -66,12 +66,18 @@ mod tests {
         assert!(is_replay_safe(&[op::READ_10, 0, 0, 0, 0, 0, 0, 0, 1, 0]));
         assert!(is_replay_safe(&[op::WRITE_16; 16]));
         assert!(is_replay_safe(&[op::UNMAP, 0, 0, 0, 0, 0, 0, 0, 24, 0]));
-        assert!(is_replay_safe(&[op::SERVICE_ACTION_IN_16, op::SA_READ_CAPACITY_16]));
+        assert!(is_replay_safe(&[
+            op::SERVICE_ACTION_IN_16,
+            op::SA_READ_CAPACITY_16
+        ]));
         assert!(!is_replay_safe(&[op::SERVICE_ACTION_IN_16, 0x1f]));
         assert!(!is_replay_safe(&[op::COMPARE_AND_WRITE; 16]));
         assert!(!is_replay_safe(&[op::REQUEST_SENSE, 0, 0, 0, 18, 0]));
         assert!(!is_replay_safe(&[op::MODE_SELECT_10; 10]));
-        assert!(!is_replay_safe(&[0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "vendor specific");
+        assert!(
+            !is_replay_safe(&[0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            "vendor specific"
+        );
         assert!(!is_replay_safe(&[]));
     }
 }
