@@ -122,8 +122,8 @@ fn dist(size: u32, from: u32, to: u32) -> u64 {
 
 impl Ring {
     /// Rebuilds a ring from `map` and the journal a previous worker kept for it. See the module
-    /// documentation. On error nothing was written to the ring (the journal may have had a
-    /// half-done fetch cleared) and the caller must fall back to resetting the ring.
+    /// documentation. On error nothing was written to the ring or the journal, and the caller
+    /// must fall back to resetting the ring.
     pub fn recover(map: Arc<Mapping>, journal: Journal) -> Result<Recovery, RecoverError> {
         let mut ring = Ring::new(map)?;
         let size = ring.cmdr_size;
