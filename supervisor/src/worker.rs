@@ -15,7 +15,9 @@
 //! - Its own process group, so a Ctrl-C on the supervisor's terminal reaches only the
 //!   supervisor, which then shuts the workers down in order.
 //! - `PR_SET_PDEATHSIG = SIGKILL`: if the supervisor dies, its workers die with it rather than
-//!   serving devices nobody supervises.
+//!   serving devices nobody supervises. Nothing is lost by that: the kernel keeps each ring when
+//!   the last `/dev/uioN` descriptor closes, and a restarted supervisor recovers every device
+//!   from the in-flight journal its worker kept (see `crate::daemon::lifecycle`).
 //!
 //! This module never interprets messages (that is [`crate::daemon`]) and never blocks: the
 //! supervisor's end of the channel is non-blocking, [`WorkerProcess::recv`] returns `None` when

@@ -121,6 +121,10 @@ fn main() -> ExitCode {
             "heartbeats_carry_the_device_counters",
             heartbeats_carry_the_device_counters,
         ),
+        (
+            "oversized_and_out_of_order_messages_kill_and_restart",
+            oversized_and_out_of_order_messages_kill_and_restart,
+        ),
         ("binary_check_config", binary_check_config),
         (
             "binary_runs_and_stops_on_sigterm",
@@ -1017,6 +1021,29 @@ fn heartbeats_carry_the_device_counters() {
     assert!(w.stats[0].commands > 1001, "{:?}", w.stats);
 }
 
+fn oversized_and_out_of_order_messages_kill_and_restart() {
+    for (mode, why) in [
+        ("oversized", "larger than"),
+        ("twice", "DeviceReady for device"),
+    ] {
+        let f = Fixture::new();
+        f.device("uio0", 2, "scratch", Some("ram/"));
+        let mut sup = f.start(mode, &f.file_and_ram(), |o| {
+            o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
+            o.lifecycle.quarantine_after = 2;
+        });
+        until(
+            &mut sup,
+            "the worker is killed, restarted, and quarantined",
+            |s| s.worker("ram").is_some_and(|w| w.quarantined.is_some()),
+        );
+        let w = sup.worker("ram").unwrap();
+        assert_contains(w.kill_reason.as_deref().unwrap(), why);
+        assert_eq!((w.total_crashes, w.restarts), (2, 1), "{mode}");
+        assert_eq!(add_lines(&f.log(mode), "uio0").len(), 2, "{mode}");
+    }
+}
+
 fn binary_check_config() {
     let exe = env!("CARGO_BIN_EXE_tcmu-warden");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
@@ -1031,6 +1058,11 @@ fn binary_check_config() {
     assert_contains(&stdout, "file  isolation = subtype");
     assert_contains(&stdout, "allow /var/lib/tcmu");
     assert_contains(&stdout, "ram   max_size = 64GiB");
+    assert_contains(&stdout, "journal_dir = /run/tcmu-warden/journal");
+    assert_contains(
+        &stdout,
+        "restarts after 100ms doubling to 30s; quarantine after 5 crashes within 10m",
+    );
 
     let f = Fixture::new();
     let bad = f.data.join("bad.toml");
@@ -1283,6 +1315,16 @@ mod fake_worker {
                             let dup = nix::unistd::dup(chan.fd()).unwrap();
                             let raw = UnixDatagram::from(dup);
                             raw.send(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]).unwrap();
+                        }
+                        "oversized" => {
+                            let dup = nix::unistd::dup(chan.fd()).unwrap();
+                            let raw = UnixDatagram::from(dup);
+                            let frame = vec![0u8; tcmu_warden_proto::MAX_MESSAGE_BYTES + 100];
+                            raw.send(&frame).unwrap();
+                        }
+                        "twice" => {
+                            send(&chan, FromWorker::DeviceReady { id: spec.id });
+                            send(&chan, FromWorker::DeviceReady { id: spec.id });
                         }
                         "impostor" => send(&chan, FromWorker::DeviceReady { id: spec.id + 1000 }),
                         "crash" => std::process::exit(3),
