@@ -84,6 +84,10 @@ pub const REFUSED_WORKER: &str = "refused";
 /// Most messages handled from one worker in one turn, so a chatty worker cannot starve others.
 const MAX_MESSAGES_PER_TURN: usize = 64;
 
+/// How long start-up waits for a busy uio node to be released (see
+/// [`Supervisor::start`]).
+const UIO_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// Longest sleep of one loop turn when no deadline is nearer.
 pub const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -445,13 +449,23 @@ impl Supervisor {
         for path in self.journals.prune(&live) {
             info!(path = %path.display(), "removed the journal of a device that no longer exists");
         }
+        let mut busy = Vec::new();
         for dev in scan.devices {
             let uio = dev.uio.clone();
             let label = dev.label();
-            if let Err(err) = self.adopt(dev) {
-                error!(device = %uio, backstore = %label, error = %err, "cannot take over the device");
+            match self.adopt(dev.clone()) {
+                Err(AdoptError::OpenUio { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) =>
+                {
+                    busy.push(dev);
+                }
+                Err(err) => {
+                    error!(device = %uio, backstore = %label, error = %err, "cannot take over the device");
+                }
+                Ok(_) => {}
             }
         }
+        self.adopt_when_released(busy);
         info!(
             found,
             skipped = scan.skipped.len(),
@@ -460,6 +474,38 @@ impl Supervisor {
             "start-up scan complete"
         );
         Ok(())
+    }
+
+    /// Retries devices whose uio node was busy at start-up, for a few seconds: after a crash of
+    /// a previous supervisor, its workers (killed by `PDEATHSIG`) may not have closed their
+    /// descriptors yet. Anything still busy afterwards belongs to another program.
+    fn adopt_when_released(&mut self, mut busy: Vec<TcmuDevice>) {
+        let give_up = Instant::now() + UIO_RELEASE_WAIT;
+        while !busy.is_empty() {
+            if Instant::now() >= give_up {
+                for dev in &busy {
+                    error!(device = %dev.uio, backstore = %dev.label(),
+                           "cannot take over the device: its uio node stays busy (another TCMU daemon?)");
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let mut still = Vec::new();
+            for dev in busy {
+                match self.adopt(dev.clone()) {
+                    Err(AdoptError::OpenUio { source, .. })
+                        if source.raw_os_error() == Some(libc::EBUSY) =>
+                    {
+                        still.push(dev);
+                    }
+                    Err(err) => {
+                        error!(device = %dev.uio, backstore = %dev.label(), error = %err, "cannot take over the device");
+                    }
+                    Ok(_) => {}
+                }
+            }
+            busy = still;
+        }
     }
 
     /// Takes over a device: opens its uio node, asks the policy, and hands it to its worker
