@@ -3,8 +3,8 @@
 //! A worker can die between any two instructions. To test recovery at the moments that matter,
 //! the ring engine calls a *crash point* at each step of its journal protocol (see
 //! [`super::journal`]). In normal builds a crash point does nothing. With the `crash-points`
-//! feature (or in this crate's own tests) a [`CrashPlan`] installed with
-//! [`super::Ring::set_crash_plan`] can make one of them fire: the engine then stops on the spot,
+//! feature (or in this crate's own tests) a `CrashPlan` installed with `Ring::set_crash_plan`
+//! can make one of them fire: the engine then stops on the spot,
 //! writes nothing more to the ring or the journal, and every later call returns
 //! [`super::RingError::Crashed`], exactly as if the process had been killed there.
 //!
