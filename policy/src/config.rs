@@ -13,10 +13,12 @@
 use std::fmt;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::duration::HumanDuration;
 use crate::size::ByteSize;
 
 /// Handler subtypes this configuration schema knows.
@@ -95,6 +97,45 @@ pub struct DaemonConfig {
     /// The chosen log format; `None` means journald under systemd (`JOURNAL_STREAM` set), text
     /// otherwise.
     pub log_format: Option<LogFormat>,
+    /// Where the devices' in-flight journals live (default `/run/tcmu-warden/journal`). They
+    /// must outlive the supervisor process (so a restarted supervisor can recover its devices)
+    /// but not a reboot (the kernel's rings do not either): a tmpfs such as `/run`.
+    pub journal_dir: PathBuf,
+    /// Worker lifecycle timing and limits.
+    pub lifecycle: Lifecycle,
+}
+
+/// How the supervisor watches and restarts workers (keys of `[daemon]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// How often a serving worker is pinged (`heartbeat_interval`, default 5 s).
+    pub heartbeat_interval: Duration,
+    /// How long a worker has to answer a ping before it is killed as hung
+    /// (`heartbeat_timeout`, default 10 s).
+    pub heartbeat_timeout: Duration,
+    /// Delay before the first restart after a crash (`restart_backoff_initial`, default
+    /// 100 ms); it doubles with each further crash inside the window.
+    pub restart_backoff_initial: Duration,
+    /// Longest restart delay (`restart_backoff_max`, default 30 s).
+    pub restart_backoff_max: Duration,
+    /// A worker that crashes this many times within `quarantine_window` is not restarted any
+    /// more: its devices stay blocked and are reported failed (`quarantine_after`, default 5).
+    pub quarantine_after: u32,
+    /// See `quarantine_after` (`quarantine_window`, default 10 minutes).
+    pub quarantine_window: Duration,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(10),
+            restart_backoff_initial: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(30),
+            quarantine_after: 5,
+            quarantine_window: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -104,6 +145,8 @@ impl Default for DaemonConfig {
             sysfs_root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
             log_format: None,
+            journal_dir: PathBuf::from("/run/tcmu-warden/journal"),
+            lifecycle: Lifecycle::default(),
         }
     }
 }
@@ -200,6 +243,13 @@ struct RawDaemon {
     sysfs_root: Option<Spanned<String>>,
     dev_root: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
+    journal_dir: Option<Spanned<String>>,
+    heartbeat_interval: Option<Spanned<HumanDuration>>,
+    heartbeat_timeout: Option<Spanned<HumanDuration>>,
+    restart_backoff_initial: Option<Spanned<HumanDuration>>,
+    restart_backoff_max: Option<Spanned<HumanDuration>>,
+    quarantine_after: Option<Spanned<u32>>,
+    quarantine_window: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +365,65 @@ impl Config {
             daemon.dev_root = loc.absolute_path("daemon.dev_root", root)?;
         }
         daemon.log_format = raw.daemon.log_format;
+        if let Some(dir) = &raw.daemon.journal_dir {
+            daemon.journal_dir = loc.absolute_path("daemon.journal_dir", dir)?;
+        }
+        let lc = &mut daemon.lifecycle;
+        let positive = |key: &str, v: &Option<Spanned<HumanDuration>>, into: &mut Duration| {
+            if let Some(v) = v {
+                if v.get_ref().0.is_zero() {
+                    return Err(loc.error(
+                        Some(v.span()),
+                        format!("daemon.{key} must be longer than zero"),
+                    ));
+                }
+                *into = v.get_ref().0;
+            }
+            Ok(())
+        };
+        positive(
+            "heartbeat_interval",
+            &raw.daemon.heartbeat_interval,
+            &mut lc.heartbeat_interval,
+        )?;
+        positive(
+            "heartbeat_timeout",
+            &raw.daemon.heartbeat_timeout,
+            &mut lc.heartbeat_timeout,
+        )?;
+        positive(
+            "restart_backoff_initial",
+            &raw.daemon.restart_backoff_initial,
+            &mut lc.restart_backoff_initial,
+        )?;
+        positive(
+            "restart_backoff_max",
+            &raw.daemon.restart_backoff_max,
+            &mut lc.restart_backoff_max,
+        )?;
+        positive(
+            "quarantine_window",
+            &raw.daemon.quarantine_window,
+            &mut lc.quarantine_window,
+        )?;
+        if lc.restart_backoff_max < lc.restart_backoff_initial {
+            let span = raw
+                .daemon
+                .restart_backoff_max
+                .as_ref()
+                .or(raw.daemon.restart_backoff_initial.as_ref())
+                .map(Spanned::span);
+            return Err(loc.error(
+                span,
+                "daemon.restart_backoff_max is shorter than daemon.restart_backoff_initial",
+            ));
+        }
+        if let Some(n) = &raw.daemon.quarantine_after {
+            if *n.get_ref() == 0 {
+                return Err(loc.error(Some(n.span()), "daemon.quarantine_after must be at least 1"));
+            }
+            lc.quarantine_after = *n.get_ref();
+        }
 
         let file = match raw.handler.file {
             None => None,
@@ -452,6 +561,40 @@ max_size = "64GiB"
         assert_eq!(cfg.ram.as_ref().unwrap().max_size, Some(64 << 30));
         assert_eq!(cfg.served_subtypes(), vec!["file", "ram"]);
         assert_eq!(cfg.effective_log_format(), LogFormat::Json);
+    }
+
+    #[test]
+    fn lifecycle_keys() {
+        let cfg = parse(
+            "[daemon]\nheartbeat_interval = '250ms'\nheartbeat_timeout = '2s'\n\
+             restart_backoff_initial = '50ms'\nrestart_backoff_max = '1m'\n\
+             quarantine_after = 3\nquarantine_window = '1h'\njournal_dir = '/run/x//j/'\n",
+        )
+        .unwrap();
+        let lc = cfg.daemon.lifecycle;
+        assert_eq!(lc.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(lc.heartbeat_timeout, Duration::from_secs(2));
+        assert_eq!(lc.restart_backoff_initial, Duration::from_millis(50));
+        assert_eq!(lc.restart_backoff_max, Duration::from_secs(60));
+        assert_eq!(lc.quarantine_after, 3);
+        assert_eq!(lc.quarantine_window, Duration::from_secs(3600));
+        assert_eq!(cfg.daemon.journal_dir, Path::new("/run/x/j"));
+
+        let (line, _, msg) = error_at("[daemon]\n\nheartbeat_timeout = 5\n");
+        assert_eq!(line, 3);
+        assert!(msg.contains("no unit"), "{msg}");
+        let (line, _, msg) = error_at("[daemon]\nheartbeat_interval = '0s'\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("longer than zero"), "{msg}");
+        let (line, _, msg) =
+            error_at("[daemon]\nrestart_backoff_initial = '5s'\nrestart_backoff_max = '1s'\n");
+        assert_eq!(line, 3);
+        assert!(msg.contains("shorter"), "{msg}");
+        let (line, _, msg) = error_at("[daemon]\nquarantine_after = 0\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("at least 1"), "{msg}");
+        let (_, _, msg) = error_at("[daemon]\njournal_dir = 'run/j'\n");
+        assert!(msg.contains("daemon.journal_dir"), "{msg}");
     }
 
     #[test]

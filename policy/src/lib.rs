@@ -34,6 +34,16 @@
 //! # (native journal entries). Default: journald when JOURNAL_STREAM is set (started by
 //! # systemd with output to the journal), text otherwise.
 //! log_format = "text"
+//! # Where each device's in-flight journal lives (a tmpfs: it must survive a supervisor restart,
+//! # and need not survive a reboot). Default "/run/tcmu-warden/journal".
+//! journal_dir = "/run/tcmu-warden/journal"
+//! # Worker lifecycle. Durations take a unit: ms, s, m, h.
+//! heartbeat_interval = "5s"       # how often a serving worker is pinged
+//! heartbeat_timeout = "10s"       # a worker that does not answer a ping this long is killed
+//! restart_backoff_initial = "100ms" # delay before restarting a crashed worker, doubling...
+//! restart_backoff_max = "30s"     # ...up to this
+//! quarantine_after = 5            # this many crashes within quarantine_window: no more
+//! quarantine_window = "10m"       # restarts; the worker's devices stay blocked and failed
 //!
 //! # Devices of subtype `file`: the cfgstring is an absolute path to a regular file or a block
 //! # device. Without this section every `file` device is refused.
@@ -60,11 +70,13 @@
 
 pub mod admit;
 pub mod config;
+pub mod duration;
 pub mod size;
 
 pub use admit::{Admission, PolicyError};
 pub use config::{
-    Config, ConfigError, DaemonConfig, FileHandlerConfig, Isolation, KNOWN_SUBTYPES, LogFormat,
-    RamHandlerConfig,
+    Config, ConfigError, DaemonConfig, FileHandlerConfig, Isolation, KNOWN_SUBTYPES, Lifecycle,
+    LogFormat, RamHandlerConfig,
 };
+pub use duration::{DurationError, HumanDuration, format_duration, parse_duration};
 pub use size::{ByteSize, SizeError, format_size, parse_size};

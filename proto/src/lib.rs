@@ -23,7 +23,10 @@ use sendfd::{RecvWithFd, SendWithFd};
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. A worker built from another version is refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 added the in-flight journal ([`DeviceSpec::journal`], its descriptor after the
+/// others) and [`FromWorker::RecoveryFailed`].
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest encoded frame either side accepts. Anything larger ends the conversation.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -42,6 +45,32 @@ pub const MAX_REASON_LEN: usize = 1024;
 
 /// Most devices one worker may report statistics for in one message.
 pub const MAX_DEVICES_PER_WORKER: usize = 256;
+
+/// Exact size in bytes of a device's in-flight journal (see [`JournalMode`]): the supervisor
+/// creates the file with this length, the worker refuses a journal of any other length. The
+/// layout inside belongs to the worker's ring engine (`tcmu_warden_worker::ring::journal`),
+/// which checks at compile time that it fills exactly this many bytes.
+pub const JOURNAL_BYTES: u64 = 1024 + 512 * 1024;
+
+/// What the worker is to do with a device's in-flight journal.
+///
+/// The journal is a small shared-memory file, one per device, in which the worker records what
+/// it has taken off the command ring and not yet finished (see the worker's `ring::journal`).
+/// It outlives the worker, and (kept under `/run`) the supervisor too, so that a successor can
+/// finish exactly the commands the predecessor left in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JournalMode {
+    /// No journal travels with the device: a crash of the worker can only be recovered by
+    /// resetting the ring (every in-flight command answered BUSY).
+    None,
+    /// A freshly created (all-zero) journal: start at the ring's current tail and initialise
+    /// the journal before fetching anything.
+    Fresh,
+    /// A journal a previous worker wrote: validate it against the ring, finish what it records,
+    /// and resume. If it is inconsistent, answer [`FromWorker::RecoveryFailed`] and do not serve
+    /// the device; the supervisor then resets the ring and sends it again with `Fresh`.
+    Recover,
+}
 
 /// Errors of the wire.
 #[derive(Debug, thiserror::Error)]
@@ -114,12 +143,17 @@ pub struct DeviceSpec {
     /// Set when the policy refuses this device: the worker must not open any handler for it and
     /// completes every command with NOT READY sense, so initiators fail fast instead of timing out.
     pub refusal: Option<String>,
+    /// The in-flight journal: unless [`JournalMode::None`], its descriptor (a file of exactly
+    /// [`JOURNAL_BYTES`] bytes) comes last.
+    pub journal: JournalMode,
 }
 
 impl DeviceSpec {
-    /// How many file descriptors accompany an [`ToWorker::AddDevice`] for this spec.
+    /// How many file descriptors accompany an [`ToWorker::AddDevice`] for this spec: the UIO
+    /// device, then the backing store if [`DeviceSpec::has_backing_fd`], then the journal unless
+    /// [`DeviceSpec::journal`] is [`JournalMode::None`].
     pub fn fd_count(&self) -> usize {
-        1 + usize::from(self.has_backing_fd)
+        1 + usize::from(self.has_backing_fd) + usize::from(self.journal != JournalMode::None)
     }
 
     /// Checks every field against its limits.
@@ -232,6 +266,15 @@ pub enum FromWorker {
         /// The device.
         id: u64,
     },
+    /// The device came with [`JournalMode::Recover`] and its journal does not agree with the
+    /// ring (or cannot be used). The worker serves nothing for it; the supervisor resets the
+    /// ring (every in-flight command completes BUSY) and sends the device again.
+    RecoveryFailed {
+        /// The device.
+        id: u64,
+        /// What was inconsistent, for the log.
+        reason: String,
+    },
     /// Answer to [`ToWorker::Ping`], with counters.
     Pong {
         /// The probe's sequence number.
@@ -306,7 +349,9 @@ impl Message for FromWorker {
                 }
                 subtypes.iter().try_for_each(|s| check_name("subtypes", s))
             }
-            FromWorker::DeviceFailed { reason, .. } => check_len("reason", reason, MAX_REASON_LEN),
+            FromWorker::DeviceFailed { reason, .. } | FromWorker::RecoveryFailed { reason, .. } => {
+                check_len("reason", reason, MAX_REASON_LEN)
+            }
             FromWorker::Pong { stats, .. } => {
                 if stats.len() > MAX_DEVICES_PER_WORKER {
                     return Err(invalid("stats", format!("{} entries", stats.len())));
@@ -510,6 +555,7 @@ mod tests {
             unit_serial: "abc".into(),
             has_backing_fd: true,
             refusal: None,
+            journal: JournalMode::None,
         }
     }
 
@@ -575,6 +621,95 @@ mod tests {
             decode::<FromWorker>(&bytes),
             Err(ProtoError::Version { .. })
         ));
+    }
+
+    #[test]
+    fn journal_descriptor_comes_last() {
+        let (a, b) = Channel::pair().unwrap();
+        let mut s = spec();
+        s.journal = JournalMode::Recover;
+        assert_eq!(s.fd_count(), 3);
+        s.has_backing_fd = false;
+        assert_eq!(s.fd_count(), 2);
+        let mut uio = tempfile::tempfile().unwrap();
+        let mut journal = tempfile::tempfile().unwrap();
+        uio.write_all(b"uio").unwrap();
+        journal.write_all(b"journal").unwrap();
+        let msg = ToWorker::AddDevice(s);
+        a.send(&msg, &[uio.as_fd(), journal.as_fd()]).unwrap();
+        let (got, fds): (ToWorker, _) = b.recv().unwrap();
+        assert_eq!(got, msg);
+        let mut f = std::fs::File::from(fds.into_iter().nth(1).unwrap());
+        f.rewind().unwrap();
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "journal");
+        // A journal-carrying spec sent with one descriptor too few is refused on receipt.
+        let bytes = encode(&msg).unwrap();
+        a.sock.send_with_fd(&bytes, &[uio.as_raw_fd()]).unwrap();
+        assert!(matches!(
+            b.recv::<ToWorker>(),
+            Err(ProtoError::FdCount {
+                got: 1,
+                expected: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn recovery_failed_is_bounded_like_other_reasons() {
+        let ok = FromWorker::RecoveryFailed {
+            id: 3,
+            reason: "fetch position outside the ring".into(),
+        };
+        assert_eq!(decode::<FromWorker>(&encode(&ok).unwrap()).unwrap(), ok);
+        let long = FromWorker::RecoveryFailed {
+            id: 3,
+            reason: "z".repeat(MAX_REASON_LEN + 1),
+        };
+        assert!(encode(&long).is_err());
+        let bytes = postcard::to_stdvec(&Frame {
+            version: PROTOCOL_VERSION,
+            body: long,
+        })
+        .unwrap();
+        assert!(matches!(
+            decode::<FromWorker>(&bytes),
+            Err(ProtoError::Invalid {
+                field: "reason",
+                ..
+            })
+        ));
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes a worker sends, decoding returns (never panics), and anything that
+        /// decodes is valid and re-encodes to a frame that decodes to the same message.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok(msg) = decode::<FromWorker>(&bytes) {
+                proptest::prop_assert!(msg.validate().is_ok());
+                let again = encode(&msg).unwrap();
+                proptest::prop_assert_eq!(decode::<FromWorker>(&again).unwrap(), msg);
+            }
+            let _ = decode::<ToWorker>(&bytes);
+        }
+
+        /// Prefixing valid frames with the version and mutating single bytes never panics.
+        #[test]
+        fn mutated_valid_frames_never_panic(at in 0usize..64, byte in proptest::prelude::any::<u8>()) {
+            for msg in [
+                FromWorker::Pong { seq: 9, stats: vec![DeviceStats { id: 1, ..DeviceStats::default() }] },
+                FromWorker::RecoveryFailed { id: 2, reason: "why".into() },
+                FromWorker::Hello { pid: 5, subtypes: vec!["file".into()] },
+            ] {
+                let mut bytes = encode(&msg).unwrap();
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = byte;
+                }
+                let _ = decode::<FromWorker>(&bytes);
+            }
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
-use tcmu_warden_policy::{Config, format_size};
+use tcmu_warden_policy::{Config, format_duration, format_size};
 
 /// tcmu-warden: serves Linux SCSI disks from userspace through TCMU (LIO's `user` backstore).
 #[derive(Debug, Parser)]
@@ -71,6 +71,22 @@ pub fn describe_config(config: &Config, worker_exe: &Path) -> String {
         None => "journald under systemd (JOURNAL_STREAM set), text otherwise (default)".into(),
     };
     let _ = writeln!(out, "  log_format = {format}");
+    let lc = &d.lifecycle;
+    let _ = writeln!(out, "  journal_dir = {}", d.journal_dir.display());
+    let _ = writeln!(
+        out,
+        "  heartbeats every {}, a worker silent for {} is killed",
+        format_duration(lc.heartbeat_interval),
+        format_duration(lc.heartbeat_timeout)
+    );
+    let _ = writeln!(
+        out,
+        "  restarts after {} doubling to {}; quarantine after {} crashes within {}",
+        format_duration(lc.restart_backoff_initial),
+        format_duration(lc.restart_backoff_max),
+        lc.quarantine_after,
+        format_duration(lc.quarantine_window)
+    );
     let _ = writeln!(out);
     let served = config.served_subtypes();
     if served.is_empty() {

@@ -427,6 +427,11 @@ pub mod fake {
                 dir.join("wwn/vpd_unit_serial"),
                 format!("T10 VPD Unit Serial Number: {}\n", self.serial),
             )?;
+            // The write-only action attributes (empty until written, unlike configfs).
+            fs::create_dir_all(dir.join("action"))?;
+            for attr in ["block_dev", "reset_ring", "free_kept_buf"] {
+                fs::write(dir.join("action").join(attr), "")?;
+            }
             Ok(())
         }
     }

@@ -12,13 +12,18 @@
 //! - [`cli`]: the command line (`tcmu-warden run|check-config`).
 //! - [`discovery`]: the start-up scan of sysfs and configfs.
 //! - [`worker`]: starting one worker process and talking to it.
-//! - [`daemon`]: the device table, the worker table and the event loop.
+//! - [`daemon`]: the device table, the worker table and the event loop (worker lifecycle:
+//!   heartbeats, crash handling, restarts, quarantine, in `daemon::lifecycle`).
+//! - [`journal`]: the devices' in-flight journal files (what a crashed worker left running).
+//! - [`actions`]: the `block_dev` / `reset_ring` attributes of a backstore in configfs.
 //! - [`logging`]: text, JSON or journald output.
 //!
 //! The binary, `tcmu-warden`, is a thin layer over these (`src/main.rs`).
 
+pub mod actions;
 pub mod cli;
 pub mod daemon;
 pub mod discovery;
+pub mod journal;
 pub mod logging;
 pub mod worker;

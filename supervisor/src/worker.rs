@@ -15,7 +15,9 @@
 //! - Its own process group, so a Ctrl-C on the supervisor's terminal reaches only the
 //!   supervisor, which then shuts the workers down in order.
 //! - `PR_SET_PDEATHSIG = SIGKILL`: if the supervisor dies, its workers die with it rather than
-//!   serving devices nobody supervises.
+//!   serving devices nobody supervises. Nothing is lost by that: the kernel keeps each ring when
+//!   the last `/dev/uioN` descriptor closes, and a restarted supervisor recovers every device
+//!   from the in-flight journal its worker kept (see `crate::daemon::lifecycle`).
 //!
 //! This module never interprets messages (that is [`crate::daemon`]) and never blocks: the
 //! supervisor's end of the channel is non-blocking, [`WorkerProcess::recv`] returns `None` when
@@ -292,6 +294,22 @@ pub fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
+/// Why a worker went down, for the crash log: the supervisor's own kill reason if it killed the
+/// worker, `sandbox violation` for `SIGSYS` (the seccomp filter's answer to a forbidden system
+/// call), else how it ended (`killed by signal 11 (SIGSEGV, core dumped)`, `exit code 3`).
+pub fn classify_exit(status: ExitStatus, killed_for: Option<&str>) -> String {
+    if let Some(why) = killed_for {
+        return format!("killed by the supervisor: {why}");
+    }
+    match status.signal() {
+        Some(libc::SIGSYS) => format!(
+            "sandbox violation: {} for a forbidden system call",
+            describe_exit(status)
+        ),
+        _ => describe_exit(status),
+    }
+}
+
 /// Test and future-restart helper: whether `fd` is still an open descriptor of this process.
 pub fn fd_is_open(fd: &OwnedFd) -> bool {
     // SAFETY: F_GETFD on a descriptor number; it only reads the descriptor table.
@@ -312,6 +330,25 @@ mod tests {
         assert_eq!(
             describe_exit(ExitStatus::from_raw(libc::SIGSEGV | 0x80)),
             "killed by signal 11 (SIGSEGV, core dumped)"
+        );
+    }
+
+    #[test]
+    fn crash_causes() {
+        assert_eq!(
+            classify_exit(ExitStatus::from_raw(libc::SIGSYS | 0x80), None),
+            "sandbox violation: killed by signal 31 (SIGSYS, core dumped) for a forbidden system call"
+        );
+        assert_eq!(
+            classify_exit(ExitStatus::from_raw(2 << 8), None),
+            "exit code 2"
+        );
+        assert_eq!(
+            classify_exit(
+                ExitStatus::from_raw(libc::SIGKILL),
+                Some("no answer to a heartbeat")
+            ),
+            "killed by the supervisor: no answer to a heartbeat"
         );
     }
 

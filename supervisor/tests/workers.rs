@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tcmu_warden_policy::Config;
-use tcmu_warden_proto::{Channel, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{Channel, FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 
@@ -96,6 +96,34 @@ fn main() -> ExitCode {
         (
             "stubborn_worker_is_killed_at_the_shutdown_deadline",
             stubborn_worker_is_killed_at_the_shutdown_deadline,
+        ),
+        (
+            "heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers",
+            heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers,
+        ),
+        (
+            "crash_is_restarted_with_backoff_then_quarantined",
+            crash_is_restarted_with_backoff_then_quarantined,
+        ),
+        (
+            "sigsys_is_reported_as_a_sandbox_violation",
+            sigsys_is_reported_as_a_sandbox_violation,
+        ),
+        (
+            "restarted_supervisor_recovers_devices_from_their_journals",
+            restarted_supervisor_recovers_devices_from_their_journals,
+        ),
+        (
+            "inconsistent_journal_falls_back_to_a_ring_reset",
+            inconsistent_journal_falls_back_to_a_ring_reset,
+        ),
+        (
+            "heartbeats_carry_the_device_counters",
+            heartbeats_carry_the_device_counters,
+        ),
+        (
+            "oversized_and_out_of_order_messages_kill_and_restart",
+            oversized_and_out_of_order_messages_kill_and_restart,
         ),
         ("binary_check_config", binary_check_config),
         (
@@ -165,11 +193,34 @@ impl Fixture {
 
     fn config_text(&self, mode: &str, handlers: &str) -> String {
         format!(
-            "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\n{handlers}",
+            "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\njournal_dir = {:?}\n\
+             {handlers}",
             self.exe(mode).display().to_string(),
             self.sysfs.display().to_string(),
             self.dev.display().to_string(),
+            self.journals().display().to_string(),
         )
+    }
+
+    /// The journal directory.
+    fn journals(&self) -> PathBuf {
+        self.dev.parent().unwrap().join("journal")
+    }
+
+    /// The journal file of backstore `user_<hba>/<name>`.
+    fn journal(&self, hba: u32, name: &str) -> PathBuf {
+        self.journals().join(format!("user_{hba}")).join(name)
+    }
+
+    /// What the supervisor last wrote to `action/<attr>` of `user_<hba>/<name>`.
+    fn action(&self, hba: u32, name: &str, attr: &str) -> String {
+        fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
+            &self.sysfs,
+            hba,
+            name,
+            attr,
+        ))
+        .unwrap()
     }
 
     fn file_and_ram(&self) -> String {
@@ -272,31 +323,38 @@ fn handshake_and_add_device_carry_the_right_fds() {
     let log = f.log("echo");
     assert_some_line(&log, &["hello worker=file", "subtypes=[\"file\"]"], ());
     assert_some_line(&log, &["hello worker=ram", "subtypes=[\"ram\"]"], ());
-    // The file device came with exactly its uio node and its backing file.
+    // The file device came with exactly its uio node, its backing file and a fresh journal.
+    let journal_len = format!("journal_len=Some({JOURNAL_BYTES})");
     assert_some_line(
         &log,
         &[
             "add worker=file",
             "uio=uio0",
-            "nfds=2",
+            "nfds=3",
             "uio_content=\"UIO:uio0\"",
             "backing=Some(\"BACKING:disk0.img\")",
             "refusal=None",
+            "journal=Fresh",
+            &journal_len,
+            "blocked=\"\"",
         ],
         (),
     );
-    // The ram device with its uio node only.
+    // The ram device with its uio node and journal only.
     assert_some_line(
         &log,
         &[
             "add worker=ram",
             "uio=uio1",
-            "nfds=1",
+            "nfds=2",
             "uio_content=\"UIO:uio1\"",
             "backing=None",
+            "journal=Fresh",
         ],
         (),
     );
+    assert!(f.journal(1, "disk0").exists());
+    assert!(f.journal(2, "scratch").exists());
     // The spec carries what discovery read.
     assert_some_line(
         &log,
@@ -404,7 +462,7 @@ fn refused_devices_are_logged_and_still_served() {
             &log,
             &[
                 &format!("uio={uio} "),
-                "nfds=1",
+                "nfds=2",
                 "backing=None",
                 "refusal=Some(",
             ],
@@ -445,19 +503,39 @@ fn garbage_kills_only_that_worker() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("garbage@file", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("garbage@file", &f.file_and_ram(), |o| {
+        o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
+        o.lifecycle.quarantine_after = 2;
+    });
     until(
         &mut sup,
-        "the file worker is reaped and ram is served",
+        "the file worker is killed, restarted, killed again and quarantined; ram is served",
         |s| {
-            worker_phase(s, "file") == Some(WorkerPhase::Exited)
+            s.worker("file").is_some_and(|w| w.quarantined.is_some())
                 && phase_of(s, "uio1") == Some(DevicePhase::Ready)
         },
     );
     let file = sup.worker("file").unwrap();
+    assert_eq!(file.phase, WorkerPhase::Exited);
     assert_contains(file.kill_reason.as_deref().unwrap(), "protocol violation");
+    assert_contains(
+        file.last_crash.as_deref().unwrap(),
+        "killed by the supervisor",
+    );
     assert_eq!(file.exit.unwrap().signal(), Some(libc::SIGKILL));
-    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+    assert_eq!((file.total_crashes, file.restarts), (2, 1));
+    assert!(matches!(
+        phase_of(&sup, "uio0"),
+        Some(DevicePhase::Quarantined(_))
+    ));
+    assert_eq!(
+        f.log("garbage@file")
+            .lines()
+            .filter(|l| l.starts_with("add worker=file"))
+            .count(),
+        2,
+        "the successor got the device too"
+    );
     // The ring of the orphaned device stays open in the supervisor.
     let id = sup.device_by_uio("uio0").unwrap().id;
     assert_eq!(fd_target(sup.uio_fd(id).unwrap()), f.dev.join("uio0"));
@@ -473,19 +551,26 @@ fn garbage_kills_only_that_worker() {
 fn reply_for_a_foreign_device_kills_the_worker() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("impostor", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("impostor", &f.file_and_ram(), |o| {
+        o.lifecycle.quarantine_after = 1;
+    });
     until(&mut sup, "the impostor is reaped", |s| {
         worker_phase(s, "ram") == Some(WorkerPhase::Exited)
     });
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "does not own");
-    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+    assert!(matches!(
+        phase_of(&sup, "uio0"),
+        Some(DevicePhase::Quarantined(_))
+    ));
 }
 
 fn message_before_hello_kills_the_worker() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("early", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("early", &f.file_and_ram(), |o| {
+        o.lifecycle.quarantine_after = 1;
+    });
     until(&mut sup, "the early talker is reaped", |s| {
         worker_phase(s, "ram") == Some(WorkerPhase::Exited)
     });
@@ -502,6 +587,7 @@ fn silent_worker_is_killed_at_the_handshake_deadline() {
     f.device("uio0", 2, "scratch", Some("ram/"));
     let mut sup = f.start("silent", &f.file_and_ram(), |o| {
         o.handshake_timeout = Duration::from_millis(300);
+        o.lifecycle.quarantine_after = 1;
     });
     assert_eq!(worker_phase(&sup, "ram"), Some(WorkerPhase::Handshaking));
     assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Queued));
@@ -510,22 +596,31 @@ fn silent_worker_is_killed_at_the_handshake_deadline() {
     });
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "no answer to Hello");
-    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+    assert!(matches!(
+        phase_of(&sup, "uio0"),
+        Some(DevicePhase::Quarantined(_))
+    ));
 }
 
 fn crashing_worker_is_reaped_and_its_devices_kept() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
-    let mut sup = f.start("crash", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("crash", &f.file_and_ram(), |o| {
+        o.lifecycle.quarantine_after = 1;
+    });
     until(&mut sup, "the crashed worker is reaped", |s| {
         worker_phase(s, "file") == Some(WorkerPhase::Exited)
     });
     let w = sup.worker("file").unwrap();
     assert_eq!(w.exit.unwrap().code(), Some(3));
     assert_eq!(w.kill_reason, None);
-    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
-    let id = sup.device_by_uio("uio0").unwrap().id;
-    assert_eq!(fd_target(sup.uio_fd(id).unwrap()), f.dev.join("uio0"));
+    assert_eq!(w.last_crash.as_deref(), Some("exit code 3"));
+    let d = sup.device_by_uio("uio0").unwrap();
+    assert!(matches!(d.phase, DevicePhase::Quarantined(_)), "{d:?}");
+    // Its ring is kept: the supervisor's descriptor stays open, the device stays blocked.
+    assert!(d.blocked);
+    assert_eq!(f.action(1, "disk0", "block_dev"), "1");
+    assert_eq!(fd_target(sup.uio_fd(d.id).unwrap()), f.dev.join("uio0"));
 }
 
 fn worker_closing_its_channel_is_killed_after_grace() {
@@ -533,6 +628,7 @@ fn worker_closing_its_channel_is_killed_after_grace() {
     f.device("uio0", 2, "scratch", Some("ram/"));
     let mut sup = f.start("hangup", &f.file_and_ram(), |o| {
         o.exit_grace = Duration::from_millis(300);
+        o.lifecycle.quarantine_after = 1;
     });
     until(&mut sup, "the hung-up worker is reaped", |s| {
         worker_phase(s, "ram") == Some(WorkerPhase::Exited)
@@ -541,7 +637,10 @@ fn worker_closing_its_channel_is_killed_after_grace() {
     assert_contains(w.kill_reason.as_deref().unwrap(), "closed its channel");
     assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGKILL));
     assert_some_line(&f.log("hangup"), &["hangup worker=ram"], ());
-    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+    assert!(matches!(
+        phase_of(&sup, "uio0"),
+        Some(DevicePhase::Quarantined(_))
+    ));
 }
 
 fn worker_without_the_subtype_gets_refusals() {
@@ -561,7 +660,7 @@ fn worker_without_the_subtype_gets_refusals() {
         &f.log("nofile"),
         &[
             "add worker=file",
-            "nfds=1",
+            "nfds=2",
             "backing=None",
             "no handler for subtype",
         ],
@@ -606,10 +705,13 @@ fn remove_device_round_trip_closes_the_uio_fd() {
     let id = sup.device_by_uio("uio0").unwrap().id;
     assert!(sup.remove_device(id));
     assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Removing));
+    let journal = f.journal(2, "scratch");
+    assert!(journal.exists());
     until(&mut sup, "the device is released", |s| {
         s.device(id).is_none()
     });
     assert!(!process_has_open(&node));
+    assert!(!journal.exists(), "a released device's journal is deleted");
     assert_some_line(
         &f.log("echo"),
         &["remove worker=ram", &format!("id={id}")],
@@ -689,6 +791,259 @@ fn stubborn_worker_is_killed_at_the_shutdown_deadline() {
     assert_some_line(&f.log("stubborn"), &["shutdown worker=ram"], ());
 }
 
+fn add_lines<'a>(log: &'a str, uio: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| l.starts_with("add ") && l.contains(&format!("uio={uio} ")))
+        .collect()
+}
+
+fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    let mut sup = f.start("hangonce", &f.file_and_ram(), |o| {
+        o.lifecycle.heartbeat_interval = Duration::from_millis(50);
+        o.lifecycle.heartbeat_timeout = Duration::from_millis(300);
+        o.lifecycle.restart_backoff_initial = Duration::from_millis(20);
+    });
+    until(&mut sup, "the hung worker is killed and replaced", |s| {
+        s.worker("ram").is_some_and(|w| w.restarts == 1)
+    });
+    until(&mut sup, "the successor serves the device", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_eq!(w.total_crashes, 1);
+    assert_contains(w.last_crash.as_deref().unwrap(), "no answer to heartbeat");
+    assert!(w.quarantined.is_none());
+    let log = f.log("hangonce");
+    assert_some_line(&log, &["hang worker=ram"], ());
+    let adds = add_lines(&log, "uio0");
+    assert_eq!(adds.len(), 2, "{log}");
+    // The first worker got a fresh journal; the successor the same journal to recover from,
+    // with the device blocked during the hand-over.
+    assert_contains(adds[0], "journal=Fresh");
+    assert_contains(adds[0], "blocked=\"\"");
+    assert_contains(adds[1], "journal=Recover");
+    assert_contains(adds[1], "blocked=\"1\"");
+    let d = sup.device_by_uio("uio0").unwrap();
+    assert!(!d.blocked);
+    assert_eq!(d.recoveries, 1);
+    assert_eq!(f.action(2, "scratch", "block_dev"), "0");
+    let logs = harness::take_logs();
+    assert_some_line(
+        &logs,
+        &[
+            "worker crashed",
+            "worker=ram",
+            "killed by the supervisor: no answer to heartbeat",
+            "uio0 (user_2/scratch)",
+        ],
+        (),
+    );
+    assert_some_line(&logs, &["device recovered", "device=uio0"], ());
+}
+
+fn crash_is_restarted_with_backoff_then_quarantined() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    let mut sup = f.start("crash", &f.file_and_ram(), |o| {
+        o.lifecycle.restart_backoff_initial = Duration::from_millis(20);
+        o.lifecycle.restart_backoff_max = Duration::from_millis(80);
+        o.lifecycle.quarantine_after = 3;
+    });
+    // After the first crash a restart is pending, with the device blocked and waiting.
+    until(&mut sup, "the first crash is handled", |s| {
+        s.worker("file").is_some_and(|w| w.total_crashes >= 1)
+    });
+    let w = sup.worker("file").unwrap();
+    if w.total_crashes == 1 {
+        assert!(w.restart_at.is_some(), "{w:?}");
+        let d = sup.device_by_uio("uio0").unwrap();
+        assert_eq!(d.phase, DevicePhase::Recovering);
+        assert!(d.blocked);
+    }
+    until(&mut sup, "the worker is quarantined", |s| {
+        s.worker("file").is_some_and(|w| w.quarantined.is_some())
+    });
+    let w = sup.worker("file").unwrap();
+    assert_eq!((w.total_crashes, w.restarts), (3, 2));
+    assert_eq!(w.phase, WorkerPhase::Exited);
+    assert!(w.restart_at.is_none());
+    assert_eq!(w.last_crash.as_deref(), Some("exit code 3"));
+    let d = sup.device_by_uio("uio0").unwrap();
+    let DevicePhase::Quarantined(why) = &d.phase else {
+        panic!("{d:?}")
+    };
+    assert_contains(why, "crashed 3 times");
+    assert!(d.blocked);
+    assert_eq!(f.action(1, "disk0", "block_dev"), "1");
+    // Each successor got the device again, the backing file reopened.
+    let log = f.log("crash");
+    let adds = add_lines(&log, "uio0");
+    assert_eq!(adds.len(), 3, "{log}");
+    for add in &adds[1..] {
+        assert_contains(add, "journal=Recover");
+        assert_contains(add, "BACKING:disk0.img");
+    }
+    // Quarantine is final: more turns start nothing.
+    let pid = w.pid;
+    for _ in 0..5 {
+        sup.poll_once(Duration::from_millis(20)).unwrap();
+    }
+    assert_eq!(sup.worker("file").unwrap().pid, pid);
+}
+
+fn sigsys_is_reported_as_a_sandbox_violation() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    let mut sup = f.start("sigsys", &f.file_and_ram(), |o| {
+        o.lifecycle.quarantine_after = 1;
+    });
+    until(&mut sup, "the worker is reaped", |s| {
+        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGSYS));
+    assert_contains(w.last_crash.as_deref().unwrap(), "sandbox violation");
+    assert_some_line(
+        &harness::take_logs(),
+        &[
+            "worker crashed",
+            "sandbox violation",
+            "SIGSYS",
+            "uio0 (user_2/scratch)",
+        ],
+        (),
+    );
+}
+
+fn restarted_supervisor_recovers_devices_from_their_journals() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    f.file_device("uio1", "disk1");
+    // A previous supervisor's journal for uio0 (its content is the worker's business), and a
+    // stale one for a backstore that no longer exists.
+    let journal = f.journal(2, "scratch");
+    fs::create_dir_all(journal.parent().unwrap()).unwrap();
+    fs::write(&journal, vec![0x5a; JOURNAL_BYTES as usize]).unwrap();
+    let stale = f.journal(9, "gone");
+    fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    fs::write(&stale, b"old").unwrap();
+    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    until(&mut sup, "both devices are served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+            && phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
+    assert!(
+        !stale.exists(),
+        "the journal of a vanished device is pruned"
+    );
+    let log = f.log("echo");
+    let add0 = add_lines(&log, "uio0");
+    assert_eq!(add0.len(), 1);
+    assert_contains(add0[0], "journal=Recover");
+    assert_contains(add0[0], "blocked=\"1\"");
+    let add1 = add_lines(&log, "uio1");
+    assert_contains(add1[0], "journal=Fresh");
+    assert_contains(add1[0], "blocked=\"\"");
+    // The journal was handed over as found, not cleared.
+    let content = fs::read(&journal).unwrap();
+    assert_eq!(content.len() as u64, JOURNAL_BYTES);
+    assert!(content.iter().all(|b| *b == 0x5a));
+    let d0 = sup.device_by_uio("uio0").unwrap();
+    assert_eq!((d0.recoveries, d0.blocked), (1, false));
+    assert_eq!(d0.journal_path.as_deref(), Some(journal.as_path()));
+    assert_eq!(f.action(2, "scratch", "block_dev"), "0");
+    assert_eq!(f.action(1, "disk1", "block_dev"), "", "never blocked");
+}
+
+fn inconsistent_journal_falls_back_to_a_ring_reset() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let journal = f.journal(2, "scratch");
+    fs::create_dir_all(journal.parent().unwrap()).unwrap();
+    fs::write(&journal, vec![0xee; JOURNAL_BYTES as usize]).unwrap();
+    harness::take_logs();
+    let mut sup = f.start("needsreset", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    let log = f.log("needsreset");
+    let adds = add_lines(&log, "uio0");
+    assert_eq!(adds.len(), 2, "{log}");
+    assert_contains(adds[0], "journal=Recover");
+    assert_contains(adds[1], "journal=Fresh");
+    assert_contains(adds[1], "blocked=\"1\"");
+    assert_eq!(f.action(2, "scratch", "reset_ring"), "1");
+    assert_eq!(f.action(2, "scratch", "block_dev"), "0");
+    let content = fs::read(&journal).unwrap();
+    assert_eq!(content.len() as u64, JOURNAL_BYTES);
+    assert!(content.iter().all(|b| *b == 0), "the journal is cleared");
+    let d = sup.device_by_uio("uio0").unwrap();
+    assert_eq!((d.resets, d.recoveries, d.blocked), (1, 0, false));
+    assert_eq!(sup.worker("ram").unwrap().total_crashes, 0);
+    let logs = harness::take_logs();
+    assert_some_line(
+        &logs,
+        &[
+            "falling back to a ring reset",
+            "device=uio0",
+            "fetch position outside the ring",
+        ],
+        (),
+    );
+    assert_some_line(&logs, &["ring reset", "device=uio0"], ());
+}
+
+fn heartbeats_carry_the_device_counters() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("echo", &f.file_and_ram(), |o| {
+        o.lifecycle.heartbeat_interval = Duration::from_millis(20);
+        o.lifecycle.heartbeat_timeout = Duration::from_secs(20);
+    });
+    until(&mut sup, "two heartbeats were answered", |s| {
+        s.worker("ram").is_some_and(|w| w.last_pong.is_some())
+    });
+    let first = sup.worker("ram").unwrap().last_pong.unwrap();
+    until(&mut sup, "another heartbeat was answered", |s| {
+        s.worker("ram")
+            .is_some_and(|w| w.last_pong.is_some_and(|t| t > first))
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_eq!(w.total_crashes, 0);
+    assert_eq!(w.phase, WorkerPhase::Ready);
+    let id = sup.device_by_uio("uio0").unwrap().id;
+    assert_eq!(w.stats.len(), 1);
+    assert_eq!(w.stats[0].id, id);
+    assert!(w.stats[0].commands > 1001, "{:?}", w.stats);
+}
+
+fn oversized_and_out_of_order_messages_kill_and_restart() {
+    for (mode, why) in [
+        ("oversized", "larger than"),
+        ("twice", "DeviceReady for device"),
+    ] {
+        let f = Fixture::new();
+        f.device("uio0", 2, "scratch", Some("ram/"));
+        let mut sup = f.start(mode, &f.file_and_ram(), |o| {
+            o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
+            o.lifecycle.quarantine_after = 2;
+        });
+        until(
+            &mut sup,
+            "the worker is killed, restarted, and quarantined",
+            |s| s.worker("ram").is_some_and(|w| w.quarantined.is_some()),
+        );
+        let w = sup.worker("ram").unwrap();
+        assert_contains(w.kill_reason.as_deref().unwrap(), why);
+        assert_eq!((w.total_crashes, w.restarts), (2, 1), "{mode}");
+        assert_eq!(add_lines(&f.log(mode), "uio0").len(), 2, "{mode}");
+    }
+}
+
 fn binary_check_config() {
     let exe = env!("CARGO_BIN_EXE_tcmu-warden");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
@@ -703,6 +1058,11 @@ fn binary_check_config() {
     assert_contains(&stdout, "file  isolation = subtype");
     assert_contains(&stdout, "allow /var/lib/tcmu");
     assert_contains(&stdout, "ram   max_size = 64GiB");
+    assert_contains(&stdout, "journal_dir = /run/tcmu-warden/journal");
+    assert_contains(
+        &stdout,
+        "restarts after 100ms doubling to 30s; quarantine after 5 crashes within 10m",
+    );
 
     let f = Fixture::new();
     let bad = f.data.join("bad.toml");
@@ -894,11 +1254,33 @@ mod fake_worker {
             match msg {
                 ToWorker::AddDevice(spec) => {
                     let uio = fds.first().map(read_all);
-                    let backing = fds.get(1).map(read_all);
+                    let backing = spec
+                        .has_backing_fd
+                        .then(|| fds.get(1).map(read_all))
+                        .flatten();
+                    let journal_len = (spec.journal != JournalMode::None)
+                        .then(|| {
+                            fds.last().map(|fd| {
+                                fs::File::from(fd.try_clone().unwrap())
+                                    .metadata()
+                                    .unwrap()
+                                    .len()
+                            })
+                        })
+                        .flatten();
+                    // What the supervisor had written to block_dev when it handed us the device.
+                    let sysfs = argv0.parent().unwrap().parent().unwrap().join("sys");
+                    let blocked = fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
+                        &sysfs,
+                        spec.hba,
+                        &spec.name,
+                        "block_dev",
+                    ))
+                    .unwrap_or_default();
                     log(format!(
                         "add worker={worker} id={} uio={} nfds={} uio_content={:?} backing={:?} \
                          refusal={:?} hba={} name={} map_size={} dev_size={} block_size={} \
-                         serial={}",
+                         serial={} journal={:?} journal_len={journal_len:?} blocked={blocked:?}",
                         spec.id,
                         spec.uio,
                         fds.len(),
@@ -911,16 +1293,62 @@ mod fake_worker {
                         spec.dev_size,
                         spec.block_size,
                         spec.unit_serial,
+                        spec.journal,
                     ));
                     held.push((spec.id, fds));
+                    // `...once` modes misbehave only in the first process of the test.
+                    let once_marker = PathBuf::from(format!("{}.once", argv0.display()));
+                    let first = mode.ends_with("once")
+                        && OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&once_marker)
+                            .is_ok();
+                    let mode = match mode {
+                        "hangonce" if first => "hang",
+                        "crashonce" if first => "crash",
+                        m if m.ends_with("once") => "echo",
+                        m => m,
+                    };
                     match mode {
                         "garbage" => {
                             let dup = nix::unistd::dup(chan.fd()).unwrap();
                             let raw = UnixDatagram::from(dup);
                             raw.send(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]).unwrap();
                         }
+                        "oversized" => {
+                            let dup = nix::unistd::dup(chan.fd()).unwrap();
+                            let raw = UnixDatagram::from(dup);
+                            let frame = vec![0u8; tcmu_warden_proto::MAX_MESSAGE_BYTES + 100];
+                            raw.send(&frame).unwrap();
+                        }
+                        "twice" => {
+                            send(&chan, FromWorker::DeviceReady { id: spec.id });
+                            send(&chan, FromWorker::DeviceReady { id: spec.id });
+                        }
                         "impostor" => send(&chan, FromWorker::DeviceReady { id: spec.id + 1000 }),
                         "crash" => std::process::exit(3),
+                        "sigsys" => {
+                            // What the seccomp filter does to a forbidden system call.
+                            // SAFETY: raising a signal in this (single-threaded) fake.
+                            unsafe { libc::raise(libc::SIGSYS) };
+                            std::process::exit(9);
+                        }
+                        "hang" => {
+                            send(&chan, FromWorker::DeviceReady { id: spec.id });
+                            log(format!("hang worker={worker}"));
+                            // Alive, but never reads (or answers) anything again.
+                            loop {
+                                std::thread::park();
+                            }
+                        }
+                        "needsreset" if spec.journal == JournalMode::Recover => send(
+                            &chan,
+                            FromWorker::RecoveryFailed {
+                                id: spec.id,
+                                reason: "fetch position outside the ring".into(),
+                            },
+                        ),
                         "failing" => send(
                             &chan,
                             FromWorker::DeviceFailed {
@@ -940,7 +1368,15 @@ mod fake_worker {
                     &chan,
                     FromWorker::Pong {
                         seq,
-                        stats: Vec::new(),
+                        // Made-up counters the test can recognise.
+                        stats: held
+                            .iter()
+                            .map(|(id, _)| tcmu_warden_proto::DeviceStats {
+                                id: *id,
+                                commands: 1000 + seq,
+                                ..Default::default()
+                            })
+                            .collect(),
                     },
                 ),
                 ToWorker::Shutdown => {

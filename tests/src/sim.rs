@@ -24,8 +24,11 @@
 //!   not fit there, ring space keeps one byte free (so full and empty differ), and `cmd_head` is
 //!   published with a Release store. A request larger than half the ring is refused, as the
 //!   kernel refuses it. Command ids are the lowest free id from 1 to 0xffff, as the kernel
-//!   allocates them, so an id comes back as soon as its command is reaped. Data-in space is filled with [`SIM_POISON`] so that bytes the worker never wrote
-//!   are recognisable.
+//!   allocates them, so an id comes back as soon as its command is reaped (or, with
+//!   [`SimConfig::cyclic_ids`], the next free id after the last one handed out, so that a
+//!   stale completion of an old command names an id nobody has: recovery tests use this to
+//!   catch double completions). Data-in space is filled with [`SIM_POISON`] so that bytes the
+//!   worker never wrote are recognisable.
 //! - **Waking the worker** ([`KernelSim::kick`]): like `uio_event_notify`: the worker's event fd
 //!   polls readable and a 4-byte read returns an event count.
 //! - **Being notified** ([`KernelSim::wait_notified`]): the worker's 4-byte writes to its event
@@ -35,6 +38,10 @@
 //!   entries, and look each slot's `cmd_id` up among the commands in flight. Data-in bytes are
 //!   copied out as the kernel's `gather_data_area` would: only `read_len` bytes when the slot has
 //!   `TCMU_UFLAG_READ_LEN` and a nonzero `read_len`, none for a CHECK CONDITION without it.
+//! - **The `action/` attributes** ([`KernelSim::set_blocked`], [`KernelSim::reset_ring`]): like
+//!   `block_dev` (new commands are refused with BUSY; what is in the ring stays) and `reset_ring`
+//!   (only on a blocked device, as recent kernels require: every command in flight completes
+//!   with BUSY, or CHECK CONDITION for level 2, and `cmd_head = cmd_tail = 0`).
 //!
 //! ## Stricter than the kernel
 //! Where the kernel would misbehave or silently trust userspace, the simulator reports
@@ -109,6 +116,9 @@ pub struct SimConfig {
     pub flags: u16,
     /// Longest iovec the simulator writes; longer runs are split. `usize::MAX`: no splitting.
     pub max_iov_len: usize,
+    /// Allocate command ids cyclically (the next free id after the last one) instead of the
+    /// kernel's lowest-free policy.
+    pub cyclic_ids: bool,
 }
 
 impl Default for SimConfig {
@@ -122,6 +132,7 @@ impl Default for SimConfig {
             block_size: 4096,
             flags: CAP_OOOC | CAP_READ_LEN | CAP_TMR,
             max_iov_len: usize::MAX,
+            cyclic_ids: false,
         }
     }
 }
@@ -164,6 +175,9 @@ pub enum SimError {
     /// The worker broke the protocol; the simulated ring is broken for good.
     #[error("ring broken: {0}")]
     Broken(String),
+    /// The device is blocked (`block_dev`): the kernel answers new commands BUSY.
+    #[error("device blocked: the command was answered BUSY")]
+    Blocked,
     /// Setting up the device or the event channel failed.
     #[error("simulator I/O: {0}")]
     Io(#[from] io::Error),
@@ -192,6 +206,8 @@ struct SimCmd {
     data_in: Vec<(u64, u64)>,
     data_in_len: usize,
     bidi: bool,
+    /// iovecs in the entry (data-out and data-in).
+    n_iov: usize,
 }
 
 /// One entry written and not yet reaped.
@@ -300,6 +316,10 @@ pub struct KernelSim {
     broken: Option<String>,
     /// `submit_corrupt` was called: the head is no longer the simulator's to manage.
     corrupted: bool,
+    /// `block_dev` is set.
+    blocked: bool,
+    /// The last id handed out (for cyclic allocation).
+    last_id: u16,
     events: UnixDatagram,
     event_count: AtomicU32,
 }
@@ -419,6 +439,8 @@ impl KernelSim {
             free_blocks: vec![true; blocks],
             broken: None,
             corrupted: false,
+            blocked: false,
+            last_id: 0,
             events,
             event_count: AtomicU32::new(0),
         };
@@ -470,6 +492,67 @@ impl KernelSim {
     /// Why the ring is broken, if it is.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_deref()
+    }
+
+    /// How many iovecs (data-out and data-in) the entry of in-flight command `cmd_id` has.
+    pub fn iov_count(&self, cmd_id: u16) -> Option<usize> {
+        self.in_flight.get(&cmd_id).map(|c| c.n_iov)
+    }
+
+    /// The ids of the commands in flight, sorted.
+    pub fn in_flight_ids(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self.in_flight.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Whether `block_dev` is set.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// `action/block_dev`: while blocked, [`KernelSim::submit`] refuses new commands with
+    /// [`SimError::Blocked`] (the kernel answers them BUSY); commands already in the ring stay.
+    pub fn set_blocked(&mut self, blocked: bool) {
+        self.blocked = blocked;
+    }
+
+    /// `action/reset_ring` with `err_level` 1 (every command in flight completes BUSY) or 2
+    /// (CHECK CONDITION, sense not modelled), then `cmd_head = cmd_tail = 0`, and a broken ring is
+    /// usable again. Like recent kernels, refuses unless the device is blocked. Returns the
+    /// commands it completed, by id.
+    pub fn reset_ring(&mut self, err_level: u8) -> Result<Vec<Completed>, SimError> {
+        if !self.blocked {
+            return Err(bad("reset_ring needs block_dev first"));
+        }
+        let status = match err_level {
+            1 => 0x08,
+            2 => CHECK_CONDITION,
+            other => return Err(bad(format!("reset_ring level {other}"))),
+        };
+        let mut ids = self.in_flight_ids();
+        ids.sort_unstable();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(cmd) = self.in_flight.remove(&id) {
+                self.free(&cmd.blocks);
+                out.push(Completed {
+                    cmd_id: id,
+                    status,
+                    sense: Vec::new(),
+                    read_len: None,
+                    data_in: Vec::new(),
+                });
+            }
+        }
+        self.written.clear();
+        self.head = 0;
+        self.last_cleaned = 0;
+        self.broken = None;
+        self.corrupted = false;
+        self.shm.word(MB_CMD_TAIL).store(0, Ordering::Release);
+        self.shm.word(MB_CMD_HEAD).store(0, Ordering::Release);
+        Ok(out)
     }
 
     /// Free bytes in the ring, the kernel's way: one byte always stays unused.
@@ -552,11 +635,20 @@ impl KernelSim {
     }
 
     /// The lowest id in 1..=0xffff not in flight, like the kernel's
-    /// `xa_alloc(..., XA_LIMIT(1, 0xffff))`: ids are reused as soon as they are reaped.
-    fn alloc_id(&self) -> Result<u16, SimError> {
-        (1..=u16::MAX)
-            .find(|id| !self.in_flight.contains_key(id))
-            .ok_or(SimError::Full)
+    /// `xa_alloc(..., XA_LIMIT(1, 0xffff))`: ids are reused as soon as they are reaped. With
+    /// [`SimConfig::cyclic_ids`], the first free id after the last one handed out.
+    fn alloc_id(&mut self) -> Result<u16, SimError> {
+        let id = if self.cfg.cyclic_ids {
+            let start = u32::from(self.last_id);
+            (1..=0xffffu32)
+                .map(|i| ((start + i - 1) % 0xffff + 1) as u16)
+                .find(|id| !self.in_flight.contains_key(id))
+        } else {
+            (1..=u16::MAX).find(|id| !self.in_flight.contains_key(id))
+        }
+        .ok_or(SimError::Full)?;
+        self.last_id = id;
+        Ok(id)
     }
 
     /// Takes the lowest free blocks for `n` bytes; `None` when there are not enough.
@@ -661,6 +753,9 @@ impl KernelSim {
                 cdb.len()
             )));
         }
+        if self.blocked {
+            return Err(SimError::Blocked);
+        }
         let total_blocks = self.free_blocks.len();
         let need = data_out.len().div_ceil(self.cfg.block_size)
             + data_in_len.div_ceil(self.cfg.block_size);
@@ -729,6 +824,7 @@ impl KernelSim {
                 data_in: in_iov,
                 data_in_len,
                 bidi,
+                n_iov,
             },
         );
         Ok(id)
@@ -778,6 +874,7 @@ impl KernelSim {
                     data_in: Vec::new(),
                     data_in_len: 0,
                     bidi: false,
+                    n_iov: 0,
                 },
             );
         }

@@ -27,16 +27,31 @@
 //! supervisor itself carries on. A worker that misses a deadline (Hello, a device reply,
 //! shutdown) is killed too.
 //!
+//! ## Crashes, restarts and recovery
+//! See [`lifecycle`]: heartbeats, crash classification, restart with exponential backoff,
+//! quarantine, and the hand-over of each device's in-flight journal (kept by [`JournalStore`]
+//! under `daemon.journal_dir`) so that a successor finishes exactly what a dead worker left in
+//! flight, with `block_dev` around the hand-over and `reset_ring` as the fallback.
+//!
+//! ## When the supervisor itself restarts
+//! Workers are started with `PR_SET_PDEATHSIG = SIGKILL`: if the supervisor dies, they die too,
+//! and the last descriptor of each `/dev/uioN` closes. The kernel keeps the ring and its commands
+//! through that (`tcmu_release` only drops commands kept with `KEEP_BUF`, which tcmu-warden never
+//! uses, and `tcmu_open` does not reset the ring), and the journals stay in `/run`. A restarted
+//! supervisor that finds a device with a journal file therefore blocks it and hands it over in
+//! `Recover` mode, exactly as after a worker crash; journals of devices that no longer exist are
+//! deleted at start-up.
+//!
 //! ## The loop
 //! [`Supervisor::poll_once`] is one turn of the event loop: `poll` on the workers' channels and
 //! the signal wake-up socket (with the nearest deadline as timeout), then messages, then reaping
-//! (`waitpid(WNOHANG)` per worker), then deadlines. Nothing else blocks. Later work (restart
-//! with backoff, heartbeats, hot-plug through netlink, the status socket) adds sources and
-//! deadlines to the same loop.
+//! (`waitpid(WNOHANG)` per worker), then deadlines (replies, heartbeats, restarts). Nothing else
+//! blocks.
 //!
 //! This module never parses sysfs (that is [`crate::discovery`]), never decides policy (that is
 //! the policy crate), and never spawns processes by hand (that is [`crate::worker`]).
 
+pub mod lifecycle;
 mod signals;
 
 use std::collections::BTreeMap;
@@ -49,15 +64,18 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tcmu_warden_policy::{Config, Isolation, LogFormat};
+use tcmu_warden_policy::{Config, Isolation, Lifecycle, LogFormat};
 use tcmu_warden_proto::{
-    DeviceSpec, FromWorker, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError, ToWorker,
+    DeviceSpec, DeviceStats, FromWorker, JournalMode, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError,
+    ToWorker,
 };
 use tracing::{debug, error, info, warn};
 
 use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
+use crate::journal::{JournalStore, OpenJournal};
 use crate::worker::{WorkerError, WorkerProcess, describe_exit};
 
+use lifecycle::CrashHistory;
 use signals::Signals;
 
 /// Name of the worker that serves refused devices of unconfigured subtypes.
@@ -65,6 +83,10 @@ pub const REFUSED_WORKER: &str = "refused";
 
 /// Most messages handled from one worker in one turn, so a chatty worker cannot starve others.
 const MAX_MESSAGES_PER_TURN: usize = 64;
+
+/// How long start-up waits for a busy uio node to be released (see
+/// [`Supervisor::start`]).
+const UIO_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Longest sleep of one loop turn when no deadline is nearer.
 pub const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -92,6 +114,10 @@ pub struct Options {
     pub shutdown_timeout: Duration,
     /// How long a worker that closed its channel has to exit before it is killed.
     pub exit_grace: Duration,
+    /// Heartbeats, restart backoff and quarantine (`[daemon]` keys).
+    pub lifecycle: Lifecycle,
+    /// Where the devices' in-flight journals live.
+    pub journal_dir: PathBuf,
 }
 
 impl Options {
@@ -111,6 +137,8 @@ impl Options {
             reply_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             exit_grace: Duration::from_secs(2),
+            lifecycle: config.daemon.lifecycle,
+            journal_dir: config.daemon.journal_dir.clone(),
         })
     }
 }
@@ -240,6 +268,23 @@ pub struct WorkerStatus {
     pub kill_reason: Option<String>,
     /// How it ended, once reaped.
     pub exit: Option<ExitStatus>,
+    /// Crashes of this worker key inside the quarantine window.
+    pub crashes: u32,
+    /// Crashes of this worker key ever (all its processes).
+    pub total_crashes: u32,
+    /// How many times a successor was started.
+    pub restarts: u32,
+    /// Why the last process of this key went down (`sandbox violation: ...`, `exit code 3`,
+    /// `killed by the supervisor: ...`).
+    pub last_crash: Option<String>,
+    /// When a successor is due, if one is.
+    pub restart_at: Option<Instant>,
+    /// Why the key is quarantined (no more restarts), if it is.
+    pub quarantined: Option<String>,
+    /// The device counters of the last heartbeat answer.
+    pub stats: Vec<DeviceStats>,
+    /// When the last heartbeat was answered.
+    pub last_pong: Option<Instant>,
 }
 
 /// Where a device is in its life.
@@ -257,6 +302,10 @@ pub enum DevicePhase {
     Removing,
     /// No live worker serves it; the supervisor still holds its uio descriptor.
     Orphaned,
+    /// Its worker went down; the device is blocked and waits for the successor.
+    Recovering,
+    /// Its worker crashed too often and is not restarted; the device stays blocked.
+    Quarantined(String),
 }
 
 /// A snapshot of one device, for callers and tests.
@@ -280,6 +329,16 @@ pub struct DeviceStatus {
     pub has_backing: bool,
     /// Its phase.
     pub phase: DevicePhase,
+    /// Whether the supervisor has blocked it (`action/block_dev = 1`).
+    pub blocked: bool,
+    /// The journal mode of the last hand-over to a worker.
+    pub journal: JournalMode,
+    /// Where its journal file is, if it has one.
+    pub journal_path: Option<PathBuf>,
+    /// Hand-overs that recovered from the journal.
+    pub recoveries: u32,
+    /// Ring resets.
+    pub resets: u32,
 }
 
 struct Slot {
@@ -292,8 +351,18 @@ struct Slot {
     queue: Vec<(u64, Option<OwnedFd>)>,
     supported: Option<Vec<String>>,
     kill_reason: Option<String>,
-    /// Sequence number of an outstanding `Ping` (heartbeats will set it).
+    /// Sequence number of the outstanding heartbeat `Ping`.
     ping: Option<u64>,
+    /// When the outstanding heartbeat must be answered.
+    ping_deadline: Option<Instant>,
+    /// When the next heartbeat is due (set once the worker is ready).
+    next_ping: Option<Instant>,
+    /// Last heartbeat sequence number used.
+    ping_seq: u64,
+    /// When the last heartbeat was answered.
+    last_pong: Option<Instant>,
+    /// Counters from the last `Pong`.
+    stats: Vec<DeviceStats>,
 }
 
 struct Device {
@@ -303,6 +372,17 @@ struct Device {
     worker: WorkerKey,
     phase: DevicePhase,
     deadline: Option<Instant>,
+    /// The in-flight journal (`None` if it could not be created).
+    journal: Option<OpenJournal>,
+    /// A worker may have fetched from the ring since it was last fresh: the next worker must
+    /// recover (or, without a journal, the ring must be reset first).
+    ring_dirty: bool,
+    /// The supervisor wrote `block_dev = 1` and has not unblocked it since.
+    blocked: bool,
+    /// Journal mode of the last `AddDevice`.
+    mode: JournalMode,
+    recoveries: u32,
+    resets: u32,
 }
 
 struct Shutdown {
@@ -318,12 +398,16 @@ pub struct Supervisor {
     next_id: u64,
     signals: Signals,
     shutdown: Option<Shutdown>,
+    /// Crash records per worker key, across its processes.
+    history: BTreeMap<WorkerKey, CrashHistory>,
+    journals: JournalStore,
 }
 
 impl Supervisor {
     /// A supervisor with no devices and no workers. Watches `SIGCHLD` (to reap promptly), not
     /// termination signals (see [`Supervisor::handle_termination_signals`]).
     pub fn new(config: Config, opts: Options) -> Result<Supervisor, DaemonError> {
+        let journals = JournalStore::new(opts.journal_dir.clone());
         Ok(Supervisor {
             config,
             opts,
@@ -332,6 +416,8 @@ impl Supervisor {
             next_id: 1,
             signals: Signals::new().map_err(DaemonError::Signals)?,
             shutdown: None,
+            history: BTreeMap::new(),
+            journals,
         })
     }
 
@@ -355,13 +441,31 @@ impl Supervisor {
             warn!(device = %uio, error = %err, "skipping a TCMU device whose attributes cannot be read");
         }
         let found = scan.devices.len();
+        let live: Vec<(u32, String)> = scan
+            .devices
+            .iter()
+            .map(|d| (d.hba, d.name.clone()))
+            .collect();
+        for path in self.journals.prune(&live) {
+            info!(path = %path.display(), "removed the journal of a device that no longer exists");
+        }
+        let mut busy = Vec::new();
         for dev in scan.devices {
             let uio = dev.uio.clone();
             let label = dev.label();
-            if let Err(err) = self.adopt(dev) {
-                error!(device = %uio, backstore = %label, error = %err, "cannot take over the device");
+            match self.adopt(dev.clone()) {
+                Err(AdoptError::OpenUio { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) =>
+                {
+                    busy.push(dev);
+                }
+                Err(err) => {
+                    error!(device = %uio, backstore = %label, error = %err, "cannot take over the device");
+                }
+                Ok(_) => {}
             }
         }
+        self.adopt_when_released(busy);
         info!(
             found,
             skipped = scan.skipped.len(),
@@ -370,6 +474,38 @@ impl Supervisor {
             "start-up scan complete"
         );
         Ok(())
+    }
+
+    /// Retries devices whose uio node was busy at start-up, for a few seconds: after a crash of
+    /// a previous supervisor, its workers (killed by `PDEATHSIG`) may not have closed their
+    /// descriptors yet. Anything still busy afterwards belongs to another program.
+    fn adopt_when_released(&mut self, mut busy: Vec<TcmuDevice>) {
+        let give_up = Instant::now() + UIO_RELEASE_WAIT;
+        while !busy.is_empty() {
+            if Instant::now() >= give_up {
+                for dev in &busy {
+                    error!(device = %dev.uio, backstore = %dev.label(),
+                           "cannot take over the device: its uio node stays busy (another TCMU daemon?)");
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let mut still = Vec::new();
+            for dev in busy {
+                match self.adopt(dev.clone()) {
+                    Err(AdoptError::OpenUio { source, .. })
+                        if source.raw_os_error() == Some(libc::EBUSY) =>
+                    {
+                        still.push(dev);
+                    }
+                    Err(err) => {
+                        error!(device = %dev.uio, backstore = %dev.label(), error = %err, "cannot take over the device");
+                    }
+                    Ok(_) => {}
+                }
+            }
+            busy = still;
+        }
     }
 
     /// Takes over a device: opens its uio node, asks the policy, and hands it to its worker
@@ -430,11 +566,25 @@ impl Supervisor {
             unit_serial: dev.unit_serial.clone(),
             has_backing_fd: backing.is_some(),
             refusal,
+            journal: JournalMode::None,
         };
         spec.validate().map_err(AdoptError::Spec)?;
         self.next_id += 1;
 
         let worker = self.worker_key(&dev, spec.refusal.is_some());
+        let journal = match self.journals.open(dev.hba, &dev.name) {
+            Ok(j) => Some(j),
+            Err(err) => {
+                warn!(device = %dev.uio, backstore = %dev.label(), dir = %self.journals.dir().display(),
+                      error = %err, "no in-flight journal: a worker crash will reset this device's ring");
+                None
+            }
+        };
+        let ring_dirty = journal.as_ref().is_some_and(|j| j.existed);
+        if ring_dirty {
+            info!(device = %dev.uio, backstore = %dev.label(),
+                  "found the journal of a previous supervisor: the device will be recovered");
+        }
         self.devices.insert(
             id,
             Device {
@@ -444,8 +594,17 @@ impl Supervisor {
                 worker: worker.clone(),
                 phase: DevicePhase::Queued,
                 deadline: None,
+                journal,
+                ring_dirty,
+                blocked: false,
+                mode: JournalMode::None,
+                recoveries: 0,
+                resets: 0,
             },
         );
+        if ring_dirty {
+            self.block_device(id);
+        }
         self.assign(&worker, id, backing);
         Ok(id)
     }
@@ -493,7 +652,13 @@ impl Supervisor {
     }
 
     fn drop_device(&mut self, id: u64) {
+        self.unblock_device(id);
         if let Some(dev) = self.devices.remove(&id) {
+            if dev.journal.is_some()
+                && let Err(err) = self.journals.remove(dev.dev.hba, &dev.dev.name)
+            {
+                warn!(device = %dev.dev.uio, error = %err, "cannot remove the device's journal");
+            }
             info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device released");
         }
     }
@@ -519,7 +684,27 @@ impl Supervisor {
 
     /// Hands device `id` to worker `key`, starting the worker if there is none yet.
     fn assign(&mut self, key: &WorkerKey, id: u64, backing: Option<OwnedFd>) {
-        if !self.workers.contains_key(key) {
+        if let Some(h) = self.history.get(key) {
+            if let Some(reason) = h.quarantined.clone() {
+                self.block_device(id);
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.phase = DevicePhase::Quarantined(reason);
+                }
+                return;
+            }
+            if h.restart_at.is_some() {
+                // The successor gets it (with its backing store reopened then).
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.phase = DevicePhase::Recovering;
+                }
+                return;
+            }
+        }
+        let exited = self
+            .workers
+            .get(key)
+            .is_some_and(|s| s.phase == WorkerPhase::Exited);
+        if !self.workers.contains_key(key) || exited {
             self.start_worker(key);
         }
         match self.workers.get_mut(key) {
@@ -559,6 +744,11 @@ impl Supervisor {
                 supported: None,
                 kill_reason: None,
                 ping: None,
+                ping_deadline: None,
+                next_ping: None,
+                ping_seq: 0,
+                last_pong: None,
+                stats: Vec::new(),
             },
         );
         if let Err(err) = sent {
@@ -575,13 +765,26 @@ impl Supervisor {
             self.orphan(id, "its worker is gone");
             return;
         }
+        let mode = self.prepare_handover(id);
+        if self
+            .devices
+            .get(&id)
+            .is_some_and(|d| matches!(d.phase, DevicePhase::Failed(_)))
+        {
+            return;
+        }
         let fatal = {
             let (Some(slot), Some(dev)) = (self.workers.get(key), self.devices.get_mut(&id)) else {
                 return;
             };
+            dev.spec.has_backing_fd = backing.is_some();
+            dev.spec.journal = mode;
             let mut fds: Vec<BorrowedFd<'_>> = vec![dev.uio_fd.as_fd()];
             if let Some(b) = &backing {
                 fds.push(b.as_fd());
+            }
+            if let (Some(j), true) = (&dev.journal, mode != JournalMode::None) {
+                fds.push(j.file.as_fd());
             }
             let count = fds.len();
             match slot
@@ -589,9 +792,12 @@ impl Supervisor {
                 .send(&ToWorker::AddDevice(dev.spec.clone()), &fds)
             {
                 Ok(()) => {
-                    debug!(device = %dev.dev.uio, worker = %slot.name, fds = count, "device sent to worker");
+                    debug!(device = %dev.dev.uio, worker = %slot.name, fds = count, journal = ?mode, "device sent to worker");
                     dev.phase = DevicePhase::Sent;
                     dev.deadline = Some(Instant::now() + self.opts.reply_timeout);
+                    dev.mode = mode;
+                    // From now on the worker may fetch from the ring.
+                    dev.ring_dirty = true;
                     None
                 }
                 Err(WorkerError::Proto(
@@ -790,6 +996,7 @@ impl Supervisor {
                 }
                 dev.phase = DevicePhase::Ready;
                 dev.deadline = None;
+                let ready_id = id;
                 match &dev.spec.refusal {
                     None => info!(
                         device = %dev.dev.uio,
@@ -806,6 +1013,7 @@ impl Supervisor {
                         "refused device answers NOT READY"
                     ),
                 }
+                self.on_device_ready(ready_id);
                 Ok(())
             }
             (_, FromWorker::DeviceFailed { id, reason }) => {
@@ -824,8 +1032,24 @@ impl Supervisor {
                     reason = ?reason,
                     "worker cannot serve the device"
                 );
+                if dev.phase == DevicePhase::Sent && dev.mode != JournalMode::Recover {
+                    // It never served the ring: the journal (if any) was not used.
+                    dev.ring_dirty = false;
+                }
                 dev.phase = DevicePhase::Failed(reason);
                 dev.deadline = None;
+                Ok(())
+            }
+            (_, FromWorker::RecoveryFailed { id, reason }) => {
+                let (dev, _) = self.owned(key, id, "RecoveryFailed")?;
+                if dev.phase != DevicePhase::Sent || dev.mode != JournalMode::Recover {
+                    return Err(format!(
+                        "RecoveryFailed for device {id}, which was not sent for recovery ({:?})",
+                        dev.phase
+                    ));
+                }
+                dev.deadline = None;
+                self.on_recovery_failed(key, id, &reason);
                 Ok(())
             }
             (_, FromWorker::DeviceRemoved { id }) => {
@@ -839,18 +1063,21 @@ impl Supervisor {
                 self.drop_device(id);
                 Ok(())
             }
-            (_, FromWorker::Pong { seq, stats }) => {
+            (_, msg @ FromWorker::Pong { .. }) => {
+                let FromWorker::Pong { seq, stats } = &msg else {
+                    return Ok(());
+                };
                 let owned_all = stats
                     .iter()
                     .all(|s| self.devices.get(&s.id).is_some_and(|d| &d.worker == key));
                 let slot = self.workers.get_mut(key).ok_or("unknown worker")?;
-                if slot.ping != Some(seq) {
+                if slot.ping != Some(*seq) {
                     return Err(format!("unsolicited Pong {seq}"));
                 }
                 if !owned_all {
                     return Err("Pong reports devices it does not own".into());
                 }
-                slot.ping = None;
+                self.on_pong(key, msg);
                 Ok(())
             }
         }
@@ -898,6 +1125,7 @@ impl Supervisor {
         }
         slot.phase = WorkerPhase::Ready;
         slot.deadline = None;
+        slot.next_ping = Some(Instant::now() + self.opts.lifecycle.heartbeat_interval);
         slot.supported = Some(supported);
         let queue = std::mem::take(&mut slot.queue);
         for (id, mut backing) in queue {
@@ -944,8 +1172,10 @@ impl Supervisor {
                 }
             };
             let was = slot.phase;
-            slot.phase = WorkerPhase::Exited;
             slot.deadline = None;
+            slot.ping = None;
+            slot.ping_deadline = None;
+            slot.next_ping = None;
             slot.queue.clear();
             slot.process.close_channel();
             let how = describe_exit(status);
@@ -960,7 +1190,11 @@ impl Supervisor {
                     error!(worker = %slot.name, pid = slot.process.pid(), status = %how, "worker exited unexpectedly");
                 }
             }
-            self.orphan_all(&key, "its worker exited");
+            // Decided while the phase still says how it ended (shutting down or not).
+            self.on_worker_down(&key, status);
+            if let Some(slot) = self.workers.get_mut(&key) {
+                slot.phase = WorkerPhase::Exited;
+            }
         }
     }
 
@@ -1005,13 +1239,16 @@ impl Supervisor {
         for (key, why) in overdue {
             self.kill_worker(&key, why);
         }
+        self.heartbeats(now);
+        self.restarts(now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.values().filter_map(|s| s.deadline);
         let devices = self.devices.values().filter_map(|d| d.deadline);
         let give_up = self.shutdown.as_ref().map(|s| s.give_up);
-        workers.chain(devices).chain(give_up).min()
+        let lifecycle = self.lifecycle_deadline();
+        workers.chain(devices).chain(give_up).chain(lifecycle).min()
     }
 
     /// Starts an orderly shutdown: `Shutdown` to every worker; workers still running after
@@ -1025,6 +1262,9 @@ impl Supervisor {
             give_up: deadline + REAP_GRACE,
         });
         info!(workers = self.workers.len(), "shutting down");
+        for h in self.history.values_mut() {
+            h.restart_at = None;
+        }
         let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();
         for key in keys {
             let Some(slot) = self.workers.get_mut(&key) else {
@@ -1103,6 +1343,7 @@ impl Supervisor {
     }
 
     fn worker_status(&self, key: &WorkerKey, s: &Slot) -> WorkerStatus {
+        let h = self.history.get(key);
         WorkerStatus {
             name: s.name.clone(),
             pid: s.process.pid(),
@@ -1117,6 +1358,14 @@ impl Supervisor {
                 .collect(),
             kill_reason: s.kill_reason.clone(),
             exit: s.process.exit_status(),
+            crashes: h.map_or(0, |h| u32::try_from(h.crashes.len()).unwrap_or(u32::MAX)),
+            total_crashes: h.map_or(0, |h| h.total),
+            restarts: h.map_or(0, |h| h.restarts),
+            last_crash: h.and_then(|h| h.last_cause.clone()),
+            restart_at: h.and_then(|h| h.restart_at),
+            quarantined: h.and_then(|h| h.quarantined.clone()),
+            stats: s.stats.clone(),
+            last_pong: s.last_pong,
         }
     }
 
@@ -1141,6 +1390,11 @@ fn status_of(id: u64, d: &Device) -> DeviceStatus {
         refusal: d.spec.refusal.clone(),
         has_backing: d.spec.has_backing_fd,
         phase: d.phase.clone(),
+        blocked: d.blocked,
+        journal: d.mode,
+        journal_path: d.journal.as_ref().map(|j| j.path.clone()),
+        recoveries: d.recoveries,
+        resets: d.resets,
     }
 }
 
@@ -1150,6 +1404,7 @@ fn kind(msg: &FromWorker) -> &'static str {
         FromWorker::DeviceReady { .. } => "DeviceReady",
         FromWorker::DeviceFailed { .. } => "DeviceFailed",
         FromWorker::DeviceRemoved { .. } => "DeviceRemoved",
+        FromWorker::RecoveryFailed { .. } => "RecoveryFailed",
         FromWorker::Pong { .. } => "Pong",
     }
 }
@@ -1313,8 +1568,9 @@ mod tests {
     fn adopt_refuses_bad_or_missing_nodes() {
         let tmp = tempfile::tempdir().unwrap();
         let text = format!(
-            "[daemon]\ndev_root = {:?}\nworker_exe = '/nonexistent/worker'\n[handler.ram]\n",
-            tmp.path().display().to_string()
+            "[daemon]\ndev_root = {:?}\njournal_dir = {:?}\nworker_exe = '/nonexistent/worker'\n[handler.ram]\n",
+            tmp.path().display().to_string(),
+            tmp.path().join("journal").display().to_string()
         );
         let mut sup = supervisor(&text);
         let mut dev = device(Some("ram"));

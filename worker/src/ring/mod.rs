@@ -47,13 +47,23 @@
 //! contents; no reads or writes of the data area except through the [`DataBuf`]s it hands out.
 //!
 //! ## Recovery
-//! [`Ring::fetch_pos`], [`Ring::tail`], [`Ring::in_flight_ids`] and [`Ring::awaiting_older_ids`]
-//! describe everything the ring engine knows beyond the mailbox; a recovery feature can record
-//! them. After the kernel's `reset_ring` action (head = tail = 0) the runtime must build a new
-//! [`Ring`]: this one would misread the rewound indexes.
+//! A ring built with [`Ring::with_journal`] keeps an in-flight [`journal`] in a shared-memory
+//! file that outlives the worker: its fetch position and, for every command fetched and not yet
+//! finished, the request (and once it ran, the response), plus a completing-at-tail marker
+//! written before each tail advance. [`Ring::recover`] rebuilds a ring from that journal and the
+//! ring itself: it re-delivers the responses a dead worker computed but the kernel never got,
+//! hands back the commands that were still running (to re-execute or answer BUSY), and resumes
+//! fetching where the predecessor stopped. After the kernel's `reset_ring` action (head = tail =
+//! 0) the runtime must build a new [`Ring`]: an existing one would misread the rewound indexes.
+//!
+//! The steps of the journal protocol are [`crash`] points: with the `crash-points` feature a
+//! test can make the engine stop dead at any of them.
 
+pub mod crash;
+pub mod journal;
 pub mod layout;
 mod mapping;
+mod recover;
 #[cfg(test)]
 mod tests;
 
@@ -63,8 +73,13 @@ use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::sync::{Arc, Weak};
 
 use crate::iobuf::{BufOwner, DataBuf};
+#[cfg(any(test, feature = "crash-points"))]
+pub use crash::CrashPlan;
+pub use crash::CrashPoint;
+use journal::{Journal, JournalRequest, RingIdent};
 use layout::*;
 pub use mapping::Mapping;
+pub use recover::{RecoverError, Recovered, Recovery, RecoveryReport};
 
 /// Errors of the ring engine.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +119,10 @@ pub enum RingError {
     /// touched; drop the buffers and complete again.
     #[error("command {0} still has live data buffers; drop its RingCommand before completing it")]
     BuffersInUse(u16),
+    /// A test's [`crash`] plan stopped the engine at this point; it does nothing any more.
+    /// Never produced without the `crash-points` feature.
+    #[error("crash injected at {0:?}")]
+    Crashed(CrashPoint),
 }
 
 /// One `struct iovec` of a command: `len` bytes at offset `base` from the start of the mapping.
@@ -207,11 +226,26 @@ struct InFlight {
     ranges: Vec<u64>,
 }
 
+type Response = journal::JournalResponse;
+
+/// The journal of a ring and the engine's private view of it.
 #[derive(Debug)]
-struct Response {
-    status: u8,
-    read_len: Option<u32>,
-    sense: [u8; TCMU_SENSE_BUFFERSIZE],
+struct Jrnl {
+    j: Journal,
+    /// Unused journal slots.
+    free: Vec<u16>,
+    /// The journal slot of every fetched command not yet freed (in flight or done).
+    slot_of: HashMap<u16, u16>,
+}
+
+impl Jrnl {
+    fn new(j: Journal) -> Jrnl {
+        Jrnl {
+            j,
+            free: (0..journal::JOURNAL_SLOTS as u16).rev().collect(),
+            slot_of: HashMap::new(),
+        }
+    }
 }
 
 /// The userspace side of one device's command ring. See the module documentation.
@@ -234,6 +268,13 @@ pub struct Ring {
     /// Data segments of in-flight commands, start -> end (mapping offsets); kept disjoint.
     ranges: BTreeMap<u64, u64>,
     tail_moved: bool,
+    /// The in-flight journal, if this ring keeps one.
+    journal: Option<Jrnl>,
+    #[cfg(any(test, feature = "crash-points"))]
+    crash: Option<Arc<CrashPlan>>,
+    /// Set once a crash point fired: the engine is dead.
+    #[cfg(any(test, feature = "crash-points"))]
+    crashed: Option<CrashPoint>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -306,6 +347,11 @@ impl Ring {
             done: HashMap::new(),
             ranges: BTreeMap::new(),
             tail_moved: false,
+            journal: None,
+            #[cfg(any(test, feature = "crash-points"))]
+            crash: None,
+            #[cfg(any(test, feature = "crash-points"))]
+            crashed: None,
             map,
         };
         // Acquire: if another process (a previous worker) left the tail here, what it wrote into
@@ -319,6 +365,66 @@ impl Ring {
         ring.fetch_pos = tail;
         ring.tail = tail;
         Ok(ring)
+    }
+
+    /// Like [`Ring::new`], and keeps an in-flight journal in `journal`, which is initialised
+    /// (every slot free, the fetch position at the current tail) before anything is fetched.
+    /// Use it for a ring nobody served before, or one just reset; for a ring a previous worker
+    /// served with a journal, use [`Ring::recover`].
+    pub fn with_journal(map: Arc<Mapping>, journal: Journal) -> Result<Ring, RingError> {
+        let mut ring = Ring::new(map)?;
+        journal.init(ring.ident(), ring.tail);
+        ring.journal = Some(Jrnl::new(journal));
+        Ok(ring)
+    }
+
+    /// What the journal header records about this ring.
+    fn ident(&self) -> RingIdent {
+        RingIdent {
+            map_len: self.map.len() as u64,
+            cmdr_off: self.cmdr_off as u32,
+            cmdr_size: self.cmdr_size,
+            flags: self.flags,
+        }
+    }
+
+    /// Whether this ring keeps a journal.
+    pub fn has_journal(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// Installs a crash plan (tests only): see [`crash`].
+    #[cfg(any(test, feature = "crash-points"))]
+    pub fn set_crash_plan(&mut self, plan: Arc<CrashPlan>) {
+        self.crash = Some(plan);
+    }
+
+    /// A crash point: `Err(Crashed)` when the installed plan fires here (and ever after). Does
+    /// nothing without the `crash-points` feature.
+    #[inline]
+    pub fn crash_point(&mut self, p: CrashPoint) -> Result<(), RingError> {
+        #[cfg(any(test, feature = "crash-points"))]
+        {
+            if let Some(at) = self.crashed {
+                return Err(RingError::Crashed(at));
+            }
+            if self.crash.as_ref().is_some_and(|plan| plan.hit(p)) {
+                self.crashed = Some(p);
+                return Err(RingError::Crashed(p));
+            }
+        }
+        let _ = p;
+        Ok(())
+    }
+
+    /// `Err(Crashed)` once a crash point fired.
+    #[inline]
+    fn alive(&self) -> Result<(), RingError> {
+        #[cfg(any(test, feature = "crash-points"))]
+        if let Some(at) = self.crashed {
+            return Err(RingError::Crashed(at));
+        }
+        Ok(())
     }
 
     /// The mailbox flags (`TCMU_MAILBOX_FLAG_CAP_*` in [`layout`]).
@@ -372,6 +478,7 @@ impl Ring {
     /// `Ok(None)`: nothing new. `Err`: the ring is unusable (a broken index or header); calling
     /// again returns the same error, and completions of commands already fetched still work.
     pub fn fetch(&mut self) -> Result<Option<Fetched>, RingError> {
+        self.alive()?;
         loop {
             let pos = self.fetch_pos;
             // Acquire: the kernel writes an entry completely and only then stores the new head.
@@ -428,8 +535,8 @@ impl Ring {
                         len,
                         cmd_id: None,
                     });
-                    self.fetch_pos = next;
-                    self.retire();
+                    self.set_fetch_pos(next);
+                    self.retire()?;
                 }
                 TCMU_OP_TMR => {
                     let entry = self.copy_entry(pos, len, &hdr)?;
@@ -449,10 +556,10 @@ impl Ring {
                         len,
                         cmd_id: None,
                     });
-                    self.fetch_pos = next;
+                    self.set_fetch_pos(next);
                     // Nothing to answer: the tail passes the entry as soon as everything older
                     // is done (possibly right now).
-                    self.retire();
+                    self.retire()?;
                     return Ok(Some(Fetched::Tmr(TmrEntry { tmr_type, cmd_ids })));
                 }
                 TCMU_OP_CMD => {
@@ -470,6 +577,11 @@ impl Ring {
                             pos,
                             format!("cmd_id {cmd_id} is already in flight"),
                         ));
+                    }
+                    if self.journal.as_ref().is_some_and(|j| j.free.is_empty()) {
+                        // Every journal slot is taken: leave the command in the ring until one
+                        // frees (the runtime fetches again after each completion).
+                        return Ok(None);
                     }
                     let entry = self.copy_entry(pos, len, &hdr)?;
                     let fetched = match parse_cmd(&entry, map_off as u64, self.data) {
@@ -489,12 +601,14 @@ impl Ring {
                             Fetched::Invalid { cmd_id, why }
                         }
                     };
+                    self.journal_fetch(pos, next, cmd_id, &fetched)?;
                     self.slots.push_back(Slot {
                         off: pos,
                         len,
                         cmd_id: Some(cmd_id),
                     });
                     self.fetch_pos = next;
+                    self.crash_point(CrashPoint::FetchCommitted)?;
                     return Ok(Some(fetched));
                 }
                 other => {
@@ -511,6 +625,7 @@ impl Ring {
     /// it, the response waits until every older command is completed. Errors (an id not in
     /// flight, or whose buffers are still alive) leave the ring untouched.
     pub fn complete(&mut self, cmd_id: u16, c: &Completion<'_>) -> Result<(), RingError> {
+        self.alive()?;
         let inf = self
             .in_flight
             .get(&cmd_id)
@@ -535,16 +650,19 @@ impl Ring {
         let read_len = c
             .read_len
             .filter(|_| self.flags & TCMU_MAILBOX_FLAG_CAP_READ_LEN != 0);
-        self.done.insert(
-            cmd_id,
-            Response {
-                status: c.status,
-                read_len,
-                sense,
-            },
-        );
-        self.retire();
-        Ok(())
+        let resp = Response {
+            status: c.status,
+            read_len,
+            sense,
+        };
+        if let Some(jr) = &self.journal
+            && let Some(&slot) = jr.slot_of.get(&cmd_id)
+        {
+            jr.j.write_response(slot, &resp);
+        }
+        self.done.insert(cmd_id, resp);
+        self.crash_point(CrashPoint::ResponseJournaled)?;
+        self.retire()
     }
 
     /// Drops `cmd` (and so its data buffers), then completes it.
@@ -558,11 +676,67 @@ impl Ring {
         self.complete(cmd_id, c)
     }
 
+    /// Moves the fetch position past a PAD or TMR entry (journaled before the tail can pass
+    /// the entry).
+    fn set_fetch_pos(&mut self, next: u32) {
+        self.fetch_pos = next;
+        if let Some(jr) = &self.journal {
+            jr.j.set_fetch(next, None);
+        }
+    }
+
+    /// Journals a fetched CMD entry at `pos` (the next entry being at `next`): pending marker,
+    /// slot, then the committed fetch position. See [`journal`] for why in this order.
+    fn journal_fetch(
+        &mut self,
+        pos: u32,
+        next: u32,
+        cmd_id: u16,
+        fetched: &Fetched,
+    ) -> Result<(), RingError> {
+        let Some(slot) = self.journal.as_mut().and_then(|jr| jr.free.pop()) else {
+            return Ok(());
+        };
+        if let Some(jr) = &self.journal {
+            jr.j.set_fetch(pos, Some(slot));
+        }
+        self.crash_point(CrashPoint::FetchPending)?;
+        let req = match fetched {
+            Fetched::Cmd(c) => JournalRequest {
+                cmd_id,
+                invalid: false,
+                cdb: &c.cdb,
+                iovecs: &c.iovecs,
+                bidi_iovecs: &c.bidi_iovecs,
+            },
+            Fetched::Invalid { .. } | Fetched::Tmr(_) => JournalRequest {
+                cmd_id,
+                invalid: true,
+                cdb: &[],
+                iovecs: &[],
+                bidi_iovecs: &[],
+            },
+        };
+        if let Some(jr) = &mut self.journal {
+            jr.j.write_request(slot, &req);
+            jr.slot_of.insert(cmd_id, slot);
+        }
+        self.crash_point(CrashPoint::FetchJournaled)?;
+        if let Some(jr) = &self.journal {
+            jr.j.set_fetch(next, None);
+        }
+        Ok(())
+    }
+
     /// Writes the responses that may go to the ring now and moves the tail past them and past
     /// the PAD/TMR entries that follow, never beyond the fetch position.
-    fn retire(&mut self) {
+    ///
+    /// With a journal, each response's journal slot is marked completing-at-tail (with the ring
+    /// slot it goes into) before the response is written, and freed only after the tail store.
+    fn retire(&mut self) -> Result<(), RingError> {
         let ooo = self.flags & TCMU_MAILBOX_FLAG_CAP_OOOC != 0;
         let old_tail = self.tail;
+        let mut finished: Vec<u16> = Vec::new();
         while let Some(slot) = self.slots.front().copied() {
             if let Some(owner) = slot.cmd_id {
                 let chosen = if self.done.contains_key(&owner) {
@@ -575,7 +749,15 @@ impl Ring {
                 let Some((id, resp)) = chosen.and_then(|id| self.done.remove_entry(&id)) else {
                     break;
                 };
+                if let Some(jr) = &mut self.journal
+                    && let Some(js) = jr.slot_of.remove(&id)
+                {
+                    jr.j.mark_completing(js, slot.off);
+                    finished.push(js);
+                }
+                self.crash_point(CrashPoint::CompletingMarked)?;
                 self.write_response(slot, id, &resp);
+                self.crash_point(CrashPoint::ResponseWritten)?;
             }
             self.slots.pop_front();
             // Slots never wrap, so `off + len <= cmdr_size`.
@@ -587,7 +769,23 @@ impl Ring {
             self.mailbox_word(MB_CMD_TAIL)
                 .store(self.tail, Ordering::Release);
             self.tail_moved = true;
+            self.crash_point(CrashPoint::TailStored)?;
         }
+        if !finished.is_empty() {
+            // The kernel has these now: free their journal slots before the tail can move again
+            // (a completing marker left behind could later look "not done").
+            for js in finished {
+                if let Some(jr) = &mut self.journal {
+                    jr.j.set_state(js, journal::FREE);
+                    jr.free.push(js);
+                }
+                self.crash_point(CrashPoint::SlotReleased)?;
+            }
+            if let Some(jr) = &self.journal {
+                jr.j.set_tail(self.tail);
+            }
+        }
+        Ok(())
     }
 
     /// Writes `resp` for command `id` into `slot`, keeping the slot's `len_op` and `kflags`.

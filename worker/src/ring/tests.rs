@@ -1025,3 +1025,331 @@ fn variable_length_cdb() {
     assert_eq!(c.cmd_id, id);
     assert_eq!(c.cdb, cdb);
 }
+
+// ---- journal and recovery -----------------------------------------------------------------
+
+fn journal_fd() -> OwnedFd {
+    let fd = memfd_create("journal-unit", MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&fd, journal::JOURNAL_LEN as i64).unwrap();
+    fd
+}
+
+fn journal_of(fd: &OwnedFd) -> Journal {
+    Journal::map(fd.as_fd()).unwrap()
+}
+
+fn recover(d: &Dev, jfd: &OwnedFd) -> Result<Recovery, RecoverError> {
+    Ring::recover(d.map.clone(), journal_of(jfd))
+}
+
+fn expect_pending(r: Recovered) -> RingCommand {
+    match r {
+        Recovered::Pending(c) => c,
+        other => panic!("expected a pending command, got {other:?}"),
+    }
+}
+
+/// The example: Y (older) runs, X (newer) completes into Y's slot at the tail; then the
+/// worker dies. Replaying from the tail would complete X twice and lose Y; recovery must hand
+/// back Y alone, and its completion must land in the one remaining slot.
+#[test]
+fn recovery_returns_the_command_whose_slot_was_taken() {
+    let mut d = Dev::new(2048, 8192, OOOC_ALL);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    let buf = d.alloc(4096, &[7; 4096]);
+    let y = d.cmd(&READ10, &[buf]);
+    let x = d.cmd(&TUR, &[]);
+    let cy = expect_cmd(ring.fetch().unwrap());
+    let cx = expect_cmd(ring.fetch().unwrap());
+    assert_eq!((cy.cmd_id, cx.cmd_id), (y, x));
+    ring.complete_command(cx, &Completion::status(0)).unwrap();
+    // X's answer went into Y's slot, and the tail passed it.
+    assert_eq!(d.slot(RING_OFF).0, x);
+    let tail = d.mb_tail();
+    assert_ne!(tail, 0);
+    // The worker dies with Y running.
+    drop(cy);
+    drop(ring);
+
+    let rec = recover(&d, &jfd).unwrap();
+    assert_eq!(rec.report.pending, 1);
+    assert_eq!(rec.report.redelivered, 0);
+    assert_eq!((rec.report.tail, rec.report.fetch_pos), (tail, d.head));
+    let mut ring = rec.ring;
+    let mut cmds = rec.commands.into_iter();
+    let c = expect_pending(cmds.next().unwrap());
+    assert!(cmds.next().is_none());
+    assert_eq!(c.cmd_id, y);
+    assert_eq!(c.cdb, READ10);
+    assert_eq!(c.iovecs, vec![buf]);
+    assert_eq!(
+        c.data.to_vec(),
+        vec![7; 4096],
+        "the buffer is rebuilt over the same bytes"
+    );
+    assert!(!ring.take_tail_moved(), "nothing was re-delivered");
+    ring.complete_command(c, &Completion::status(0)).unwrap();
+    // Y's answer goes into the slot that still held X's request.
+    let x_slot = RING_OFF + tail as usize;
+    assert_eq!(d.slot(x_slot).0, y);
+    assert_eq!(d.mb_tail(), d.head);
+    assert!(ring.fetch().unwrap().is_none());
+}
+
+/// A worker dies after writing responses into ring slots but before storing the tail: the
+/// responses are delivered again, each exactly once, and the running command comes back.
+#[test]
+fn responses_written_but_not_published_are_redelivered() {
+    let mut d = Dev::new(4096, 4096, OOOC_ALL);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    let ids: Vec<u16> = (0..3).map(|_| d.cmd(&TUR, &[])).collect();
+    let cmds: Vec<RingCommand> = (0..3).map(|_| expect_cmd(ring.fetch().unwrap())).collect();
+    // Die right after the first response is written into the ring.
+    ring.set_crash_plan(Arc::new(CrashPlan::new(
+        Some(CrashPoint::ResponseWritten),
+        1,
+    )));
+    let mut it = cmds.into_iter();
+    let (c0, _c1, c2) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+    drop(c0);
+    let err = ring
+        .complete_command(c2, &Completion::status(0x28))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        RingError::Crashed(CrashPoint::ResponseWritten)
+    ));
+    assert_eq!(d.slot(RING_OFF).0, ids[2], "the response is in the ring");
+    assert_eq!(d.mb_tail(), 0, "but the tail never moved");
+    // A dead engine writes nothing more.
+    assert!(matches!(ring.fetch(), Err(RingError::Crashed(_))));
+    drop(ring);
+
+    let rec = recover(&d, &jfd).unwrap();
+    assert_eq!(rec.report.redelivered, 1);
+    assert_eq!(rec.report.pending, 2);
+    let mut ring = rec.ring;
+    assert!(ring.take_tail_moved());
+    assert_eq!(d.mb_tail(), 120);
+    assert_eq!((d.slot(RING_OFF).0, d.slot(RING_OFF).2), (ids[2], 0x28));
+    let mut pending: Vec<RingCommand> = rec.commands.into_iter().map(expect_pending).collect();
+    pending.sort_by_key(|c| c.cmd_id);
+    assert_eq!(
+        pending.iter().map(|c| c.cmd_id).collect::<Vec<_>>(),
+        vec![ids[0], ids[1]]
+    );
+    for c in pending {
+        ring.complete_command(c, &Completion::status(0)).unwrap();
+    }
+    assert_eq!(d.mb_tail(), d.head);
+    let labels: Vec<u16> = (0..3).map(|i| d.slot(RING_OFF + 120 * i).0).collect();
+    let mut sorted = labels.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted, ids,
+        "each command answered in exactly one slot: {labels:?}"
+    );
+}
+
+/// A worker dies after storing the tail but before freeing the journal slots: the kernel has
+/// those answers, so recovery must not deliver them again.
+#[test]
+fn published_completions_are_not_redelivered() {
+    let mut d = Dev::new(4096, 4096, OOOC_ALL);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    let ids: Vec<u16> = (0..2).map(|_| d.cmd(&TUR, &[])).collect();
+    let c0 = expect_cmd(ring.fetch().unwrap());
+    let c1 = expect_cmd(ring.fetch().unwrap());
+    ring.set_crash_plan(Arc::new(CrashPlan::new(Some(CrashPoint::TailStored), 1)));
+    assert!(matches!(
+        ring.complete_command(c1, &Completion::status(0)),
+        Err(RingError::Crashed(CrashPoint::TailStored))
+    ));
+    assert_eq!(d.mb_tail(), 120);
+    drop((c0, ring));
+    let rec = recover(&d, &jfd).unwrap();
+    assert_eq!((rec.report.redelivered, rec.report.already_done), (0, 1));
+    let mut ring = rec.ring;
+    assert!(!ring.take_tail_moved());
+    let c = expect_pending(rec.commands.into_iter().next().unwrap());
+    assert_eq!(c.cmd_id, ids[0]);
+    ring.complete_command(c, &Completion::status(0)).unwrap();
+    assert_eq!(d.mb_tail(), d.head);
+}
+
+/// A fetch journaled but not committed is dropped, and its entry is fetched again.
+#[test]
+fn an_uncommitted_fetch_is_fetched_again() {
+    let mut d = Dev::new(4096, 4096, OOOC_ALL);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    let a = d.cmd(&TUR, &[]);
+    let b = d.cmd(&WRITE10, &[]);
+    let ca = expect_cmd(ring.fetch().unwrap());
+    ring.set_crash_plan(Arc::new(CrashPlan::new(
+        Some(CrashPoint::FetchJournaled),
+        1,
+    )));
+    assert!(matches!(ring.fetch(), Err(RingError::Crashed(_))));
+    drop((ca, ring));
+    let rec = recover(&d, &jfd).unwrap();
+    assert!(rec.report.dropped_uncommitted_fetch);
+    assert_eq!(rec.report.pending, 1);
+    let mut ring = rec.ring;
+    let ca = expect_pending(rec.commands.into_iter().next().unwrap());
+    assert_eq!(ca.cmd_id, a);
+    let cb = expect_cmd(ring.fetch().unwrap());
+    assert_eq!(cb.cmd_id, b);
+    ring.complete_command(cb, &Completion::status(0)).unwrap();
+    ring.complete_command(ca, &Completion::status(0)).unwrap();
+    assert_eq!(d.mb_tail(), d.head);
+}
+
+/// In-order mode: a finished command waiting for an older one keeps its computed answer.
+#[test]
+fn held_back_responses_survive_in_order_mode() {
+    let mut d = Dev::new(4096, 4096, TCMU_MAILBOX_FLAG_CAP_READ_LEN);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    let ids: Vec<u16> = (0..2).map(|_| d.cmd(&TUR, &[])).collect();
+    let c0 = expect_cmd(ring.fetch().unwrap());
+    let c1 = expect_cmd(ring.fetch().unwrap());
+    ring.complete_command(c1, &Completion::status(0x28))
+        .unwrap();
+    assert_eq!(d.mb_tail(), 0);
+    drop((c0, ring));
+    let rec = recover(&d, &jfd).unwrap();
+    assert_eq!((rec.report.redelivered, rec.report.pending), (1, 1));
+    let mut ring = rec.ring;
+    assert!(
+        !ring.take_tail_moved(),
+        "still held behind the older command"
+    );
+    let c0 = expect_pending(rec.commands.into_iter().next().unwrap());
+    assert_eq!(c0.cmd_id, ids[0]);
+    ring.complete_command(c0, &Completion::status(0)).unwrap();
+    assert_eq!(d.mb_tail(), d.head);
+    assert_eq!(
+        (d.slot(RING_OFF + 120).0, d.slot(RING_OFF + 120).2),
+        (ids[1], 0x28)
+    );
+}
+
+#[test]
+fn inconsistent_journals_are_refused() {
+    let mut d = Dev::new(4096, 4096, OOOC_ALL);
+    // Never initialised.
+    let jfd = journal_fd();
+    let err = recover(&d, &jfd).unwrap_err();
+    assert!(err.to_string().contains("magic"), "{err}");
+
+    // A fetch position beyond cmd_head (as after the kernel reset the ring under us).
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    d.cmd(&TUR, &[]);
+    let c = expect_cmd(ring.fetch().unwrap());
+    drop((c, ring));
+    d.word(MB_CMD_TAIL).store(0, Ordering::Release);
+    d.set_head(0);
+    let err = recover(&d, &jfd).unwrap_err();
+    assert!(err.to_string().contains("not between"), "{err}");
+
+    // The command slot count and the journal disagree: a journaled command vanished.
+    let mut d = Dev::new(4096, 4096, OOOC_ALL);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    d.cmd(&TUR, &[]);
+    d.cmd(&TUR, &[]);
+    let c0 = expect_cmd(ring.fetch().unwrap());
+    let c1 = expect_cmd(ring.fetch().unwrap());
+    drop((c0, c1, ring));
+    // Free the first slot by hand (the state word of slot 0).
+    let f = std::fs::File::from(jfd.try_clone().unwrap());
+    std::os::unix::fs::FileExt::write_all_at(&f, &0u32.to_ne_bytes(), journal::HEADER_SIZE as u64)
+        .unwrap();
+    let err = recover(&d, &jfd).unwrap_err();
+    assert!(err.to_string().contains("command slots"), "{err}");
+}
+
+/// Garbage anywhere in a journal never makes recovery panic; it either is refused or (when it
+/// only touched bytes recovery does not use) gives the same result as the intact journal.
+#[test]
+fn random_damage_is_refused_or_harmless() {
+    let mut d = Dev::new(4096, 65536, OOOC_ALL);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    let mut keep = Vec::new();
+    for i in 0..6 {
+        let b = d.alloc(512, &[i; 512]);
+        d.cmd(&WRITE10, &[b]);
+        keep.push(expect_cmd(ring.fetch().unwrap()));
+    }
+    // Two finish; one of them into the oldest slot.
+    let c5 = keep.pop().unwrap();
+    ring.complete_command(c5, &Completion::status(0)).unwrap();
+    drop((keep, ring));
+    let f = std::fs::File::from(jfd.try_clone().unwrap());
+    let good = journal_of(&jfd).snapshot();
+    let base = {
+        let r = recover(&d, &jfd).unwrap();
+        let mut ids: Vec<u16> = r.commands.iter().map(Recovered::cmd_id).collect();
+        ids.sort_unstable();
+        ids
+    };
+    // Recovery rewrites the journal in place; each round below writes a damaged copy of the
+    // original back first. Nothing is re-delivered (the finished command is already past the
+    // tail), so the ring is the same for every round.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let live = journal::HEADER_SIZE + 8 * journal::SLOT_SIZE;
+    for _ in 0..200 {
+        let mut snap = good.clone();
+        for _ in 0..(next() % 4 + 1) {
+            let at = (next() as usize) % live;
+            snap[at] = next() as u8;
+        }
+        std::os::unix::fs::FileExt::write_all_at(&f, &snap, 0).unwrap();
+        match recover(&d, &jfd) {
+            Err(RecoverError::Inconsistent(_)) => {}
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(r) => {
+                let mut ids: Vec<u16> = r.commands.iter().map(Recovered::cmd_id).collect();
+                ids.sort_unstable();
+                assert_eq!(ids, base);
+            }
+        }
+    }
+    // All garbage: refused.
+    let junk: Vec<u8> = (0..journal::JOURNAL_LEN).map(|_| next() as u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(&f, &junk, 0).unwrap();
+    assert!(matches!(
+        recover(&d, &jfd),
+        Err(RecoverError::Inconsistent(_))
+    ));
+}
+
+#[test]
+fn a_full_journal_holds_commands_back_in_the_ring() {
+    let mut d = Dev::new(1 << 20, 4096, OOOC_ALL);
+    let jfd = journal_fd();
+    let mut ring = Ring::with_journal(d.map.clone(), journal_of(&jfd)).unwrap();
+    for _ in 0..journal::JOURNAL_SLOTS + 1 {
+        d.cmd(&TUR, &[]);
+    }
+    let mut held = Vec::new();
+    for _ in 0..journal::JOURNAL_SLOTS {
+        held.push(expect_cmd(ring.fetch().unwrap()));
+    }
+    assert!(ring.fetch().unwrap().is_none(), "no journal slot left");
+    let c = held.pop().unwrap();
+    ring.complete_command(c, &Completion::status(0)).unwrap();
+    let last = expect_cmd(ring.fetch().unwrap());
+    assert_eq!(last.cmd_id as usize, journal::JOURNAL_SLOTS + 1);
+}

@@ -13,8 +13,15 @@
 //! buffers. So many commands are in flight per device at once, and a slow command never holds back a
 //! fast one.
 //!
+//! A runner can also start from a [`Recovery`] (a ring rebuilt from a dead worker's journal):
+//! before fetching anything new, it re-executes the recovered commands that are safe to run twice
+//! (see [`super::replay`]) and answers the others BUSY, so that each command the kernel still
+//! waits for is completed exactly once.
+//!
 //! This module must never block the ring thread on a handler, and never let a handler's failure
-//! (an error or even a panic) take the device down: every command ends with a SCSI status.
+//! (an error or even a panic) take the device down: every command ends with a SCSI status. When
+//! the ring thread ends abnormally, commands still queued for the I/O threads are abandoned
+//! rather than executed: their results could no longer be delivered.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -29,8 +36,12 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, error, info, warn};
 
-use crate::ring::{Completion, Fetched, Ring, RingCommand, RingError};
+use crate::ring::{
+    Completion, CrashPoint, Fetched, Recovered, Recovery, Ring, RingCommand, RingError,
+};
 use crate::scsi::{Command, CommandResult, Emulator, Sense, status};
+
+use super::replay::is_replay_safe;
 
 /// Errors that stop a device.
 #[derive(Debug, thiserror::Error)]
@@ -112,30 +123,66 @@ impl DeviceRunner {
         opts: DeviceOptions,
         on_exit: OnExit,
     ) -> io::Result<DeviceRunner> {
+        Self::start_with(name, ring, Vec::new(), event, emulator, opts, on_exit)
+    }
+
+    /// Starts serving a ring rebuilt by [`Ring::recover`]: its recovered commands are finished
+    /// first (re-executed when replay-safe, else answered BUSY), then the ring is served as
+    /// usual. The recovery's re-delivered responses are announced to the kernel at once.
+    pub fn start_recovered(
+        name: String,
+        recovery: Recovery,
+        event: OwnedFd,
+        emulator: Arc<Emulator>,
+        opts: DeviceOptions,
+        on_exit: OnExit,
+    ) -> io::Result<DeviceRunner> {
+        Self::start_with(
+            name,
+            recovery.ring,
+            recovery.commands,
+            event,
+            emulator,
+            opts,
+            on_exit,
+        )
+    }
+
+    fn start_with(
+        name: String,
+        ring: Ring,
+        recovered: Vec<Recovered>,
+        event: OwnedFd,
+        emulator: Arc<Emulator>,
+        opts: DeviceOptions,
+        on_exit: OnExit,
+    ) -> io::Result<DeviceRunner> {
         set_nonblocking(&event)?;
         let wake = Arc::new(EventFd::from_value_and_flags(
             0,
             EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
         )?);
         let stop = Arc::new(AtomicBool::new(false));
+        let abandoned = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<RingCommand>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
 
         let mut io_threads = Vec::new();
         for i in 0..opts.io_threads.max(1) {
-            let (rx, tx, wake, emu, ctr) = (
+            let (rx, tx, wake, emu, ctr, gone) = (
                 job_rx.clone(),
                 done_tx.clone(),
                 wake.clone(),
                 emulator.clone(),
                 counters.clone(),
+                abandoned.clone(),
             );
             let dev = name.clone();
             io_threads.push(
                 std::thread::Builder::new()
                     .name(format!("io-{i}"))
-                    .spawn(move || io_loop(&dev, rx, tx, &wake, &emu, &ctr))?,
+                    .spawn(move || io_loop(&dev, rx, tx, &wake, &emu, &ctr, &gone))?,
             );
         }
         drop(done_tx);
@@ -144,13 +191,17 @@ impl DeviceRunner {
             std::thread::Builder::new()
                 .name("ring".into())
                 .spawn(move || {
-                    let r = ring_loop(&dev, ring, &event, &wake, &stop, job_tx, done_rx);
+                    let r = ring_loop(&dev, ring, recovered, &event, &wake, &stop, job_tx, done_rx);
                     match &r {
                         Ok(()) => info!(device = %dev, "device stopped"),
-                        Err(DeviceError::Gone) => {
-                            warn!(device = %dev, "device removed by the kernel; no longer served")
+                        Err(e) => {
+                            abandoned.store(true, Ordering::Release);
+                            if matches!(e, DeviceError::Gone) {
+                                warn!(device = %dev, "device removed by the kernel; no longer served");
+                            } else {
+                                error!(device = %dev, error = %e, "device failed");
+                            }
                         }
-                        Err(e) => error!(device = %dev, error = %e, "device failed"),
                     }
                     on_exit(&r);
                     r
@@ -214,17 +265,21 @@ impl Drop for DeviceRunner {
 /// How long a stopping device waits for in-flight commands.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
+#[allow(clippy::too_many_arguments)]
 fn ring_loop(
     dev: &str,
     mut ring: Ring,
+    recovered: Vec<Recovered>,
     event: &OwnedFd,
     wake: &EventFd,
     stop: &AtomicBool,
     jobs: Sender<RingCommand>,
     done: Receiver<Done>,
 ) -> Result<(), DeviceError> {
+    finish_recovered(dev, &mut ring, recovered, &jobs)?;
     let mut drain_started: Option<Instant> = None;
     loop {
+        ring.crash_point(CrashPoint::LoopTop)?;
         // Completions first: they free ring space for the kernel.
         loop {
             match done.try_recv() {
@@ -305,6 +360,48 @@ fn ring_loop(
     }
 }
 
+/// Hands the recovered commands to the I/O threads (replay-safe ones) or answers them BUSY.
+fn finish_recovered(
+    dev: &str,
+    ring: &mut Ring,
+    recovered: Vec<Recovered>,
+    jobs: &Sender<RingCommand>,
+) -> Result<(), DeviceError> {
+    if recovered.is_empty() {
+        return Ok(());
+    }
+    let (mut replayed, mut busy, mut invalid) = (0usize, 0usize, 0usize);
+    for r in recovered {
+        match r {
+            Recovered::Pending(cmd) if is_replay_safe(&cmd.cdb) => {
+                replayed += 1;
+                if let Err(e) = jobs.send(cmd) {
+                    let id = e.0.cmd_id;
+                    complete(ring, id, &internal_error())?;
+                }
+            }
+            Recovered::Pending(cmd) => {
+                busy += 1;
+                debug!(device = %dev, cmd_id = cmd.cmd_id, opcode = cmd.cdb.first().copied().unwrap_or(0),
+                       "recovered command is not safe to run twice; answering BUSY");
+                ring.complete_command(cmd, &Completion::status(status::BUSY))?;
+            }
+            Recovered::Unreplayable { cmd_id, cdb } => {
+                busy += 1;
+                debug!(device = %dev, cmd_id, opcode = cdb.first().copied().unwrap_or(0),
+                       "recovered command's data layout was not journaled; answering BUSY");
+                ring.complete(cmd_id, &Completion::status(status::BUSY))?;
+            }
+            Recovered::Invalid { cmd_id } => {
+                invalid += 1;
+                complete(ring, cmd_id, &internal_error())?;
+            }
+        }
+    }
+    info!(device = %dev, replayed, busy, invalid, "finishing the commands the previous worker left running");
+    Ok(())
+}
+
 fn internal_error() -> CommandResult {
     // HARDWARE ERROR / INTERNAL TARGET FAILURE: the command itself was fine, our side was not.
     CommandResult::check(Sense::new(0x04, 0x44, 0x00))
@@ -329,8 +426,13 @@ fn io_loop(
     wake: &EventFd,
     emulator: &Emulator,
     counters: &Counters,
+    abandoned: &AtomicBool,
 ) {
     for mut cmd in jobs {
+        if abandoned.load(Ordering::Acquire) {
+            // The ring thread is gone: nobody could deliver the result.
+            continue;
+        }
         let op = cmd.cdb.first().copied().unwrap_or(0);
         let len = cmd.data.len() as u64;
         let result = catch_unwind(AssertUnwindSafe(|| {

@@ -8,6 +8,12 @@
 //! pings with counters, and on `Shutdown` (or when the supervisor goes away) drains its devices and
 //! exits.
 //!
+//! Each device normally comes with an in-flight journal ([`JournalMode`]): `Fresh` starts a
+//! journal at the ring's tail; `Recover` rebuilds the ring from the journal a crashed predecessor
+//! left ([`Ring::recover`]) and finishes what it left running. A journal that does not agree with
+//! the ring is reported as [`FromWorker::RecoveryFailed`] and the device is not served: the
+//! supervisor resets the ring and sends the device again.
+//!
 //! [`worker_main`] is the whole of a worker executable's `main`: the built-in `tcmu-warden-worker`
 //! calls it with the built-in handler factories, and a third-party handler binary calls it with its
 //! own.
@@ -15,17 +21,21 @@
 //! This module never opens a path: every file it uses arrives as a descriptor from the supervisor.
 
 pub mod device;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tcmu_warden_proto::{Channel, DeviceSpec, DeviceStats, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{
+    Channel, DeviceSpec, DeviceStats, FromWorker, JournalMode, ProtoError, ToWorker,
+};
 use tracing::{error, info, warn};
 
 use crate::handler::{DeviceConfig, HandlerFactory};
-use crate::ring::{Mapping, Ring, RingError};
+use crate::ring::journal::{Journal, JournalError};
+use crate::ring::{Mapping, RecoverError, Ring, RingError};
 use crate::scsi::Emulator;
 pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
 
@@ -65,6 +75,18 @@ enum AddError {
     Duplicate(u64),
     #[error("map size {0} does not fit this machine's address space")]
     MapSize(u64),
+    #[error("{0}")]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Recover(#[from] RecoverError),
+}
+
+/// How a device's runner starts.
+enum Start {
+    /// A ring with no history to finish.
+    Ring(Ring),
+    /// A ring rebuilt from a predecessor's journal.
+    Recovered(crate::ring::Recovery),
 }
 
 struct Served {
@@ -150,10 +172,18 @@ impl Worker {
                             info!(device = %name, id, "device ready");
                             self.chan.send(&FromWorker::DeviceReady { id }, &[])?;
                         }
+                        Err(AddError::Recover(e)) => {
+                            warn!(device = %name, id, error = %e,
+                                  "cannot recover from the journal; asking for a ring reset");
+                            let mut reason = e.to_string();
+                            truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
+                            self.chan
+                                .send(&FromWorker::RecoveryFailed { id, reason }, &[])?;
+                        }
                         Err(e) => {
                             error!(device = %name, id, error = %e, "device failed");
                             let mut reason = e.to_string();
-                            reason.truncate(tcmu_warden_proto::MAX_REASON_LEN);
+                            truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
                             self.chan
                                 .send(&FromWorker::DeviceFailed { id, reason }, &[])?;
                         }
@@ -225,7 +255,18 @@ impl Worker {
         }
         let mut fds = fds.into_iter();
         let uio = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
-        let backing = fds.next();
+        let backing = if spec.has_backing_fd {
+            fds.next()
+        } else {
+            None
+        };
+        let journal = match spec.journal {
+            JournalMode::None => None,
+            JournalMode::Fresh | JournalMode::Recover => {
+                let fd = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
+                Some(Journal::map(fd.as_fd())?)
+            }
+        };
         let cfg = DeviceConfig::from(&spec);
         let emulator = match &spec.refusal {
             Some(why) => {
@@ -242,26 +283,56 @@ impl Worker {
         };
         let len = usize::try_from(spec.map_size).map_err(|_| AddError::MapSize(spec.map_size))?;
         let map = Mapping::map(uio.as_fd(), len)?;
-        let ring = Ring::new(map)?;
+        let start = match (spec.journal, journal) {
+            (JournalMode::Recover, Some(j)) => {
+                let rec = Ring::recover(map, j)?;
+                info!(device = %spec.name, generation = rec.report.generation,
+                      redelivered = rec.report.redelivered, already_done = rec.report.already_done,
+                      running = rec.report.pending, tail = rec.report.tail,
+                      fetch_pos = rec.report.fetch_pos,
+                      "recovered the ring from the previous worker's journal");
+                Start::Recovered(rec)
+            }
+            (_, Some(j)) => Start::Ring(Ring::with_journal(map, j)?),
+            (_, None) => Start::Ring(Ring::new(map)?),
+        };
         let chan = self.chan.clone();
         let id = spec.id;
         let on_exit = Box::new(move |r: &Result<(), DeviceError>| {
             if let Err(e) = r {
                 let mut reason = e.to_string();
-                reason.truncate(tcmu_warden_proto::MAX_REASON_LEN);
+                truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
                 let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
             }
         });
-        let runner = DeviceRunner::start(
-            spec.name.clone(),
-            ring,
-            uio,
-            Arc::new(emulator),
-            self.opts,
-            on_exit,
-        )?;
+        let emulator = Arc::new(emulator);
+        let runner = match start {
+            Start::Recovered(rec) => DeviceRunner::start_recovered(
+                spec.name.clone(),
+                rec,
+                uio,
+                emulator,
+                self.opts,
+                on_exit,
+            )?,
+            Start::Ring(ring) => {
+                DeviceRunner::start(spec.name.clone(), ring, uio, emulator, self.opts, on_exit)?
+            }
+        };
         self.devices.insert(spec.id, Served { runner });
         Ok(())
+    }
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary (`String::truncate` panics inside a
+/// character).
+fn truncate_at_boundary(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while cut > 0 && !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
     }
 }
 
