@@ -60,11 +60,14 @@
 
 pub mod admit;
 pub mod config;
+pub mod jail;
 pub mod size;
 
 pub use admit::{Admission, PolicyError};
 pub use config::{
-    Config, ConfigError, DaemonConfig, FileHandlerConfig, Isolation, KNOWN_SUBTYPES, LogFormat,
-    RamHandlerConfig,
+    Config, ConfigError, DaemonConfig, FileHandlerConfig, HandlerPolicy, Isolation,
+    KNOWN_SUBTYPES, LogFormat, RamHandlerConfig,
 };
+pub use jail::JailSpec;
+pub use jail::settings::{Backing, JailSettings, LandlockMode, Network, SeccompMode};
 pub use size::{ByteSize, SizeError, format_size, parse_size};
