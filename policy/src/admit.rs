@@ -289,7 +289,8 @@ fn open_beneath(
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS)
     };
     let open_with = |flags: OFlag| {
-        retry_race(|| openat2(dirfd.as_fd(), rel, how(flags))).map_err(|e| open_error(e, subtype, full, dir))
+        retry_race(|| openat2(dirfd.as_fd(), rel, how(flags)))
+            .map_err(|e| open_error(e, subtype, full, dir))
     };
     checked_open(full, open_with)
 }

@@ -450,8 +450,10 @@ impl Locator<'_> {
             Some(list) => {
                 let mut ports = Vec::new();
                 for p in list.get_ref() {
-                    let port = u16::try_from(*p.get_ref()).ok().filter(|p| *p != 0).ok_or_else(
-                        || {
+                    let port = u16::try_from(*p.get_ref())
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
                             self.error(
                                 Some(p.span()),
                                 format!(
@@ -459,8 +461,7 @@ impl Locator<'_> {
                                     p.get_ref()
                                 ),
                             )
-                        },
-                    )?;
+                        })?;
                     if !ports.contains(&port) {
                         ports.push(port);
                     }
@@ -681,7 +682,10 @@ impl Locator<'_> {
                 let backing = Backing::from_name(b.get_ref()).ok_or_else(|| {
                     self.error(
                         Some(b.span()),
-                        format!("{prefix}.backing: {:?} is not \"fd\" or \"none\"", b.get_ref()),
+                        format!(
+                            "{prefix}.backing: {:?} is not \"fd\" or \"none\"",
+                            b.get_ref()
+                        ),
                     )
                 })?;
                 if builtin && backing != default_backing {
@@ -847,10 +851,12 @@ impl Config {
             handlers.insert(subtype.clone(), policy);
         }
 
-        let file = handlers.get("file").map(|h: &HandlerPolicy| FileHandlerConfig {
-            allow_paths: h.allow_paths.clone(),
-            isolation: h.isolation,
-        });
+        let file = handlers
+            .get("file")
+            .map(|h: &HandlerPolicy| FileHandlerConfig {
+                allow_paths: h.allow_paths.clone(),
+                isolation: h.isolation,
+            });
         let ram = handlers
             .get("ram")
             .map(|h: &HandlerPolicy| RamHandlerConfig {

@@ -65,8 +65,8 @@ pub mod size;
 
 pub use admit::{Admission, PolicyError};
 pub use config::{
-    Config, ConfigError, DaemonConfig, FileHandlerConfig, HandlerPolicy, Isolation,
-    KNOWN_SUBTYPES, LogFormat, RamHandlerConfig,
+    Config, ConfigError, DaemonConfig, FileHandlerConfig, HandlerPolicy, Isolation, KNOWN_SUBTYPES,
+    LogFormat, RamHandlerConfig,
 };
 pub use jail::JailSpec;
 pub use jail::settings::{Backing, JailSettings, LandlockMode, Network, SeccompMode};

@@ -381,7 +381,8 @@ pub fn elf_interpreter(exe: &Path) -> Option<PathBuf> {
         read_at(&file, &mut name, offset)?;
         let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
         name.truncate(end);
-        let path = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name));
+        let path =
+            PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name));
         return path.is_absolute().then_some(path);
     }
     None

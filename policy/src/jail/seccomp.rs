@@ -323,7 +323,11 @@ fn conditional_denials(
     // Signals: only to itself (pid 0 is its own process group, which is itself alone after
     // setsid).
     insert(&mut rules, "kill", vec![not_self_or_zero(0, pid)?])?;
-    insert(&mut rules, "rt_sigqueueinfo", vec![not_self_or_zero(0, pid)?])?;
+    insert(
+        &mut rules,
+        "rt_sigqueueinfo",
+        vec![not_self_or_zero(0, pid)?],
+    )?;
     insert(&mut rules, "tgkill", vec![not_self(0, pid)?])?;
     insert(&mut rules, "rt_tgsigqueueinfo", vec![not_self(0, pid)?])?;
     insert(&mut rules, "pidfd_open", vec![not_self(0, pid)?])?;
@@ -556,9 +560,14 @@ pub fn stage_two_names(extra: &[String]) -> Vec<String> {
         .filter(|n| number_of(n).is_some())
         .map(|n| (*n).to_owned())
         .chain(
-            ["tgkill (own pid)", "kill (own pid)", "rt_sigqueueinfo (own pid)", "prctl (thread names)"]
-                .iter()
-                .map(|s| (*s).to_owned()),
+            [
+                "tgkill (own pid)",
+                "kill (own pid)",
+                "rt_sigqueueinfo (own pid)",
+                "prctl (thread names)",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned()),
         )
         .chain(extra.iter().cloned())
         .collect();
