@@ -423,6 +423,12 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
     if let Some(v) = r.processes {
         limits.push((libc::RLIMIT_NPROC, limit(v)));
     }
+    // The child installs the channel as descriptor 3 (dup2) before applying the jail: the
+    // ruleset must not sit at a number that dup2 could overwrite.
+    let landlock = match ruleset.fd {
+        Some(fd) => Some(above_low_numbers(fd).map_err(JailError::SelfState)?),
+        None => None,
+    };
     let stage_one_filters = u32::try_from(seccomp.programs.len()).unwrap_or(u32::MAX);
     let status = JailStatus {
         landlock: ruleset.report,
@@ -445,13 +451,29 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
             last_cap: last_cap(),
             uid,
             gid,
-            landlock: ruleset.fd,
+            landlock,
             seccomp,
             parent: me,
             env: spec.stage_two.to_env(),
         },
         status,
     })
+}
+
+/// Moves `fd` to a number above the ones the child rearranges (stdio and the channel), keeping
+/// it close-on-exec.
+fn above_low_numbers(fd: OwnedFd) -> io::Result<OwnedFd> {
+    let min = crate::worker::WORKER_CHANNEL_FD + 1;
+    if fd.as_raw_fd() >= min {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own onto the lowest free number >= min.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor owned by nothing else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
 }
 
 /// Writes a fixed message to stderr: async-signal-safe (one `write`, no formatting), so the

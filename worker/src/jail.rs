@@ -97,18 +97,24 @@ pub fn enter_stage_two(factories: &[Arc<dyn HandlerFactory>]) -> Result<StageTwo
         StageTwoRequest::from_env(&value.to_string_lossy()).map_err(JailError::Request)?;
     let extra = allowed_extras(factories, &request);
     let pid = std::process::id();
-    let program = seccomp::stage_two(&extra, pid, request.action)?;
+    let programs = seccomp::stage_two(&extra, pid, request.action)?;
     match request.action {
-        SeccompMode::Kill => seccompiler::apply_filter_all_threads(&program)
-            .map_err(|e| JailError::Install(std::io::Error::other(e.to_string())))?,
+        SeccompMode::Kill => {
+            for program in &programs {
+                seccompiler::apply_filter_all_threads(program)
+                    .map_err(|e| JailError::Install(std::io::Error::other(e.to_string())))?;
+            }
+        }
         SeccompMode::Log => {
             install_sigsys_handler().map_err(JailError::Install)?;
             // Log mode also asks the kernel to audit-log the trapped calls.
-            install_raw(
-                &program,
-                libc::SECCOMP_FILTER_FLAG_TSYNC | libc::SECCOMP_FILTER_FLAG_LOG,
-            )
-            .map_err(JailError::Install)?;
+            for program in &programs {
+                install_raw(
+                    program,
+                    libc::SECCOMP_FILTER_FLAG_TSYNC | libc::SECCOMP_FILTER_FLAG_LOG,
+                )
+                .map_err(JailError::Install)?;
+            }
             warn!(
                 "seccomp_action = \"log\": calls outside the allow-list fail with ENOSYS and are \
                  logged instead of killing the worker; a debugging aid, NOT FOR PRODUCTION"
@@ -211,7 +217,7 @@ impl Line {
 /// The SIGSYS handler of log mode: names the trapped system call and the thread on stderr.
 /// Async-signal-safe: reads the siginfo, one `prctl(PR_GET_NAME)`, one `write`; no allocation,
 /// no locks.
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; for SIGSYS the int at
     // SI_SYSCALL_OFFSET is the trapped system call's number.
     let nr = unsafe {
@@ -241,4 +247,41 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     line.push(b"\"; it fails with ENOSYS\n");
     // SAFETY: writing our stack buffer to stderr.
     unsafe { libc::write(2, line.buf.as_ptr().cast(), line.len) };
+    // The trapped call was skipped; make it return -ENOSYS (the return register otherwise still
+    // holds whatever the kernel left there, on x86_64 the call's number).
+    // SAFETY: for an SA_SIGINFO handler the kernel passes a valid ucontext_t, whose saved
+    // registers are restored when the handler returns.
+    unsafe { set_return_value(ctx.cast::<libc::ucontext_t>(), -i64::from(libc::ENOSYS)) };
+}
+
+/// Sets the return-value register of the interrupted context.
+///
+/// # Safety
+/// `ctx` must be the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler.
+#[cfg(target_arch = "x86_64")]
+unsafe fn set_return_value(ctx: *mut libc::ucontext_t, value: i64) {
+    // SAFETY: the caller guarantees `ctx` is valid; REG_RAX indexes the 23 saved registers.
+    unsafe {
+        if let Some(rax) = (*ctx)
+            .uc_mcontext
+            .gregs
+            .get_mut(usize::try_from(libc::REG_RAX).unwrap_or(usize::MAX))
+        {
+            *rax = value;
+        }
+    }
+}
+
+/// Sets the return-value register of the interrupted context.
+///
+/// # Safety
+/// `ctx` must be the `ucontext_t` the kernel passed to an `SA_SIGINFO` handler.
+#[cfg(target_arch = "aarch64")]
+unsafe fn set_return_value(ctx: *mut libc::ucontext_t, value: i64) {
+    // SAFETY: the caller guarantees `ctx` is valid; x0 carries the return value.
+    unsafe {
+        if let Some(x0) = (*ctx).uc_mcontext.regs.get_mut(0) {
+            *x0 = value as u64;
+        }
+    }
 }

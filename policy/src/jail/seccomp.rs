@@ -495,6 +495,8 @@ pub const RUNTIME_SYSCALLS: &[&str] = &[
     "nanosleep",
     "gettimeofday",
     "getrandom",
+    // adding filters (only ever restricts further; stage two installs more than one)
+    "seccomp",
     // identity queries (harmless, used by logging and libc)
     "getuid",
     "geteuid",
@@ -502,12 +504,25 @@ pub const RUNTIME_SYSCALLS: &[&str] = &[
     "getegid",
 ];
 
-/// `prctl` options the runtime uses: thread names, and naming anonymous mappings (newer C
-/// libraries name thread stacks; on kernels without it the call fails harmlessly).
-const PRCTL_OPTIONS: [libc::c_int; 3] = [libc::PR_SET_NAME, libc::PR_GET_NAME, PR_SET_VMA];
+/// `prctl` options the runtime uses: thread names, naming anonymous mappings (newer C
+/// libraries name thread stacks; on kernels without it the call fails harmlessly), and
+/// `PR_SET_NO_NEW_PRIVS` (a one-way restriction that `seccompiler` repeats before installing
+/// each further filter).
+const PRCTL_OPTIONS: [libc::c_int; 4] = [
+    libc::PR_SET_NAME,
+    libc::PR_GET_NAME,
+    PR_SET_VMA,
+    libc::PR_SET_NO_NEW_PRIVS,
+];
 
 /// `PR_SET_VMA` (Linux 5.17), not in every `libc` release.
 const PR_SET_VMA: libc::c_int = 0x5356_4d41;
+
+/// Calls that open a file by path. A worker whose handlers do not declare them gets `EACCES`
+/// from stage two instead of being killed: the C library probes files on its own (glibc reads
+/// `/sys/devices/system/cpu/online` when a new thread first allocates), and landlock would
+/// refuse those paths anyway, so failing the call like landlock does keeps such probes harmless.
+pub const OPEN_CALLS: &[&str] = &["open", "openat", "openat2", "creat"];
 
 /// Stage two: the allow-list. `extra` are names to allow unconditionally besides
 /// [`RUNTIME_SYSCALLS`] (the handlers' declarations and the policy's additions); `pid` is the
@@ -519,7 +534,35 @@ const PR_SET_VMA: libc::c_int = 0x5356_4d41;
 /// answer wins), so that thread creation falls back to `clone`.
 ///
 /// Unknown names in `extra` are an error (the caller decides whether to skip them).
-pub fn stage_two(extra: &[&str], pid: u32, mode: SeccompMode) -> Result<BpfProgram, FilterError> {
+///
+/// Returns the filters to install, in order: the allow-list, then (unless `extra` names one of
+/// [`OPEN_CALLS`]) a filter making the path-opening calls fail with `EACCES`.
+pub fn stage_two(
+    extra: &[&str],
+    pid: u32,
+    mode: SeccompMode,
+) -> Result<Vec<BpfProgram>, FilterError> {
+    let opens_declared = extra.iter().any(|n| OPEN_CALLS.contains(n));
+    let mut allowed: Vec<&str> = extra.to_vec();
+    if !opens_declared {
+        allowed.extend(OPEN_CALLS);
+    }
+    let mut programs = vec![allow_list(&allowed, pid, mode)?];
+    if !opens_declared {
+        let mut opens = BTreeMap::new();
+        for name in OPEN_CALLS {
+            insert(&mut opens, name, Vec::new())?;
+        }
+        programs.push(compile(
+            opens,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES.unsigned_abs()),
+        )?);
+    }
+    Ok(programs)
+}
+
+fn allow_list(extra: &[&str], pid: u32, mode: SeccompMode) -> Result<BpfProgram, FilterError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for name in RUNTIME_SYSCALLS {
         if let Some(nr) = number_of(name) {
@@ -542,7 +585,13 @@ pub fn stage_two(extra: &[&str], pid: u32, mode: SeccompMode) -> Result<BpfProgr
     }
     insert(&mut rules, "prctl", prctl)?;
     for name in extra {
-        let nr = number_of(name).ok_or_else(|| FilterError::Unknown((*name).to_owned()))?;
+        let Some(nr) = number_of(name) else {
+            if OPEN_CALLS.contains(name) {
+                // Not every architecture has every one of them (aarch64 lacks `open`).
+                continue;
+            }
+            return Err(FilterError::Unknown((*name).to_owned()));
+        };
         // A declared name is allowed whatever its arguments (stage one still applies).
         rules.insert(nr, Vec::new());
     }

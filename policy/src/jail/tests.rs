@@ -513,10 +513,21 @@ fn stage_one_kills_denied_calls_and_allows_the_rest() {
 fn stage_two_allows_its_list_and_kills_or_traps_the_rest() {
     // Compiled before the fork (the child must not allocate). The pid only matters to the
     // kill/tgkill rules, and no probe below signals itself.
-    let kill_prog = seccomp::stage_two(&["fsync"], 4_000_000, SeccompMode::Kill).unwrap();
+    let kill_progs = seccomp::stage_two(&["fsync"], 4_000_000, SeccompMode::Kill).unwrap();
+    assert_eq!(
+        kill_progs.len(),
+        2,
+        "allow-list and the EACCES rule for opens"
+    );
     let kill_run = |probe: fn() -> i32| {
-        let prog = kill_prog.clone();
-        in_child(move || if install(&prog) { probe() } else { 101 })
+        let progs = kill_progs.clone();
+        in_child(move || {
+            if progs.iter().all(|p| install(p)) {
+                probe()
+            } else {
+                101
+            }
+        })
     };
     // SAFETY (all probes): raw system calls with integer arguments.
     assert_eq!(
@@ -547,9 +558,25 @@ fn stage_two_allows_its_list_and_kills_or_traps_the_rest() {
     );
     // Log mode: the call is trapped (SIGSYS delivered; here left at its default action, which
     // ends the process) rather than killed by the kernel.
-    let log_prog = seccomp::stage_two(&[], 4_000_000, SeccompMode::Log).unwrap();
+    // Opening a path fails like landlock would answer, without killing.
+    assert_eq!(
+        kill_run(|| {
+            // SAFETY: open with a static C string.
+            let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+            if fd < 0 && errno() == libc::EACCES {
+                4
+            } else {
+                1
+            }
+        }),
+        Ended::Exit(4)
+    );
+    // A handler that declares openat gets it for real (landlock then decides).
+    let open_progs = seccomp::stage_two(&["openat"], 4_000_000, SeccompMode::Kill).unwrap();
+    assert_eq!(open_progs.len(), 1);
+    let log_progs = seccomp::stage_two(&[], 4_000_000, SeccompMode::Log).unwrap();
     let trapped = in_child(move || {
-        if !install(&log_prog) {
+        if !log_progs.iter().all(|p| install(p)) {
             return 101;
         }
         // SAFETY: a raw system call with no arguments.
