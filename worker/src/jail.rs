@@ -285,3 +285,49 @@ unsafe fn set_return_value(ctx: *mut libc::ucontext_t, value: i64) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::builtin_factories;
+
+    #[test]
+    fn extras_merge_declarations_and_policy_without_duplicates() {
+        let request = StageTwoRequest {
+            action: SeccompMode::Kill,
+            syscalls: vec![
+                "fsync".into(),
+                "no_such_call".into(),
+                "sync_file_range".into(),
+            ],
+        };
+        let extra = allowed_extras(&builtin_factories(), &request);
+        // The file handler's declarations...
+        for name in ["pwritev2", "fdatasync", "fallocate", "ioctl"] {
+            assert!(extra.contains(&name), "{name} missing from {extra:?}");
+        }
+        // ... the policy's extras, once each, unknown names dropped.
+        assert!(extra.contains(&"sync_file_range"));
+        assert_eq!(extra.iter().filter(|n| **n == "fsync").count(), 1);
+        assert!(!extra.contains(&"no_such_call"));
+        // Every name builds into a filter.
+        let programs = seccomp::stage_two(&extra, 1, SeccompMode::Kill).unwrap();
+        assert_eq!(programs.len(), 2);
+    }
+
+    #[test]
+    fn the_signal_handler_line_formats_without_allocating() {
+        let mut line = Line {
+            buf: [0; 256],
+            len: 0,
+        };
+        line.push(b"nr ");
+        line.push_number(0);
+        line.push(b" ");
+        line.push_number(18_446_744_073_709_551_615);
+        assert_eq!(&line.buf[..line.len], b"nr 0 18446744073709551615");
+        // Overlong input is cut at the buffer's end, never past it.
+        line.push(&[b'x'; 300]);
+        assert_eq!(line.len, 256);
+    }
+}
