@@ -375,11 +375,7 @@ fn last_cap() -> libc::c_ulong {
 pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
     let settings = &spec.settings;
     let ruleset = ll::prepare(&spec.fs_rules, &settings.network)?;
-    if settings.landlock == LandlockMode::Required
-        && ruleset.report.enforcement() != Enforcement::Full
-    {
-        return Err(JailError::LandlockRequired(ruleset.report));
-    }
+    check_required(settings.landlock, &ruleset.report)?;
     let seccomp = seccomp::stage_one(&StageOneOptions {
         network: settings.network.clone(),
         io_uring: settings.io_uring,
@@ -458,6 +454,14 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
         },
         status,
     })
+}
+
+/// With `landlock = "required"`, refuses a report that is not fully enforced.
+pub fn check_required(mode: LandlockMode, report: &LandlockReport) -> Result<(), JailError> {
+    if mode == LandlockMode::Required && report.enforcement() != Enforcement::Full {
+        return Err(JailError::LandlockRequired(report.clone()));
+    }
+    Ok(())
 }
 
 /// Moves `fd` to a number above the ones the child rearranges (stdio and the channel), keeping
@@ -692,6 +696,29 @@ mod tests {
             root.caps_summary(),
             "effective=cap_sys_admin bounding=cap_chown"
         );
+    }
+
+    #[test]
+    fn required_landlock_refuses_what_the_kernel_cannot_enforce() {
+        use tcmu_warden_policy::Network;
+        let tcp = Network::Tcp {
+            connect_ports: vec![3260],
+        };
+        // Debian 12's 6.1 (ABI 2): the default policy is fully enforced...
+        let r = LandlockReport::for_abi(2, &Network::None);
+        assert!(check_required(LandlockMode::Required, &r).is_ok());
+        // ... a TCP policy is not, and the error says what is missing and what to do.
+        let r = LandlockReport::for_abi(2, &tcp);
+        let err = check_required(LandlockMode::Required, &r).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("needed missing: tcp"), "{text}");
+        assert!(text.contains("best-effort"), "{text}");
+        assert!(check_required(LandlockMode::BestEffort, &r).is_ok());
+        // No landlock at all.
+        let none = LandlockReport::for_abi(0, &Network::None);
+        assert!(check_required(LandlockMode::Required, &none).is_err());
+        assert!(check_required(LandlockMode::BestEffort, &none).is_ok());
+        assert!(check_required(LandlockMode::Required, &LandlockReport::for_abi(6, &tcp)).is_ok());
     }
 
     #[test]
