@@ -33,6 +33,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tcmu_warden_policy::jail::landlock::{self as ll, Enforcement, LandlockReport};
 use tcmu_warden_policy::jail::seccomp::{self, FilterError, StageOneOptions};
@@ -93,6 +94,9 @@ pub struct JailStatus {
     /// The seccomp violation that killed the worker, if one did: the system call's name (or
     /// number) when the kernel log had it.
     pub violation: Option<String>,
+    /// When the jail was prepared (just before the spawn): kernel audit records older than this
+    /// belong to an earlier process that had the same pid.
+    pub prepared_at: SystemTime,
 }
 
 impl JailStatus {
@@ -436,6 +440,7 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
         caps_dropped: caps != 0,
         observed: None,
         violation: None,
+        prepared_at: SystemTime::now(),
     };
     Ok(Prepared {
         stage_one: StageOne {
@@ -614,15 +619,18 @@ impl StageOne {
     }
 }
 
-/// Looks up the kernel's audit record of the seccomp kill of process `pid` (type 1326, `sig=31`)
-/// in the kernel log, and names its system call: `ptrace (nr 101)`, or just the number.
+/// Looks up the kernel's audit record of the seccomp kill of process `pid` (type 1326) in the
+/// kernel log, and names its system call: `ptrace (nr 101)`, or just the number. Records
+/// stamped before `since` (the worker's start) are ignored: they belong to an earlier process
+/// that had the same pid.
 ///
 /// The kernel logs seccomp kills (`kernel.seccomp.actions_logged` includes `kill_process` by
 /// default) through the audit subsystem: to the kernel log when no audit daemon runs, to the
-/// audit log otherwise. Reading `/dev/kmsg` needs `CAP_SYSLOG` when `dmesg_restrict` is set. So
-/// this works for a root supervisor without auditd, and returns `None` otherwise; then the
-/// record is in `/var/log/audit/audit.log` (`type=SECCOMP`).
-pub fn kernel_log_violation(pid: u32) -> Option<String> {
+/// audit log otherwise, and rate-limited (`printk_ratelimit`: 10 lines per 5 s). Reading
+/// `/dev/kmsg` needs `CAP_SYSLOG` when `dmesg_restrict` is set. So this works for a root
+/// supervisor without auditd, and returns `None` otherwise; then the record is in
+/// `/var/log/audit/audit.log` (`type=SECCOMP`).
+pub fn kernel_log_violation(pid: u32, since: SystemTime) -> Option<String> {
     let path = CString::new(Path::new("/dev/kmsg").as_os_str().as_bytes()).ok()?;
     // SAFETY: opening a device node read-only, non-blocking; the descriptor is owned at once.
     let raw = unsafe {
@@ -636,10 +644,14 @@ pub fn kernel_log_violation(pid: u32) -> Option<String> {
     }
     // SAFETY: `raw` was just opened and is owned by nothing else.
     let fd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
-    let pid_field = format!(" pid={pid} ");
+    // Audit stamps are wall-clock seconds; allow for their millisecond rounding.
+    let since = since
+        .checked_sub(Duration::from_secs(1))
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
     let mut found = None;
     let mut buf = vec![0u8; 8192];
-    // Each read returns one record; the buffer holds a bounded number of them.
+    // Each read returns one record; the kernel's buffer holds a bounded number of them.
     for _ in 0..1_000_000 {
         // SAFETY: reading at most buf.len() bytes into buf.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -656,12 +668,8 @@ pub fn kernel_log_violation(pid: u32) -> Option<String> {
         let Some(record) = buf.get(..n.unsigned_abs()) else {
             break;
         };
-        let text = String::from_utf8_lossy(record);
-        if text.contains("type=1326") && text.contains(&pid_field) {
-            found = text
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("syscall="))
-                .and_then(|nr| nr.parse::<i64>().ok());
+        if let Some(nr) = parse_seccomp_record(&String::from_utf8_lossy(record), pid, since) {
+            found = Some(nr);
         }
     }
     let nr = found?;
@@ -669,6 +677,33 @@ pub fn kernel_log_violation(pid: u32) -> Option<String> {
         Some(name) => format!("{name} (nr {nr})"),
         None => format!("system call nr {nr}"),
     })
+}
+
+/// The system call number of a kernel-log line that is the audit record of a seccomp action
+/// on process `pid`, stamped at or after `since` (seconds since the epoch).
+fn parse_seccomp_record(line: &str, pid: u32, since: u64) -> Option<i64> {
+    if !line.contains("type=1326") {
+        return None;
+    }
+    let pid_field = format!("pid={pid}");
+    let mut words = line.split_whitespace();
+    if !words.clone().any(|w| w == pid_field) {
+        return None;
+    }
+    // audit(1795419172.946:22):
+    let stamp = line
+        .split("audit(")
+        .nth(1)?
+        .split('.')
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    if stamp < since {
+        return None;
+    }
+    words
+        .find_map(|w| w.strip_prefix("syscall="))
+        .and_then(|nr| nr.parse().ok())
 }
 
 #[cfg(test)]
@@ -695,6 +730,22 @@ mod tests {
         assert_eq!(
             root.caps_summary(),
             "effective=cap_sys_admin bounding=cap_chown"
+        );
+    }
+
+    #[test]
+    fn audit_records_are_matched_by_pid_and_time() {
+        let line = "5,339,2151421117,-;audit: type=1326 audit(1795417205.458:2): \
+                    auid=4294967295 uid=0 gid=0 ses=4294967295 pid=20904 comm=\"w\" \
+                    exe=\"/w\" sig=31 arch=c000003e syscall=101 compat=0 ip=0x7f code=0x80000000";
+        assert_eq!(parse_seccomp_record(line, 20904, 1_795_417_205), Some(101));
+        assert_eq!(parse_seccomp_record(line, 20904, 0), Some(101));
+        // Another process, or an earlier one with the same pid.
+        assert_eq!(parse_seccomp_record(line, 2090, 0), None);
+        assert_eq!(parse_seccomp_record(line, 20904, 1_795_417_206), None);
+        assert_eq!(
+            parse_seccomp_record("audit: type=1400 pid=20904 syscall=1", 20904, 0),
+            None
         );
     }
 
@@ -733,6 +784,7 @@ mod tests {
             caps_dropped: true,
             observed: None,
             violation: None,
+            prepared_at: SystemTime::now(),
         };
         assert_eq!(status.stage_two(), None);
         status.observed = Some(ProcJail {

@@ -20,6 +20,7 @@ fn run_jailed(settings: &JailSettings) {
     let exe = Path::new(env!("CARGO_BIN_EXE_jailed-runtime"));
     let spec = JailSpec::new(exe, settings, &[]);
     let prepared = jail::prepare(&spec).unwrap();
+    let started = prepared.status.prepared_at;
     let mut worker =
         WorkerProcess::spawn(exe, "jailed-runtime", None, Some(prepared.stage_one)).unwrap();
     let pid = worker.pid();
@@ -37,7 +38,8 @@ fn run_jailed(settings: &JailSettings) {
     if status.signal() == Some(libc::SIGSYS) {
         panic!(
             "the jailed runtime was killed by seccomp: {}",
-            jail::kernel_log_violation(pid).unwrap_or_else(|| "system call not named".into())
+            jail::kernel_log_violation(pid, started)
+                .unwrap_or_else(|| "system call not named".into())
         );
     }
     assert!(

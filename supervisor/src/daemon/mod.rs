@@ -1052,7 +1052,11 @@ impl Supervisor {
                 // A seccomp kill (or, in log mode, a SIGSYS the worker did not survive). Only the
                 // kernel's audit record names the system call.
                 let pid = slot.process.pid();
-                let syscall = jail::kernel_log_violation(pid);
+                let since = slot
+                    .jail
+                    .as_ref()
+                    .map_or(std::time::UNIX_EPOCH, |j| j.prepared_at);
+                let syscall = jail::kernel_log_violation(pid, since);
                 error!(
                     worker = %slot.name,
                     pid,
