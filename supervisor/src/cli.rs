@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use tcmu_warden_policy::jail::landlock::LandlockReport;
-use tcmu_warden_policy::{Config, JailSpec, format_size};
+use tcmu_warden_policy::{Config, JailSpec, KNOWN_SUBTYPES, format_size};
 
 /// tcmu-warden: serves Linux SCSI disks from userspace through TCMU (LIO's `user` backstore).
 #[derive(Debug, Parser)]
@@ -173,10 +173,34 @@ pub fn describe_config(config: &Config, worker_exe: &Path) -> String {
             .map_or_else(|| "no cap".to_owned(), format_size);
         let _ = writeln!(out, "  ram   max_size = {cap}");
     }
+    for subtype in served.iter().filter(|s| !KNOWN_SUBTYPES.contains(s)) {
+        let Some(h) = config.handler(subtype) else {
+            continue;
+        };
+        let exe = h.exe.as_ref().map_or_else(
+            || worker_exe.display().to_string(),
+            |e| e.display().to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "  {subtype}  exe = {exe}, isolation = {}, backing = {}",
+            h.isolation.as_str(),
+            h.backing.as_str()
+        );
+        for path in &h.allow_paths {
+            let _ = writeln!(
+                out,
+                "        allow {} ({})",
+                path.display(),
+                path_kind(path)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "every other subtype is refused (its SCSI commands answer NOT READY)"
     );
+    let _ = writeln!(out, "(`tcmu-warden policy check` shows each worker's jail)");
     out
 }
 
@@ -260,6 +284,18 @@ mod tests {
         );
         assert!(out.contains("allow /nonexistent/x (missing)"), "{out}");
         assert!(out.contains("ram   max_size = 64GiB"), "{out}");
+
+        let cfg = Config::from_toml_str(
+            "[handler.qcow]\nexe = '/opt/q/worker'\nbacking = 'fd'\nallow_paths = ['/nonexistent/q']\n",
+            Path::new("/etc/w.toml"),
+        )
+        .unwrap();
+        let out = describe_config(&cfg, Path::new("/nonexistent/worker"));
+        assert!(
+            out.contains("qcow  exe = /opt/q/worker, isolation = subtype, backing = fd"),
+            "{out}"
+        );
+        assert!(out.contains("allow /nonexistent/q (missing)"), "{out}");
 
         let cfg = Config::from_toml_str("", Path::new("/etc/w.toml")).unwrap();
         let out = describe_config(&cfg, Path::new("/nonexistent/worker"));
