@@ -38,6 +38,7 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 
 use crate::config::{Config, normalize_absolute};
+use crate::jail::settings::Backing;
 use crate::size::format_size;
 
 /// Why a device is refused.
@@ -71,6 +72,8 @@ pub enum PolicyError {
     /// The path lies outside every `allow_paths` entry.
     #[error("{path:?} is outside allow_paths [{allowed}]")]
     OutsideAllowPaths {
+        /// The subtype whose `allow_paths` refused.
+        subtype: String,
         /// The normalized path.
         path: PathBuf,
         /// The configured entries, for the message.
@@ -85,6 +88,8 @@ pub enum PolicyError {
     /// Resolution would leave the allowed directory (symlink or `..` escape, or a magic link).
     #[error("{path:?} resolves outside its allowed directory {dir:?} ({how})")]
     Escapes {
+        /// The subtype whose `allow_paths` refused.
+        subtype: String,
         /// The path.
         path: PathBuf,
         /// The allowed directory.
@@ -135,9 +140,8 @@ impl PolicyError {
             PolicyError::NotServed { subtype } => format!("handler.{subtype}"),
             PolicyError::NotAbsolute { .. } | PolicyError::BadPath { .. } => "cfgstring".into(),
             PolicyError::TooLarge { .. } => "handler.ram.max_size".into(),
-            PolicyError::OutsideAllowPaths { .. } | PolicyError::Escapes { .. } => {
-                "handler.file.allow_paths".into()
-            }
+            PolicyError::OutsideAllowPaths { subtype, .. }
+            | PolicyError::Escapes { subtype, .. } => format!("handler.{subtype}.allow_paths"),
             PolicyError::NotFound { .. }
             | PolicyError::WrongType { .. }
             | PolicyError::Changed { .. }
@@ -179,33 +183,31 @@ impl Config {
         dev_size: u64,
     ) -> Result<Admission, PolicyError> {
         let subtype = subtype.ok_or(PolicyError::NoSubtype)?;
-        match subtype {
-            "file" if self.file.is_some() => self
+        let handler = self
+            .handlers
+            .get(subtype)
+            .ok_or_else(|| PolicyError::NotServed {
+                subtype: subtype.to_owned(),
+            })?;
+        if let Some(max_size) = handler.max_size
+            && dev_size > max_size
+        {
+            return Err(PolicyError::TooLarge { dev_size, max_size });
+        }
+        match handler.backing {
+            Backing::Fd => self
                 .open_backing(subtype, cfgstring)
                 .map(Admission::Backing),
-            "ram" => match &self.ram {
-                Some(ram) => match ram.max_size {
-                    Some(max_size) if dev_size > max_size => {
-                        Err(PolicyError::TooLarge { dev_size, max_size })
-                    }
-                    _ => Ok(Admission::NoBacking),
-                },
-                None => Err(PolicyError::NotServed {
-                    subtype: subtype.to_owned(),
-                }),
-            },
-            _ => Err(PolicyError::NotServed {
-                subtype: subtype.to_owned(),
-            }),
+            Backing::None => Ok(Admission::NoBacking),
         }
     }
 
-    /// Opens the backing store a `file` device's cfgstring names, read-write and close-on-exec,
-    /// refusing anything outside `handler.file.allow_paths` (see the module documentation for
-    /// how).
+    /// Opens the backing store a cfgstring names (for a subtype with `backing = "fd"`, such as
+    /// `file`), read-write and close-on-exec, refusing anything outside the subtype's
+    /// `allow_paths` (see the module documentation for how).
     pub fn open_backing(&self, subtype: &str, cfgstring: &str) -> Result<OwnedFd, PolicyError> {
-        let file = match (subtype, &self.file) {
-            ("file", Some(file)) => file,
+        let allow_paths = match self.handlers.get(subtype) {
+            Some(h) if h.backing == Backing::Fd => &h.allow_paths,
             _ => {
                 return Err(PolicyError::NotServed {
                     subtype: subtype.to_owned(),
@@ -221,34 +223,33 @@ impl Config {
             path: cfgstring.to_owned(),
             why,
         })?;
-        let entry = file
-            .allow_paths
+        let entry = allow_paths
             .iter()
             .filter(|entry| path.starts_with(entry))
             .max_by_key(|entry| entry.components().count())
             .ok_or_else(|| PolicyError::OutsideAllowPaths {
+                subtype: subtype.to_owned(),
                 path: path.clone(),
-                allowed: file
-                    .allow_paths
+                allowed: allow_paths
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
         if &path == entry {
-            open_exact(&path)
+            open_exact(subtype, &path)
         } else {
             let rel = path.strip_prefix(entry).map_err(|_| PolicyError::BadPath {
                 path: cfgstring.to_owned(),
                 why: "cannot be split at its allowed directory".into(),
             })?;
-            open_beneath(entry, rel, &path)
+            open_beneath(subtype, entry, rel, &path)
         }
     }
 }
 
 /// Opens an `allow_paths` entry named exactly (the administrator chose it, symlinks and all).
-fn open_exact(path: &Path) -> Result<OwnedFd, PolicyError> {
+fn open_exact(subtype: &str, path: &Path) -> Result<OwnedFd, PolicyError> {
     let how = |flags: OFlag| {
         OpenHow::new()
             .flags(open_flags(flags))
@@ -256,13 +257,18 @@ fn open_exact(path: &Path) -> Result<OwnedFd, PolicyError> {
     };
     let open_with = |flags: OFlag| {
         retry_race(|| openat2(nix::fcntl::AT_FDCWD, path, how(flags)))
-            .map_err(|e| open_error(e, path, path))
+            .map_err(|e| open_error(e, subtype, path, path))
     };
     checked_open(path, open_with)
 }
 
 /// Opens `rel` beneath the allowed directory `dir`, letting the kernel refuse any escape.
-fn open_beneath(dir: &Path, rel: &Path, full: &Path) -> Result<OwnedFd, PolicyError> {
+fn open_beneath(
+    subtype: &str,
+    dir: &Path,
+    rel: &Path,
+    full: &Path,
+) -> Result<OwnedFd, PolicyError> {
     let dirfd = open(
         dir,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -283,7 +289,8 @@ fn open_beneath(dir: &Path, rel: &Path, full: &Path) -> Result<OwnedFd, PolicyEr
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS)
     };
     let open_with = |flags: OFlag| {
-        retry_race(|| openat2(dirfd.as_fd(), rel, how(flags))).map_err(|e| open_error(e, full, dir))
+        retry_race(|| openat2(dirfd.as_fd(), rel, how(flags)))
+            .map_err(|e| open_error(e, subtype, full, dir))
     };
     checked_open(full, open_with)
 }
@@ -328,17 +335,19 @@ fn retry_race(mut f: impl FnMut() -> nix::Result<OwnedFd>) -> nix::Result<OwnedF
     Err(last)
 }
 
-fn open_error(e: Errno, path: &Path, dir: &Path) -> PolicyError {
+fn open_error(e: Errno, subtype: &str, path: &Path, dir: &Path) -> PolicyError {
     match e {
         Errno::ENOENT => PolicyError::NotFound {
             path: path.to_path_buf(),
         },
         Errno::EXDEV => PolicyError::Escapes {
+            subtype: subtype.to_owned(),
             path: path.to_path_buf(),
             dir: dir.to_path_buf(),
             how: "a symlink or `..` leads out of it",
         },
         Errno::ELOOP => PolicyError::Escapes {
+            subtype: subtype.to_owned(),
             path: path.to_path_buf(),
             dir: dir.to_path_buf(),
             how: "a magic link or a symlink loop",

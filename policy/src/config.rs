@@ -10,6 +10,7 @@
 //! reading the configuration file itself (whether an allowed path exists is checked when a
 //! device is admitted, not here, because storage may be mounted after the daemon starts).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
@@ -19,6 +20,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::duration::HumanDuration;
+use crate::jail::settings::{
+    Backing, Id, JailSettings, LandlockMode, Namespace, Network, Rlimits, SeccompMode,
+};
 use crate::size::ByteSize;
 
 /// Handler subtypes this configuration schema knows.
@@ -180,6 +184,32 @@ pub struct Config {
     pub file: Option<FileHandlerConfig>,
     /// `[handler.ram]`, if present.
     pub ram: Option<RamHandlerConfig>,
+    /// `[jail]`: the confinement of every worker unless its handler section overrides a key
+    /// (the worker of refused devices gets exactly this).
+    pub jail: JailSettings,
+    /// Every `[handler.<subtype>]` section, built-in and third-party, by subtype.
+    pub handlers: BTreeMap<String, HandlerPolicy>,
+}
+
+/// One `[handler.<subtype>]` section: which worker serves the subtype, how its devices are
+/// spread and admitted, and the jail its workers run in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerPolicy {
+    /// The subtype.
+    pub subtype: String,
+    /// The worker executable (`None`: `daemon.worker_exe`, the built-in worker).
+    pub exe: Option<PathBuf>,
+    /// How devices are spread over workers.
+    pub isolation: Isolation,
+    /// How a device's backing store reaches the worker.
+    pub backing: Backing,
+    /// With [`Backing::Fd`]: the absolute, normalized paths beneath which (or exactly at which)
+    /// a cfgstring may name a backing store. Empty otherwise.
+    pub allow_paths: Vec<PathBuf>,
+    /// `ram` only: largest device size accepted, in bytes.
+    pub max_size: Option<u64>,
+    /// The effective jail settings (`[jail]` with this section's overrides).
+    pub jail: JailSettings,
 }
 
 /// A configuration file that could not be read or is invalid.
@@ -232,8 +262,9 @@ impl ConfigError {
 struct RawConfig {
     #[serde(default)]
     daemon: RawDaemon,
+    jail: Option<Spanned<RawSection>>,
     #[serde(default)]
-    handler: RawHandlers,
+    handler: BTreeMap<String, Spanned<RawSection>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,25 +283,48 @@ struct RawDaemon {
     quarantine_window: Option<Spanned<HumanDuration>>,
 }
 
+type SpannedList<T> = Spanned<Vec<Spanned<T>>>;
+
+/// Every key a `[handler.<subtype>]` or `[jail]` section may hold; which ones a given section
+/// accepts is checked after parsing, so the error names the key and its line.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawHandlers {
-    file: Option<RawFile>,
-    ram: Option<RawRam>,
+struct RawSection {
+    // handler-only keys
+    exe: Option<Spanned<String>>,
+    isolation: Option<Spanned<Isolation>>,
+    backing: Option<Spanned<String>>,
+    allow_paths: Option<SpannedList<String>>,
+    max_size: Option<Spanned<ByteSize>>,
+    // jail keys (in [jail] and in handler sections)
+    user: Option<Spanned<RawId>>,
+    group: Option<Spanned<RawId>>,
+    read_paths: Option<SpannedList<String>>,
+    write_paths: Option<SpannedList<String>>,
+    network: Option<Spanned<String>>,
+    connect_ports: Option<SpannedList<i64>>,
+    syscalls: Option<SpannedList<String>>,
+    rlimits: Option<Spanned<RawRlimits>>,
+    namespaces: Option<SpannedList<String>>,
+    landlock: Option<Spanned<String>>,
+    seccomp_action: Option<Spanned<String>>,
+    io_uring: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    allow_paths: Spanned<Vec<Spanned<String>>>,
-    #[serde(default)]
-    isolation: Isolation,
+#[serde(untagged)]
+enum RawId {
+    Number(i64),
+    Name(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRam {
-    max_size: Option<Spanned<ByteSize>>,
+struct RawRlimits {
+    open_files: Option<Spanned<i64>>,
+    address_space: Option<Spanned<ByteSize>>,
+    processes: Option<Spanned<i64>>,
+    core_size: Option<Spanned<ByteSize>>,
 }
 
 /// Converts byte offsets into 1-based line/column for messages.
@@ -309,6 +363,473 @@ impl Locator<'_> {
         normalize_absolute(value.get_ref())
             .map_err(|why| self.error(Some(value.span()), format!("{key}: {why}")))
     }
+
+    /// A list of absolute paths, normalized and without duplicates.
+    fn path_list(
+        &self,
+        key: &str,
+        list: &SpannedList<String>,
+    ) -> Result<Vec<PathBuf>, ConfigError> {
+        let mut out = Vec::new();
+        for entry in list.get_ref() {
+            let path = self.absolute_path(key, entry)?;
+            if !out.contains(&path) {
+                out.push(path);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses keys that only a `[handler.<subtype>]` section may hold.
+    fn refuse_handler_keys(&self, section: &Spanned<RawSection>) -> Result<(), ConfigError> {
+        let s = section.get_ref();
+        let spans = [
+            ("exe", s.exe.as_ref().map(Spanned::span)),
+            ("isolation", s.isolation.as_ref().map(Spanned::span)),
+            ("backing", s.backing.as_ref().map(Spanned::span)),
+            ("allow_paths", s.allow_paths.as_ref().map(Spanned::span)),
+            ("max_size", s.max_size.as_ref().map(Spanned::span)),
+        ];
+        for (key, span) in spans {
+            if let Some(span) = span {
+                return Err(self.error(
+                    Some(span),
+                    format!("jail.{key}: `{key}` belongs in a [handler.<subtype>] section"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A user or group id: a number, or a name looked up in the system's databases.
+    fn id(&self, key: &str, value: &Spanned<RawId>, group: bool) -> Result<Id, ConfigError> {
+        let span = Some(value.span());
+        let (name, id) = match value.get_ref() {
+            RawId::Number(n) => {
+                let id = u32::try_from(*n)
+                    .ok()
+                    .filter(|id| *id != u32::MAX)
+                    .ok_or_else(|| self.error(span.clone(), format!("{key}: {n} is not an id")))?;
+                (n.to_string(), id)
+            }
+            RawId::Name(name) => {
+                if let Ok(id) = name.parse::<u32>() {
+                    (name.clone(), id)
+                } else if group {
+                    let found = nix::unistd::Group::from_name(name).map_err(|e| {
+                        self.error(span.clone(), format!("{key}: looking up {name:?}: {e}"))
+                    })?;
+                    let g = found.ok_or_else(|| {
+                        self.error(span.clone(), format!("{key}: no such group {name:?}"))
+                    })?;
+                    (name.clone(), g.gid.as_raw())
+                } else {
+                    let found = nix::unistd::User::from_name(name).map_err(|e| {
+                        self.error(span.clone(), format!("{key}: looking up {name:?}: {e}"))
+                    })?;
+                    let u = found.ok_or_else(|| {
+                        self.error(span.clone(), format!("{key}: no such user {name:?}"))
+                    })?;
+                    (name.clone(), u.uid.as_raw())
+                }
+            }
+        };
+        Ok(Id { name, id })
+    }
+
+    /// The jail keys of `section` applied over `base`. `prefix` names the section in errors
+    /// (`jail`, `handler.file`).
+    fn jail_settings(
+        &self,
+        prefix: &str,
+        s: &RawSection,
+        base: &JailSettings,
+    ) -> Result<JailSettings, ConfigError> {
+        let mut out = base.clone();
+        if let Some(user) = &s.user {
+            let id = self.id(&format!("{prefix}.user"), user, false)?;
+            // A user named without a group runs with that user's primary group.
+            if s.group.is_none() {
+                let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id.id))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.gid.as_raw());
+                out.group = match gid {
+                    Some(gid) => Some(Id {
+                        name: gid.to_string(),
+                        id: gid,
+                    }),
+                    None => {
+                        return Err(self.error(
+                            Some(user.span()),
+                            format!(
+                                "{prefix}.user: uid {} has no entry in the user database, so \
+                                 `group` must be given too",
+                                id.id
+                            ),
+                        ));
+                    }
+                };
+            }
+            out.user = Some(id);
+        }
+        if let Some(group) = &s.group {
+            out.group = Some(self.id(&format!("{prefix}.group"), group, true)?);
+        }
+        if let Some(list) = &s.read_paths {
+            out.read_paths = self.path_list(&format!("{prefix}.read_paths"), list)?;
+        }
+        if let Some(list) = &s.write_paths {
+            out.write_paths = self.path_list(&format!("{prefix}.write_paths"), list)?;
+        }
+        let network_kind = match &s.network {
+            None => None,
+            Some(n) => match n.get_ref().as_str() {
+                "none" => Some(false),
+                "tcp" => Some(true),
+                other => {
+                    return Err(self.error(
+                        Some(n.span()),
+                        format!("{prefix}.network: {other:?} is not \"none\" or \"tcp\""),
+                    ));
+                }
+            },
+        };
+        let ports = match &s.connect_ports {
+            None => None,
+            Some(list) => {
+                let mut ports = Vec::new();
+                for p in list.get_ref() {
+                    let port = u16::try_from(*p.get_ref())
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            self.error(
+                                Some(p.span()),
+                                format!(
+                                    "{prefix}.connect_ports: {} is not a TCP port (1-65535)",
+                                    p.get_ref()
+                                ),
+                            )
+                        })?;
+                    if !ports.contains(&port) {
+                        ports.push(port);
+                    }
+                }
+                Some((ports, list.span()))
+            }
+        };
+        match (network_kind, ports) {
+            (Some(false), Some((_, span))) => {
+                return Err(self.error(
+                    Some(span),
+                    format!("{prefix}.connect_ports needs network = \"tcp\""),
+                ));
+            }
+            (Some(false), None) => out.network = Network::None,
+            (Some(true), Some((ports, span))) => {
+                if ports.is_empty() {
+                    return Err(self.error(
+                        Some(span),
+                        format!("{prefix}.connect_ports is empty: list the ports to connect to"),
+                    ));
+                }
+                out.network = Network::Tcp {
+                    connect_ports: ports,
+                };
+            }
+            (Some(true), None) => {
+                let span = s.network.as_ref().map(Spanned::span);
+                return Err(self.error(
+                    span,
+                    format!("{prefix}.network = \"tcp\" needs connect_ports = [...]"),
+                ));
+            }
+            (None, Some((ports, span))) => match out.network {
+                Network::Tcp { .. } if !ports.is_empty() => {
+                    out.network = Network::Tcp {
+                        connect_ports: ports,
+                    };
+                }
+                _ => {
+                    return Err(self.error(
+                        Some(span),
+                        format!("{prefix}.connect_ports needs network = \"tcp\""),
+                    ));
+                }
+            },
+            (None, None) => {}
+        }
+        if let Some(list) = &s.syscalls {
+            let mut names = Vec::new();
+            for entry in list.get_ref() {
+                let name = entry.get_ref();
+                if let Err(why) = crate::jail::seccomp::check_extra_syscall(name) {
+                    return Err(self.error(Some(entry.span()), format!("{prefix}.syscalls: {why}")));
+                }
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+            out.syscalls = names;
+        }
+        if let Some(limits) = &s.rlimits {
+            out.rlimits = self.rlimits(prefix, limits.get_ref(), &out.rlimits)?;
+        }
+        if let Some(list) = &s.namespaces {
+            let mut spaces = Vec::new();
+            for entry in list.get_ref() {
+                let ns = Namespace::from_name(entry.get_ref()).ok_or_else(|| {
+                    self.error(
+                        Some(entry.span()),
+                        format!(
+                            "{prefix}.namespaces: {:?} is not one of {}",
+                            entry.get_ref(),
+                            Namespace::ALL.map(Namespace::as_str).join(", ")
+                        ),
+                    )
+                })?;
+                if !spaces.contains(&ns) {
+                    spaces.push(ns);
+                }
+            }
+            out.namespaces = Some(spaces);
+        }
+        if let Some(mode) = &s.landlock {
+            out.landlock = LandlockMode::from_name(mode.get_ref()).ok_or_else(|| {
+                self.error(
+                    Some(mode.span()),
+                    format!(
+                        "{prefix}.landlock: {:?} is not \"required\" or \"best-effort\"",
+                        mode.get_ref()
+                    ),
+                )
+            })?;
+        }
+        if let Some(mode) = &s.seccomp_action {
+            out.seccomp_action = SeccompMode::from_name(mode.get_ref()).ok_or_else(|| {
+                self.error(
+                    Some(mode.span()),
+                    format!(
+                        "{prefix}.seccomp_action: {:?} is not \"kill\" or \"log\"",
+                        mode.get_ref()
+                    ),
+                )
+            })?;
+        }
+        if let Some(flag) = &s.io_uring {
+            out.io_uring = *flag.get_ref();
+        }
+        // The effective combination must make sense, wherever its parts were set.
+        if matches!(out.network, Network::Tcp { .. })
+            && out
+                .namespaces
+                .as_ref()
+                .is_some_and(|n| n.contains(&Namespace::Net))
+        {
+            let span = s
+                .namespaces
+                .as_ref()
+                .map(Spanned::span)
+                .or_else(|| s.network.as_ref().map(Spanned::span));
+            return Err(self.error(
+                span,
+                format!(
+                    "{prefix}: network = \"tcp\" cannot work in a new \"net\" namespace (it has \
+                     no interfaces); remove \"net\" from namespaces"
+                ),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn rlimits(
+        &self,
+        prefix: &str,
+        raw: &RawRlimits,
+        base: &Rlimits,
+    ) -> Result<Rlimits, ConfigError> {
+        let mut out = *base;
+        let count = |key: &str, v: &Spanned<i64>, min: i64| -> Result<u64, ConfigError> {
+            let n = *v.get_ref();
+            if n < min {
+                return Err(self.error(
+                    Some(v.span()),
+                    format!("{prefix}.rlimits.{key}: {n} is below the minimum of {min}"),
+                ));
+            }
+            Ok(n.unsigned_abs())
+        };
+        if let Some(v) = &raw.open_files {
+            // The runtime needs a handful of descriptors of its own.
+            out.open_files = count("open_files", v, 16)?;
+        }
+        if let Some(v) = &raw.processes {
+            out.processes = Some(count("processes", v, 1)?);
+        }
+        if let Some(v) = &raw.address_space {
+            let bytes = v.get_ref().0;
+            if bytes < MIN_ADDRESS_SPACE {
+                return Err(self.error(
+                    Some(v.span()),
+                    format!(
+                        "{prefix}.rlimits.address_space: {} is too small for a worker (at least {})",
+                        crate::size::format_size(bytes),
+                        crate::size::format_size(MIN_ADDRESS_SPACE)
+                    ),
+                ));
+            }
+            out.address_space = Some(bytes);
+        }
+        if let Some(v) = &raw.core_size {
+            out.core_size = v.get_ref().0;
+        }
+        Ok(out)
+    }
+
+    /// One `[handler.<subtype>]` section.
+    fn handler(
+        &self,
+        subtype: &str,
+        section: &Spanned<RawSection>,
+        defaults: &JailSettings,
+    ) -> Result<HandlerPolicy, ConfigError> {
+        let prefix = format!("handler.{subtype}");
+        let s = section.get_ref();
+        let here = Some(section.span());
+        if !is_subtype_name(subtype) {
+            return Err(self.error(
+                here,
+                format!(
+                    "[{prefix}]: {subtype:?} is not a subtype name (letters, digits, `_`, `-`, at \
+                     most 64)"
+                ),
+            ));
+        }
+        let builtin = KNOWN_SUBTYPES.contains(&subtype);
+        let exe = match &s.exe {
+            Some(exe) => Some(self.absolute_path(&format!("{prefix}.exe"), exe)?),
+            None if builtin => None,
+            None => {
+                return Err(self.error(
+                    here,
+                    format!(
+                        "[{prefix}] needs exe = \"/path/to/worker\": the built-in worker serves \
+                         only {}",
+                        KNOWN_SUBTYPES.join(" and ")
+                    ),
+                ));
+            }
+        };
+        let default_backing = if subtype == "file" {
+            Backing::Fd
+        } else {
+            Backing::None
+        };
+        let backing = match &s.backing {
+            None => default_backing,
+            Some(b) => {
+                let backing = Backing::from_name(b.get_ref()).ok_or_else(|| {
+                    self.error(
+                        Some(b.span()),
+                        format!(
+                            "{prefix}.backing: {:?} is not \"fd\" or \"none\"",
+                            b.get_ref()
+                        ),
+                    )
+                })?;
+                if builtin && backing != default_backing {
+                    return Err(self.error(
+                        Some(b.span()),
+                        format!(
+                            "{prefix}.backing: the built-in {subtype} handler needs backing = {:?}",
+                            default_backing.as_str()
+                        ),
+                    ));
+                }
+                backing
+            }
+        };
+        let allow_paths = match (&s.allow_paths, backing) {
+            (None, Backing::Fd) => {
+                return Err(self.error(
+                    here,
+                    format!(
+                        "[{prefix}] needs allow_paths = [...]: the directories or files whose \
+                         paths a cfgstring may name"
+                    ),
+                ));
+            }
+            (Some(list), Backing::Fd) => {
+                if list.get_ref().is_empty() {
+                    return Err(self.error(
+                        Some(list.span()),
+                        format!(
+                            "{prefix}.allow_paths is empty: no file could ever back a device \
+                             (remove the [{prefix}] section to refuse every {subtype} device)"
+                        ),
+                    ));
+                }
+                self.path_list(&format!("{prefix}.allow_paths"), list)?
+            }
+            (Some(list), Backing::None) => {
+                return Err(self.error(
+                    Some(list.span()),
+                    format!(
+                        "{prefix}.allow_paths only applies with backing = \"fd\" (for paths the \
+                         worker opens itself, use read_paths or write_paths)"
+                    ),
+                ));
+            }
+            (None, Backing::None) => Vec::new(),
+        };
+        let max_size = match &s.max_size {
+            None => None,
+            Some(_) if subtype != "ram" => {
+                let span = s.max_size.as_ref().map(Spanned::span);
+                return Err(self.error(
+                    span,
+                    format!("{prefix}.max_size: only [handler.ram] has a max_size"),
+                ));
+            }
+            Some(size) => {
+                if size.get_ref().0 == 0 {
+                    return Err(self.error(
+                        Some(size.span()),
+                        "handler.ram.max_size must be larger than zero",
+                    ));
+                }
+                Some(size.get_ref().0)
+            }
+        };
+        let isolation = s
+            .isolation
+            .as_ref()
+            .map_or(Isolation::Subtype, |i| *i.get_ref());
+        let jail = self.jail_settings(&prefix, s, defaults)?;
+        Ok(HandlerPolicy {
+            subtype: subtype.to_owned(),
+            exe,
+            isolation,
+            backing,
+            allow_paths,
+            max_size,
+            jail,
+        })
+    }
+}
+
+/// The smallest `rlimits.address_space` accepted: below this a worker cannot even start its
+/// threads.
+const MIN_ADDRESS_SPACE: u64 = 256 << 20;
+
+/// Whether `name` can be a subtype: 1 to 64 ASCII letters, digits, `_` or `-`.
+fn is_subtype_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Lexically normalizes an absolute path: removes `.` and repeated or trailing slashes. Refuses
@@ -425,82 +946,73 @@ impl Config {
             lc.quarantine_after = *n.get_ref();
         }
 
-        let file = match raw.handler.file {
-            None => None,
-            Some(f) => {
-                if f.allow_paths.get_ref().is_empty() {
-                    return Err(loc.error(
-                        Some(f.allow_paths.span()),
-                        "handler.file.allow_paths is empty: no file could ever back a device \
-                         (remove the [handler.file] section to refuse every file device)",
-                    ));
-                }
-                let mut allow_paths = Vec::new();
-                for entry in f.allow_paths.get_ref() {
-                    let path = loc.absolute_path("handler.file.allow_paths", entry)?;
-                    if !allow_paths.contains(&path) {
-                        allow_paths.push(path);
-                    }
-                }
-                Some(FileHandlerConfig {
-                    allow_paths,
-                    isolation: f.isolation,
-                })
+        let jail_defaults = match &raw.jail {
+            None => JailSettings::default(),
+            Some(section) => {
+                loc.refuse_handler_keys(section)?;
+                loc.jail_settings("jail", section.get_ref(), &JailSettings::default())?
             }
         };
 
-        let ram = match raw.handler.ram {
-            None => None,
-            Some(r) => {
-                let max_size = match r.max_size {
-                    None => None,
-                    Some(size) => {
-                        if size.get_ref().0 == 0 {
-                            return Err(loc.error(
-                                Some(size.span()),
-                                "handler.ram.max_size must be larger than zero",
-                            ));
-                        }
-                        Some(size.get_ref().0)
-                    }
-                };
-                Some(RamHandlerConfig { max_size })
-            }
-        };
+        let mut handlers = BTreeMap::new();
+        for (subtype, section) in &raw.handler {
+            let policy = loc.handler(subtype, section, &jail_defaults)?;
+            handlers.insert(subtype.clone(), policy);
+        }
+
+        let file = handlers
+            .get("file")
+            .map(|h: &HandlerPolicy| FileHandlerConfig {
+                allow_paths: h.allow_paths.clone(),
+                isolation: h.isolation,
+            });
+        let ram = handlers
+            .get("ram")
+            .map(|h: &HandlerPolicy| RamHandlerConfig {
+                max_size: h.max_size,
+            });
 
         Ok(Config {
             source: origin.to_path_buf(),
             daemon,
             file,
             ram,
+            jail: jail_defaults,
+            handlers,
         })
     }
 
-    /// The subtypes that have a `[handler.*]` section, in a fixed order.
-    pub fn served_subtypes(&self) -> Vec<&'static str> {
-        KNOWN_SUBTYPES
+    /// The policy of `subtype`'s workers, if it has a `[handler.<subtype>]` section.
+    pub fn handler(&self, subtype: &str) -> Option<&HandlerPolicy> {
+        self.handlers.get(subtype)
+    }
+
+    /// The subtypes that have a `[handler.*]` section: the built-in ones first (in
+    /// [`KNOWN_SUBTYPES`] order), then third-party ones by name.
+    pub fn served_subtypes(&self) -> Vec<&str> {
+        let builtin = KNOWN_SUBTYPES
             .iter()
             .copied()
-            .filter(|s| self.serves(s))
-            .collect()
+            .filter(|s| self.handlers.contains_key(*s));
+        let others = self
+            .handlers
+            .keys()
+            .map(String::as_str)
+            .filter(|s| !KNOWN_SUBTYPES.contains(s));
+        builtin.chain(others).collect()
     }
 
     /// Whether devices of `subtype` are served (it has a section).
     pub fn serves(&self, subtype: &str) -> bool {
-        match subtype {
-            "file" => self.file.is_some(),
-            "ram" => self.ram.is_some(),
-            _ => false,
-        }
+        self.handlers.contains_key(subtype)
     }
 
     /// How devices of `subtype` are spread over workers ([`Isolation::Subtype`] for subtypes
-    /// without an `isolation` key).
+    /// without a section).
     pub fn isolation(&self, subtype: &str) -> Isolation {
-        match (subtype, &self.file) {
-            ("file", Some(f)) => f.isolation,
-            _ => Isolation::Subtype,
-        }
+        self.handlers
+            .get(subtype)
+            .map_or(Isolation::Subtype, |h| h.isolation)
     }
 
     /// The configured log format, or the default for the current environment: journald when
@@ -635,9 +1147,10 @@ max_size = "64GiB"
         assert_eq!(line, 3);
         assert!(msg.contains("unknown field `worker`"), "{msg}");
 
+        // A third-party subtype may have a section, but not unknown keys in it.
         let (line, _, msg) = error_at("\n\n[handler.qcow]\nx = 1\n");
-        assert_eq!(line, 3);
-        assert!(msg.contains("qcow"), "{msg}");
+        assert_eq!(line, 4);
+        assert!(msg.contains("unknown field `x`"), "{msg}");
 
         let (line, _, msg) = error_at("[handler.file]\nallow_paths = ['/a']\nallow = ['/b']\n");
         assert_eq!(line, 3);

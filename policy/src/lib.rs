@@ -10,7 +10,10 @@
 //! - the configuration schema ([`Config`], parsed from TOML by [`Config::load`], with errors that
 //!   name file, line and column),
 //! - admission ([`Config::admit`], [`Config::open_backing`]): whether a device is served, and
-//!   opening its backing store without ever leaving the allowed directories.
+//!   opening its backing store without ever leaving the allowed directories,
+//! - the jail ([`jail`]): the effective confinement of each worker ([`JailSpec`]), its seccomp
+//!   filters and landlock ruleset, built here and applied by the supervisor (stage one) and the
+//!   worker (stage two).
 //!
 //! It never talks to workers or the kernel's TCMU interface; the supervisor does that with the
 //! answers it gets here.
@@ -62,6 +65,32 @@
 //! # Optional cap on a device's size: an integer (bytes) or a string such as "64GiB", "512MiB",
 //! # "10GB" (see [`size`] for the units).
 //! max_size = "64GiB"
+//!
+//! # A third-party subtype: its own worker executable, built on the worker runtime.
+//! [handler.qcow]
+//! exe = "/usr/libexec/qcow-worker"    # required for a subtype the built-in worker lacks
+//! backing = "fd"                      # "fd": cfgstring is a path under allow_paths, opened by
+//! allow_paths = ["/srv/qcow"]         # the supervisor and passed; "none" (default): no backing
+//! ```
+//!
+//! ## The jail keys
+//! The `[jail]` section holds the defaults of every worker (and is exactly the jail of the
+//! worker that serves refused devices); each `[handler.<subtype>]` section may override any key
+//! (`rlimits` entry by entry). See [`jail`] and `docs/security.md`.
+//!
+//! ```toml
+//! [jail]
+//! user = "tcmu"                 # name or number; default: the supervisor's (root)
+//! group = "tcmu"                # default: the user's primary group
+//! read_paths = []               # read-only landlock grants
+//! write_paths = []              # read-write (never execute) landlock grants
+//! network = "none"              # or "tcp" with connect_ports = [3260]
+//! syscalls = []                 # extra names for the stage-two seccomp allow-list
+//! namespaces = ["ipc", "net", "uts"]   # default; "net" only without TCP; also "mount", "cgroup"
+//! landlock = "required"         # or "best-effort"
+//! seccomp_action = "kill"       # or "log": a debugging aid, NOT FOR PRODUCTION
+//! io_uring = false
+//! rlimits = { open_files = 4096, core_size = 0, address_space = "64GiB", processes = 256 }
 //! ```
 //!
 //! A device whose subtype has no section, whose cfgstring the rules refuse, or that has no
@@ -71,12 +100,15 @@
 pub mod admit;
 pub mod config;
 pub mod duration;
+pub mod jail;
 pub mod size;
 
 pub use admit::{Admission, PolicyError};
 pub use config::{
-    Config, ConfigError, DaemonConfig, FileHandlerConfig, Isolation, KNOWN_SUBTYPES, Lifecycle,
-    LogFormat, RamHandlerConfig,
+    Config, ConfigError, DaemonConfig, FileHandlerConfig, HandlerPolicy, Isolation, KNOWN_SUBTYPES,
+    Lifecycle, LogFormat, RamHandlerConfig,
 };
 pub use duration::{DurationError, HumanDuration, format_duration, parse_duration};
+pub use jail::JailSpec;
+pub use jail::settings::{Backing, JailSettings, LandlockMode, Network, SeccompMode};
 pub use size::{ByteSize, SizeError, format_size, parse_size};

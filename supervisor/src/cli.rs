@@ -3,6 +3,7 @@
 //! ```text
 //! tcmu-warden run --config FILE [--foreground]   run the daemon
 //! tcmu-warden check-config FILE                  validate a configuration, print what it serves
+//! tcmu-warden policy check FILE                  validate it, print each worker's effective jail
 //! tcmu-warden --version
 //! ```
 //!
@@ -18,7 +19,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
-use tcmu_warden_policy::{Config, format_duration, format_size};
+use tcmu_warden_policy::jail::landlock::LandlockReport;
+use tcmu_warden_policy::{Config, JailSpec, KNOWN_SUBTYPES, format_duration, format_size};
 
 /// tcmu-warden: serves Linux SCSI disks from userspace through TCMU (LIO's `user` backstore).
 #[derive(Debug, Parser)]
@@ -40,6 +42,10 @@ pub enum Command {
         /// Running by hand: log human-readable text to stderr, overriding `log_format`.
         #[arg(long)]
         foreground: bool,
+        /// DEBUGGING ONLY, NOT FOR PRODUCTION: start workers without their jail (no
+        /// namespaces, capabilities kept, no landlock, no seccomp).
+        #[arg(long)]
+        no_jail: bool,
     },
     /// Validate a configuration file and print the effective settings and handlers.
     CheckConfig {
@@ -47,6 +53,75 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Inspect the workers' jail policy.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+/// `tcmu-warden policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a configuration file and print the effective jail of every worker: who it runs
+    /// as, the paths it may touch, the system calls each seccomp stage denies or allows, its
+    /// limits, and what landlock enforces on this kernel.
+    Check {
+        /// The configuration file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// The effective jail of every worker `config` can start, for `tcmu-warden policy check`.
+/// `worker_exe` is the daemon's worker executable (the configured one or the default).
+pub fn describe_policy(config: &Config, worker_exe: &Path) -> String {
+    let mut out = String::new();
+    let abi = tcmu_warden_policy::jail::landlock::abi();
+    let _ = writeln!(out, "{}: valid", config.source.display());
+    let _ = writeln!(
+        out,
+        "landlock on this kernel: {}",
+        if abi == 0 {
+            "unavailable".to_owned()
+        } else {
+            format!("ABI {abi}")
+        }
+    );
+    let mut section = |title: String, subtype: Option<&str>, notes: String| {
+        let spec = JailSpec::for_worker(config, subtype, worker_exe);
+        let report = LandlockReport::for_abi(abi, &spec.settings.network);
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{title}{notes}");
+        out.push_str(&spec.describe(&report));
+    };
+    for subtype in config.served_subtypes() {
+        let Some(h) = config.handler(subtype) else {
+            continue;
+        };
+        let mut notes = format!(
+            "  (isolation = {}, backing = {}",
+            h.isolation.as_str(),
+            h.backing.as_str()
+        );
+        if !h.allow_paths.is_empty() {
+            let paths: Vec<String> = h
+                .allow_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            let _ = write!(notes, ", allow_paths = [{}]", paths.join(", "));
+        }
+        notes.push(')');
+        section(format!("[handler.{subtype}]"), Some(subtype), notes);
+    }
+    section(
+        "[jail] (the worker of refused devices; defaults of every handler)".to_owned(),
+        None,
+        String::new(),
+    );
+    out
 }
 
 /// A human-readable account of what a configuration does. `worker_exe` is the executable the
@@ -114,10 +189,34 @@ pub fn describe_config(config: &Config, worker_exe: &Path) -> String {
             .map_or_else(|| "no cap".to_owned(), format_size);
         let _ = writeln!(out, "  ram   max_size = {cap}");
     }
+    for subtype in served.iter().filter(|s| !KNOWN_SUBTYPES.contains(s)) {
+        let Some(h) = config.handler(subtype) else {
+            continue;
+        };
+        let exe = h.exe.as_ref().map_or_else(
+            || worker_exe.display().to_string(),
+            |e| e.display().to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "  {subtype}  exe = {exe}, isolation = {}, backing = {}",
+            h.isolation.as_str(),
+            h.backing.as_str()
+        );
+        for path in &h.allow_paths {
+            let _ = writeln!(
+                out,
+                "        allow {} ({})",
+                path.display(),
+                path_kind(path)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "every other subtype is refused (its SCSI commands answer NOT READY)"
     );
+    let _ = writeln!(out, "(`tcmu-warden policy check` shows each worker's jail)");
     out
 }
 
@@ -146,7 +245,7 @@ mod tests {
         let cli = Cli::try_parse_from(["tcmu-warden", "run", "--config", "/etc/w.toml"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Run { ref config, foreground: false } if config == Path::new("/etc/w.toml")
+            Command::Run { ref config, foreground: false, no_jail: false } if config == Path::new("/etc/w.toml")
         ));
         let cli =
             Cli::try_parse_from(["tcmu-warden", "run", "-c", "w.toml", "--foreground"]).unwrap();
@@ -156,6 +255,13 @@ mod tests {
                 foreground: true,
                 ..
             }
+        ));
+        let cli = Cli::try_parse_from(["tcmu-warden", "run", "-c", "w.toml", "--no-jail"]).unwrap();
+        assert!(matches!(cli.command, Command::Run { no_jail: true, .. }));
+        let cli = Cli::try_parse_from(["tcmu-warden", "policy", "check", "w.toml"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Policy { command: PolicyCommand::Check { ref file } } if file == Path::new("w.toml")
         ));
         let cli = Cli::try_parse_from(["tcmu-warden", "check-config", "w.toml"]).unwrap();
         assert!(
@@ -195,11 +301,53 @@ mod tests {
         assert!(out.contains("allow /nonexistent/x (missing)"), "{out}");
         assert!(out.contains("ram   max_size = 64GiB"), "{out}");
 
+        let cfg = Config::from_toml_str(
+            "[handler.qcow]\nexe = '/opt/q/worker'\nbacking = 'fd'\nallow_paths = ['/nonexistent/q']\n",
+            Path::new("/etc/w.toml"),
+        )
+        .unwrap();
+        let out = describe_config(&cfg, Path::new("/nonexistent/worker"));
+        assert!(
+            out.contains("qcow  exe = /opt/q/worker, isolation = subtype, backing = fd"),
+            "{out}"
+        );
+        assert!(out.contains("allow /nonexistent/q (missing)"), "{out}");
+
         let cfg = Config::from_toml_str("", Path::new("/etc/w.toml")).unwrap();
         let out = describe_config(&cfg, Path::new("/nonexistent/worker"));
         assert!(
             out.contains("no handlers: every device is refused"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn describes_every_workers_jail() {
+        let text = "[jail]\nwrite_paths = ['/var/tmp']\n[handler.file]\nallow_paths = ['/srv/disks']\n\
+                    isolation = 'device'\n[handler.qcow]\nexe = '/opt/qcow/worker'\n\
+                    network = 'tcp'\nconnect_ports = [3260]\nlandlock = 'best-effort'\n";
+        let cfg = Config::from_toml_str(text, Path::new("/etc/w.toml")).unwrap();
+        let out = describe_policy(&cfg, Path::new("/usr/libexec/tcmu-warden-worker"));
+        assert!(out.starts_with("/etc/w.toml: valid\n"), "{out}");
+        assert!(out.contains("landlock on this kernel: "), "{out}");
+        assert!(
+            out.contains(
+                "[handler.file]  (isolation = device, backing = fd, allow_paths = [/srv/disks])"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("exe          /opt/qcow/worker"), "{out}");
+        assert!(out.contains("TCP connect to ports 3260"), "{out}");
+        assert!(
+            out.contains("[jail] (the worker of refused devices"),
+            "{out}"
+        );
+        assert!(
+            out.contains("/srv/disks (backing stores arrive as open descriptors)"),
+            "{out}"
+        );
+        assert!(out.contains("read+write (no execute)  /var/tmp"), "{out}");
+        assert!(out.contains("stage one denies:"), "{out}");
+        assert!(out.contains("stage two allows:"), "{out}");
     }
 }

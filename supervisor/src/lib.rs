@@ -12,6 +12,7 @@
 //! - [`cli`]: the command line (`tcmu-warden run|check-config`).
 //! - [`discovery`]: the start-up scan of sysfs and configfs.
 //! - [`worker`]: starting one worker process and talking to it.
+//! - [`jail`]: stage one of a worker's confinement, applied between fork and exec.
 //! - [`daemon`]: the device table, the worker table and the event loop (worker lifecycle:
 //!   heartbeats, crash handling, restarts, quarantine, in `daemon::lifecycle`).
 //! - [`journal`]: the devices' in-flight journal files (what a crashed worker left running).
@@ -24,6 +25,7 @@ pub mod actions;
 pub mod cli;
 pub mod daemon;
 pub mod discovery;
+pub mod jail;
 pub mod journal;
 pub mod logging;
 pub mod worker;

@@ -8,15 +8,22 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use tcmu_warden_policy::{Config, LogFormat};
-use tcmu_warden_supervisor::cli::{Cli, Command, describe_config};
+use tcmu_warden_supervisor::cli::{Cli, Command, PolicyCommand, describe_config, describe_policy};
 use tcmu_warden_supervisor::daemon::{self, Options};
 use tcmu_warden_supervisor::logging;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, foreground } => run(&config, foreground),
+        Command::Run {
+            config,
+            foreground,
+            no_jail,
+        } => run(&config, foreground, no_jail),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => policy_check(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -27,7 +34,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &Path, foreground: bool) -> anyhow::Result<()> {
+fn run(path: &Path, foreground: bool, no_jail: bool) -> anyhow::Result<()> {
     let config = Config::load(path).context("invalid configuration")?;
     let format = if foreground {
         LogFormat::Text
@@ -37,6 +44,7 @@ fn run(path: &Path, foreground: bool) -> anyhow::Result<()> {
     let format = logging::init(format).context("setting up logging")?;
     let mut opts = Options::from_config(&config)?;
     opts.worker_log_format = Some(format);
+    opts.unconfined = no_jail;
     daemon::run(config, opts).context("the daemon stopped on an error")
 }
 
@@ -47,5 +55,15 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         None => daemon::default_worker_exe()?,
     };
     print!("{}", describe_config(&config, &exe));
+    Ok(())
+}
+
+fn policy_check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path).context("invalid configuration")?;
+    let exe = match &config.daemon.worker_exe {
+        Some(exe) => exe.clone(),
+        None => daemon::default_worker_exe()?,
+    };
+    print!("{}", describe_policy(&config, &exe));
     Ok(())
 }

@@ -10,10 +10,12 @@
 //!   the journal under systemd); fd 3 is the channel. Every other descriptor is closed at
 //!   `exec`: the supervisor's own are close-on-exec anyway, and any it inherited without the
 //!   flag are marked close-on-exec in the child.
-//! - An empty environment except `TCMU_WARDEN_FD=3`, `RUST_LOG` (if the supervisor has it) and
-//!   `TCMU_WARDEN_LOG_FORMAT` (the supervisor's log format, or its own variable if it has one).
-//! - Its own process group, so a Ctrl-C on the supervisor's terminal reaches only the
+//! - An empty environment except `TCMU_WARDEN_FD=3`, `RUST_LOG` (if the supervisor has it),
+//!   `TCMU_WARDEN_LOG_FORMAT` (the supervisor's log format, or its own variable if it has one)
+//!   and `TCMU_WARDEN_JAIL` (the settings of its stage-two filter).
+//! - Its own session (`setsid`), so a Ctrl-C on the supervisor's terminal reaches only the
 //!   supervisor, which then shuts the workers down in order.
+//! - Stage one of its jail (see [`crate::jail`]), applied last before `exec`.
 //! - `PR_SET_PDEATHSIG = SIGKILL`: if the supervisor dies, its workers die with it rather than
 //!   serving devices nobody supervises. Nothing is lost by that: the kernel keeps each ring when
 //!   the last `/dev/uioN` descriptor closes, and a restarted supervisor recovers every device
@@ -32,6 +34,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use tcmu_warden_policy::LogFormat;
+use tcmu_warden_policy::jail::STAGE_TWO_ENV;
+
+use crate::jail::StageOne;
 use tcmu_warden_proto::{Channel, FromWorker, ProtoError, ToWorker};
 
 /// The descriptor number the worker finds its channel on.
@@ -80,10 +85,15 @@ impl WorkerProcess {
     ///
     /// `log_format`: the value of `TCMU_WARDEN_LOG_FORMAT` in the child; `None` passes the
     /// supervisor's own variable through if it is set.
+    ///
+    /// `jail`: stage one of the worker's jail ([`crate::jail::prepare`]), applied in the child
+    /// before `exec`; `None` starts the worker unconfined (a debugging switch, never the
+    /// default: see `tcmu-warden run --no-jail`).
     pub fn spawn(
         exe: &Path,
         name: &str,
         log_format: Option<LogFormat>,
+        jail: Option<StageOne>,
     ) -> Result<WorkerProcess, WorkerError> {
         let spawn_err = |source: io::Error| WorkerError::Spawn {
             exe: exe.to_path_buf(),
@@ -97,18 +107,26 @@ impl WorkerProcess {
 
         let mut cmd = Command::new(exe);
         cmd.env_clear();
-        for (key, value) in worker_environment(log_format) {
+        for (key, value) in worker_environment(log_format, jail.as_ref().map(StageOne::env_value)) {
             cmd.env(key, value);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec. It only makes raw system
-        // calls that are async-signal-safe (fcntl, dup2, prctl, getppid), allocates nothing,
-        // takes no locks, and touches only the integers it captured by value.
+            .stderr(Stdio::inherit());
+        let mut jail = jail;
+        // SAFETY: the closure runs in the forked child of a possibly multithreaded process,
+        // before exec. It only makes raw system calls that are async-signal-safe (setsid, fcntl,
+        // dup2, close_range, prctl, getppid, and in `StageOne::apply` the jail's), allocates
+        // nothing, takes no locks, and touches only values computed before the fork (the
+        // integers it captured and the prepared jail it owns).
         unsafe {
             cmd.pre_exec(move || {
+                // A session (and process group) of its own: a Ctrl-C on the supervisor's
+                // terminal reaches only the supervisor, and the worker has no controlling
+                // terminal to reach the operator through.
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 if child_fd == WORKER_CHANNEL_FD {
                     // dup2 onto itself would keep close-on-exec; clear it instead.
                     if libc::fcntl(child_fd, libc::F_SETFD, 0) < 0 {
@@ -125,10 +143,16 @@ impl WorkerProcess {
                 if libc::getppid() != parent_pid {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
+                if let Some(jail) = jail.as_mut() {
+                    jail.apply()?;
+                }
                 Ok(())
             });
         }
         let child = cmd.spawn().map_err(spawn_err)?;
+        // Dropping the command drops the prepared jail in this process (its landlock ruleset
+        // descriptor is closed here; the child's copy closed at exec).
+        drop(cmd);
         drop(theirs);
         Ok(WorkerProcess {
             name: name.to_owned(),
@@ -258,8 +282,12 @@ fn close_inherited_descriptors() {
     }
 }
 
-/// The complete environment of a worker.
-fn worker_environment(log_format: Option<LogFormat>) -> Vec<(&'static str, OsString)> {
+/// The complete environment of a worker. `jail`: the value of `TCMU_WARDEN_JAIL` (stage two's
+/// settings), absent when the worker runs unconfined.
+fn worker_environment(
+    log_format: Option<LogFormat>,
+    jail: Option<&str>,
+) -> Vec<(&'static str, OsString)> {
     let mut env = vec![(FD_ENV, OsString::from(WORKER_CHANNEL_FD.to_string()))];
     if let Some(v) = std::env::var_os("RUST_LOG") {
         env.push(("RUST_LOG", v));
@@ -271,6 +299,9 @@ fn worker_environment(log_format: Option<LogFormat>) -> Vec<(&'static str, OsStr
                 env.push((LOG_FORMAT_ENV, v));
             }
         }
+    }
+    if let Some(value) = jail {
+        env.push((STAGE_TWO_ENV, OsString::from(value)));
     }
     env
 }
@@ -354,10 +385,11 @@ mod tests {
 
     #[test]
     fn environment_has_only_the_allowed_keys() {
-        let env = worker_environment(Some(LogFormat::Json));
+        let env = worker_environment(Some(LogFormat::Json), Some("seccomp=kill;syscalls="));
+        assert!(env.contains(&(STAGE_TWO_ENV, OsString::from("seccomp=kill;syscalls="))));
         for (k, _) in &env {
             assert!(
-                [FD_ENV, "RUST_LOG", LOG_FORMAT_ENV].contains(k),
+                [FD_ENV, "RUST_LOG", LOG_FORMAT_ENV, STAGE_TWO_ENV].contains(k),
                 "unexpected {k}"
             );
         }
@@ -367,7 +399,8 @@ mod tests {
 
     #[test]
     fn spawn_failure_names_the_executable() {
-        let err = WorkerProcess::spawn(Path::new("/nonexistent/worker"), "w", None).unwrap_err();
+        let err =
+            WorkerProcess::spawn(Path::new("/nonexistent/worker"), "w", None, None).unwrap_err();
         assert!(matches!(err, WorkerError::Spawn { .. }));
         assert!(err.to_string().contains("/nonexistent/worker"), "{err}");
     }
@@ -375,7 +408,7 @@ mod tests {
     #[test]
     fn a_worker_that_exits_is_reaped_and_closes_the_channel() {
         // `true` exits at once without touching fd 3.
-        let mut w = WorkerProcess::spawn(Path::new("/bin/true"), "t", None).unwrap();
+        let mut w = WorkerProcess::spawn(Path::new("/bin/true"), "t", None, None).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let status = loop {
             if let Some(s) = w.try_reap().unwrap() {

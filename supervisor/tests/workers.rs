@@ -125,7 +125,20 @@ fn main() -> ExitCode {
             "oversized_and_out_of_order_messages_kill_and_restart",
             oversized_and_out_of_order_messages_kill_and_restart,
         ),
+        (
+            "workers_are_jailed_and_the_jail_is_verified",
+            workers_are_jailed_and_the_jail_is_verified,
+        ),
+        (
+            "an_unenforceable_jail_keeps_the_worker_from_starting",
+            an_unenforceable_jail_keeps_the_worker_from_starting,
+        ),
+        (
+            "no_jail_switch_starts_workers_unconfined",
+            no_jail_switch_starts_workers_unconfined,
+        ),
         ("binary_check_config", binary_check_config),
+        ("binary_policy_check", binary_policy_check),
         (
             "binary_runs_and_stops_on_sigterm",
             binary_runs_and_stops_on_sigterm,
@@ -191,14 +204,19 @@ impl Fixture {
         link
     }
 
+    /// The configuration: the fake worker for `mode`, this tree, and a jail that lets the fake
+    /// workers write their logs in `bin/` and read the fake sysfs (to report whether the
+    /// supervisor had blocked a device when it handed it over), and nothing else.
     fn config_text(&self, mode: &str, handlers: &str) -> String {
         format!(
             "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\njournal_dir = {:?}\n\
-             {handlers}",
+             [jail]\nwrite_paths = [{:?}]\nread_paths = [{:?}]\n{handlers}",
             self.exe(mode).display().to_string(),
             self.sysfs.display().to_string(),
             self.dev.display().to_string(),
             self.journals().display().to_string(),
+            self.bin.display().to_string(),
+            self.sysfs.display().to_string(),
         )
     }
 
@@ -398,6 +416,8 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
         assert_contains(line, "fd3=socket");
         assert_contains(line, "TCMU_WARDEN_FD=3");
         assert_contains(line, "TCMU_WARDEN_LOG_FORMAT=json");
+        // The worker's stage-two settings (the jail is on by default).
+        assert_contains(line, "TCMU_WARDEN_JAIL=seccomp=kill;syscalls=");
         let env = line
             .split("env=[")
             .nth(1)
@@ -408,7 +428,13 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
         for var in env.split(", ").filter(|v| !v.is_empty()) {
             let key = var.trim_matches('"').split('=').next().unwrap();
             assert!(
-                ["TCMU_WARDEN_FD", "TCMU_WARDEN_LOG_FORMAT", "RUST_LOG"].contains(&key),
+                [
+                    "TCMU_WARDEN_FD",
+                    "TCMU_WARDEN_LOG_FORMAT",
+                    "RUST_LOG",
+                    "TCMU_WARDEN_JAIL"
+                ]
+                .contains(&key),
                 "unexpected variable {var} in {line}"
             );
         }
@@ -1044,6 +1070,138 @@ fn oversized_and_out_of_order_messages_kill_and_restart() {
     }
 }
 
+fn workers_are_jailed_and_the_jail_is_verified() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    f.device("uio1", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    until(&mut sup, "both devices are served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+            && phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
+    for name in ["file", "ram"] {
+        let w = sup.worker(name).unwrap();
+        let jail = w.jail.expect("jailed by default");
+        // What the supervisor read back from /proc/<pid>/status after the handshake.
+        let seen = jail.observed.clone().expect("verified at Hello");
+        assert_eq!(seen.seccomp_mode, 2, "{name}");
+        assert!(seen.no_new_privs, "{name}");
+        assert!(seen.caps_empty(), "{name}: {}", seen.caps_summary());
+        assert_eq!(seen.seccomp_filters, Some(jail.stage_one_filters), "{name}");
+        assert!(
+            jail.mismatches().is_empty(),
+            "{name}: {:?}",
+            jail.mismatches()
+        );
+        // The fake worker is not built on the worker runtime: no stage two.
+        assert_eq!(jail.stage_two(), Some(false), "{name}");
+        assert!(jail.landlock.abi > 0);
+        // And independently of the supervisor's own check:
+        let status = fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();
+        assert_some_line(&status, &["Seccomp:", "2"], name);
+        assert_some_line(&status, &["NoNewPrivs:", "1"], name);
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_some_line(&status, &[set, "0000000000000000"], name);
+        }
+    }
+    let logs = harness::take_logs();
+    assert_some_line(
+        &logs,
+        &["worker jailed (stage one)", "worker=file", "landlock_abi="],
+        (),
+    );
+    assert_some_line(
+        &logs,
+        &["worker jail verified", "worker=ram", "seccomp_mode=2"],
+        (),
+    );
+    assert_some_line(
+        &logs,
+        &[
+            "WARN",
+            "did not install its stage-two seccomp allow-list",
+            "worker=file",
+        ],
+        (),
+    );
+}
+
+fn an_unenforceable_jail_keeps_the_worker_from_starting() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    // A read path that does not exist cannot be granted: the worker is not started unconfined,
+    // it is not started at all, and the log says why.
+    let handlers = "[handler.ram]\nread_paths = ['/nonexistent/tcmu-warden-test']\n";
+    let sup = f.start("echo", handlers, |_| {});
+    assert!(sup.worker("ram").is_none());
+    assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Orphaned));
+    let logs = harness::take_logs();
+    assert_some_line(
+        &logs,
+        &[
+            "ERROR",
+            "its jail cannot be enforced",
+            "worker=ram",
+            "/nonexistent/tcmu-warden-test",
+        ],
+        (),
+    );
+    assert!(f.log("echo").is_empty(), "a worker ran: {}", f.log("echo"));
+}
+
+fn no_jail_switch_starts_workers_unconfined() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    let mut sup = f.start("echo", &f.file_and_ram(), |o| o.unconfined = true);
+    until(&mut sup, "the device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert!(w.jail.is_none());
+    let status = fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();
+    assert_some_line(&status, &["Seccomp:", "0"], ());
+    let log = f.log("echo");
+    assert!(!log.contains("TCMU_WARDEN_JAIL"), "{log}");
+    assert_some_line(
+        &harness::take_logs(),
+        &["WARN", "WITHOUT ITS JAIL", "NOT FOR PRODUCTION"],
+        (),
+    );
+}
+
+fn binary_policy_check() {
+    let exe = env!("CARGO_BIN_EXE_tcmu-warden");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
+    let out = std::process::Command::new(exe)
+        .args(["policy", "check"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_contains(&stdout, "valid");
+    assert_contains(&stdout, "[handler.file]");
+    assert_contains(&stdout, "[handler.ram]");
+    assert_contains(&stdout, "stage one denies:");
+    assert_contains(&stdout, "landlock on this kernel:");
+
+    let f = Fixture::new();
+    let bad = f.data.join("bad.toml");
+    fs::write(&bad, "[jail]\n\nsyscalls = ['ptrace']\n").unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_contains(&stderr, &format!("{}:3:", bad.display()));
+    assert_contains(&stderr, "denied to every worker");
+}
+
 fn binary_check_config() {
     let exe = env!("CARGO_BIN_EXE_tcmu-warden");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
@@ -1174,9 +1332,8 @@ mod fake_worker {
 
         // What we were started with, before opening anything ourselves.
         let fds = open_fds();
-        let fd3 = fs::read_link("/proc/self/fd/3")
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
+        // The worker's jail keeps /proc out of reach, so the descriptor is inspected directly.
+        let fd3 = if is_socket(3) { "socket:" } else { "" };
         let mut env: Vec<String> = std::env::vars()
             .map(|(k, v)| {
                 if k == "RUST_LOG" {
@@ -1406,20 +1563,22 @@ mod fake_worker {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// Descriptor numbers open in this process (the directory's own descriptor excluded).
+    /// Descriptor numbers open in this process. Probed one by one (`/proc/self/fd` is out of
+    /// the jail's reach), up to a bound far above anything the supervisor could leak.
     fn open_fds() -> Vec<i32> {
-        let listed: Vec<i32> = fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        // The listing's own descriptor is closed by now.
-        let mut open: Vec<i32> = listed
-            .into_iter()
-            // SAFETY: F_GETFD only queries the descriptor table.
+        // SAFETY: F_GETFD only queries the descriptor table.
+        (0..4096)
             .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
-            .collect();
-        open.sort_unstable();
-        open
+            .collect()
+    }
+
+    /// Whether `fd` is a socket.
+    fn is_socket(fd: i32) -> bool {
+        // SAFETY: fstat writes one stat structure into `st`, which we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let rc = unsafe { libc::fstat(fd, &mut st) };
+        rc == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
     }
 }
 

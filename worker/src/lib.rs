@@ -10,11 +10,13 @@
 //!   implement itself.
 //! - [`handler`]: the [`handler::Handler`] trait and the built-in `file` and `ram` handlers.
 //! - [`iobuf`]: scatter-gather access to command data.
+//! - [`jail`]: stage two of the worker's confinement (its own seccomp allow-list).
 //! - [`runtime`]: the per-device loop that ties ring, SCSI and handler together, and the worker's
 //!   conversation with the supervisor.
 
 pub mod handler;
 pub mod iobuf;
+pub mod jail;
 pub mod ring;
 pub mod runtime;
 pub mod scsi;

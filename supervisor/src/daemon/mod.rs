@@ -59,12 +59,13 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tcmu_warden_policy::{Config, Isolation, Lifecycle, LogFormat};
+use tcmu_warden_policy::{Config, Isolation, JailSpec, Lifecycle, LogFormat};
 use tcmu_warden_proto::{
     DeviceSpec, DeviceStats, FromWorker, JournalMode, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError,
     ToWorker,
@@ -72,6 +73,7 @@ use tcmu_warden_proto::{
 use tracing::{debug, error, info, warn};
 
 use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
+use crate::jail::{self, JailStatus};
 use crate::journal::{JournalStore, OpenJournal};
 use crate::worker::{WorkerError, WorkerProcess, describe_exit};
 
@@ -118,6 +120,9 @@ pub struct Options {
     pub lifecycle: Lifecycle,
     /// Where the devices' in-flight journals live.
     pub journal_dir: PathBuf,
+    /// DEBUGGING ONLY, NOT FOR PRODUCTION: start workers without their jail (no stage one,
+    /// and the worker skips stage two). Off unless `tcmu-warden run --no-jail` turns it on.
+    pub unconfined: bool,
 }
 
 impl Options {
@@ -139,6 +144,7 @@ impl Options {
             exit_grace: Duration::from_secs(2),
             lifecycle: config.daemon.lifecycle,
             journal_dir: config.daemon.journal_dir.clone(),
+            unconfined: false,
         })
     }
 }
@@ -285,6 +291,9 @@ pub struct WorkerStatus {
     pub stats: Vec<DeviceStats>,
     /// When the last heartbeat was answered.
     pub last_pong: Option<Instant>,
+    /// Its jail: what landlock and seccomp enforce, and (after the handshake) what
+    /// `/proc/<pid>/status` showed. `None` for a worker started unconfined (`--no-jail`).
+    pub jail: Option<JailStatus>,
 }
 
 /// Where a device is in its life.
@@ -363,6 +372,8 @@ struct Slot {
     last_pong: Option<Instant>,
     /// Counters from the last `Pong`.
     stats: Vec<DeviceStats>,
+    /// The worker's jail (`None`: unconfined).
+    jail: Option<JailStatus>,
 }
 
 struct Device {
@@ -716,17 +727,64 @@ impl Supervisor {
         }
     }
 
+    /// The executable of worker `key`: its handler's `exe`, or the daemon's worker.
+    fn exe_for(&self, key: &WorkerKey) -> PathBuf {
+        let subtype = match key {
+            WorkerKey::Subtype(s) | WorkerKey::Device { subtype: s, .. } => Some(s.as_str()),
+            WorkerKey::Refused => None,
+        };
+        subtype
+            .and_then(|s| self.config.handler(s))
+            .and_then(|h| h.exe.clone())
+            .unwrap_or_else(|| self.opts.worker_exe.clone())
+    }
+
     fn start_worker(&mut self, key: &WorkerKey) {
         let name = key.name();
-        let exe = &self.opts.worker_exe;
-        let process = match WorkerProcess::spawn(exe, &name, self.opts.worker_log_format) {
-            Ok(p) => p,
-            Err(err) => {
-                error!(worker = %name, error = %err, "cannot start worker");
-                return;
+        let exe = self.exe_for(key);
+        let (stage_one, jail) = if self.opts.unconfined {
+            warn!(worker = %name, "starting the worker WITHOUT ITS JAIL (--no-jail): a debugging aid, NOT FOR PRODUCTION");
+            (None, None)
+        } else {
+            let subtype = match key {
+                WorkerKey::Subtype(s) | WorkerKey::Device { subtype: s, .. } => Some(s.as_str()),
+                WorkerKey::Refused => None,
+            };
+            let spec = JailSpec::for_worker(&self.config, subtype, &self.opts.worker_exe);
+            match jail::prepare(&spec) {
+                Ok(prepared) => (Some(prepared.stage_one), Some(prepared.status)),
+                Err(err) => {
+                    error!(worker = %name, exe = %exe.display(), reason = %err, "cannot start worker: its jail cannot be enforced");
+                    return;
+                }
             }
         };
+        let process =
+            match WorkerProcess::spawn(&exe, &name, self.opts.worker_log_format, stage_one) {
+                Ok(p) => p,
+                Err(err) => {
+                    error!(worker = %name, error = %err, "cannot start worker");
+                    return;
+                }
+            };
         info!(worker = %name, pid = process.pid(), exe = %exe.display(), "worker started");
+        if let Some(jail) = &jail {
+            info!(
+                worker = %name,
+                pid = process.pid(),
+                landlock_abi = jail.landlock.abi,
+                landlock = %jail.landlock.enforcement(),
+                landlock_mode = jail.landlock_mode.as_str(),
+                seccomp = jail.seccomp_action.as_str(),
+                uid = jail.uid,
+                gid = jail.gid,
+                jail = %jail,
+                "worker jailed (stage one)"
+            );
+            if jail.seccomp_action == tcmu_warden_policy::SeccompMode::Log {
+                warn!(worker = %name, "seccomp_action = \"log\": a debugging aid, NOT FOR PRODUCTION");
+            }
+        }
         let hello = ToWorker::Hello {
             worker: name.clone(),
             subtypes: key.subtypes(),
@@ -749,6 +807,7 @@ impl Supervisor {
                 ping_seq: 0,
                 last_pong: None,
                 stats: Vec::new(),
+                jail,
             },
         );
         if let Err(err) = sent {
@@ -1097,8 +1156,48 @@ impl Supervisor {
         }
     }
 
+    /// Reads the jail of worker `key` back from `/proc/<pid>/status` and compares it with what
+    /// stage one applied. Returns why the worker must be killed, if it must.
+    fn verify_jail(&mut self, key: &WorkerKey) -> Option<String> {
+        let slot = self.workers.get_mut(key)?;
+        let pid = slot.process.pid();
+        let jail = slot.jail.as_mut()?;
+        match jail::observe(pid) {
+            Ok(observed) => jail.observed = Some(observed),
+            Err(err) => return Some(format!("cannot read its /proc/{pid}/status: {err}")),
+        }
+        let wrong = jail.mismatches();
+        if !wrong.is_empty() {
+            return Some(format!("its jail is not in force: {}", wrong.join("; ")));
+        }
+        let observed = jail.observed.as_ref()?;
+        info!(
+            worker = %slot.name,
+            pid,
+            landlock_abi = jail.landlock.abi,
+            landlock = %jail.landlock.enforcement(),
+            seccomp_mode = observed.seccomp_mode,
+            seccomp_filters = ?observed.seccomp_filters,
+            stage_two = ?jail.stage_two(),
+            no_new_privs = observed.no_new_privs,
+            capabilities = %observed.caps_summary(),
+            uid = observed.uid[1],
+            gid = observed.gid[1],
+            jail = %jail,
+            "worker jail verified"
+        );
+        if jail.stage_two() == Some(false) {
+            warn!(worker = %slot.name, pid, "the worker did not install its stage-two seccomp allow-list; only stage one confines it");
+        }
+        None
+    }
+
     fn on_hello(&mut self, key: &WorkerKey, pid: u32, supported: Vec<String>) {
-        let exe = self.opts.worker_exe.display().to_string();
+        if let Some(why) = self.verify_jail(key) {
+            self.kill_worker(key, why);
+            return;
+        }
+        let exe = self.exe_for(key).display().to_string();
         let Some(slot) = self.workers.get_mut(key) else {
             return;
         };
@@ -1179,6 +1278,26 @@ impl Supervisor {
             slot.queue.clear();
             slot.process.close_channel();
             let how = describe_exit(status);
+            if status.signal() == Some(libc::SIGSYS) {
+                // A seccomp kill (or, in log mode, a SIGSYS the worker did not survive). Only the
+                // kernel's audit record names the system call.
+                let pid = slot.process.pid();
+                let since = slot
+                    .jail
+                    .as_ref()
+                    .map_or(std::time::UNIX_EPOCH, |j| j.prepared_at);
+                let syscall = jail::kernel_log_violation(pid, since);
+                error!(
+                    worker = %slot.name,
+                    pid,
+                    syscall = syscall.as_deref().unwrap_or("unknown (see the audit log, type=SECCOMP)"),
+                    "sandbox violation: seccomp killed the worker"
+                );
+                if let Some(jail) = slot.jail.as_mut() {
+                    jail.violation =
+                        Some(syscall.unwrap_or_else(|| "unknown system call".to_owned()));
+                }
+            }
             match was {
                 WorkerPhase::Killed => {
                     info!(worker = %slot.name, pid = slot.process.pid(), status = %how, "killed worker reaped");
@@ -1366,6 +1485,7 @@ impl Supervisor {
             quarantined: h.and_then(|h| h.quarantined.clone()),
             stats: s.stats.clone(),
             last_pong: s.last_pong,
+            jail: s.jail.clone(),
         }
     }
 

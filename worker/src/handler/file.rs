@@ -35,6 +35,23 @@ impl HandlerFactory for FileFactory {
         true
     }
 
+    fn syscalls(&self) -> &[&'static str] {
+        // Positional vectored I/O, durability, hole punching (UNMAP), and BLKGETSIZE64 on a
+        // block device.
+        &[
+            "pread64",
+            "preadv",
+            "preadv2",
+            "pwrite64",
+            "pwritev",
+            "pwritev2",
+            "fdatasync",
+            "fsync",
+            "fallocate",
+            "ioctl",
+        ]
+    }
+
     fn open(
         &self,
         dev: &DeviceConfig,

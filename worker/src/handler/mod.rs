@@ -11,7 +11,8 @@
 //! Implement [`Handler`] for your device type and [`HandlerFactory`] for something that builds it
 //! from a [`DeviceConfig`], then hand your factories to [`crate::worker_main`] in your binary's
 //! `main`. The result is a worker executable that speaks the supervisor's protocol and runs under
-//! the same jail as the built-in one.
+//! the same jail as the built-in one. List the system calls your handler makes beyond the
+//! runtime's in [`HandlerFactory::syscalls`]: the worker's seccomp allow-list is built from them.
 //!
 //! ## Rules a handler must follow
 //! - Methods are called concurrently from several threads; use interior mutability.
@@ -154,6 +155,14 @@ pub trait HandlerFactory: Send + Sync {
     /// supervisor (the cfgstring names a path the policy must allow).
     fn needs_backing_fd(&self) -> bool {
         false
+    }
+
+    /// System calls this subtype's handlers make beyond what the worker runtime needs (by name,
+    /// e.g. `"pwritev2"`). The worker's stage-two seccomp filter allows exactly the runtime's
+    /// calls, these, and the policy's `syscalls`; anything else kills the worker. Calls the
+    /// stage-one deny-list refuses (mount, ptrace, ...) stay refused whatever is declared.
+    fn syscalls(&self) -> &[&'static str] {
+        &[]
     }
 
     /// Opens the handler for one device. `backing` is the descriptor the supervisor opened, if any.

@@ -384,7 +384,8 @@ fn init_logging() {
     };
 }
 
-/// The `main` of a worker executable: logging, the supervisor socket, then [`Worker::serve`].
+/// The `main` of a worker executable: logging, the supervisor socket, stage two of the jail
+/// ([`crate::jail::enter_stage_two`]), then [`Worker::serve`].
 pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
     init_logging();
     let chan = match channel_from_env() {
@@ -394,6 +395,11 @@ pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Stage two of the jail, before any device is served (see `crate::jail`).
+    if let Err(e) = crate::jail::enter_stage_two(&factories) {
+        error!(error = %e, "cannot confine this worker; refusing to serve");
+        return ExitCode::from(3);
+    }
     match Worker::new(chan, factories).serve() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
