@@ -34,6 +34,15 @@
 //! # (native journal entries). Default: journald when JOURNAL_STREAM is set (started by
 //! # systemd with output to the journal), text otherwise.
 //! log_format = "text"
+//! # The control socket `tcmu-warden status` talks to (root only). Default
+//! # "/run/tcmu-warden/control.sock".
+//! control_socket = "/run/tcmu-warden/control.sock"
+//! # At shutdown, how long in-flight SCSI commands may take to finish before workers are
+//! # killed, in seconds (1..=3600). Default 30.
+//! drain_timeout = 30
+//! # Which copy of the kernel's device events to follow: "udev" (sent once udev created
+//! # /dev/uioN), "kernel", or "auto" (default: udev's when systemd-udevd runs).
+//! uevent_source = "auto"
 //!
 //! # Devices of subtype `file`: the cfgstring is an absolute path to a regular file or a block
 //! # device. Without this section every `file` device is refused.
@@ -64,7 +73,7 @@ pub mod size;
 
 pub use admit::{Admission, PolicyError};
 pub use config::{
-    Config, ConfigError, DaemonConfig, FileHandlerConfig, Isolation, KNOWN_SUBTYPES, LogFormat,
-    RamHandlerConfig,
+    Config, ConfigError, DEFAULT_CONTROL_SOCKET, DEFAULT_DRAIN_TIMEOUT_SECS, DaemonConfig,
+    FileHandlerConfig, Isolation, KNOWN_SUBTYPES, LogFormat, RamHandlerConfig, UeventSource,
 };
 pub use size::{ByteSize, SizeError, format_size, parse_size};

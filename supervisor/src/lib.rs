@@ -9,16 +9,30 @@
 //! they say and kills any that misbehave, without ever going down itself.
 //!
 //! Where things live:
-//! - [`cli`]: the command line (`tcmu-warden run|check-config`).
+//! - [`cli`]: the command line (`tcmu-warden run|check-config|status`).
 //! - [`discovery`]: the start-up scan of sysfs and configfs.
 //! - [`worker`]: starting one worker process and talking to it.
-//! - [`daemon`]: the device table, the worker table and the event loop.
+//! - [`daemon`]: the device table, the worker table and the event loop; [`daemon::ops`] adds
+//!   hot-plug, kernel requests, reconfiguration, statistics, reload and draining.
+//! - [`uevent`] and [`netlink`]: the kernel's device events (uevents) and its `TCM-USER`
+//!   generic netlink requests, decoded with bounds checks.
+//! - [`control`]: the control socket and the `status` report; [`sdnotify`]: systemd
+//!   readiness and watchdog; [`reload`]: what a `SIGHUP` changes; [`lio`]: LIO's module
+//!   parameters and device actions.
+//! - [`fuzz`]: entry points for fuzzing every decoder of untrusted input.
 //! - [`logging`]: text, JSON or journald output.
 //!
 //! The binary, `tcmu-warden`, is a thin layer over these (`src/main.rs`).
 
 pub mod cli;
+pub mod control;
 pub mod daemon;
 pub mod discovery;
+pub mod fuzz;
+pub mod lio;
 pub mod logging;
+pub mod netlink;
+pub mod reload;
+pub mod sdnotify;
+pub mod uevent;
 pub mod worker;

@@ -30,13 +30,16 @@
 //! ## The loop
 //! [`Supervisor::poll_once`] is one turn of the event loop: `poll` on the workers' channels and
 //! the signal wake-up socket (with the nearest deadline as timeout), then messages, then reaping
-//! (`waitpid(WNOHANG)` per worker), then deadlines. Nothing else blocks. Later work (restart
-//! with backoff, heartbeats, hot-plug through netlink, the status socket) adds sources and
-//! deadlines to the same loop.
+//! (`waitpid(WNOHANG)` per worker), then deadlines. Nothing else blocks. The operations side
+//! ([`ops`]: uevents, the kernel's `TCM-USER` netlink requests, the control socket, pings for
+//! statistics, reload on `SIGHUP`, systemd notifications, draining at shutdown) joins the same
+//! loop through a few hooks: its descriptors in the `poll`, its deadlines in the timeout, and
+//! [`Supervisor::ops_tick`] at the end of each turn.
 //!
 //! This module never parses sysfs (that is [`crate::discovery`]), never decides policy (that is
 //! the policy crate), and never spawns processes by hand (that is [`crate::worker`]).
 
+pub mod ops;
 mod signals;
 
 use std::collections::BTreeMap;
@@ -49,7 +52,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tcmu_warden_policy::{Config, Isolation, LogFormat};
+use tcmu_warden_policy::{Config, Isolation, LogFormat, UeventSource};
 use tcmu_warden_proto::{
     DeviceSpec, FromWorker, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError, ToWorker,
 };
@@ -68,6 +71,10 @@ const MAX_MESSAGES_PER_TURN: usize = 64;
 
 /// Longest sleep of one loop turn when no deadline is nearer.
 pub const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// How often each ready worker is pinged (its `Pong` carries the statistics `status` shows).
+/// The one place this interval is set; hang detection builds on the same pings.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long after SIGKILL at the end of a shutdown the daemon waits for reaping before it exits
 /// anyway (a process stuck in uninterruptible I/O cannot be reaped).
@@ -92,6 +99,13 @@ pub struct Options {
     pub shutdown_timeout: Duration,
     /// How long a worker that closed its channel has to exit before it is killed.
     pub exit_grace: Duration,
+    /// Follow the kernel's device events (uevents, `TCM-USER` netlink). On by default only
+    /// when `sysfs_root` is `/sys`: a fake tree gets no kernel events.
+    pub kernel_events: bool,
+    /// Which copy of the uevents to follow.
+    pub uevent_source: UeventSource,
+    /// Where [`Supervisor::start_operations`] opens the control socket (`None`: nowhere).
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Options {
@@ -109,8 +123,11 @@ impl Options {
             worker_log_format: None,
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(config.daemon.drain_timeout_secs),
             exit_grace: Duration::from_secs(2),
+            kernel_events: config.daemon.sysfs_root == std::path::Path::new("/sys"),
+            uevent_source: config.daemon.uevent_source,
+            control_socket: Some(config.daemon.control_socket.clone()),
         })
     }
 }
@@ -136,6 +153,9 @@ pub enum DaemonError {
     /// `poll` failed.
     #[error("poll: {0}")]
     Poll(nix::Error),
+    /// The control socket could not be opened.
+    #[error("control socket: {0}")]
+    Control(crate::control::ControlError),
 }
 
 /// Why a device could not be taken over.
@@ -318,6 +338,7 @@ pub struct Supervisor {
     next_id: u64,
     signals: Signals,
     shutdown: Option<Shutdown>,
+    ops: ops::Ops,
 }
 
 impl Supervisor {
@@ -332,6 +353,7 @@ impl Supervisor {
             next_id: 1,
             signals: Signals::new().map_err(DaemonError::Signals)?,
             shutdown: None,
+            ops: ops::Ops::new(),
         })
     }
 
@@ -341,6 +363,16 @@ impl Supervisor {
         self.signals
             .watch_termination()
             .map_err(DaemonError::Signals)
+    }
+
+    /// Makes `SIGHUP` reload the configuration ([`Supervisor::reload`]).
+    pub fn handle_reload_signal(&mut self) -> Result<(), DaemonError> {
+        self.signals.watch_reload().map_err(DaemonError::Signals)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The options in use.
@@ -392,6 +424,15 @@ impl Supervisor {
             .open(&path)
             .map_err(|source| AdoptError::OpenUio { path, source })?
             .into();
+        self.adopt_with_fd(dev, uio_fd)
+    }
+
+    /// [`Supervisor::adopt`] with the uio node already open (a device adopted again after a
+    /// `dev_config` change keeps the supervisor's descriptor).
+    fn adopt_with_fd(&mut self, dev: TcmuDevice, uio_fd: OwnedFd) -> Result<u64, AdoptError> {
+        if self.shutdown.is_some() {
+            return Err(AdoptError::ShuttingDown);
+        }
 
         let (refusal, backing) =
             match self
@@ -495,6 +536,7 @@ impl Supervisor {
     fn drop_device(&mut self, id: u64) {
         if let Some(dev) = self.devices.remove(&id) {
             info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device released");
+            self.on_device_dropped(id, dev);
         }
     }
 
@@ -533,6 +575,7 @@ impl Supervisor {
 
     fn start_worker(&mut self, key: &WorkerKey) {
         let name = key.name();
+        self.ops.note_worker_start(key);
         let exe = &self.opts.worker_exe;
         let process = match WorkerProcess::spawn(exe, &name, self.opts.worker_log_format) {
             Ok(p) => p,
@@ -671,10 +714,16 @@ impl Supervisor {
     /// One turn of the event loop; sleeps at most `max_wait` (less if a deadline is nearer).
     pub fn poll_once(&mut self, max_wait: Duration) -> Result<(), DaemonError> {
         let now = Instant::now();
-        let wait = self
-            .next_deadline()
+        let ops_deadline = [self.ops.next_deadline(now), self.next_ping(now)]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait = [self.next_deadline(), ops_deadline]
+            .into_iter()
+            .flatten()
+            .min()
             .map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
-        let (signalled, ready) = {
+        let (signalled, ready, ops_ready) = {
             let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
             let mut keys = Vec::new();
             for (key, slot) in &self.workers {
@@ -682,6 +731,13 @@ impl Supervisor {
                     fds.push(PollFd::new(channel.fd(), PollFlags::POLLIN));
                     keys.push(key.clone());
                 }
+            }
+            let workers_end = fds.len();
+            let sources = self.ops_poll_fds();
+            let mut ops_sources = Vec::with_capacity(sources.len());
+            for (source, fd, flags) in sources {
+                fds.push(PollFd::new(fd, flags));
+                ops_sources.push(source);
             }
             match poll(&mut fds, poll_timeout(wait)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -691,20 +747,34 @@ impl Supervisor {
             let signalled = fds.first().is_some_and(is_ready);
             let ready: Vec<WorkerKey> = keys
                 .into_iter()
-                .zip(fds.iter().skip(1))
+                .zip(fds.iter().skip(1).take(workers_end.saturating_sub(1)))
                 .filter(|(_, fd)| is_ready(fd))
                 .map(|(key, _)| key)
                 .collect();
-            (signalled, ready)
+            let ops_ready: Vec<(ops::Source, bool)> = ops_sources
+                .into_iter()
+                .zip(fds.iter().skip(workers_end))
+                .map(|(source, fd)| (source, is_ready(fd)))
+                .collect();
+            (signalled, ready, ops_ready)
         };
-        if signalled && let Some(sig) = self.signals.drain() {
-            self.on_termination_signal(sig);
+        if signalled {
+            if let Some(sig) = self.signals.drain() {
+                self.on_termination_signal(sig);
+            }
+            if self.signals.take_reload() {
+                info!("SIGHUP: reloading the configuration");
+                self.reload();
+            }
         }
         for key in ready {
             self.service(&key);
         }
+        self.ops_on_ready(&ops_ready);
         self.reap();
-        self.check_deadlines(Instant::now());
+        let now = Instant::now();
+        self.check_deadlines(now);
+        self.ops_tick(now);
         Ok(())
     }
 
@@ -781,7 +851,7 @@ impl Supervisor {
             }
             (_, FromWorker::Hello { .. }) => Err("sent a second Hello".into()),
             (_, FromWorker::DeviceReady { id }) => {
-                let (dev, worker) = self.owned(key, id, "DeviceReady")?;
+                let (dev, _) = self.owned(key, id, "DeviceReady")?;
                 if dev.phase != DevicePhase::Sent {
                     return Err(format!(
                         "DeviceReady for device {id}, which is {:?}",
@@ -790,6 +860,11 @@ impl Supervisor {
                 }
                 dev.phase = DevicePhase::Ready;
                 dev.deadline = None;
+                self.on_device_ready(id);
+                let Some(dev) = self.devices.get(&id) else {
+                    return Ok(());
+                };
+                let worker = key.name();
                 match &dev.spec.refusal {
                     None => info!(
                         device = %dev.dev.uio,
@@ -851,7 +926,12 @@ impl Supervisor {
                     return Err("Pong reports devices it does not own".into());
                 }
                 slot.ping = None;
+                self.record_stats(stats);
                 Ok(())
+            }
+            (_, FromWorker::Reconfigured { id }) => self.on_reconfig_reply(key, id, Ok(())),
+            (_, FromWorker::ReconfigFailed { id, reason }) => {
+                self.on_reconfig_reply(key, id, Err(reason))
             }
         }
     }
@@ -1024,6 +1104,7 @@ impl Supervisor {
         self.shutdown = Some(Shutdown {
             give_up: deadline + REAP_GRACE,
         });
+        self.on_shutdown_begin();
         info!(workers = self.workers.len(), "shutting down");
         let keys: Vec<WorkerKey> = self.workers.keys().cloned().collect();
         for key in keys {
@@ -1151,6 +1232,8 @@ fn kind(msg: &FromWorker) -> &'static str {
         FromWorker::DeviceFailed { .. } => "DeviceFailed",
         FromWorker::DeviceRemoved { .. } => "DeviceRemoved",
         FromWorker::Pong { .. } => "Pong",
+        FromWorker::Reconfigured { .. } => "Reconfigured",
+        FromWorker::ReconfigFailed { .. } => "ReconfigFailed",
     }
 }
 
@@ -1194,11 +1277,15 @@ pub fn run(config: Config, opts: Options) -> Result<(), DaemonError> {
     );
     let mut sup = Supervisor::new(config, opts)?;
     sup.handle_termination_signals()?;
+    sup.handle_reload_signal()?;
+    sup.start_operations()?;
     sup.start()?;
+    sup.operations_ready();
     while !sup.is_finished() {
         sup.poll_once(IDLE_TICK)?;
     }
     sup.log_unreaped();
+    sup.finish_operations();
     info!("tcmu-warden stopped");
     Ok(())
 }

@@ -69,6 +69,36 @@ enum AddError {
 
 struct Served {
     runner: DeviceRunner,
+    emulator: Arc<Emulator>,
+}
+
+/// Applies a kernel reconfiguration (LIO's `RECONFIG_DEVICE`, relayed by the supervisor) to a
+/// served device's emulator: a new size resizes the handler first (which may fail, leaving the
+/// old size in force), then the emulator, which makes READ CAPACITY report it and queues a
+/// CAPACITY DATA HAS CHANGED unit attention for the initiator; a new write-cache setting takes
+/// effect for the next command.
+pub fn apply_reconfig(
+    emulator: &Emulator,
+    dev_size: Option<u64>,
+    write_cache: Option<bool>,
+) -> Result<(), String> {
+    if let Some(size) = dev_size {
+        let block = u64::from(emulator.block_size());
+        if size < block {
+            return Err(format!(
+                "new size {size} holds no whole {block}-byte block"
+            ));
+        }
+        emulator
+            .handler()
+            .resize(size)
+            .map_err(|e| format!("resizing the backing store to {size} bytes: {e}"))?;
+        emulator.resize(size);
+    }
+    if let Some(on) = write_cache {
+        emulator.set_write_cache(on);
+    }
+    Ok(())
 }
 
 /// A worker's state: its handler factories and the devices it serves.
@@ -169,6 +199,30 @@ impl Worker {
                         warn!(id, "asked to remove a device this worker does not serve");
                     }
                 }
+                ToWorker::Reconfig {
+                    id,
+                    dev_size,
+                    write_cache,
+                } => {
+                    let reply = match self.devices.get(&id) {
+                        None => FromWorker::ReconfigFailed {
+                            id,
+                            reason: "this worker does not serve the device".into(),
+                        },
+                        Some(dev) => match apply_reconfig(&dev.emulator, dev_size, write_cache) {
+                            Ok(()) => {
+                                info!(id, ?dev_size, ?write_cache, "device reconfigured");
+                                FromWorker::Reconfigured { id }
+                            }
+                            Err(mut reason) => {
+                                warn!(id, error = %reason, "reconfiguration failed");
+                                cut_reason(&mut reason);
+                                FromWorker::ReconfigFailed { id, reason }
+                            }
+                        },
+                    };
+                    self.chan.send(&reply, &[])?;
+                }
                 ToWorker::Ping { seq } => {
                     let stats = self.stats();
                     self.chan.send(&FromWorker::Pong { seq, stats }, &[])?;
@@ -252,16 +306,29 @@ impl Worker {
                 let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
             }
         });
+        let emulator = Arc::new(emulator);
         let runner = DeviceRunner::start(
             spec.name.clone(),
             ring,
             uio,
-            Arc::new(emulator),
+            emulator.clone(),
             self.opts,
             on_exit,
         )?;
-        self.devices.insert(spec.id, Served { runner });
+        self.devices.insert(spec.id, Served { runner, emulator });
         Ok(())
+    }
+}
+
+/// Cuts a reason to the wire's limit at a character boundary.
+fn cut_reason(reason: &mut String) {
+    let max = tcmu_warden_proto::MAX_REASON_LEN;
+    if reason.len() > max {
+        let mut cut = max;
+        while cut > 0 && !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
     }
 }
 
