@@ -75,12 +75,19 @@ pub enum ControlError {
 
 /// A request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(rename_all = "lowercase")]
 pub enum Request {
     /// The full status report.
     Status,
     /// The daemon's version.
     Version,
+}
+
+/// A request line: `{"request": "<name>"}` and nothing else.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    request: Request,
 }
 
 /// A response.
@@ -236,7 +243,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request longer than {MAX_REQUEST} bytes"));
     }
-    serde_json::from_slice(line).map_err(|e| e.to_string())
+    serde_json::from_slice::<Envelope>(line)
+        .map(|e| e.request)
+        .map_err(|e| e.to_string())
 }
 
 /// Fuzz entry point: decodes `data` as a request. Never panics.
@@ -515,7 +524,7 @@ pub fn query(path: &Path, request: Request, timeout: Duration) -> Result<Respons
     stream
         .set_write_timeout(Some(timeout))
         .map_err(io_err("configuring"))?;
-    let mut line = serde_json::to_vec(&request).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+    let mut line = serde_json::to_vec(&Envelope { request }).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err("writing to"))?;
     let mut reader = BufReader::new(stream.take(MAX_RESPONSE as u64));
