@@ -161,7 +161,8 @@ mod tests {
                 ..
             }
         ));
-        let cli = Cli::try_parse_from(["tcmu-warden", "status", "--json", "--socket", "/s"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["tcmu-warden", "status", "--json", "--socket", "/s"]).unwrap();
         assert!(matches!(
             cli.command,
             Command::Status { json: true, socket: Some(ref s), config: None } if s == Path::new("/s")

@@ -380,12 +380,17 @@ impl ControlServer {
                     return;
                 }
             };
-            let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+            let cred =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
             let me = nix::unistd::geteuid().as_raw();
             match cred {
                 Ok(c) if c.uid() == 0 || c.uid() == me => {}
                 Ok(c) => {
-                    tracing::warn!(uid = c.uid(), pid = c.pid(), "control connection from a non-root user refused");
+                    tracing::warn!(
+                        uid = c.uid(),
+                        pid = c.pid(),
+                        "control connection from a non-root user refused"
+                    );
                     continue;
                 }
                 Err(e) => {
@@ -429,8 +434,7 @@ impl ControlServer {
         }
         conn.deadline = Instant::now() + IDLE_TIMEOUT;
         flush(conn);
-        self.conns
-            .retain(|c| !(c.closing && c.outbuf.is_empty()));
+        self.conns.retain(|c| !(c.closing && c.outbuf.is_empty()));
     }
 
     /// Closes connections past their deadline.
@@ -479,7 +483,8 @@ fn read_requests(conn: &mut Conn, now: Instant, out: &mut Vec<(u64, Result<Reque
                 break;
             }
             Ok(n) => {
-                conn.inbuf.extend_from_slice(buf.get(..n).unwrap_or_default());
+                conn.inbuf
+                    .extend_from_slice(buf.get(..n).unwrap_or_default());
                 conn.deadline = now + IDLE_TIMEOUT;
                 if conn.inbuf.len() > MAX_REQUEST + 1 && !conn.inbuf.contains(&b'\n') {
                     break;
@@ -505,7 +510,10 @@ fn read_requests(conn: &mut Conn, now: Instant, out: &mut Vec<(u64, Result<Reque
     }
     if conn.inbuf.len() > MAX_REQUEST {
         conn.inbuf.clear();
-        out.push((conn.id, Err(format!("request longer than {MAX_REQUEST} bytes"))));
+        out.push((
+            conn.id,
+            Err(format!("request longer than {MAX_REQUEST} bytes")),
+        ));
         conn.closing = true;
     }
 }
@@ -524,7 +532,8 @@ pub fn query(path: &Path, request: Request, timeout: Duration) -> Result<Respons
     stream
         .set_write_timeout(Some(timeout))
         .map_err(io_err("configuring"))?;
-    let mut line = serde_json::to_vec(&Envelope { request }).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+    let mut line = serde_json::to_vec(&Envelope { request })
+        .map_err(|e| ControlError::BadAnswer(e.to_string()))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err("writing to"))?;
     let mut reader = BufReader::new(stream.take(MAX_RESPONSE as u64));
@@ -561,7 +570,11 @@ pub fn render_status(r: &StatusReport) -> String {
         d.version,
         d.pid,
         d.uptime_secs,
-        if d.shutting_down { ", SHUTTING DOWN" } else { "" }
+        if d.shutting_down {
+            ", SHUTTING DOWN"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         out,
@@ -569,12 +582,26 @@ pub fn render_status(r: &StatusReport) -> String {
         d.config, d.config_generation, d.uevents, d.netlink
     );
     let p = &r.policy;
-    let _ = writeln!(out, "\npolicy: serves [{}]; worker {}", p.served.join(", "), p.worker_exe);
+    let _ = writeln!(
+        out,
+        "\npolicy: serves [{}]; worker {}",
+        p.served.join(", "),
+        p.worker_exe
+    );
     if let Some(f) = &p.file {
-        let _ = writeln!(out, "  file: isolation {}, allow_paths [{}]", f.isolation, f.allow_paths.join(", "));
+        let _ = writeln!(
+            out,
+            "  file: isolation {}, allow_paths [{}]",
+            f.isolation,
+            f.allow_paths.join(", ")
+        );
     }
     if let Some(ram) = &p.ram {
-        let _ = writeln!(out, "  ram: max_size {}", ram.max_size.map_or_else(|| "none".to_owned(), format_size));
+        let _ = writeln!(
+            out,
+            "  ram: max_size {}",
+            ram.max_size.map_or_else(|| "none".to_owned(), format_size)
+        );
     }
     let _ = writeln!(out, "\ndevices ({}):", r.devices.len());
     for dev in &r.devices {
@@ -622,9 +649,19 @@ mod tests {
 
     #[test]
     fn requests_decode_strictly() {
-        assert_eq!(parse_request(br#"{"request":"status"}"#), Ok(Request::Status));
-        assert_eq!(parse_request(br#"{"request":"version"}"#), Ok(Request::Version));
-        assert!(parse_request(br#"{"request":"reboot"}"#).unwrap_err().contains("reboot"));
+        assert_eq!(
+            parse_request(br#"{"request":"status"}"#),
+            Ok(Request::Status)
+        );
+        assert_eq!(
+            parse_request(br#"{"request":"version"}"#),
+            Ok(Request::Version)
+        );
+        assert!(
+            parse_request(br#"{"request":"reboot"}"#)
+                .unwrap_err()
+                .contains("reboot")
+        );
         assert!(parse_request(br#"{"request":"status","x":1}"#).is_err());
         assert!(parse_request(b"status").is_err());
         assert!(parse_request(&vec![b' '; MAX_REQUEST + 1]).is_err());
@@ -668,7 +705,11 @@ mod tests {
         let mut server = ControlServer::bind(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dir_mode = fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dir_mode = fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
 
         let mut c = connect(&path);
@@ -690,7 +731,9 @@ mod tests {
 
         // An over-long request is answered with an error and the connection closed.
         let mut c2 = connect(&path);
-        c2.get_mut().write_all(&vec![b'x'; MAX_REQUEST + 10]).unwrap();
+        c2.get_mut()
+            .write_all(&vec![b'x'; MAX_REQUEST + 10])
+            .unwrap();
         let got = serve(&mut server, 1);
         assert!(got[0].as_ref().unwrap_err().contains("longer"));
         let mut rest = String::new();
@@ -698,7 +741,10 @@ mod tests {
         assert!(rest.contains("\"ok\":false"), "{rest}");
 
         // A second daemon cannot take the socket over; a stale one is replaced.
-        assert!(matches!(ControlServer::bind(&path), Err(ControlError::InUse(_))));
+        assert!(matches!(
+            ControlServer::bind(&path),
+            Err(ControlError::InUse(_))
+        ));
         drop(server);
         assert!(!path.exists());
         let stale = UnixListener::bind(&path).unwrap();
@@ -741,7 +787,11 @@ mod tests {
         assert_eq!(v.unwrap().version.as_deref(), Some("v"));
         assert!(matches!(s, Err(ControlError::Refused(ref why)) if why == "no status here"));
         assert!(matches!(
-            query(&tmp.path().join("none"), Request::Status, Duration::from_secs(1)),
+            query(
+                &tmp.path().join("none"),
+                Request::Status,
+                Duration::from_secs(1)
+            ),
             Err(ControlError::Io { .. })
         ));
     }

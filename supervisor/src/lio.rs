@@ -102,6 +102,9 @@ mod tests {
         std::fs::create_dir_all(dev.join("action")).unwrap();
         std::fs::write(dev.join("action/block_dev"), "").unwrap();
         assert!(device_action(&dev, "uio0", "block_dev", "1"));
-        assert_eq!(std::fs::read_to_string(dev.join("action/block_dev")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(dev.join("action/block_dev")).unwrap(),
+            "1"
+        );
     }
 }

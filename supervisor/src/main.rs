@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use tcmu_warden_policy::{Config, DEFAULT_CONTROL_SOCKET, LogFormat};
+use tcmu_warden_supervisor::cli::{Cli, Command, describe_config};
 use tcmu_warden_supervisor::control::{self, Request};
 use tcmu_warden_supervisor::daemon::ops::status_json;
-use tcmu_warden_supervisor::cli::{Cli, Command, describe_config};
 use tcmu_warden_supervisor::daemon::{self, Options};
 use tcmu_warden_supervisor::logging;
 

@@ -262,7 +262,10 @@ fn find<'a>(attrs: &[Attr<'a>], kind: u16) -> Option<&'a [u8]> {
 fn attr_u8(data: &[u8], what: &str) -> Result<u8, NetlinkError> {
     match data {
         [b] => Ok(*b),
-        _ => Err(malformed(format!("{what}: {} bytes, expected 1", data.len()))),
+        _ => Err(malformed(format!(
+            "{what}: {} bytes, expected 1",
+            data.len()
+        ))),
     }
 }
 
@@ -318,13 +321,19 @@ pub struct Family {
 impl Family {
     /// The id of the group called `name`.
     pub fn group(&self, name: &str) -> Option<u32> {
-        self.groups.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.groups
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 }
 
 /// Parses a controller `NEWFAMILY` answer (generic netlink header and attributes).
 pub fn parse_family(genl: &[u8]) -> Result<Family, NetlinkError> {
-    let attrs = parse_attrs(genl.get(GENL_HDRLEN..).ok_or_else(|| malformed("no genl header"))?)?;
+    let attrs = parse_attrs(
+        genl.get(GENL_HDRLEN..)
+            .ok_or_else(|| malformed("no genl header"))?,
+    )?;
     let id = attr_u16(
         find(&attrs, CTRL_ATTR_FAMILY_ID).ok_or_else(|| malformed("no family id"))?,
         "family id",
@@ -414,7 +423,10 @@ impl TcmuEvent {
 /// Parses a `TCM-USER` message body (generic netlink header and attributes).
 pub fn parse_tcmu_event(genl: &[u8]) -> Result<TcmuEvent, NetlinkError> {
     let command = *genl.first().ok_or_else(|| malformed("empty message"))?;
-    let attrs = parse_attrs(genl.get(GENL_HDRLEN..).ok_or_else(|| malformed("no genl header"))?)?;
+    let attrs = parse_attrs(
+        genl.get(GENL_HDRLEN..)
+            .ok_or_else(|| malformed("no genl header"))?,
+    )?;
     if !matches!(
         command,
         cmd::ADDED_DEVICE | cmd::REMOVED_DEVICE | cmd::RECONFIG_DEVICE
@@ -499,7 +511,14 @@ pub fn parse_datagram(buf: &[u8], family: u16) -> Vec<Incoming> {
 }
 
 /// Builds one generic netlink message.
-fn message(kind: u16, flags: u16, seq: u32, command: u8, version: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+fn message(
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    command: u8,
+    version: u8,
+    attrs: &[(u16, &[u8])],
+) -> Vec<u8> {
     let mut body = vec![command, version, 0, 0];
     for (k, data) in attrs {
         let len = NLA_HDRLEN + data.len();
@@ -595,9 +614,15 @@ impl TcmuNetlink {
         let group = family.group(MCAST_GROUP).ok_or(NetlinkError::NoGroup)?;
         set_int_opt(&fd, libc::SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)?;
         // A large queue: a lost request would leave a configfs writer blocked.
-        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &(1 << 20));
+        let _ =
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &(1 << 20));
         set_nonblocking(&fd)?;
-        tracing::debug!(family = family.id, version = family.version, group, "joined the TCM-USER netlink family");
+        tracing::debug!(
+            family = family.id,
+            version = family.version,
+            group,
+            "joined the TCM-USER netlink family"
+        );
         Ok(TcmuNetlink {
             fd,
             family: family.id,
@@ -630,13 +655,21 @@ impl TcmuNetlink {
 
     fn send(&self, bytes: &[u8]) -> io::Result<()> {
         let sent = if self.kernel {
-            sendto(self.fd.as_raw_fd(), bytes, &NetlinkAddr::new(0, 0), MsgFlags::empty())
+            sendto(
+                self.fd.as_raw_fd(),
+                bytes,
+                &NetlinkAddr::new(0, 0),
+                MsgFlags::empty(),
+            )
         } else {
             nix::sys::socket::send(self.fd.as_raw_fd(), bytes, MsgFlags::empty())
         }
         .map_err(io::Error::from)?;
         if sent != bytes.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short netlink send"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short netlink send",
+            ));
         }
         Ok(())
     }
@@ -662,7 +695,12 @@ impl TcmuNetlink {
         let mut buf = vec![0u8; RECV_BUF];
         let (n, truncated, from_kernel) = {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<NetlinkAddr>(self.fd.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT) {
+            match recvmsg::<NetlinkAddr>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                None,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
                 Ok(msg) => (
                     msg.bytes,
                     msg.flags.contains(MsgFlags::MSG_TRUNC),
@@ -680,7 +718,10 @@ impl TcmuNetlink {
         if truncated {
             return Ok(Some(vec![Incoming::Bad("truncated datagram".into())]));
         }
-        Ok(Some(parse_datagram(buf.get(..n).unwrap_or_default(), self.family)))
+        Ok(Some(parse_datagram(
+            buf.get(..n).unwrap_or_default(),
+            self.family,
+        )))
     }
 }
 
@@ -694,8 +735,13 @@ fn resolve(fd: &OwnedFd) -> Result<Family, NetlinkError> {
     .map_err(io::Error::from)?;
     let seq = 1;
     let request = get_family_request(seq);
-    sendto(fd.as_raw_fd(), &request, &NetlinkAddr::new(0, 0), MsgFlags::empty())
-        .map_err(io::Error::from)?;
+    sendto(
+        fd.as_raw_fd(),
+        &request,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
     let deadline = Instant::now() + RESOLVE_TIMEOUT;
     let mut buf = vec![0u8; RECV_BUF];
     while Instant::now() < deadline {
@@ -732,7 +778,8 @@ fn resolve(fd: &OwnedFd) -> Result<Family, NetlinkError> {
 }
 
 fn set_int_opt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
-    let v = libc::c_int::try_from(value).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let v =
+        libc::c_int::try_from(value).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a valid, live integer.
     let rc = unsafe {
         libc::setsockopt(
@@ -811,7 +858,11 @@ mod tests {
     #[test]
     fn parses_the_kernels_added_and_removed_messages() {
         let name = "tcm-user/1/disk0/file//var/lib/tcmu/d0.img";
-        let added = nl(0x1a, 7, &genl(cmd::ADDED_DEVICE, &device_attrs(name, 3, 42)));
+        let added = nl(
+            0x1a,
+            7,
+            &genl(cmd::ADDED_DEVICE, &device_attrs(name, 3, 42)),
+        );
         let got = parse_datagram(&added, 0x1a);
         assert_eq!(
             got,
@@ -821,16 +872,24 @@ mod tests {
                 device_id: Some(42),
             }))]
         );
-        let TcmuEvent::Added(d) = parse_tcmu_event(&genl(cmd::ADDED_DEVICE, &device_attrs(name, 3, 42))).unwrap() else {
+        let TcmuEvent::Added(d) =
+            parse_tcmu_event(&genl(cmd::ADDED_DEVICE, &device_attrs(name, 3, 42))).unwrap()
+        else {
             panic!()
         };
         assert_eq!(d.uio(), "uio3");
         // Two messages in one datagram, the second a removal.
         let mut two = added.clone();
-        two.extend(nl(0x1a, 8, &genl(cmd::REMOVED_DEVICE, &device_attrs(name, 3, 42))));
+        two.extend(nl(
+            0x1a,
+            8,
+            &genl(cmd::REMOVED_DEVICE, &device_attrs(name, 3, 42)),
+        ));
         let got = parse_datagram(&two, 0x1a);
         assert_eq!(got.len(), 2);
-        assert!(matches!(&got[1], Incoming::Event(TcmuEvent::Removed(d)) if d.device_id == Some(42)));
+        assert!(
+            matches!(&got[1], Incoming::Event(TcmuEvent::Removed(d)) if d.device_id == Some(42))
+        );
         // Another family's message is not ours.
         assert!(matches!(&parse_datagram(&added, 0x1b)[0], Incoming::Bad(_)));
     }
@@ -858,8 +917,14 @@ mod tests {
                 Reconfig::DevSize(2 << 30)
             )
         );
-        assert!(matches!(with(nla(attr::WRITECACHE, &[1])), TcmuEvent::Reconfig(_, Reconfig::WriteCache(true))));
-        assert!(matches!(with(nla(attr::WRITECACHE, &[0])), TcmuEvent::Reconfig(_, Reconfig::WriteCache(false))));
+        assert!(matches!(
+            with(nla(attr::WRITECACHE, &[1])),
+            TcmuEvent::Reconfig(_, Reconfig::WriteCache(true))
+        ));
+        assert!(matches!(
+            with(nla(attr::WRITECACHE, &[0])),
+            TcmuEvent::Reconfig(_, Reconfig::WriteCache(false))
+        ));
         assert!(matches!(
             with(nla(attr::DEV_CFG, b"file//a/b\0")),
             TcmuEvent::Reconfig(_, Reconfig::DevConfig(ref c)) if c == "file//a/b"
@@ -901,7 +966,13 @@ mod tests {
         let mut body = (-libc::ENOENT).to_ne_bytes().to_vec();
         body.extend(nl(0x1a, 9, &[]));
         let got = parse_datagram(&nl(NLMSG_ERROR, 9, &body), 0x1a);
-        assert_eq!(got, vec![Incoming::Ack { seq: 9, error: -libc::ENOENT }]);
+        assert_eq!(
+            got,
+            vec![Incoming::Ack {
+                seq: 9,
+                error: -libc::ENOENT
+            }]
+        );
     }
 
     #[test]
@@ -919,7 +990,10 @@ mod tests {
             i32::from_ne_bytes(find(&attrs, attr::CMD_STATUS).unwrap().try_into().unwrap()),
             -libc::EPERM
         );
-        assert_eq!(attr_u32(find(&attrs, attr::DEVICE_ID).unwrap(), "id").unwrap(), 42);
+        assert_eq!(
+            attr_u32(find(&attrs, attr::DEVICE_ID).unwrap(), "id").unwrap(),
+            42
+        );
         // Exact bytes: header 16 + genl 4 + two 8-byte attributes.
         assert_eq!(msg.len(), 36);
         assert_eq!(&msg[20..24], &[8, 0, 7, 0]);
@@ -935,7 +1009,10 @@ mod tests {
         assert_eq!(m.kind, GENL_ID_CTRL);
         assert_eq!(m.payload[0], CTRL_CMD_GETFAMILY);
         let attrs = parse_attrs(&m.payload[4..]).unwrap();
-        assert_eq!(find(&attrs, CTRL_ATTR_FAMILY_NAME), Some(&b"TCM-USER\0"[..]));
+        assert_eq!(
+            find(&attrs, CTRL_ATTR_FAMILY_NAME),
+            Some(&b"TCM-USER\0"[..])
+        );
     }
 
     #[test]

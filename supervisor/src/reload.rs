@@ -42,18 +42,62 @@ fn cmp<T: PartialEq + Debug>(out: &mut Vec<String>, key: &str, old: &T, new: &T)
 pub fn changes(old: &Config, new: &Config) -> Changes {
     let mut c = Changes::default();
     let (o, n) = (&old.daemon, &new.daemon);
-    cmp(&mut c.applied, "daemon.worker_exe", &o.worker_exe, &n.worker_exe);
-    cmp(&mut c.applied, "daemon.drain_timeout", &o.drain_timeout_secs, &n.drain_timeout_secs);
-    cmp(&mut c.need_restart, "daemon.sysfs_root", &o.sysfs_root, &n.sysfs_root);
-    cmp(&mut c.need_restart, "daemon.dev_root", &o.dev_root, &n.dev_root);
-    cmp(&mut c.need_restart, "daemon.log_format", &o.log_format, &n.log_format);
-    cmp(&mut c.need_restart, "daemon.control_socket", &o.control_socket, &n.control_socket);
-    cmp(&mut c.need_restart, "daemon.uevent_source", &o.uevent_source, &n.uevent_source);
+    cmp(
+        &mut c.applied,
+        "daemon.worker_exe",
+        &o.worker_exe,
+        &n.worker_exe,
+    );
+    cmp(
+        &mut c.applied,
+        "daemon.drain_timeout",
+        &o.drain_timeout_secs,
+        &n.drain_timeout_secs,
+    );
+    cmp(
+        &mut c.need_restart,
+        "daemon.sysfs_root",
+        &o.sysfs_root,
+        &n.sysfs_root,
+    );
+    cmp(
+        &mut c.need_restart,
+        "daemon.dev_root",
+        &o.dev_root,
+        &n.dev_root,
+    );
+    cmp(
+        &mut c.need_restart,
+        "daemon.log_format",
+        &o.log_format,
+        &n.log_format,
+    );
+    cmp(
+        &mut c.need_restart,
+        "daemon.control_socket",
+        &o.control_socket,
+        &n.control_socket,
+    );
+    cmp(
+        &mut c.need_restart,
+        "daemon.uevent_source",
+        &o.uevent_source,
+        &n.uevent_source,
+    );
     match (&old.file, &new.file) {
-        (None, Some(_)) => c.applied.push("handler.file: added (file devices are now served)".into()),
-        (Some(_), None) => c.applied.push("handler.file: removed (new file devices are refused)".into()),
+        (None, Some(_)) => c
+            .applied
+            .push("handler.file: added (file devices are now served)".into()),
+        (Some(_), None) => c
+            .applied
+            .push("handler.file: removed (new file devices are refused)".into()),
         (Some(a), Some(b)) => {
-            cmp(&mut c.applied, "handler.file.allow_paths", &a.allow_paths, &b.allow_paths);
+            cmp(
+                &mut c.applied,
+                "handler.file.allow_paths",
+                &a.allow_paths,
+                &b.allow_paths,
+            );
             if a.isolation != b.isolation {
                 c.applied.push(format!(
                     "handler.file.isolation: {} -> {}",
@@ -66,8 +110,12 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     }
     let size = |s: Option<u64>| s.map_or_else(|| "none".to_owned(), format_size);
     match (&old.ram, &new.ram) {
-        (None, Some(_)) => c.applied.push("handler.ram: added (ram devices are now served)".into()),
-        (Some(_), None) => c.applied.push("handler.ram: removed (new ram devices are refused)".into()),
+        (None, Some(_)) => c
+            .applied
+            .push("handler.ram: added (ram devices are now served)".into()),
+        (Some(_), None) => c
+            .applied
+            .push("handler.ram: removed (new ram devices are refused)".into()),
         (Some(a), Some(b)) if a.max_size != b.max_size => c.applied.push(format!(
             "handler.ram.max_size: {} -> {}",
             size(a.max_size),
@@ -101,22 +149,45 @@ mod tests {
     #[test]
     fn reports_each_change() {
         let old = cfg("[handler.ram]\nmax_size = '1GiB'\n");
-        let new = cfg(
-            "[daemon]\nsysfs_root = '/tmp/sys'\nworker_exe = '/opt/w'\n\
-             [handler.ram]\nmax_size = '2GiB'\n[handler.file]\nallow_paths = ['/srv']\n",
-        );
+        let new = cfg("[daemon]\nsysfs_root = '/tmp/sys'\nworker_exe = '/opt/w'\n\
+             [handler.ram]\nmax_size = '2GiB'\n[handler.file]\nallow_paths = ['/srv']\n");
         let c = changes(&old, &new);
-        assert!(c.applied.iter().any(|l| l.starts_with("daemon.worker_exe: None -> Some(\"/opt/w\")")), "{c:?}");
-        assert!(c.applied.contains(&"handler.ram.max_size: 1GiB -> 2GiB".to_owned()), "{c:?}");
-        assert!(c.applied.iter().any(|l| l.starts_with("handler.file: added")), "{c:?}");
-        assert_eq!(c.need_restart, vec!["daemon.sysfs_root: \"/sys\" -> \"/tmp/sys\"".to_owned()]);
+        assert!(
+            c.applied
+                .iter()
+                .any(|l| l.starts_with("daemon.worker_exe: None -> Some(\"/opt/w\")")),
+            "{c:?}"
+        );
+        assert!(
+            c.applied
+                .contains(&"handler.ram.max_size: 1GiB -> 2GiB".to_owned()),
+            "{c:?}"
+        );
+        assert!(
+            c.applied
+                .iter()
+                .any(|l| l.starts_with("handler.file: added")),
+            "{c:?}"
+        );
+        assert_eq!(
+            c.need_restart,
+            vec!["daemon.sysfs_root: \"/sys\" -> \"/tmp/sys\"".to_owned()]
+        );
         let merged = merge(&old, new);
         assert_eq!(merged.daemon.sysfs_root, Path::new("/sys"));
-        assert_eq!(merged.daemon.worker_exe.as_deref(), Some(Path::new("/opt/w")));
+        assert_eq!(
+            merged.daemon.worker_exe.as_deref(),
+            Some(Path::new("/opt/w"))
+        );
         assert!(merged.serves("file"));
 
         let back = changes(&merged, &old);
-        assert!(back.applied.iter().any(|l| l.starts_with("handler.file: removed")), "{back:?}");
+        assert!(
+            back.applied
+                .iter()
+                .any(|l| l.starts_with("handler.file: removed")),
+            "{back:?}"
+        );
         assert!(changes(&old, &old).is_empty());
     }
 }

@@ -47,7 +47,10 @@ impl Notifier {
             } else if s.starts_with('/') {
                 SocketAddr::from_pathname(s).ok()?
             } else {
-                tracing::warn!(socket = s, "NOTIFY_SOCKET is neither a path nor @abstract; ignored");
+                tracing::warn!(
+                    socket = s,
+                    "NOTIFY_SOCKET is neither a path nor @abstract; ignored"
+                );
                 return None;
             };
             match UnixDatagram::unbound() {

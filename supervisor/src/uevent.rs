@@ -133,7 +133,11 @@ pub fn parse(buf: &[u8]) -> Result<Uevent, UeventError> {
     let mut subsystem = None;
     let mut devname = None;
     let mut seqnum = None;
-    for (i, field) in props.split(|&b| b == 0).filter(|f| !f.is_empty()).enumerate() {
+    for (i, field) in props
+        .split(|&b| b == 0)
+        .filter(|f| !f.is_empty())
+        .enumerate()
+    {
         if i >= MAX_KEYS {
             return Err(bad("too many keys"));
         }
@@ -395,7 +399,10 @@ mod tests {
         std::fs::write(&control, "").unwrap();
         assert_eq!(group_for(UeventSource::Auto, &control), GROUP_UDEV);
         assert_eq!(group_for(UeventSource::Kernel, &control), GROUP_KERNEL);
-        assert_eq!(group_for(UeventSource::Udev, &tmp.path().join("x")), GROUP_UDEV);
+        assert_eq!(
+            group_for(UeventSource::Udev, &tmp.path().join("x")),
+            GROUP_UDEV
+        );
     }
 
     proptest! {

@@ -37,17 +37,47 @@ fn main() -> ExitCode {
         return fake_worker::main();
     }
     harness::run(&[
-        ("uevents_add_and_remove_devices", uevents_add_and_remove_devices),
+        (
+            "uevents_add_and_remove_devices",
+            uevents_add_and_remove_devices,
+        ),
         ("set_features_is_sent_first", set_features_is_sent_first),
-        ("refused_devices_fail_the_configfs_write", refused_devices_fail_the_configfs_write),
-        ("added_before_its_node_is_served_once_udev_reports_it", added_before_its_node_is_served_once_udev_reports_it),
-        ("recreated_device_on_the_same_minor_is_a_new_device", recreated_device_on_the_same_minor_is_a_new_device),
-        ("size_and_write_cache_changes_reach_the_worker", size_and_write_cache_changes_reach_the_worker),
-        ("refused_and_failed_reconfigs_are_answered_negatively", refused_and_failed_reconfigs_are_answered_negatively),
-        ("dev_config_change_reopens_the_device", dev_config_change_reopens_the_device),
-        ("reload_applies_to_new_workers_only", reload_applies_to_new_workers_only),
-        ("binary_status_json_shows_devices_workers_and_policy", binary_status_json_shows_devices_workers_and_policy),
-        ("binary_sighup_reloads_and_reports_changes", binary_sighup_reloads_and_reports_changes),
+        (
+            "refused_devices_fail_the_configfs_write",
+            refused_devices_fail_the_configfs_write,
+        ),
+        (
+            "added_before_its_node_is_served_once_udev_reports_it",
+            added_before_its_node_is_served_once_udev_reports_it,
+        ),
+        (
+            "recreated_device_on_the_same_minor_is_a_new_device",
+            recreated_device_on_the_same_minor_is_a_new_device,
+        ),
+        (
+            "size_and_write_cache_changes_reach_the_worker",
+            size_and_write_cache_changes_reach_the_worker,
+        ),
+        (
+            "refused_and_failed_reconfigs_are_answered_negatively",
+            refused_and_failed_reconfigs_are_answered_negatively,
+        ),
+        (
+            "dev_config_change_reopens_the_device",
+            dev_config_change_reopens_the_device,
+        ),
+        (
+            "reload_applies_to_new_workers_only",
+            reload_applies_to_new_workers_only,
+        ),
+        (
+            "binary_status_json_shows_devices_workers_and_policy",
+            binary_status_json_shows_devices_workers_and_policy,
+        ),
+        (
+            "binary_sighup_reloads_and_reports_changes",
+            binary_sighup_reloads_and_reports_changes,
+        ),
         ("binary_sigterm_drains", binary_sigterm_drains),
         ("binary_notifies_systemd", binary_notifies_systemd),
     ])
@@ -130,7 +160,12 @@ impl Fixture {
     }
 
     fn param(&self, name: &str) -> String {
-        fs::read_to_string(self.sysfs.join("module/target_core_user/parameters").join(name)).unwrap()
+        fs::read_to_string(
+            self.sysfs
+                .join("module/target_core_user/parameters")
+                .join(name),
+        )
+        .unwrap()
     }
 
     fn exe(&self, mode: &str) -> PathBuf {
@@ -156,7 +191,9 @@ impl Fixture {
     }
 
     fn handlers(&self, ram_max: Option<&str>) -> String {
-        let max = ram_max.map(|m| format!("max_size = {m:?}\n")).unwrap_or_default();
+        let max = ram_max
+            .map(|m| format!("max_size = {m:?}\n"))
+            .unwrap_or_default();
         format!(
             "[handler.file]\nallow_paths = [{:?}]\n[handler.ram]\n{max}",
             self.data.display().to_string()
@@ -182,8 +219,13 @@ impl Fixture {
         let (ue_ours, ue_theirs) = UnixDatagram::pair().unwrap();
         nl_theirs.set_nonblocking(true).unwrap();
         ue_theirs.set_nonblocking(true).unwrap();
-        nl_ours.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
-        sup.attach_uevents(UeventSocket::from_socket(OwnedFd::from(ue_theirs), GROUP_KERNEL));
+        nl_ours
+            .set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        sup.attach_uevents(UeventSocket::from_socket(
+            OwnedFd::from(ue_theirs),
+            GROUP_KERNEL,
+        ));
         sup.attach_netlink(TcmuNetlink::from_socket(OwnedFd::from(nl_theirs), FAMILY));
         sup.start().unwrap();
         let mut kernel = Kernel {
@@ -288,10 +330,17 @@ impl Kernel {
         loop {
             match self.nl.recv(&mut buf) {
                 Ok(n) => return buf[..n].to_vec(),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) => panic!("recv: {e}"),
             }
-            assert!(Instant::now() < deadline, "the supervisor never answered the kernel");
+            assert!(
+                Instant::now() < deadline,
+                "the supervisor never answered the kernel"
+            );
             sup.poll_once(Duration::from_millis(50)).unwrap();
         }
     }
@@ -327,7 +376,10 @@ fn phase_of(sup: &Supervisor, uio: &str) -> Option<DevicePhase> {
 }
 
 fn assert_contains(haystack: &str, needle: &str) {
-    assert!(haystack.contains(needle), "expected {needle:?} in:\n{haystack}");
+    assert!(
+        haystack.contains(needle),
+        "expected {needle:?} in:\n{haystack}"
+    );
 }
 
 fn lines_with(text: &str, needle: &str) -> usize {
@@ -350,10 +402,15 @@ fn uevents_add_and_remove_devices() {
     assert!(sup.devices().is_empty());
     f.device("uio0", 1, "scratch", "ram/");
     k.uevent("add", "uio0");
-    until(&mut sup, "the hot-plugged device is served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    until(&mut sup, "the hot-plugged device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
     assert_contains(&f.log("echo"), "add worker=ram id=1 uio=uio0");
     // Other subsystems are not ours.
-    k.ue.send(b"add@/devices/x/sda\0ACTION=add\0DEVPATH=/devices/x/sda\0SUBSYSTEM=block\0DEVNAME=sda\0").unwrap();
+    k.ue.send(
+        b"add@/devices/x/sda\0ACTION=add\0DEVPATH=/devices/x/sda\0SUBSYSTEM=block\0DEVNAME=sda\0",
+    )
+    .unwrap();
     // Garbage is ignored.
     k.ue.send(b"\xff\xfe garbage").unwrap();
     turn(&mut sup, 5);
@@ -365,7 +422,9 @@ fn uevents_add_and_remove_devices() {
 
     f.remove("uio0");
     k.uevent("remove", "uio0");
-    until(&mut sup, "the removed device is released", |s| s.device_by_uio("uio0").is_none());
+    until(&mut sup, "the removed device is released", |s| {
+        s.device_by_uio("uio0").is_none()
+    });
     assert_contains(&f.log("echo"), "remove worker=ram id=1");
 }
 
@@ -385,7 +444,11 @@ fn set_features_is_sent_first() {
     let msg = &buf[..n];
     assert_eq!(n, 28);
     assert_eq!(u16::from_ne_bytes(msg[4..6].try_into().unwrap()), FAMILY);
-    assert_eq!(u16::from_ne_bytes(msg[6..8].try_into().unwrap()), 0x1 | 0x4, "REQUEST|ACK");
+    assert_eq!(
+        u16::from_ne_bytes(msg[6..8].try_into().unwrap()),
+        0x1 | 0x4,
+        "REQUEST|ACK"
+    );
     assert_eq!(msg[16], 7, "SET_FEATURES");
     assert_eq!(&msg[20..25], &[5, 0, 9, 0, 1]);
 }
@@ -397,7 +460,10 @@ fn refused_devices_fail_the_configfs_write() {
 
     // Unknown subtype.
     f.device("uio0", 1, "qc", "qcow//images/a.qcow2");
-    let (cmd, status, id) = k.request(&mut sup, &tcmu_request(ADDED, "tcm-user/1/qc/qcow//images/a.qcow2", 0, 11, &[]));
+    let (cmd, status, id) = k.request(
+        &mut sup,
+        &tcmu_request(ADDED, "tcm-user/1/qc/qcow//images/a.qcow2", 0, 11, &[]),
+    );
     assert_eq!((cmd, status, id), (4, -libc::EOPNOTSUPP, 11));
     // Its uevent does not bring it in.
     k.uevent("add", "uio0");
@@ -409,40 +475,72 @@ fn refused_devices_fail_the_configfs_write() {
     fs::write(&outside, "SECRET").unwrap();
     let cfg = format!("file/{}", outside.display());
     f.device("uio1", 1, "outside", &cfg);
-    let (cmd, status, id) = k.request(&mut sup, &tcmu_request(ADDED, &format!("tcm-user/1/outside/{cfg}"), 1, 12, &[]));
+    let (cmd, status, id) = k.request(
+        &mut sup,
+        &tcmu_request(ADDED, &format!("tcm-user/1/outside/{cfg}"), 1, 12, &[]),
+    );
     assert_eq!((cmd, status, id), (4, -libc::EPERM, 12));
 
     // A relative cfgstring, and a name that is not a TCMU name at all.
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, "tcm-user/1/rel/file/relative.img", 2, 13, &[]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(ADDED, "tcm-user/1/rel/file/relative.img", 2, 13, &[]),
+    );
     assert_eq!(status, -libc::EINVAL);
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, "something-else/1/x", 3, 14, &[]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(ADDED, "something-else/1/x", 3, 14, &[]),
+    );
     assert_eq!(status, -libc::EINVAL);
     assert!(sup.devices().is_empty());
     assert!(!f.log("echo").contains("SECRET"));
 
     let logs = harness::take_logs();
     let line = "device refused by policy at creation";
-    assert!(logs.lines().any(|l| l.contains(line) && l.contains("device=uio0") && l.contains("rule=handler.qcow")), "{logs}");
-    assert!(logs.lines().any(|l| l.contains(line) && l.contains("device=uio1") && l.contains("rule=handler.file.allow_paths")), "{logs}");
+    assert!(
+        logs.lines().any(|l| l.contains(line)
+            && l.contains("device=uio0")
+            && l.contains("rule=handler.qcow")),
+        "{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains(line)
+            && l.contains("device=uio1")
+            && l.contains("rule=handler.file.allow_paths")),
+        "{logs}"
+    );
 
     // An admitted device is answered 0 and served.
     f.device("uio4", 2, "scratch", "ram/");
-    let (cmd, status, id) = k.request(&mut sup, &tcmu_request(ADDED, "tcm-user/2/scratch/ram/", 4, 15, &[]));
+    let (cmd, status, id) = k.request(
+        &mut sup,
+        &tcmu_request(ADDED, "tcm-user/2/scratch/ram/", 4, 15, &[]),
+    );
     assert_eq!((cmd, status, id), (4, 0, 15));
-    until(&mut sup, "the admitted device is served", |s| phase_of(s, "uio4") == Some(DevicePhase::Ready));
+    until(&mut sup, "the admitted device is served", |s| {
+        phase_of(s, "uio4") == Some(DevicePhase::Ready)
+    });
 }
 
 fn added_before_its_node_is_served_once_udev_reports_it() {
     let f = Fixture::new();
     let (mut sup, mut k) = f.start("echo", &f.handlers(None));
     f.sysfs_device("uio1", 2, "late", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, "tcm-user/2/late/ram/", 1, 21, &[]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(ADDED, "tcm-user/2/late/ram/", 1, 21, &[]),
+    );
     assert_eq!(status, 0);
     turn(&mut sup, 5);
-    assert!(sup.device_by_uio("uio1").is_none(), "served before its node exists");
+    assert!(
+        sup.device_by_uio("uio1").is_none(),
+        "served before its node exists"
+    );
     f.node("uio1");
     k.udev_event("add", "uio1");
-    until(&mut sup, "the device is served", |s| phase_of(s, "uio1") == Some(DevicePhase::Ready));
+    until(&mut sup, "the device is served", |s| {
+        phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
     assert_eq!(lines_with(&f.log("echo"), "uio=uio1"), 1);
 }
 
@@ -454,7 +552,9 @@ fn recreated_device_on_the_same_minor_is_a_new_device() {
     k.uevent("add", "uio0");
     let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
     assert_eq!(status, 0);
-    until(&mut sup, "the first device is served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    until(&mut sup, "the first device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
     let first = sup.device_by_uio("uio0").unwrap().id;
 
     // Deleted and re-created under the same name, on the same minor; the uevents lag behind the
@@ -464,7 +564,8 @@ fn recreated_device_on_the_same_minor_is_a_new_device() {
     let (cmd, status, id) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 6, &[]));
     assert_eq!((cmd, status, id), (4, 0, 6));
     until(&mut sup, "the second device is served", |s| {
-        s.device_by_uio("uio0").is_some_and(|d| d.id != first && d.phase == DevicePhase::Ready)
+        s.device_by_uio("uio0")
+            .is_some_and(|d| d.id != first && d.phase == DevicePhase::Ready)
     });
     let second = sup.device_by_uio("uio0").unwrap().id;
     // The first device's uevents arrive now: its remove must not touch the second.
@@ -478,7 +579,9 @@ fn recreated_device_on_the_same_minor_is_a_new_device() {
     assert_contains(&log, &format!("add worker=ram id={second} uio=uio0"));
     // Now a real removal of the second.
     k.uevent("remove", "uio0");
-    until(&mut sup, "the second device is released", |s| s.device_by_uio("uio0").is_none());
+    until(&mut sup, "the second device is released", |s| {
+        s.device_by_uio("uio0").is_none()
+    });
 }
 
 fn size_and_write_cache_changes_reach_the_worker() {
@@ -488,19 +591,39 @@ fn size_and_write_cache_changes_reach_the_worker() {
     f.device("uio0", 2, "disk", "ram/");
     let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 7, &[]));
     assert_eq!(status, 0);
-    until(&mut sup, "served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    until(&mut sup, "served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
     let id = sup.device_by_uio("uio0").unwrap().id;
 
     let size = 64u64 << 20;
-    let (cmd, status, dev) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 7, &[nla(3, &[]), nla(5, &size.to_ne_bytes())]));
+    let (cmd, status, dev) = k.request(
+        &mut sup,
+        &tcmu_request(
+            RECONFIG,
+            name,
+            0,
+            7,
+            &[nla(3, &[]), nla(5, &size.to_ne_bytes())],
+        ),
+    );
     assert_eq!((cmd, status, dev), (6, 0, 7));
-    assert_contains(&f.log("echo"), &format!("reconfig worker=ram id={id} dev_size=Some({size}) write_cache=None"));
+    assert_contains(
+        &f.log("echo"),
+        &format!("reconfig worker=ram id={id} dev_size=Some({size}) write_cache=None"),
+    );
     let report = sup.status_report();
     assert_eq!(report.devices[0].size, size);
 
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 7, &[nla(6, &[1])]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, name, 0, 7, &[nla(6, &[1])]),
+    );
     assert_eq!(status, 0);
-    assert_contains(&f.log("echo"), &format!("reconfig worker=ram id={id} dev_size=None write_cache=Some(true)"));
+    assert_contains(
+        &f.log("echo"),
+        &format!("reconfig worker=ram id={id} dev_size=None write_cache=Some(true)"),
+    );
     assert!(sup.status_report().devices[0].write_cache);
 }
 
@@ -511,23 +634,41 @@ fn refused_and_failed_reconfigs_are_answered_negatively() {
     f.device("uio0", 2, "disk", "ram/");
     let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 8, &[]));
     assert_eq!(status, 0);
-    until(&mut sup, "served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    until(&mut sup, "served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
 
     // Beyond handler.ram.max_size: refused without asking the worker.
     let big = 2u64 << 30;
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 8, &[nla(5, &big.to_ne_bytes())]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, name, 0, 8, &[nla(5, &big.to_ne_bytes())]),
+    );
     assert_eq!(status, -libc::EFBIG);
     // Smaller than a block.
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 8, &[nla(5, &100u64.to_ne_bytes())]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, name, 0, 8, &[nla(5, &100u64.to_ne_bytes())]),
+    );
     assert_eq!(status, -libc::EINVAL);
     assert!(!f.log("noreconfig").contains("reconfig worker"));
     // Allowed, but the worker fails it.
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 8, &[nla(5, &(2u64 << 20).to_ne_bytes())]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, name, 0, 8, &[nla(5, &(2u64 << 20).to_ne_bytes())]),
+    );
     assert_eq!(status, -libc::EIO);
     assert_contains(&f.log("noreconfig"), "reconfig worker=ram");
-    assert_eq!(sup.status_report().devices[0].size, 1 << 20, "size unchanged");
+    assert_eq!(
+        sup.status_report().devices[0].size,
+        1 << 20,
+        "size unchanged"
+    );
     // A request for a device nobody serves is still answered.
-    let (cmd, status, dev) = k.request(&mut sup, &tcmu_request(RECONFIG, "tcm-user/9/x/ram/", 9, 99, &[nla(6, &[0])]));
+    let (cmd, status, dev) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, "tcm-user/9/x/ram/", 9, 99, &[nla(6, &[0])]),
+    );
     assert_eq!((cmd, status, dev), (6, 0, 99));
     // A malformed request is ignored, and the next one still answered.
     k.send(&[1, 2, 3]);
@@ -545,14 +686,19 @@ fn dev_config_change_reopens_the_device() {
     f.device("uio0", 1, "disk", &cfg);
     let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, &name, 0, 3, &[]));
     assert_eq!(status, 0);
-    until(&mut sup, "served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    until(&mut sup, "served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
     let first = sup.device_by_uio("uio0").unwrap().id;
 
     // Outside allow_paths: refused, nothing happens.
     let outside = format!("file/{}", f.root.join("x.img").display());
     let mut v = outside.clone().into_bytes();
     v.push(0);
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, &name, 0, 3, &[nla(4, &v)]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, &name, 0, 3, &[nla(4, &v)]),
+    );
     assert_eq!(status, -libc::EPERM);
     turn(&mut sup, 5);
     assert_eq!(sup.device_by_uio("uio0").unwrap().id, first);
@@ -560,18 +706,31 @@ fn dev_config_change_reopens_the_device() {
     let new_cfg = format!("file/{}", two.display());
     let mut v = new_cfg.clone().into_bytes();
     v.push(0);
-    let (cmd, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, &name, 0, 3, &[nla(4, &v)]));
+    let (cmd, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, &name, 0, 3, &[nla(4, &v)]),
+    );
     assert_eq!((cmd, status), (6, 0));
     until(&mut sup, "the device is served again", |s| {
-        s.device_by_uio("uio0").is_some_and(|d| d.id != first && d.phase == DevicePhase::Ready)
+        s.device_by_uio("uio0")
+            .is_some_and(|d| d.id != first && d.phase == DevicePhase::Ready)
     });
     let d = sup.device_by_uio("uio0").unwrap();
     assert_eq!(d.cfgstring, two.display().to_string());
     let log = f.log("echo");
     assert_contains(&log, &format!("remove worker=file id={first}"));
-    assert_contains(&log, &format!("add worker=file id={} uio=uio0 backing=Some(\"BACKING:two.img\")", d.id));
+    assert_contains(
+        &log,
+        &format!(
+            "add worker=file id={} uio=uio0 backing=Some(\"BACKING:two.img\")",
+            d.id
+        ),
+    );
     // The kernel's later requests still find the device (same minor and kernel id).
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(REMOVED, &format!("tcm-user/1/disk/{new_cfg}"), 0, 3, &[]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(REMOVED, &format!("tcm-user/1/disk/{new_cfg}"), 0, 3, &[]),
+    );
     assert_eq!(status, 0);
     until(&mut sup, "released", |s| s.device_by_uio("uio0").is_none());
 }
@@ -580,17 +739,26 @@ fn reload_applies_to_new_workers_only() {
     let f = Fixture::new();
     f.device("uio0", 2, "first", "ram/");
     let (mut sup, k) = f.start("echo", "[handler.ram]\n");
-    until(&mut sup, "served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    until(&mut sup, "served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
     harness::take_logs();
     // New worker executable, a new handler, and a daemon key that needs a restart.
-    let text = f.config_text("alt", &f.handlers(None)).replace("drain_timeout = 20", "drain_timeout = 20\nuevent_source = 'kernel'");
+    let text = f.config_text("alt", &f.handlers(None)).replace(
+        "drain_timeout = 20",
+        "drain_timeout = 20\nuevent_source = 'kernel'",
+    );
     fs::write(f.root.join("warden.toml"), text).unwrap();
     sup.reload();
     let logs = harness::take_logs();
     assert_contains(&logs, "configuration reloaded");
     assert_contains(&logs, "handler.file: added");
     assert_contains(&logs, "daemon.worker_exe");
-    assert!(logs.lines().any(|l| l.contains("needs a restart") && l.contains("daemon.uevent_source")), "{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("needs a restart") && l.contains("daemon.uevent_source")),
+        "{logs}"
+    );
     let report = sup.status_report();
     assert_eq!(report.daemon.config_generation, 2);
     assert_eq!(report.policy.served, vec!["file", "ram"]);
@@ -599,9 +767,14 @@ fn reload_applies_to_new_workers_only() {
     let img = f.backing("d.img");
     f.device("uio1", 1, "disk", &format!("file/{}", img.display()));
     k.uevent("add", "uio1");
-    until(&mut sup, "the new device is served", |s| phase_of(s, "uio1") == Some(DevicePhase::Ready));
+    until(&mut sup, "the new device is served", |s| {
+        phase_of(s, "uio1") == Some(DevicePhase::Ready)
+    });
     assert_contains(&f.log("alt"), "hello worker=file");
-    assert!(!f.log("alt").contains("worker=ram"), "the running ram worker was not replaced");
+    assert!(
+        !f.log("alt").contains("worker=ram"),
+        "the running ram worker was not replaced"
+    );
 
     // A broken file keeps the configuration in force.
     fs::write(f.root.join("warden.toml"), "[daemon\n").unwrap();
@@ -646,23 +819,37 @@ impl Daemon {
     fn status(&mut self, f: &Fixture) -> StatusReport {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = control::query(&f.socket_path(), Request::Status, Duration::from_secs(30)) {
+            if let Ok(r) =
+                control::query(&f.socket_path(), Request::Status, Duration::from_secs(30))
+            {
                 return r.status.unwrap();
             }
-            assert!(self.child.try_wait().unwrap().is_none(), "the daemon exited:\n{}", self.stderr());
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "the daemon exited:\n{}",
+                self.stderr()
+            );
             assert!(Instant::now() < deadline, "no status:\n{}", self.stderr());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    fn status_until(&mut self, f: &Fixture, what: &str, pred: impl Fn(&StatusReport) -> bool) -> StatusReport {
+    fn status_until(
+        &mut self,
+        f: &Fixture,
+        what: &str,
+        pred: impl Fn(&StatusReport) -> bool,
+    ) -> StatusReport {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let r = self.status(f);
             if pred(&r) {
                 return r;
             }
-            assert!(Instant::now() < deadline, "timed out waiting until {what}: {r:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}: {r:#?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -692,7 +879,10 @@ fn binary_status_json_shows_devices_workers_and_policy() {
     let mut d = Daemon::start(&f, &config, &[]);
     // Counters arrive with the first Pong.
     d.status_until(&f, "counters arrived", |r| {
-        r.devices.len() == 3 && r.devices.iter().all(|x| x.state == "ready" && x.commands.is_some())
+        r.devices.len() == 3
+            && r.devices
+                .iter()
+                .all(|x| x.state == "ready" && x.commands.is_some())
     });
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
@@ -705,10 +895,16 @@ fn binary_status_json_shows_devices_workers_and_policy() {
     assert_eq!(r.daemon.config, config.display().to_string());
     assert_eq!(r.daemon.pid, d.child.id());
     assert_eq!(r.daemon.config_generation, 1);
-    assert_eq!(r.daemon.uevents, "off", "a fake sysfs gets no kernel events");
+    assert_eq!(
+        r.daemon.uevents, "off",
+        "a fake sysfs gets no kernel events"
+    );
     assert_eq!(r.policy.served, vec!["file", "ram"]);
     assert_eq!(r.policy.ram.as_ref().unwrap().max_size, Some(4 << 30));
-    assert_eq!(r.policy.file.as_ref().unwrap().allow_paths, vec![f.data.display().to_string()]);
+    assert_eq!(
+        r.policy.file.as_ref().unwrap().allow_paths,
+        vec![f.data.display().to_string()]
+    );
     let dev = |uio: &str| r.devices.iter().find(|x| x.uio == uio).unwrap();
     let worker = |name: &str| r.workers.iter().find(|w| w.name == name).unwrap();
     let d0 = dev("uio0");
@@ -751,7 +947,10 @@ fn binary_status_json_shows_devices_workers_and_policy() {
     assert_eq!(f.param("reset_netlink"), "1");
     let (status, stderr) = d.stop();
     assert!(status.success(), "{stderr}");
-    assert!(!f.socket_path().exists(), "the control socket is removed at exit");
+    assert!(
+        !f.socket_path().exists(),
+        "the control socket is removed at exit"
+    );
 
     // Without a daemon the client fails cleanly.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
@@ -768,7 +967,9 @@ fn binary_sighup_reloads_and_reports_changes() {
     f.device("uio0", 2, "scratch", "ram/");
     let config = f.write_config("echo", "[handler.ram]\n");
     let mut d = Daemon::start(&f, &config, &[]);
-    let r = d.status_until(&f, "served", |r| r.devices.first().is_some_and(|x| x.state == "ready"));
+    let r = d.status_until(&f, "served", |r| {
+        r.devices.first().is_some_and(|x| x.state == "ready")
+    });
     assert_eq!(r.policy.served, vec!["ram"]);
     fs::write(&config, f.config_text("echo", &f.handlers(Some("2GiB")))).unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
@@ -779,7 +980,9 @@ fn binary_sighup_reloads_and_reports_changes() {
     // A broken file: reported, the configuration in force stays.
     fs::write(&config, "[handler.ram\n").unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_for("the failed reload is logged", || d.stderr().contains("configuration reload failed"));
+    wait_for("the failed reload is logged", || {
+        d.stderr().contains("configuration reload failed")
+    });
     assert_eq!(d.status(&f).daemon.config_generation, 2);
     let (status, stderr) = d.stop();
     assert!(status.success(), "{stderr}");
@@ -796,7 +999,9 @@ fn binary_sigterm_drains() {
     f.device("uio1", 1, "disk0", &format!("file/{}", img.display()));
     let config = f.write_config("drain", &f.handlers(None));
     let mut d = Daemon::start(&f, &config, &[]);
-    d.status_until(&f, "served", |r| r.devices.len() == 2 && r.devices.iter().all(|x| x.state == "ready"));
+    d.status_until(&f, "served", |r| {
+        r.devices.len() == 2 && r.devices.iter().all(|x| x.state == "ready")
+    });
     let (status, stderr) = d.stop();
     assert!(status.success(), "{stderr}");
     // Each worker saw its devices blocked before it was told to shut down.
@@ -806,8 +1011,16 @@ fn binary_sigterm_drains() {
     // After the workers exited, the rings were reset and the netlink interface blocked.
     for (hba, name) in [(2, "scratch"), (1, "disk0")] {
         let action = f.configfs(hba, name).join("action");
-        assert_eq!(fs::read_to_string(action.join("reset_ring")).unwrap(), "1", "{name}");
-        assert_eq!(fs::read_to_string(action.join("block_dev")).unwrap(), "1", "{name} stays blocked");
+        assert_eq!(
+            fs::read_to_string(action.join("reset_ring")).unwrap(),
+            "1",
+            "{name}"
+        );
+        assert_eq!(
+            fs::read_to_string(action.join("block_dev")).unwrap(),
+            "1",
+            "{name} stays blocked"
+        );
     }
     assert_eq!(f.param("block_netlink"), "1");
     assert_eq!(f.param("reset_netlink"), "1");
@@ -820,29 +1033,43 @@ fn binary_notifies_systemd() {
     f.device("uio0", 2, "scratch", "ram/");
     let notify = f.root.join("notify.sock");
     let listener = UnixDatagram::bind(&notify).unwrap();
-    listener.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let config = f.write_config("echo", "[handler.ram]\n");
     let d = Daemon::start(
         &f,
         &config,
-        &[("NOTIFY_SOCKET", notify.to_str().unwrap()), ("WATCHDOG_USEC", "200000")],
+        &[
+            ("NOTIFY_SOCKET", notify.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
     );
     let mut buf = [0u8; 512];
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() < 3 {
-        assert!(Instant::now() < deadline, "notifications so far: {seen:?}\n{}", d.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "notifications so far: {seen:?}\n{}",
+            d.stderr()
+        );
         let n = listener.recv(&mut buf).unwrap();
         seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
-    let ready = seen.iter().position(|m| m.contains("READY=1")).expect("READY=1 was sent");
+    let ready = seen
+        .iter()
+        .position(|m| m.contains("READY=1"))
+        .expect("READY=1 was sent");
     assert_contains(&seen[ready], "STATUS=serving 1 devices");
     assert!(seen.iter().position(|m| m.contains("WATCHDOG=1")).unwrap() >= ready);
     let (status, stderr) = d.stop();
     assert!(status.success(), "{stderr}");
     let mut stopping = false;
     while let Ok(n) = {
-        listener.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        listener
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         listener.recv(&mut buf)
     } {
         stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
@@ -858,11 +1085,22 @@ mod fake_worker {
     pub fn main() -> ExitCode {
         let argv0 = PathBuf::from(std::env::args_os().next().unwrap_or_default());
         let log_path = PathBuf::from(format!("{}.log", argv0.display()));
-        let mode = argv0.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mode = argv0
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         // bin/<mode> → the fixture root's sys/.
-        let sysfs = argv0.parent().and_then(Path::parent).map(|r| r.join("sys")).unwrap_or_default();
+        let sysfs = argv0
+            .parent()
+            .and_then(Path::parent)
+            .map(|r| r.join("sys"))
+            .unwrap_or_default();
         let log = |line: String| {
-            let mut f = OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .unwrap();
             f.write_all(format!("{line}\n").as_bytes()).unwrap();
         };
         let raw: i32 = std::env::var("TCMU_WARDEN_FD").unwrap().parse().unwrap();
@@ -876,7 +1114,13 @@ mod fake_worker {
             }
         };
         log(format!("hello worker={worker} subtypes={subtypes:?}"));
-        send(&chan, FromWorker::Hello { pid: std::process::id(), subtypes });
+        send(
+            &chan,
+            FromWorker::Hello {
+                pid: std::process::id(),
+                subtypes,
+            },
+        );
         // id → (hba, name) of the devices held.
         let mut held: Vec<(u64, u32, String, Vec<OwnedFd>)> = Vec::new();
         loop {
@@ -908,10 +1152,22 @@ mod fake_worker {
                     log(format!("remove worker={worker} id={id}"));
                     send(&chan, FromWorker::DeviceRemoved { id });
                 }
-                ToWorker::Reconfig { id, dev_size, write_cache } => {
-                    log(format!("reconfig worker={worker} id={id} dev_size={dev_size:?} write_cache={write_cache:?}"));
+                ToWorker::Reconfig {
+                    id,
+                    dev_size,
+                    write_cache,
+                } => {
+                    log(format!(
+                        "reconfig worker={worker} id={id} dev_size={dev_size:?} write_cache={write_cache:?}"
+                    ));
                     if mode == "noreconfig" {
-                        send(&chan, FromWorker::ReconfigFailed { id, reason: "cannot grow".into() });
+                        send(
+                            &chan,
+                            FromWorker::ReconfigFailed {
+                                id,
+                                reason: "cannot grow".into(),
+                            },
+                        );
                     } else {
                         send(&chan, FromWorker::Reconfigured { id });
                     }
@@ -1003,7 +1259,13 @@ mod harness {
             .iter()
             .filter(|(name, _)| {
                 filters.is_empty()
-                    || filters.iter().any(|f| if exact { name == f } else { name.contains(f.as_str()) })
+                    || filters.iter().any(|f| {
+                        if exact {
+                            name == f
+                        } else {
+                            name.contains(f.as_str())
+                        }
+                    })
             })
             .collect();
         println!("\nrunning {} tests", selected.len());

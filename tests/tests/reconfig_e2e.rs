@@ -73,14 +73,24 @@ impl Rig {
         loop {
             assert!(Instant::now() < deadline, "command did not complete");
             self.sim.wait_notified(Duration::from_millis(200)).unwrap();
-            if let Some(c) = self.sim.reap().unwrap().into_iter().find(|c| c.cmd_id == id) {
+            if let Some(c) = self
+                .sim
+                .reap()
+                .unwrap()
+                .into_iter()
+                .find(|c| c.cmd_id == id)
+            {
                 return c;
             }
         }
     }
 
     fn capacity(&mut self) -> Completed {
-        self.one(&[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], &[], 32)
+        self.one(
+            &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            &[],
+            32,
+        )
     }
 
     fn last_lba(&mut self) -> u64 {
@@ -107,7 +117,11 @@ impl Drop for Rig {
 }
 
 fn sense_triple(c: &Completed) -> (u8, u8, u8) {
-    assert_eq!(c.status, 0x02, "expected CHECK CONDITION, got {:#x}", c.status);
+    assert_eq!(
+        c.status, 0x02,
+        "expected CHECK CONDITION, got {:#x}",
+        c.status
+    );
     let s = &c.sense;
     match s[0] & 0x7f {
         0x70 | 0x71 => (s[2] & 0x0f, s[12], s[13]),
@@ -153,7 +167,10 @@ fn growing_reports_the_new_capacity_after_a_unit_attention() {
     apply_reconfig(&rig.emu, Some(1024 * BS), None).unwrap();
     assert_eq!(sense_triple(&rig.capacity()), (0x06, 0x2a, 0x09));
     assert_eq!(rig.last_lba(), 1023);
-    assert_eq!(sense_triple(&rig.one(&read16(3000, 1), &[], 512)), (0x05, 0x21, 0x00));
+    assert_eq!(
+        sense_triple(&rig.one(&read16(3000, 1), &[], 512)),
+        (0x05, 0x21, 0x00)
+    );
 }
 
 #[test]

@@ -62,8 +62,8 @@ use super::{
     WorkerPhase, default_worker_exe, truncate_reason,
 };
 use crate::control::{
-    ControlServer, DaemonReport, DeviceReport, FilePolicy, PolicyReport, RamPolicy,
-    Request, Response, StatusReport, WorkerReport,
+    ControlServer, DaemonReport, DeviceReport, FilePolicy, PolicyReport, RamPolicy, Request,
+    Response, StatusReport, WorkerReport,
 };
 use crate::discovery::{self, TcmuDevice, parse_uio_name};
 use crate::lio;
@@ -163,8 +163,8 @@ impl Ops {
 
     /// The earliest time the operations side needs a turn.
     pub(super) fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let pending = (!self.pending.is_empty() || !self.readopt.is_empty())
-            .then(|| now + PENDING_RETRY);
+        let pending =
+            (!self.pending.is_empty() || !self.readopt.is_empty()).then(|| now + PENDING_RETRY);
         let reconfig = self.reconfigs.values().flatten().map(|p| p.deadline).min();
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
         [pending, reconfig, control, self.next_watchdog]
@@ -192,9 +192,9 @@ pub(super) enum Source {
 pub fn refusal_errno(err: &PolicyError) -> i32 {
     match err {
         PolicyError::NoSubtype | PolicyError::NotServed { .. } => libc::EOPNOTSUPP,
-        PolicyError::NotAbsolute { .. } | PolicyError::BadPath { .. } | PolicyError::WrongType { .. } => {
-            libc::EINVAL
-        }
+        PolicyError::NotAbsolute { .. }
+        | PolicyError::BadPath { .. }
+        | PolicyError::WrongType { .. } => libc::EINVAL,
         PolicyError::OutsideAllowPaths { .. } | PolicyError::Escapes { .. } => libc::EPERM,
         PolicyError::NotFound { .. } => libc::ENOENT,
         PolicyError::Changed { .. } => libc::EAGAIN,
@@ -248,16 +248,21 @@ impl Supervisor {
         lio::set_module_param(&root, "block_netlink", "1");
         lio::set_module_param(&root, "reset_netlink", "1");
         if self.opts.kernel_events {
-            let group = uevent::group_for(self.opts.uevent_source, std::path::Path::new(UDEV_CONTROL));
+            let group =
+                uevent::group_for(self.opts.uevent_source, std::path::Path::new(UDEV_CONTROL));
             match UeventSocket::open(group) {
                 Ok(sock) => self.attach_uevents(sock),
-                Err(e) => warn!(error = %e, "cannot listen to uevents; devices that appear later will not be noticed"),
+                Err(e) => {
+                    warn!(error = %e, "cannot listen to uevents; devices that appear later will not be noticed")
+                }
             }
             match TcmuNetlink::connect() {
                 Ok(nl) => self.attach_netlink(nl),
                 Err(netlink::NetlinkError::FamilyMissing) => {
                     self.ops.netlink_state = "unavailable";
-                    info!("the kernel has no TCM-USER netlink family yet (target_core_user not loaded); following uevents only");
+                    info!(
+                        "the kernel has no TCM-USER netlink family yet (target_core_user not loaded); following uevents only"
+                    );
                 }
                 Err(e) => {
                     self.ops.netlink_state = "unavailable";
@@ -275,7 +280,14 @@ impl Supervisor {
 
     /// Follows uevents from `sock` (tests pass a socket whose peer plays the kernel).
     pub fn attach_uevents(&mut self, sock: UeventSocket) {
-        info!(source = if sock.group() == uevent::GROUP_UDEV { "udev" } else { "kernel" }, "following uio uevents");
+        info!(
+            source = if sock.group() == uevent::GROUP_UDEV {
+                "udev"
+            } else {
+                "kernel"
+            },
+            "following uio uevents"
+        );
         self.ops.uevents = Some(sock);
     }
 
@@ -314,7 +326,9 @@ impl Supervisor {
     // ---- the event loop's hooks ---------------------------------------------------------------
 
     /// The descriptors the operations side polls.
-    pub(super) fn ops_poll_fds(&self) -> Vec<(Source, std::os::fd::BorrowedFd<'_>, nix::poll::PollFlags)> {
+    pub(super) fn ops_poll_fds(
+        &self,
+    ) -> Vec<(Source, std::os::fd::BorrowedFd<'_>, nix::poll::PollFlags)> {
         let mut v = Vec::new();
         let pollin = nix::poll::PollFlags::POLLIN;
         if let Some(u) = &self.ops.uevents {
@@ -361,14 +375,20 @@ impl Supervisor {
             && next <= now
         {
             self.ops.notifier.notify("WATCHDOG=1");
-            self.ops.next_watchdog = self.ops.notifier.watchdog_interval().map(|every| now + every);
+            self.ops.next_watchdog = self
+                .ops
+                .notifier
+                .watchdog_interval()
+                .map(|every| now + every);
         }
         if let Some(c) = &mut self.ops.control {
             c.expire(now);
         }
         let devices = &self.devices;
         self.ops.stats.retain(|id, _| devices.contains_key(id));
-        self.ops.incarnations.retain(|id, _| devices.contains_key(id));
+        self.ops
+            .incarnations
+            .retain(|id, _| devices.contains_key(id));
     }
 
     /// A device left the table (released or dropped): adopt it again if its `dev_config`
@@ -402,15 +422,26 @@ impl Supervisor {
     }
 
     /// The worker's answer to a `Reconfig`. `Err` is a protocol violation.
-    pub(super) fn on_reconfig_reply(&mut self, key: &WorkerKey, id: u64, result: Result<(), String>) -> Result<(), String> {
-        let what = if result.is_ok() { "Reconfigured" } else { "ReconfigFailed" };
+    pub(super) fn on_reconfig_reply(
+        &mut self,
+        key: &WorkerKey,
+        id: u64,
+        result: Result<(), String>,
+    ) -> Result<(), String> {
+        let what = if result.is_ok() {
+            "Reconfigured"
+        } else {
+            "ReconfigFailed"
+        };
         self.owned(key, id, what)?;
         let p = self
             .ops
             .reconfigs
             .get_mut(&id)
             .and_then(VecDeque::pop_front)
-            .ok_or_else(|| format!("{what} for device {id}, which has no reconfiguration pending"))?;
+            .ok_or_else(|| {
+                format!("{what} for device {id}, which has no reconfiguration pending")
+            })?;
         let Some(dev) = self.devices.get_mut(&id) else {
             return Ok(());
         };
@@ -449,13 +480,17 @@ impl Supervisor {
             .collect();
         for id in ids {
             if let Some(dev) = self.devices.get(&id) {
-                let dir = discovery::configfs_dir(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name);
+                let dir =
+                    discovery::configfs_dir(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name);
                 if lio::device_action(&dir, &dev.dev.uio, "block_dev", "1") {
                     self.ops.blocked.insert(id);
                 }
             }
         }
-        info!(blocked = self.ops.blocked.len(), "devices blocked; in-flight commands are draining");
+        info!(
+            blocked = self.ops.blocked.len(),
+            "devices blocked; in-flight commands are draining"
+        );
         let ids: Vec<u64> = self.ops.reconfigs.keys().copied().collect();
         for id in ids {
             self.answer_reconfigs(id, -libc::ESHUTDOWN, "the daemon is stopping");
@@ -489,7 +524,10 @@ impl Supervisor {
         }
         lio::set_module_param(&self.opts.sysfs_root.clone(), "reset_netlink", "1");
         self.ops.control = None;
-        info!(reset, "rings reset; devices stay blocked until a daemon serves them again");
+        info!(
+            reset,
+            "rings reset; devices stay blocked until a daemon serves them again"
+        );
     }
 
     // ---- uevents ------------------------------------------------------------------------------
@@ -611,7 +649,11 @@ impl Supervisor {
                     Incoming::Event(ev) => self.on_tcmu_event(ev),
                     Incoming::Ack { seq, error: 0 } => debug!(seq, "kernel acknowledged"),
                     Incoming::Ack { seq, error } => {
-                        warn!(seq, errno = -error, "the kernel refused one of our netlink messages");
+                        warn!(
+                            seq,
+                            errno = -error,
+                            "the kernel refused one of our netlink messages"
+                        );
                     }
                     Incoming::Bad(why) => warn!(reason = %why, "netlink message ignored"),
                 }
@@ -627,7 +669,9 @@ impl Supervisor {
         };
         match nl.send_done(done_cmd, status, device_id) {
             Ok(seq) => debug!(seq, done_cmd, device_id, status, "answered the kernel"),
-            Err(e) => error!(error = %e, done_cmd, device_id, status, "cannot answer the kernel; its configfs writer stays blocked until reset_netlink"),
+            Err(e) => {
+                error!(error = %e, done_cmd, device_id, status, "cannot answer the kernel; its configfs writer stays blocked until reset_netlink")
+            }
         }
     }
 
@@ -678,7 +722,10 @@ impl Supervisor {
         };
         let label = format!("user_{}/{}", parsed.hba, parsed.name);
         let dev_size = self.announced_size(&uio, parsed.hba, &parsed.name);
-        match self.config.admit(parsed.subtype.as_deref(), &parsed.cfgstring, dev_size) {
+        match self
+            .config
+            .admit(parsed.subtype.as_deref(), &parsed.cfgstring, dev_size)
+        {
             Err(err) => {
                 let errno = refusal_errno(&err);
                 let reason = truncate_reason(err.to_string());
@@ -708,9 +755,10 @@ impl Supervisor {
         info!(device = %uio, backstore = %label, device_id = ?d.device_id, "device added by the kernel");
         self.ops.refused.remove(&uio);
         if let Some((id, removing)) = self.managed_on(&uio) {
-            let same = self.devices.get(&id).is_some_and(|dev| {
-                dev.dev.hba == parsed.hba && dev.dev.name == parsed.name
-            });
+            let same = self
+                .devices
+                .get(&id)
+                .is_some_and(|dev| dev.dev.hba == parsed.hba && dev.dev.name == parsed.name);
             let known = self.ops.incarnations.get(&id).and_then(|i| i.device_id);
             if !removing && same && (known.is_none() || known == d.device_id) {
                 // Adopted already (its uevent came first, or the scan found it).
@@ -748,7 +796,8 @@ impl Supervisor {
         {
             return dev.dev_size;
         }
-        let path = discovery::configfs_dir(&self.opts.sysfs_root, hba, name).join("attrib/dev_size");
+        let path =
+            discovery::configfs_dir(&self.opts.sysfs_root, hba, name).join("attrib/dev_size");
         std::fs::read_to_string(path)
             .ok()
             .and_then(|t| t.trim().parse().ok())
@@ -761,9 +810,9 @@ impl Supervisor {
         if self.ops.refused.get(&uio).is_some_and(|n| *n == d.name) {
             self.ops.refused.remove(&uio);
         }
-        self.ops
-            .pending
-            .retain(|p| !(p.uio == uio && (p.inc.device_id.is_none() || p.inc.device_id == d.device_id)));
+        self.ops.pending.retain(|p| {
+            !(p.uio == uio && (p.inc.device_id.is_none() || p.inc.device_id == d.device_id))
+        });
         if let Some(id) = self.device_for(&d) {
             info!(device = %uio, device_id = ?d.device_id, "device removed by the kernel");
             self.remove_device(id);
@@ -792,7 +841,9 @@ impl Supervisor {
                     return;
                 }
                 if !refused
-                    && let Err(err) = self.config.admit(dev.dev.subtype.as_deref(), &dev.dev.cfgstring, size)
+                    && let Err(err) =
+                        self.config
+                            .admit(dev.dev.subtype.as_deref(), &dev.dev.cfgstring, size)
                 {
                     warn!(device = %uio, size, rule = %err.rule(), reason = %err, "new size refused by policy; the configfs write fails");
                     self.reply(done, d.device_id, -refusal_errno(&err));
@@ -803,7 +854,10 @@ impl Supervisor {
             Reconfig::WriteCache(on) => self.apply_reconfig(id, d.device_id, None, Some(on)),
             Reconfig::DevConfig(dev_config) => {
                 let (subtype, cfgstring) = split_dev_config(&dev_config);
-                if let Err(err) = self.config.admit(subtype.as_deref(), &cfgstring, dev.dev.dev_size) {
+                if let Err(err) =
+                    self.config
+                        .admit(subtype.as_deref(), &cfgstring, dev.dev.dev_size)
+                {
                     warn!(device = %uio, dev_config = ?dev_config, rule = %err.rule(), reason = %err, "new dev_config refused by policy; the configfs write fails");
                     self.reply(done, d.device_id, -refusal_errno(&err));
                     return;
@@ -824,7 +878,13 @@ impl Supervisor {
 
     /// Sends a size or write-cache change to the device's worker, or records it directly when
     /// no worker serves the device yet (the next `AddDevice` carries it).
-    fn apply_reconfig(&mut self, id: u64, device_id: Option<u32>, dev_size: Option<u64>, write_cache: Option<bool>) {
+    fn apply_reconfig(
+        &mut self,
+        id: u64,
+        device_id: Option<u32>,
+        dev_size: Option<u64>,
+        write_cache: Option<bool>,
+    ) {
         let done = netlink::cmd::RECONFIG_DEVICE_DONE;
         let Some(dev) = self.devices.get_mut(&id) else {
             self.reply(done, device_id, -libc::ENODEV);
@@ -861,12 +921,16 @@ impl Supervisor {
         match sent {
             Some(Ok(())) => {
                 debug!(device = %uio, worker = %key.name(), "reconfiguration sent to the worker");
-                self.ops.reconfigs.entry(id).or_default().push_back(PendingReconfig {
-                    device_id,
-                    dev_size,
-                    write_cache,
-                    deadline: Instant::now() + self.opts.reply_timeout,
-                });
+                self.ops
+                    .reconfigs
+                    .entry(id)
+                    .or_default()
+                    .push_back(PendingReconfig {
+                        device_id,
+                        dev_size,
+                        write_cache,
+                        deadline: Instant::now() + self.opts.reply_timeout,
+                    });
             }
             Some(Err(err)) => {
                 self.reply(done, device_id, -libc::EIO);
@@ -895,7 +959,10 @@ impl Supervisor {
             let (served, key) = match self.devices.get(&id) {
                 Some(d) => (
                     matches!(d.phase, DevicePhase::Sent | DevicePhase::Ready)
-                        && self.workers.get(&d.worker).is_some_and(|s| s.phase == WorkerPhase::Ready),
+                        && self
+                            .workers
+                            .get(&d.worker)
+                            .is_some_and(|s| s.phase == WorkerPhase::Ready),
                     Some(d.worker.clone()),
                 ),
                 None => (false, None),
@@ -913,7 +980,10 @@ impl Supervisor {
             if overdue {
                 self.answer_reconfigs(id, -libc::ETIMEDOUT, "its worker did not answer in time");
                 if let Some(key) = key {
-                    let why = format!("no answer to Reconfig for device {id} within {:?}", self.opts.reply_timeout);
+                    let why = format!(
+                        "no answer to Reconfig for device {id} within {:?}",
+                        self.opts.reply_timeout
+                    );
                     self.kill_worker(&key, why);
                 }
             } else if self.ops.reconfigs.get(&id).is_some_and(VecDeque::is_empty) {
@@ -1037,7 +1107,9 @@ impl Supervisor {
             self.remove_device(id);
         }
         for dev in scan.devices {
-            if self.managed_on(&dev.uio).is_none() && !self.ops.pending.iter().any(|p| p.uio == dev.uio) {
+            if self.managed_on(&dev.uio).is_none()
+                && !self.ops.pending.iter().any(|p| p.uio == dev.uio)
+            {
                 self.ops.pending.push(PendingAdd {
                     uio: dev.uio,
                     backstore: Some((dev.hba, dev.name)),
@@ -1086,7 +1158,12 @@ impl Supervisor {
         self.workers
             .iter()
             .filter(|(_, s)| s.phase == WorkerPhase::Ready && s.ping.is_none())
-            .map(|(k, _)| self.ops.last_ping.get(k).map_or(now, |t| *t + PING_INTERVAL))
+            .map(|(k, _)| {
+                self.ops
+                    .last_ping
+                    .get(k)
+                    .map_or(now, |t| *t + PING_INTERVAL)
+            })
             .min()
     }
 
@@ -1136,13 +1213,23 @@ impl Supervisor {
         };
         let c = &self.config;
         let policy = PolicyReport {
-            served: c.served_subtypes().iter().map(|s| (*s).to_owned()).collect(),
+            served: c
+                .served_subtypes()
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             worker_exe: self.opts.worker_exe.display().to_string(),
             file: c.file.as_ref().map(|f| FilePolicy {
-                allow_paths: f.allow_paths.iter().map(|p| p.display().to_string()).collect(),
+                allow_paths: f
+                    .allow_paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
                 isolation: f.isolation.as_str().to_owned(),
             }),
-            ram: c.ram.as_ref().map(|r| RamPolicy { max_size: r.max_size }),
+            ram: c.ram.as_ref().map(|r| RamPolicy {
+                max_size: r.max_size,
+            }),
         };
         let devices = self
             .devices
@@ -1183,10 +1270,10 @@ impl Supervisor {
             .iter()
             .map(|(key, s)| {
                 let exit = s.process.exit_status();
-                let last_crash = s.kill_reason.clone().or_else(|| {
-                    exit.filter(|e| !e.success())
-                        .map(describe_exit)
-                });
+                let last_crash = s
+                    .kill_reason
+                    .clone()
+                    .or_else(|| exit.filter(|e| !e.success()).map(describe_exit));
                 WorkerReport {
                     name: s.name.clone(),
                     pid: s.process.pid(),
@@ -1261,7 +1348,8 @@ impl Supervisor {
 
 /// Renders a status report as JSON (what `status --json` prints).
 pub fn status_json(report: &StatusReport) -> String {
-    serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+    serde_json::to_string_pretty(report)
+        .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
 
 #[cfg(test)]
@@ -1273,7 +1361,9 @@ mod tests {
     fn refusals_map_to_errnos() {
         assert_eq!(refusal_errno(&PolicyError::NoSubtype), libc::EOPNOTSUPP);
         assert_eq!(
-            refusal_errno(&PolicyError::NotServed { subtype: "qcow".into() }),
+            refusal_errno(&PolicyError::NotServed {
+                subtype: "qcow".into()
+            }),
             libc::EOPNOTSUPP
         );
         assert_eq!(
@@ -1288,15 +1378,24 @@ mod tests {
             libc::EINVAL
         );
         assert_eq!(
-            refusal_errno(&PolicyError::TooLarge { dev_size: 2, max_size: 1 }),
+            refusal_errno(&PolicyError::TooLarge {
+                dev_size: 2,
+                max_size: 1
+            }),
             libc::EFBIG
         );
     }
 
     #[test]
     fn dev_config_splits_like_the_uio_name() {
-        assert_eq!(split_dev_config("file//a/b"), (Some("file".into()), "/a/b".into()));
-        assert_eq!(split_dev_config("ram/"), (Some("ram".into()), String::new()));
+        assert_eq!(
+            split_dev_config("file//a/b"),
+            (Some("file".into()), "/a/b".into())
+        );
+        assert_eq!(
+            split_dev_config("ram/"),
+            (Some("ram".into()), String::new())
+        );
         assert_eq!(split_dev_config("ram"), (Some("ram".into()), String::new()));
         assert_eq!(split_dev_config(""), (None, String::new()));
     }

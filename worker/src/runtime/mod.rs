@@ -85,9 +85,7 @@ pub fn apply_reconfig(
     if let Some(size) = dev_size {
         let block = u64::from(emulator.block_size());
         if size < block {
-            return Err(format!(
-                "new size {size} holds no whole {block}-byte block"
-            ));
+            return Err(format!("new size {size} holds no whole {block}-byte block"));
         }
         emulator
             .handler()
