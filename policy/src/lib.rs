@@ -64,7 +64,9 @@
 //! ```
 //!
 //! A device whose subtype has no section, whose cfgstring the rules refuse, or that has no
-//! subtype at all is *refused*: the supervisor logs why and still hands it to a worker that
+//! subtype at all is *refused*. A device created while the daemon runs is refused to the kernel:
+//! the administrator's configfs `enable` write fails with an error, and the log says why. A
+//! device that already existed when the daemon started is still handed to a worker that
 //! answers every SCSI command with NOT READY, so initiators fail at once rather than time out.
 
 pub mod admit;

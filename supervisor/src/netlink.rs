@@ -538,9 +538,9 @@ fn message(
     out
 }
 
-/// `CTRL_CMD_GETFAMILY` for `TCM-USER`.
-pub fn get_family_request(seq: u32) -> Vec<u8> {
-    let mut name = FAMILY_NAME.as_bytes().to_vec();
+/// `CTRL_CMD_GETFAMILY` for the family called `family` (`TCM-USER`).
+pub fn get_family_request(seq: u32, family: &str) -> Vec<u8> {
+    let mut name = family.as_bytes().to_vec();
     name.push(0);
     message(
         GENL_ID_CTRL,
@@ -602,15 +602,8 @@ impl TcmuNetlink {
     /// Opens a generic netlink socket, resolves `TCM-USER` and joins its `config` group. The
     /// returned socket is non-blocking.
     pub fn connect() -> Result<TcmuNetlink, NetlinkError> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkGeneric,
-        )
-        .map_err(io::Error::from)?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(io::Error::from)?;
-        let family = resolve(&fd)?;
+        let fd = generic_socket()?;
+        let family = resolve(&fd, FAMILY_NAME)?;
         let group = family.group(MCAST_GROUP).ok_or(NetlinkError::NoGroup)?;
         set_int_opt(&fd, libc::SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)?;
         // A large queue: a lost request would leave a configfs writer blocked.
@@ -725,8 +718,27 @@ impl TcmuNetlink {
     }
 }
 
-/// Asks the controller for `TCM-USER` on a blocking socket, with a deadline.
-fn resolve(fd: &OwnedFd) -> Result<Family, NetlinkError> {
+/// A bound generic netlink socket (blocking).
+fn generic_socket() -> Result<OwnedFd, NetlinkError> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkGeneric,
+    )
+    .map_err(io::Error::from)?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(io::Error::from)?;
+    Ok(fd)
+}
+
+/// Asks the kernel's generic netlink controller about the family called `name` (on a
+/// blocking socket, with a deadline).
+pub fn resolve_family(name: &str) -> Result<Family, NetlinkError> {
+    resolve(&generic_socket()?, name)
+}
+
+/// Asks the controller for family `name` on a blocking socket, with a deadline.
+fn resolve(fd: &OwnedFd, name: &str) -> Result<Family, NetlinkError> {
     nix::sys::socket::setsockopt(
         fd,
         nix::sys::socket::sockopt::ReceiveTimeout,
@@ -734,7 +746,7 @@ fn resolve(fd: &OwnedFd) -> Result<Family, NetlinkError> {
     )
     .map_err(io::Error::from)?;
     let seq = 1;
-    let request = get_family_request(seq);
+    let request = get_family_request(seq, name);
     sendto(
         fd.as_raw_fd(),
         &request,
@@ -1004,7 +1016,7 @@ mod tests {
         let attrs = parse_attrs(&m.payload[4..]).unwrap();
         assert_eq!(find(&attrs, attr::SUPP_KERN_CMD_REPLY), Some(&[1u8][..]));
 
-        let gf = get_family_request(1);
+        let gf = get_family_request(1, FAMILY_NAME);
         let m = split_messages(&gf).unwrap()[0];
         assert_eq!(m.kind, GENL_ID_CTRL);
         assert_eq!(m.payload[0], CTRL_CMD_GETFAMILY);
@@ -1040,6 +1052,22 @@ mod tests {
         assert_eq!(fam.group("other"), Some(10));
         assert_eq!(fam.group("nope"), None);
         assert!(parse_family(&genl(1, &[])).is_err());
+    }
+
+    /// Against the running kernel: the generic netlink controller describes itself (family
+    /// `nlctrl`, id 0x10, multicast group `notify`), and a family that does not exist is
+    /// reported as missing. This exercises the real request and the parsing of a real answer.
+    #[test]
+    fn resolves_families_from_the_running_kernel() {
+        let ctrl = resolve_family("nlctrl").unwrap();
+        assert_eq!(ctrl.id, GENL_ID_CTRL);
+        assert!(ctrl.version >= 1);
+        assert!(ctrl.group("notify").is_some(), "{ctrl:?}");
+        let missing = resolve_family("nosuchfam");
+        assert!(
+            matches!(missing, Err(NetlinkError::FamilyMissing)),
+            "{missing:?}"
+        );
     }
 
     proptest! {

@@ -67,6 +67,10 @@ fn main() -> ExitCode {
             dev_config_change_reopens_the_device,
         ),
         (
+            "device_failing_during_a_reconfig_is_answered",
+            device_failing_during_a_reconfig_is_answered,
+        ),
+        (
             "reload_applies_to_new_workers_only",
             reload_applies_to_new_workers_only,
         ),
@@ -676,6 +680,28 @@ fn refused_and_failed_reconfigs_are_answered_negatively() {
     assert_eq!((status, dev), (0, 8));
 }
 
+fn device_failing_during_a_reconfig_is_answered() {
+    let f = Fixture::new();
+    let (mut sup, mut k) = f.start("failreconfig", &f.handlers(None));
+    let name = "tcm-user/2/disk/ram/";
+    f.device("uio0", 2, "disk", "ram/");
+    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
+    assert_eq!(status, 0);
+    until(&mut sup, "served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    // The worker reports the device failed, then answers the change late.
+    let (cmd, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[1])]));
+    assert_eq!(cmd, 6);
+    assert!(status < 0, "status {status}");
+    turn(&mut sup, 10);
+    assert!(matches!(phase_of(&sup, "uio0"), Some(DevicePhase::Failed(_))));
+    let w = sup.worker("ram").unwrap();
+    assert_eq!(w.kill_reason, None, "a late answer is not a protocol violation");
+    // With no worker serving it any more, the next change is recorded directly.
+    let (_, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[0])]));
+    assert_eq!(status, 0);
+    assert!(!sup.status_report().devices[0].write_cache);
+}
+
 fn dev_config_change_reopens_the_device() {
     let f = Fixture::new();
     let (mut sup, mut k) = f.start("echo", &f.handlers(None));
@@ -1160,7 +1186,10 @@ mod fake_worker {
                     log(format!(
                         "reconfig worker={worker} id={id} dev_size={dev_size:?} write_cache={write_cache:?}"
                     ));
-                    if mode == "noreconfig" {
+                    if mode == "failreconfig" {
+                        send(&chan, FromWorker::DeviceFailed { id, reason: "ring broke".into() });
+                        send(&chan, FromWorker::ReconfigFailed { id, reason: "device failed".into() });
+                    } else if mode == "noreconfig" {
                         send(
                             &chan,
                             FromWorker::ReconfigFailed {

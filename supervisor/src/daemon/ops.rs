@@ -126,6 +126,9 @@ pub(super) struct Ops {
     /// uio → uio name of a device refused at `ADDED_DEVICE`: its uevents are not acted on.
     refused: BTreeMap<String, String>,
     reconfigs: BTreeMap<u64, VecDeque<PendingReconfig>>,
+    /// Per device, reconfigurations already answered to the kernel that the worker may still
+    /// answer (its late answer is then not a protocol violation).
+    abandoned: BTreeMap<u64, usize>,
     /// Devices whose `dev_config` changed: adopted again, with this description, once released.
     reopen: BTreeMap<u64, TcmuDevice>,
     /// Released devices to adopt again, with the supervisor's uio descriptor kept open.
@@ -152,6 +155,7 @@ impl Ops {
             pending: Vec::new(),
             refused: BTreeMap::new(),
             reconfigs: BTreeMap::new(),
+            abandoned: BTreeMap::new(),
             reopen: BTreeMap::new(),
             readopt: Vec::new(),
             starts: BTreeMap::new(),
@@ -386,6 +390,7 @@ impl Supervisor {
         }
         let devices = &self.devices;
         self.ops.stats.retain(|id, _| devices.contains_key(id));
+        self.ops.abandoned.retain(|id, _| devices.contains_key(id));
         self.ops
             .incarnations
             .retain(|id, _| devices.contains_key(id));
@@ -434,14 +439,20 @@ impl Supervisor {
             "ReconfigFailed"
         };
         self.owned(key, id, what)?;
-        let p = self
-            .ops
-            .reconfigs
-            .get_mut(&id)
-            .and_then(VecDeque::pop_front)
-            .ok_or_else(|| {
-                format!("{what} for device {id}, which has no reconfiguration pending")
-            })?;
+        let Some(p) = self.ops.reconfigs.get_mut(&id).and_then(VecDeque::pop_front) else {
+            // A late answer to a change already refused to the kernel (the device failed or
+            // the deadline passed) is expected; anything else was never asked for.
+            return match self.ops.abandoned.get_mut(&id) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    debug!(id, what, "late answer to an abandoned reconfiguration");
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "{what} for device {id}, which has no reconfiguration pending"
+                )),
+            };
+        };
         let Some(dev) = self.devices.get_mut(&id) else {
             return Ok(());
         };
@@ -945,6 +956,9 @@ impl Supervisor {
         let Some(q) = self.ops.reconfigs.remove(&id) else {
             return;
         };
+        if self.devices.contains_key(&id) {
+            *self.ops.abandoned.entry(id).or_default() += q.len();
+        }
         for p in q {
             warn!(device_id = ?p.device_id, id, why, status, "reconfiguration not applied");
             self.reply(netlink::cmd::RECONFIG_DEVICE_DONE, p.device_id, status);
