@@ -71,6 +71,10 @@ fn main() -> ExitCode {
             device_failing_during_a_reconfig_is_answered,
         ),
         (
+            "device_failing_while_released_keeps_the_worker",
+            device_failing_while_released_keeps_the_worker,
+        ),
+        (
             "reload_applies_to_new_workers_only",
             reload_applies_to_new_workers_only,
         ),
@@ -687,19 +691,59 @@ fn device_failing_during_a_reconfig_is_answered() {
     f.device("uio0", 2, "disk", "ram/");
     let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
     assert_eq!(status, 0);
-    until(&mut sup, "served", |s| phase_of(s, "uio0") == Some(DevicePhase::Ready));
+    until(&mut sup, "served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
     // The worker reports the device failed, then answers the change late.
-    let (cmd, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[1])]));
+    let (cmd, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[1])]),
+    );
     assert_eq!(cmd, 6);
     assert!(status < 0, "status {status}");
     turn(&mut sup, 10);
-    assert!(matches!(phase_of(&sup, "uio0"), Some(DevicePhase::Failed(_))));
+    assert!(matches!(
+        phase_of(&sup, "uio0"),
+        Some(DevicePhase::Failed(_))
+    ));
     let w = sup.worker("ram").unwrap();
-    assert_eq!(w.kill_reason, None, "a late answer is not a protocol violation");
+    assert_eq!(
+        w.kill_reason, None,
+        "a late answer is not a protocol violation"
+    );
     // With no worker serving it any more, the next change is recorded directly.
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[0])]));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[0])]),
+    );
     assert_eq!(status, 0);
     assert!(!sup.status_report().devices[0].write_cache);
+}
+
+fn device_failing_while_released_keeps_the_worker() {
+    // On a real kernel, deleting a backstore unregisters its uio device right after the
+    // REMOVED_DEVICE reply: the worker sees the ring go away (DeviceFailed) before it handles
+    // RemoveDevice. That is not a protocol violation.
+    let f = Fixture::new();
+    let (mut sup, mut k) = f.start("failonremove", &f.handlers(None));
+    let name = "tcm-user/2/disk/ram/";
+    f.device("uio0", 2, "disk", "ram/");
+    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
+    assert_eq!(status, 0);
+    until(&mut sup, "served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    let (_, status, _) = k.request(&mut sup, &tcmu_request(REMOVED, name, 0, 4, &[]));
+    assert_eq!(status, 0);
+    until(&mut sup, "released", |s| s.device_by_uio("uio0").is_none());
+    assert_eq!(sup.worker("ram").unwrap().kill_reason, None);
+    // Re-created under the same name: the same worker serves it.
+    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
+    assert_eq!(status, 0);
+    until(&mut sup, "served again", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    assert_eq!(lines_with(&f.log("failonremove"), "hello worker=ram"), 1);
 }
 
 fn dev_config_change_reopens_the_device() {
@@ -1174,6 +1218,15 @@ mod fake_worker {
                     send(&chan, FromWorker::DeviceReady { id: spec.id });
                 }
                 ToWorker::RemoveDevice { id } => {
+                    if mode == "failonremove" {
+                        send(
+                            &chan,
+                            FromWorker::DeviceFailed {
+                                id,
+                                reason: "event I/O: device event channel closed".into(),
+                            },
+                        );
+                    }
                     held.retain(|(h, ..)| *h != id);
                     log(format!("remove worker={worker} id={id}"));
                     send(&chan, FromWorker::DeviceRemoved { id });
@@ -1187,8 +1240,20 @@ mod fake_worker {
                         "reconfig worker={worker} id={id} dev_size={dev_size:?} write_cache={write_cache:?}"
                     ));
                     if mode == "failreconfig" {
-                        send(&chan, FromWorker::DeviceFailed { id, reason: "ring broke".into() });
-                        send(&chan, FromWorker::ReconfigFailed { id, reason: "device failed".into() });
+                        send(
+                            &chan,
+                            FromWorker::DeviceFailed {
+                                id,
+                                reason: "ring broke".into(),
+                            },
+                        );
+                        send(
+                            &chan,
+                            FromWorker::ReconfigFailed {
+                                id,
+                                reason: "device failed".into(),
+                            },
+                        );
                     } else if mode == "noreconfig" {
                         send(
                             &chan,

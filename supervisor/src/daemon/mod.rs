@@ -885,6 +885,12 @@ impl Supervisor {
             }
             (_, FromWorker::DeviceFailed { id, reason }) => {
                 let (dev, worker) = self.owned(key, id, "DeviceFailed")?;
+                if dev.phase == DevicePhase::Removing {
+                    // The kernel tears a deleted device down while its worker releases it; the
+                    // worker may see the ring go away first. Its DeviceRemoved follows.
+                    debug!(device = %dev.dev.uio, worker = %worker, reason = ?reason, "device failed while being released");
+                    return Ok(());
+                }
                 if !matches!(dev.phase, DevicePhase::Sent | DevicePhase::Ready) {
                     return Err(format!(
                         "DeviceFailed for device {id}, which is {:?}",

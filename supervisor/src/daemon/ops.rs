@@ -439,7 +439,12 @@ impl Supervisor {
             "ReconfigFailed"
         };
         self.owned(key, id, what)?;
-        let Some(p) = self.ops.reconfigs.get_mut(&id).and_then(VecDeque::pop_front) else {
+        let Some(p) = self
+            .ops
+            .reconfigs
+            .get_mut(&id)
+            .and_then(VecDeque::pop_front)
+        else {
             // A late answer to a change already refused to the kernel (the device failed or
             // the deadline passed) is expected; anything else was never asked for.
             return match self.ops.abandoned.get_mut(&id) {
