@@ -518,6 +518,27 @@ fn refused_devices_fail_the_configfs_write() {
         "{logs}"
     );
 
+    // The kernel's uevent usually comes first: the device waits for the netlink request and is
+    // never handed to a worker.
+    f.device("uio5", 1, "qc2", "qcow//images/b.qcow2");
+    k.uevent("add", "uio5");
+    turn(&mut sup, 5);
+    assert!(
+        sup.device_by_uio("uio5").is_none(),
+        "adopted before the kernel's request"
+    );
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(ADDED, "tcm-user/1/qc2/qcow//images/b.qcow2", 5, 16, &[]),
+    );
+    assert_eq!(status, -libc::EOPNOTSUPP);
+    turn(&mut sup, 5);
+    assert!(sup.device_by_uio("uio5").is_none());
+    assert!(
+        sup.worker("refused").is_none(),
+        "no worker was started for refusals"
+    );
+
     // An admitted device is answered 0 and served.
     f.device("uio4", 2, "scratch", "ram/");
     let (cmd, status, id) = k.request(

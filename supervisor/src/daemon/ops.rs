@@ -15,7 +15,9 @@
 //!   scan uses) and a refusal is answered with a negative errno, so the administrator's
 //!   `enable` write fails with a reason in the log. An admitted device is served as soon as
 //!   its `/dev/uioN` exists: the adoption is *pending* until then (retried on each uevent and
-//!   every [`PENDING_RETRY`], for at most [`NODE_WAIT`]).
+//!   every [`PENDING_RETRY`], for at most [`NODE_WAIT`]). A device whose uevent comes first
+//!   (the kernel sends it before the netlink request) waits up to [`NETLINK_GRACE`] for that
+//!   request, so a device the policy refuses is never handed to a worker.
 //! - A device adopted because of `ADDED_DEVICE` expects its own uevent `add` still to come; a
 //!   uevent `remove` for its minor that arrives before that `add` belongs to the previous
 //!   device on that minor and is ignored.
@@ -77,6 +79,9 @@ use crate::worker::describe_exit;
 pub const NODE_WAIT: Duration = Duration::from_secs(10);
 /// How often pending adoptions are retried.
 pub const PENDING_RETRY: Duration = Duration::from_millis(100);
+/// How long a device seen through a uevent waits for the kernel's `ADDED_DEVICE` (which says
+/// whether the policy may still refuse it) before it is adopted anyway.
+pub const NETLINK_GRACE: Duration = Duration::from_secs(2);
 
 /// Where `systemd-udevd` keeps its control socket (present while it runs).
 const UDEV_CONTROL: &str = "/run/udev/control";
@@ -100,6 +105,9 @@ struct PendingAdd {
     backstore: Option<(u32, String)>,
     inc: Incarnation,
     deadline: Instant,
+    /// Seen through a uevent while netlink is connected: the kernel's `ADDED_DEVICE` (sent for
+    /// every new device, right after its uevent) decides, unless it has not come by then.
+    wait_netlink_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -596,11 +604,13 @@ impl Supervisor {
                     return;
                 } else {
                     info!(device = %uio, seqnum = ?ev.seqnum, "uio device appeared");
+                    let now = Instant::now();
                     self.ops.pending.push(PendingAdd {
                         uio: uio.clone(),
                         backstore: None,
                         inc: Incarnation::default(),
-                        deadline: Instant::now() + NODE_WAIT,
+                        deadline: now + NODE_WAIT,
+                        wait_netlink_until: self.ops.netlink.is_some().then(|| now + NETLINK_GRACE),
                     });
                 }
                 self.try_pending(Instant::now());
@@ -790,6 +800,7 @@ impl Supervisor {
         if let Some(p) = self.ops.pending.iter_mut().find(|p| p.uio == uio) {
             p.inc.device_id = d.device_id;
             p.backstore = Some((parsed.hba, parsed.name));
+            p.wait_netlink_until = None;
         } else {
             self.ops.pending.push(PendingAdd {
                 uio,
@@ -799,6 +810,7 @@ impl Supervisor {
                     awaiting_add_uevent: awaiting,
                 },
                 deadline: Instant::now() + NODE_WAIT,
+                wait_netlink_until: None,
             });
         }
         self.try_pending(Instant::now());
@@ -1043,6 +1055,9 @@ impl Supervisor {
 
     /// One pending adoption: `Some` to keep waiting.
     fn try_one(&mut self, p: PendingAdd, now: Instant) -> Option<PendingAdd> {
+        if p.wait_netlink_until.is_some_and(|t| now < t) && self.ops.netlink.is_some() {
+            return Some(p);
+        }
         let expired = p.deadline <= now;
         match self.managed_on(&p.uio) {
             Some((_, true)) => {
@@ -1134,6 +1149,7 @@ impl Supervisor {
                     backstore: Some((dev.hba, dev.name)),
                     inc: Incarnation::default(),
                     deadline: Instant::now() + NODE_WAIT,
+                    wait_netlink_until: None,
                 });
             }
         }
