@@ -8,7 +8,9 @@
 #   - a device the policy refuses (unknown subtype, path outside allow_paths) makes the `enable`
 #     write FAIL, and the daemon's log says why;
 #   - dev_size and emulate_write_cache changes are accepted and show in status; a size above
-#     handler.ram.max_size is refused (the write fails, the size stays);
+#     handler.ram.max_size is refused (the write fails, the size stays); with tcm_loop and
+#     sg3_utils, the initiator sees the new capacity after a CAPACITY DATA HAS CHANGED unit
+#     attention;
 #   - a dev_config change to another allowed file reopens the device; one outside allow_paths
 #     fails;
 #   - deleting a backstore removes it from status; re-creating it under the same name gives a
@@ -99,6 +101,51 @@ delete() { # name
 
 log_has() { grep -q "$1" "$RESULTS/hotplug-daemon.log"; }
 
+# ---- the initiator's view, through tcm_loop (optional: needs the module and sg3_utils) ----------
+TPG=$CONFIGFS/loopback/naa.50014057000000a1/tpgt_1
+
+export_lun() { # name: LUN 0 of a tcm_loop target (the nexus must exist before the LUN)
+    mkdir -p "$TPG" || return 1
+    cfs_write naa.50014067000000a1 "$TPG/nexus" || return 1
+    mkdir "$TPG/lun/lun_0" || return 1
+    ln -s "$CORE/$1" "$TPG/lun/lun_0/$1"
+}
+
+unexport_lun() { # name
+    rm -f "$TPG/lun/lun_0/$1"
+    rmdir "$TPG/lun/lun_0" "$TPG" "$(dirname "$TPG")"
+} 2>/dev/null
+
+# Prints the disk of the exported LUN once it is attached (60 s).
+find_disk() {
+    local addr b deadline=$((SECONDS + 60))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if addr=$(cat "$TPG/address" 2>/dev/null); then
+            for b in /sys/bus/scsi/devices/"$addr":0/block/*; do
+                [ -b "/dev/${b##*/}" ] && { echo "/dev/${b##*/}"; return 0; }
+            done
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+
+last_lba_is() { # disk, lba
+    sg_readcap --long "$1" > "$WORK/readcap.txt" 2>&1
+    grep -Eq "Last LBA=$2( |$)" "$WORK/readcap.txt" || { cat "$WORK/readcap.txt" >&2; return 1; }
+}
+
+# CAPACITY DATA HAS CHANGED reaches the initiator: TEST UNIT READY gets the unit attention
+# (sg_turs exit status 6), or the kernel's SCSI layer consumed it first and logged it.
+capacity_changed_seen() { # disk, dmesg lines before
+    sg_turs "$1" > /dev/null 2>&1
+    local rc=$?
+    [ "$rc" -eq 6 ] && return 0
+    [ "$(dmesg | grep -c 'Capacity data has changed')" -gt "$2" ] && return 0
+    echo "  sg_turs exit status $rc, no kernel message" >&2
+    return 1
+}
+
 # ---- set-up ---------------------------------------------------------------------------------
 cat > "$WORK/warden.toml" <<TOML || exit 2
 [daemon]
@@ -164,8 +211,24 @@ fi
 check "outside allow_paths: logged with its rule" log_has "refused by policy at creation.*rule=handler.file.allow_paths"
 delete outside 2>/dev/null
 
+SD=""
+if command -v sg_readcap > /dev/null && command -v sg_turs > /dev/null &&
+    mkdir -p "$CONFIGFS/loopback" 2> /dev/null; then
+    check "initiator: LUN exported" export_lun ram0
+    SD=$(find_disk) || SD=""
+    check "initiator: disk attached" test -n "$SD"
+fi
+if [ -n "$SD" ]; then
+    sg_turs "$SD" > /dev/null 2>&1 # takes the power-on unit attention, if any
+    check "initiator: capacity before the resize" last_lba_is "$SD" 131071
+fi
+UA_BEFORE=$(dmesg | grep -c 'Capacity data has changed')
 check "resize: dev_size write succeeds" cfs_write 134217728 "$CORE/ram0/attrib/dev_size"
 check "resize: status shows the new size" wait_field ram0 size 134217728
+if [ -n "$SD" ]; then
+    check "initiator: CAPACITY DATA HAS CHANGED" capacity_changed_seen "$SD" "$UA_BEFORE"
+    check "initiator: capacity after the resize" last_lba_is "$SD" 262143
+fi
 if cfs_write 1073741824 "$CORE/ram0/attrib/dev_size"; then
     fail "resize above max_size fails" "the dev_size write succeeded"
 else
@@ -189,6 +252,7 @@ fi
 check "dev_config outside allow_paths: file kept" wait_field file0 cfgstring "\"$WORK/allowed/b.img\""
 
 OLD_ID=$(dev_field ram0 id)
+[ -n "$SD" ] && unexport_lun ram0
 check "delete: rmdir succeeds" delete ram0
 check "delete: gone from status" wait_field ram0 state absent
 check "re-create under the same name: enable succeeds" create ram0 ram/ 67108864
