@@ -87,6 +87,10 @@ fn main() -> ExitCode {
             binary_sighup_reloads_and_reports_changes,
         ),
         ("binary_sigterm_drains", binary_sigterm_drains),
+        (
+            "binary_second_daemon_leaves_the_first_alone",
+            binary_second_daemon_leaves_the_first_alone,
+        ),
         ("binary_notifies_systemd", binary_notifies_systemd),
     ])
 }
@@ -1117,6 +1121,39 @@ fn binary_sigterm_drains() {
     assert_eq!(f.param("reset_netlink"), "1");
     assert_contains(&stderr, "devices blocked; in-flight commands are draining");
     assert_contains(&stderr, "rings reset");
+}
+
+fn binary_second_daemon_leaves_the_first_alone() {
+    let f = Fixture::new();
+    f.module_params();
+    f.device("uio0", 2, "scratch", "ram/");
+    let config = f.write_config("echo", "[handler.ram]\n");
+    let mut first = Daemon::start(&f, &config, &[]);
+    first.status_until(&f, "served", |r| {
+        r.devices.first().is_some_and(|x| x.state == "ready")
+    });
+    fs::write(
+        f.sysfs
+            .join("module/target_core_user/parameters/reset_netlink"),
+        "0",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
+        .args(["run", "--foreground", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_contains(
+        &String::from_utf8_lossy(&out.stderr),
+        "another daemon is listening",
+    );
+    // The running daemon's kernel state is untouched, and it still answers.
+    assert_eq!(f.param("block_netlink"), "0");
+    assert_eq!(f.param("reset_netlink"), "0");
+    assert_eq!(first.status(&f).devices[0].state, "ready");
+    let (status, stderr) = first.stop();
+    assert!(status.success(), "{stderr}");
 }
 
 fn binary_notifies_systemd() {

@@ -249,13 +249,21 @@ fn split_dev_config(dev_config: &str) -> (Option<String>, String) {
 impl Supervisor {
     // ---- set-up -----------------------------------------------------------------------------
 
-    /// Opens what the operations side listens on, before the start-up scan: blocks and resets
-    /// the kernel's netlink requests (so a previous daemon's unanswered requests fail instead of
+    /// Opens what the operations side listens on, before the start-up scan: opens the control
+    /// socket (refusing to start if another daemon answers on it), blocks and resets the
+    /// kernel's netlink requests (so a previous daemon's unanswered requests fail instead of
     /// wedging), joins the uevent and `TCM-USER` channels (only when [`Options::kernel_events`]),
-    /// asks for kernel command replies, and opens the control socket. Only a control socket
-    /// that cannot be created (or that another daemon holds) is fatal.
+    /// and asks for kernel command replies. Only a control socket that cannot be created (or
+    /// that another daemon holds) is fatal.
     pub fn start_operations(&mut self) -> Result<(), DaemonError> {
         self.ops.notifier = Notifier::from_env();
+        // The control socket first: it is also the lock that keeps a second daemon from
+        // touching the kernel's state (the module parameters below) under a running one.
+        if let Some(path) = self.opts.control_socket.clone() {
+            let server = ControlServer::bind(&path).map_err(DaemonError::Control)?;
+            info!(socket = %path.display(), "control socket listening");
+            self.attach_control(server);
+        }
         let root = self.opts.sysfs_root.clone();
         lio::set_module_param(&root, "block_netlink", "1");
         lio::set_module_param(&root, "reset_netlink", "1");
@@ -281,11 +289,6 @@ impl Supervisor {
                     warn!(error = %e, "cannot join the TCM-USER netlink family; following uevents only");
                 }
             }
-        }
-        if let Some(path) = self.opts.control_socket.clone() {
-            let server = ControlServer::bind(&path).map_err(DaemonError::Control)?;
-            info!(socket = %path.display(), "control socket listening");
-            self.attach_control(server);
         }
         Ok(())
     }
