@@ -392,3 +392,60 @@ pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconfig_of_an_unknown_device_is_refused_and_the_worker_carries_on() {
+        let (sup, ours) = Channel::pair().unwrap();
+        let worker = std::thread::spawn(move || Worker::new(ours, Vec::new()).serve());
+        sup.send(
+            &ToWorker::Hello {
+                worker: "t".into(),
+                subtypes: Vec::new(),
+            },
+            &[],
+        )
+        .unwrap();
+        let (hello, _) = sup.recv::<FromWorker>().unwrap();
+        assert!(matches!(hello, FromWorker::Hello { .. }));
+        sup.send(
+            &ToWorker::Reconfig {
+                id: 9,
+                dev_size: Some(1 << 20),
+                write_cache: Some(true),
+            },
+            &[],
+        )
+        .unwrap();
+        let (reply, _) = sup.recv::<FromWorker>().unwrap();
+        match reply {
+            FromWorker::ReconfigFailed { id, reason } => {
+                assert_eq!(id, 9);
+                assert!(reason.contains("does not serve"), "{reason}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        sup.send(&ToWorker::Ping { seq: 4 }, &[]).unwrap();
+        let (pong, _) = sup.recv::<FromWorker>().unwrap();
+        assert_eq!(
+            pong,
+            FromWorker::Pong {
+                seq: 4,
+                stats: Vec::new()
+            }
+        );
+        sup.send(&ToWorker::Shutdown, &[]).unwrap();
+        worker.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn reasons_are_cut_at_a_character_boundary() {
+        let mut r = "é".repeat(tcmu_warden_proto::MAX_REASON_LEN);
+        cut_reason(&mut r);
+        assert!(r.len() <= tcmu_warden_proto::MAX_REASON_LEN);
+        assert!(r.chars().all(|c| c == 'é'));
+    }
+}
