@@ -259,8 +259,16 @@ struct Conn {
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     deadline: Instant,
-    /// Close once `outbuf` is written.
+    /// Close once `outbuf` is written and every request is answered.
     closing: bool,
+    /// Requests handed out by `service` and not answered yet.
+    unanswered: usize,
+}
+
+impl Conn {
+    fn done(&self) -> bool {
+        self.closing && self.outbuf.is_empty() && self.unanswered == 0
+    }
 }
 
 /// The listening socket and its open connections.
@@ -362,10 +370,11 @@ impl ControlServer {
         if ready.first().copied().unwrap_or(false) {
             self.accept_all(now);
         }
+        for conn in &mut self.conns {
+            conn.unanswered += requests.iter().filter(|(id, _)| *id == conn.id).count();
+        }
         // A connection with a request still to answer stays until `respond`.
-        self.conns.retain(|c| {
-            !(c.closing && c.outbuf.is_empty() && !requests.iter().any(|(id, _)| *id == c.id))
-        });
+        self.conns.retain(|c| !c.done());
         requests
     }
 
@@ -412,6 +421,7 @@ impl ControlServer {
                 outbuf: Vec::new(),
                 deadline: now + IDLE_TIMEOUT,
                 closing: false,
+                unanswered: 0,
             });
             self.next_id += 1;
         }
@@ -422,6 +432,7 @@ impl ControlServer {
         let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) else {
             return;
         };
+        conn.unanswered = conn.unanswered.saturating_sub(1);
         match serde_json::to_vec(response) {
             Ok(mut bytes) => {
                 bytes.push(b'\n');
@@ -434,7 +445,7 @@ impl ControlServer {
         }
         conn.deadline = Instant::now() + IDLE_TIMEOUT;
         flush(conn);
-        self.conns.retain(|c| !(c.closing && c.outbuf.is_empty()));
+        self.conns.retain(|c| !c.done());
     }
 
     /// Closes connections past their deadline.
@@ -486,7 +497,11 @@ fn read_requests(conn: &mut Conn, now: Instant, out: &mut Vec<(u64, Result<Reque
                 conn.inbuf
                     .extend_from_slice(buf.get(..n).unwrap_or_default());
                 conn.deadline = now + IDLE_TIMEOUT;
-                if conn.inbuf.len() > MAX_REQUEST + 1 && !conn.inbuf.contains(&b'\n') {
+                // Enough for this turn: an over-long line, or several requests' worth (the
+                // rest waits in the socket, which stays readable).
+                if conn.inbuf.len() > 4 * MAX_REQUEST
+                    || (conn.inbuf.len() > MAX_REQUEST + 1 && !conn.inbuf.contains(&b'\n'))
+                {
                     break;
                 }
             }
@@ -728,6 +743,23 @@ mod tests {
         let r: Response = serde_json::from_str(&line).unwrap();
         assert!(!r.ok);
         assert!(r.error.unwrap().contains("bogus"));
+
+        // Several requests, then a half-close: every one is answered before the server closes.
+        let mut c3 = connect(&path);
+        c3.get_mut()
+            .write_all(b"{\"request\":\"version\"}\n{\"request\":\"version\"}\n{\"request\":\"version\"}\n")
+            .unwrap();
+        c3.get_mut().shutdown(std::net::Shutdown::Write).unwrap();
+        serve(&mut server, 3);
+        let mut rest = String::new();
+        c3.read_to_string(&mut rest).unwrap();
+        assert_eq!(
+            rest.lines()
+                .filter(|l| l.contains("\"version\":\"v\""))
+                .count(),
+            3,
+            "{rest}"
+        );
 
         // An over-long request is answered with an error and the connection closed.
         let mut c2 = connect(&path);

@@ -569,6 +569,23 @@ fn added_before_its_node_is_served_once_udev_reports_it() {
         sup.device_by_uio("uio1").is_none(),
         "served before its node exists"
     );
+    // While it waits, the policy still judges changes to it.
+    let (cmd, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(
+            RECONFIG,
+            "tcm-user/2/late/ram/",
+            1,
+            21,
+            &[nla(4, b"qcow//x\0")],
+        ),
+    );
+    assert_eq!((cmd, status), (6, -libc::EOPNOTSUPP));
+    let (_, status, _) = k.request(
+        &mut sup,
+        &tcmu_request(RECONFIG, "tcm-user/2/late/ram/", 1, 21, &[nla(6, &[1])]),
+    );
+    assert_eq!(status, 0);
     f.node("uio1");
     k.udev_event("add", "uio1");
     until(&mut sup, "the device is served", |s| {

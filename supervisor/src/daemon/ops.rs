@@ -855,8 +855,19 @@ impl Supervisor {
     fn on_nl_reconfig(&mut self, d: DeviceRef, change: Reconfig) {
         let done = netlink::cmd::RECONFIG_DEVICE_DONE;
         let Some(id) = self.device_for(&d) else {
-            debug!(device = %d.uio(), ?change, "reconfiguration of a device this daemon does not serve; accepted");
-            self.reply(done, d.device_id, 0);
+            // Not served (yet: it may be waiting for its node). The policy still decides what
+            // its configuration may become.
+            let status = match self.refuse_unserved_change(&d, &change) {
+                Some(err) => {
+                    warn!(device = %d.uio(), ?change, rule = %err.rule(), reason = %err, "change refused by policy; the configfs write fails");
+                    -refusal_errno(&err)
+                }
+                None => {
+                    debug!(device = %d.uio(), ?change, "reconfiguration of a device this daemon does not serve; accepted");
+                    0
+                }
+            };
+            self.reply(done, d.device_id, status);
             return;
         };
         let Some(dev) = self.devices.get(&id) else {
@@ -904,6 +915,28 @@ impl Supervisor {
                     self.remove_device(id);
                 }
             }
+        }
+    }
+
+    /// For a device not (yet) served: the policy's objection to `change`, judged from the
+    /// device's uio name and configfs size.
+    fn refuse_unserved_change(&self, d: &DeviceRef, change: &Reconfig) -> Option<PolicyError> {
+        let parsed = parse_uio_name(&d.name).ok().flatten()?;
+        match change {
+            Reconfig::DevConfig(dev_config) => {
+                let (subtype, cfgstring) = split_dev_config(dev_config);
+                let size = self.announced_size(&d.uio(), parsed.hba, &parsed.name);
+                self.config
+                    .admit(subtype.as_deref(), &cfgstring, size)
+                    .err()
+            }
+            Reconfig::DevSize(size) => self
+                .config
+                .admit(parsed.subtype.as_deref(), &parsed.cfgstring, *size)
+                .err()
+                // A device whose current configuration is refused anyway is not refused a size.
+                .filter(|e| matches!(e, PolicyError::TooLarge { .. })),
+            Reconfig::WriteCache(_) => None,
         }
     }
 
