@@ -88,6 +88,37 @@ impl Isolation {
     }
 }
 
+/// Which copy of the kernel's device events (uevents) the daemon follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UeventSource {
+    /// udev's copy when systemd-udevd runs (`/run/udev/control` exists), the kernel's
+    /// otherwise.
+    #[default]
+    Auto,
+    /// udev's copy (sent once udev created `/dev/uioN`).
+    Udev,
+    /// The kernel's copy.
+    Kernel,
+}
+
+impl UeventSource {
+    /// The configuration-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UeventSource::Auto => "auto",
+            UeventSource::Udev => "udev",
+            UeventSource::Kernel => "kernel",
+        }
+    }
+}
+
+/// Default path of the control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tcmu-warden/control.sock";
+
+/// Default drain deadline at shutdown, in seconds.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+
 /// The `[daemon]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
@@ -101,6 +132,14 @@ pub struct DaemonConfig {
     /// The chosen log format; `None` means journald under systemd (`JOURNAL_STREAM` set), text
     /// otherwise.
     pub log_format: Option<LogFormat>,
+    /// The control socket `tcmu-warden status` talks to (default
+    /// [`DEFAULT_CONTROL_SOCKET`]).
+    pub control_socket: PathBuf,
+    /// How long a shutdown waits for in-flight commands before workers are killed, in seconds
+    /// (default [`DEFAULT_DRAIN_TIMEOUT_SECS`], 1..=3600).
+    pub drain_timeout_secs: u64,
+    /// Which copy of the kernel's uevents to follow.
+    pub uevent_source: UeventSource,
     /// Where the devices' in-flight journals live (default `/run/tcmu-warden/journal`). They
     /// must outlive the supervisor process (so a restarted supervisor can recover its devices)
     /// but not a reboot (the kernel's rings do not either): a tmpfs such as `/run`.
@@ -149,6 +188,9 @@ impl Default for DaemonConfig {
             sysfs_root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
             log_format: None,
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
+            uevent_source: UeventSource::Auto,
             journal_dir: PathBuf::from("/run/tcmu-warden/journal"),
             lifecycle: Lifecycle::default(),
         }
@@ -274,6 +316,9 @@ struct RawDaemon {
     sysfs_root: Option<Spanned<String>>,
     dev_root: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
+    control_socket: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<i64>>,
+    uevent_source: Option<UeventSource>,
     journal_dir: Option<Spanned<String>>,
     heartbeat_interval: Option<Spanned<HumanDuration>>,
     heartbeat_timeout: Option<Spanned<HumanDuration>>,
@@ -886,6 +931,23 @@ impl Config {
             daemon.dev_root = loc.absolute_path("daemon.dev_root", root)?;
         }
         daemon.log_format = raw.daemon.log_format;
+        if let Some(sock) = &raw.daemon.control_socket {
+            daemon.control_socket = loc.absolute_path("daemon.control_socket", sock)?;
+        }
+        if let Some(secs) = &raw.daemon.drain_timeout {
+            daemon.drain_timeout_secs = u64::try_from(*secs.get_ref())
+                .ok()
+                .filter(|s| (1..=3600).contains(s))
+                .ok_or_else(|| {
+                    loc.error(
+                        Some(secs.span()),
+                        "daemon.drain_timeout must be a number of seconds in 1..=3600",
+                    )
+                })?;
+        }
+        if let Some(source) = raw.daemon.uevent_source {
+            daemon.uevent_source = source;
+        }
         if let Some(dir) = &raw.daemon.journal_dir {
             daemon.journal_dir = loc.absolute_path("daemon.journal_dir", dir)?;
         }
@@ -1121,6 +1183,30 @@ max_size = "64GiB"
         assert_eq!(cfg.ram, Some(RamHandlerConfig { max_size: None }));
         assert_eq!(cfg.isolation("file"), Isolation::Subtype);
         assert_eq!(cfg.isolation("ram"), Isolation::Subtype);
+    }
+
+    #[test]
+    fn operations_keys() {
+        let cfg = parse(
+            "[daemon]\ncontrol_socket = '/run/x//c.sock'\ndrain_timeout = 5\nuevent_source = 'kernel'\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.daemon.control_socket, Path::new("/run/x/c.sock"));
+        assert_eq!(cfg.daemon.drain_timeout_secs, 5);
+        assert_eq!(cfg.daemon.uevent_source, UeventSource::Kernel);
+        let d = parse("").unwrap().daemon;
+        assert_eq!(d.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(d.drain_timeout_secs, DEFAULT_DRAIN_TIMEOUT_SECS);
+        assert_eq!(d.uevent_source, UeventSource::Auto);
+        let (line, _, msg) = error_at("[daemon]\n\ndrain_timeout = 0\n");
+        assert_eq!(line, 3);
+        assert!(msg.contains("drain_timeout"), "{msg}");
+        let (line, _, msg) = error_at("[daemon]\ncontrol_socket = 'rel.sock'\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("daemon.control_socket"), "{msg}");
+        let (line, _, msg) = error_at("[daemon]\nuevent_source = 'both'\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("both"), "{msg}");
     }
 
     #[test]

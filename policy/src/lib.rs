@@ -47,6 +47,15 @@
 //! restart_backoff_max = "30s"     # ...up to this
 //! quarantine_after = 5            # this many crashes within quarantine_window: no more
 //! quarantine_window = "10m"       # restarts; the worker's devices stay blocked and failed
+//! # The control socket `tcmu-warden status` talks to (root only). Default
+//! # "/run/tcmu-warden/control.sock".
+//! control_socket = "/run/tcmu-warden/control.sock"
+//! # At shutdown, how long in-flight SCSI commands may take to finish before workers are
+//! # killed, in seconds (1..=3600). Default 30.
+//! drain_timeout = 30
+//! # Which copy of the kernel's device events to follow: "udev" (sent once udev created
+//! # /dev/uioN), "kernel", or "auto" (default: udev's when systemd-udevd runs).
+//! uevent_source = "auto"
 //!
 //! # Devices of subtype `file`: the cfgstring is an absolute path to a regular file or a block
 //! # device. Without this section every `file` device is refused.
@@ -94,7 +103,9 @@
 //! ```
 //!
 //! A device whose subtype has no section, whose cfgstring the rules refuse, or that has no
-//! subtype at all is *refused*: the supervisor logs why and still hands it to a worker that
+//! subtype at all is *refused*. A device created while the daemon runs is refused to the kernel:
+//! the administrator's configfs `enable` write fails with an error, and the log says why. A
+//! device that already existed when the daemon started is still handed to a worker that
 //! answers every SCSI command with NOT READY, so initiators fail at once rather than time out.
 
 pub mod admit;
@@ -105,8 +116,9 @@ pub mod size;
 
 pub use admit::{Admission, PolicyError};
 pub use config::{
-    Config, ConfigError, DaemonConfig, FileHandlerConfig, HandlerPolicy, Isolation, KNOWN_SUBTYPES,
-    Lifecycle, LogFormat, RamHandlerConfig,
+    Config, ConfigError, DEFAULT_CONTROL_SOCKET, DEFAULT_DRAIN_TIMEOUT_SECS, DaemonConfig,
+    FileHandlerConfig, HandlerPolicy, Isolation, KNOWN_SUBTYPES, Lifecycle, LogFormat,
+    RamHandlerConfig, UeventSource,
 };
 pub use duration::{DurationError, HumanDuration, format_duration, parse_duration};
 pub use jail::JailSpec;

@@ -24,8 +24,10 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. A worker built from another version is refused at the handshake.
 ///
-/// Version 2 added the in-flight journal ([`DeviceSpec::journal`], its descriptor after the
-/// others) and [`FromWorker::RecoveryFailed`].
+/// History: 1 = the first wire; 2 = the in-flight journal ([`DeviceSpec::journal`], its
+/// descriptor after the others), [`FromWorker::RecoveryFailed`], [`ToWorker::Reconfig`],
+/// [`FromWorker::Reconfigured`], [`FromWorker::ReconfigFailed`], and validated
+/// [`DeviceStats`] in [`FromWorker::Pong`].
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest encoded frame either side accepts. Anything larger ends the conversation.
@@ -212,6 +214,22 @@ pub struct DeviceStats {
     pub bytes_written: u64,
 }
 
+impl DeviceStats {
+    /// Checks the counters for consistency: a command that failed was also completed.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        if self.errors > self.commands {
+            return Err(invalid(
+                "stats",
+                format!(
+                    "device {}: {} errors out of {} commands",
+                    self.id, self.errors, self.commands
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Messages from the supervisor to a worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -229,6 +247,18 @@ pub enum ToWorker {
     RemoveDevice {
         /// The device.
         id: u64,
+    },
+    /// The kernel changed a served device's size or write-cache setting (LIO's
+    /// `RECONFIG_DEVICE`). Answered with [`FromWorker::Reconfigured`] once the change is in
+    /// effect, or [`FromWorker::ReconfigFailed`]. At least one field is set.
+    Reconfig {
+        /// The device.
+        id: u64,
+        /// The new device size in bytes: the handler is resized first, then READ CAPACITY
+        /// reports the new size and initiators get a CAPACITY DATA HAS CHANGED unit attention.
+        dev_size: Option<u64>,
+        /// The new volatile write-cache setting (WCE).
+        write_cache: Option<bool>,
     },
     /// Liveness probe; answered with [`FromWorker::Pong`].
     Ping {
@@ -273,6 +303,18 @@ pub enum FromWorker {
         /// The device.
         id: u64,
         /// What was inconsistent, for the log.
+        reason: String,
+    },
+    /// A [`ToWorker::Reconfig`] is in effect.
+    Reconfigured {
+        /// The device.
+        id: u64,
+    },
+    /// A [`ToWorker::Reconfig`] could not be applied; the device keeps its previous settings.
+    ReconfigFailed {
+        /// The device.
+        id: u64,
+        /// Why, for the log.
         reason: String,
     },
     /// Answer to [`ToWorker::Ping`], with counters.
@@ -328,6 +370,22 @@ impl Message for ToWorker {
                 subtypes.iter().try_for_each(|s| check_name("subtypes", s))
             }
             ToWorker::AddDevice(spec) => spec.validate(),
+            ToWorker::Reconfig {
+                dev_size,
+                write_cache,
+                ..
+            } => {
+                if dev_size.is_none() && write_cache.is_none() {
+                    return Err(invalid("reconfig", "changes nothing".into()));
+                }
+                if dev_size.is_some_and(|n| n < 512) {
+                    return Err(invalid(
+                        "dev_size",
+                        "smaller than the smallest block size (512)".into(),
+                    ));
+                }
+                Ok(())
+            }
             ToWorker::RemoveDevice { .. } | ToWorker::Ping { .. } | ToWorker::Shutdown => Ok(()),
         }
     }
@@ -349,16 +407,25 @@ impl Message for FromWorker {
                 }
                 subtypes.iter().try_for_each(|s| check_name("subtypes", s))
             }
-            FromWorker::DeviceFailed { reason, .. } | FromWorker::RecoveryFailed { reason, .. } => {
+            FromWorker::DeviceFailed { reason, .. }
+            | FromWorker::RecoveryFailed { reason, .. }
+            | FromWorker::ReconfigFailed { reason, .. } => {
                 check_len("reason", reason, MAX_REASON_LEN)
             }
             FromWorker::Pong { stats, .. } => {
                 if stats.len() > MAX_DEVICES_PER_WORKER {
                     return Err(invalid("stats", format!("{} entries", stats.len())));
                 }
-                Ok(())
+                let mut ids: Vec<u64> = stats.iter().map(|s| s.id).collect();
+                ids.sort_unstable();
+                if ids.windows(2).any(|w| w.first() == w.get(1)) {
+                    return Err(invalid("stats", "a device is reported twice".into()));
+                }
+                stats.iter().try_for_each(DeviceStats::validate)
             }
-            FromWorker::DeviceReady { .. } | FromWorker::DeviceRemoved { .. } => Ok(()),
+            FromWorker::DeviceReady { .. }
+            | FromWorker::DeviceRemoved { .. }
+            | FromWorker::Reconfigured { .. } => Ok(()),
         }
     }
 
@@ -621,6 +688,83 @@ mod tests {
             decode::<FromWorker>(&bytes),
             Err(ProtoError::Version { .. })
         ));
+    }
+
+    fn frame<T: Serialize>(body: T) -> Vec<u8> {
+        postcard::to_stdvec(&Frame {
+            version: PROTOCOL_VERSION,
+            body,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn reconfig_round_trips_and_is_validated() {
+        let msg = ToWorker::Reconfig {
+            id: 3,
+            dev_size: Some(2 << 30),
+            write_cache: None,
+        };
+        assert_eq!(decode::<ToWorker>(&encode(&msg).unwrap()).unwrap(), msg);
+        let empty = ToWorker::Reconfig {
+            id: 3,
+            dev_size: None,
+            write_cache: None,
+        };
+        assert!(encode(&empty).is_err());
+        assert!(decode::<ToWorker>(&frame(&empty)).is_err());
+        let tiny = ToWorker::Reconfig {
+            id: 3,
+            dev_size: Some(100),
+            write_cache: Some(true),
+        };
+        assert!(decode::<ToWorker>(&frame(&tiny)).is_err());
+        for ok in [
+            FromWorker::Reconfigured { id: 3 },
+            FromWorker::ReconfigFailed {
+                id: 3,
+                reason: "no space".into(),
+            },
+        ] {
+            assert_eq!(decode::<FromWorker>(&encode(&ok).unwrap()).unwrap(), ok);
+        }
+        let long = FromWorker::ReconfigFailed {
+            id: 3,
+            reason: "z".repeat(MAX_REASON_LEN + 1),
+        };
+        assert!(decode::<FromWorker>(&frame(&long)).is_err());
+    }
+
+    #[test]
+    fn pong_statistics_are_validated() {
+        let stat = |id, commands, errors| DeviceStats {
+            id,
+            commands,
+            errors,
+            ..DeviceStats::default()
+        };
+        let good = FromWorker::Pong {
+            seq: 9,
+            stats: vec![stat(1, 10, 2), stat(2, 0, 0)],
+        };
+        assert_eq!(decode::<FromWorker>(&frame(&good)).unwrap(), good);
+        let twice = FromWorker::Pong {
+            seq: 9,
+            stats: vec![stat(1, 10, 2), stat(1, 10, 2)],
+        };
+        assert!(decode::<FromWorker>(&frame(&twice)).is_err());
+        let impossible = FromWorker::Pong {
+            seq: 9,
+            stats: vec![stat(1, 1, 2)],
+        };
+        assert!(decode::<FromWorker>(&frame(&impossible)).is_err());
+        let too_many = FromWorker::Pong {
+            seq: 9,
+            stats: (0..=MAX_DEVICES_PER_WORKER as u64)
+                .map(|i| stat(i, 0, 0))
+                .collect(),
+        };
+        assert!(decode::<FromWorker>(&frame(&too_many)).is_err());
     }
 
     #[test]

@@ -4,11 +4,19 @@
 //! tcmu-warden run --config FILE [--foreground]   run the daemon
 //! tcmu-warden check-config FILE                  validate a configuration, print what it serves
 //! tcmu-warden policy check FILE                  validate it, print each worker's effective jail
+//! tcmu-warden status [--json] [--socket PATH | --config FILE]
+//!                                                ask the running daemon what it serves
 //! tcmu-warden --version
 //! ```
 //!
-//! `run` never forks into the background: run it under a service manager (systemd `Type=simple`,
-//! or `Type=exec`). `--foreground` is for running it by hand: logs go to stderr as text,
+//! `status` talks to the daemon's control socket (`/run/tcmu-warden/control.sock` unless
+//! `--socket` names another, or `--config` names a configuration whose `control_socket` to
+//! use) and prints each device (uio, backstore, subtype, cfgstring, size, worker pid, state,
+//! commands served, errors), each worker (pid, restarts, last crash) and the policy in force;
+//! `--json` prints the daemon's report as JSON instead (schema: [`crate::control::StatusReport`]).
+//!
+//! `run` never forks into the background: run it under a service manager (systemd
+//! `Type=notify`, see `dist/tcmu-warden.service`). `--foreground` is for running it by hand: logs go to stderr as text,
 //! whatever `log_format` says.
 //!
 //! This module owns argument parsing and the human-readable rendering of a configuration; it
@@ -52,6 +60,18 @@ pub enum Command {
         /// The configuration file.
         #[arg(value_name = "FILE")]
         file: PathBuf,
+    },
+    /// Show what the running daemon serves: devices, workers, counters and the policy.
+    Status {
+        /// Print the daemon's report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The control socket (default: /run/tcmu-warden/control.sock).
+        #[arg(long, value_name = "PATH", conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        /// Take the control socket from this configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Inspect the workers' jail policy.
     Policy {
@@ -263,6 +283,24 @@ mod tests {
             cli.command,
             Command::Policy { command: PolicyCommand::Check { ref file } } if file == Path::new("w.toml")
         ));
+        let cli =
+            Cli::try_parse_from(["tcmu-warden", "status", "--json", "--socket", "/s"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Status { json: true, socket: Some(ref s), config: None } if s == Path::new("/s")
+        ));
+        let cli = Cli::try_parse_from(["tcmu-warden", "status"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Status {
+                json: false,
+                socket: None,
+                config: None
+            }
+        ));
+        assert!(
+            Cli::try_parse_from(["tcmu-warden", "status", "--socket", "/s", "-c", "/c"]).is_err()
+        );
         let cli = Cli::try_parse_from(["tcmu-warden", "check-config", "w.toml"]).unwrap();
         assert!(
             matches!(cli.command, Command::CheckConfig { ref file } if file == Path::new("w.toml"))

@@ -9,7 +9,7 @@
 //! they say and kills any that misbehave, without ever going down itself.
 //!
 //! Where things live:
-//! - [`cli`]: the command line (`tcmu-warden run|check-config`).
+//! - [`cli`]: the command line (`tcmu-warden run|check-config|status`).
 //! - [`discovery`]: the start-up scan of sysfs and configfs.
 //! - [`worker`]: starting one worker process and talking to it.
 //! - [`jail`]: stage one of a worker's confinement, applied between fork and exec.
@@ -17,15 +17,30 @@
 //!   heartbeats, crash handling, restarts, quarantine, in `daemon::lifecycle`).
 //! - [`journal`]: the devices' in-flight journal files (what a crashed worker left running).
 //! - [`actions`]: the `block_dev` / `reset_ring` attributes of a backstore in configfs.
+//! - [`daemon`]: the device table, the worker table and the event loop; [`daemon::ops`] adds
+//!   hot-plug, kernel requests, reconfiguration, statistics, reload and draining.
+//! - [`uevent`] and [`netlink`]: the kernel's device events (uevents) and its `TCM-USER`
+//!   generic netlink requests, decoded with bounds checks.
+//! - [`control`]: the control socket and the `status` report; [`sdnotify`]: systemd
+//!   readiness and watchdog; [`reload`]: what a `SIGHUP` changes; [`lio`]: LIO's module
+//!   parameters and device actions.
+//! - [`fuzz`]: entry points for fuzzing every decoder of untrusted input.
 //! - [`logging`]: text, JSON or journald output.
 //!
 //! The binary, `tcmu-warden`, is a thin layer over these (`src/main.rs`).
 
 pub mod actions;
 pub mod cli;
+pub mod control;
 pub mod daemon;
 pub mod discovery;
+pub mod fuzz;
 pub mod jail;
 pub mod journal;
+pub mod lio;
 pub mod logging;
+pub mod netlink;
+pub mod reload;
+pub mod sdnotify;
+pub mod uevent;
 pub mod worker;

@@ -2,13 +2,16 @@
 //! configuration, sets up logging and runs [`tcmu_warden_supervisor::daemon::run`]. Errors end
 //! here, with context, on stderr and a non-zero exit status.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tcmu_warden_policy::{Config, LogFormat};
+use tcmu_warden_policy::{Config, DEFAULT_CONTROL_SOCKET, LogFormat};
 use tcmu_warden_supervisor::cli::{Cli, Command, PolicyCommand, describe_config, describe_policy};
+use tcmu_warden_supervisor::control::{self, Request};
+use tcmu_warden_supervisor::daemon::ops::status_json;
 use tcmu_warden_supervisor::daemon::{self, Options};
 use tcmu_warden_supervisor::logging;
 
@@ -24,6 +27,11 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { file },
         } => policy_check(&file),
+        Command::Status {
+            json,
+            socket,
+            config,
+        } => status(json, socket, config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,6 +54,30 @@ fn run(path: &Path, foreground: bool, no_jail: bool) -> anyhow::Result<()> {
     opts.worker_log_format = Some(format);
     opts.unconfined = no_jail;
     daemon::run(config, opts).context("the daemon stopped on an error")
+}
+
+fn status(json: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let socket = match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => {
+            Config::load(&c)
+                .context("invalid configuration")?
+                .daemon
+                .control_socket
+        }
+        (None, None) => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    };
+    let response = control::query(&socket, Request::Status, Duration::from_secs(30))
+        .context("asking the daemon")?;
+    let report = response
+        .status
+        .context("the daemon's answer has no status report")?;
+    if json {
+        println!("{}", status_json(&report));
+    } else {
+        print!("{}", control::render_status(&report));
+    }
+    Ok(())
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {

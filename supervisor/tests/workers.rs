@@ -1521,6 +1521,7 @@ mod fake_worker {
                     log(format!("remove worker={worker} id={id}"));
                     send(&chan, FromWorker::DeviceRemoved { id });
                 }
+                ToWorker::Reconfig { id, .. } => send(&chan, FromWorker::Reconfigured { id }),
                 ToWorker::Ping { seq } => send(
                     &chan,
                     FromWorker::Pong {

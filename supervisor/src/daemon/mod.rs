@@ -46,12 +46,17 @@
 //! [`Supervisor::poll_once`] is one turn of the event loop: `poll` on the workers' channels and
 //! the signal wake-up socket (with the nearest deadline as timeout), then messages, then reaping
 //! (`waitpid(WNOHANG)` per worker), then deadlines (replies, heartbeats, restarts). Nothing else
-//! blocks.
+//! blocks. The operations side ([`ops`]: uevents, the kernel's `TCM-USER` netlink requests, the
+//! control socket, reload on `SIGHUP`, systemd notifications, draining at shutdown) joins the
+//! same loop through a few hooks: its descriptors in the `poll`, its deadlines in the timeout,
+//! and [`Supervisor::ops_tick`] at the end of each turn. Heartbeats ([`lifecycle`]) are the
+//! only pings; their answers carry the counters the status report shows.
 //!
 //! This module never parses sysfs (that is [`crate::discovery`]), never decides policy (that is
 //! the policy crate), and never spawns processes by hand (that is [`crate::worker`]).
 
 pub mod lifecycle;
+pub mod ops;
 mod signals;
 
 use std::collections::BTreeMap;
@@ -65,7 +70,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tcmu_warden_policy::{Config, Isolation, JailSpec, Lifecycle, LogFormat};
+use tcmu_warden_policy::{Config, Isolation, JailSpec, Lifecycle, LogFormat, UeventSource};
 use tcmu_warden_proto::{
     DeviceSpec, DeviceStats, FromWorker, JournalMode, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError,
     ToWorker,
@@ -123,6 +128,13 @@ pub struct Options {
     /// DEBUGGING ONLY, NOT FOR PRODUCTION: start workers without their jail (no stage one,
     /// and the worker skips stage two). Off unless `tcmu-warden run --no-jail` turns it on.
     pub unconfined: bool,
+    /// Follow the kernel's device events (uevents, `TCM-USER` netlink). On by default only
+    /// when `sysfs_root` is `/sys`: a fake tree gets no kernel events.
+    pub kernel_events: bool,
+    /// Which copy of the uevents to follow.
+    pub uevent_source: UeventSource,
+    /// Where [`Supervisor::start_operations`] opens the control socket (`None`: nowhere).
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Options {
@@ -140,11 +152,14 @@ impl Options {
             worker_log_format: None,
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(config.daemon.drain_timeout_secs),
             exit_grace: Duration::from_secs(2),
             lifecycle: config.daemon.lifecycle,
             journal_dir: config.daemon.journal_dir.clone(),
             unconfined: false,
+            kernel_events: config.daemon.sysfs_root == std::path::Path::new("/sys"),
+            uevent_source: config.daemon.uevent_source,
+            control_socket: Some(config.daemon.control_socket.clone()),
         })
     }
 }
@@ -170,6 +185,9 @@ pub enum DaemonError {
     /// `poll` failed.
     #[error("poll: {0}")]
     Poll(nix::Error),
+    /// The control socket could not be opened.
+    #[error("control socket: {0}")]
+    Control(crate::control::ControlError),
 }
 
 /// Why a device could not be taken over.
@@ -412,6 +430,7 @@ pub struct Supervisor {
     /// Crash records per worker key, across its processes.
     history: BTreeMap<WorkerKey, CrashHistory>,
     journals: JournalStore,
+    ops: ops::Ops,
 }
 
 impl Supervisor {
@@ -429,6 +448,7 @@ impl Supervisor {
             shutdown: None,
             history: BTreeMap::new(),
             journals,
+            ops: ops::Ops::new(),
         })
     }
 
@@ -438,6 +458,16 @@ impl Supervisor {
         self.signals
             .watch_termination()
             .map_err(DaemonError::Signals)
+    }
+
+    /// Makes `SIGHUP` reload the configuration ([`Supervisor::reload`]).
+    pub fn handle_reload_signal(&mut self) -> Result<(), DaemonError> {
+        self.signals.watch_reload().map_err(DaemonError::Signals)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The options in use.
@@ -539,6 +569,15 @@ impl Supervisor {
             .open(&path)
             .map_err(|source| AdoptError::OpenUio { path, source })?
             .into();
+        self.adopt_with_fd(dev, uio_fd)
+    }
+
+    /// [`Supervisor::adopt`] with the uio node already open (a device adopted again after a
+    /// `dev_config` change keeps the supervisor's descriptor).
+    fn adopt_with_fd(&mut self, dev: TcmuDevice, uio_fd: OwnedFd) -> Result<u64, AdoptError> {
+        if self.shutdown.is_some() {
+            return Err(AdoptError::ShuttingDown);
+        }
 
         let (refusal, backing) =
             match self
@@ -671,6 +710,7 @@ impl Supervisor {
                 warn!(device = %dev.dev.uio, error = %err, "cannot remove the device's journal");
             }
             info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device released");
+            self.on_device_dropped(id, dev);
         }
     }
 
@@ -936,10 +976,13 @@ impl Supervisor {
     /// One turn of the event loop; sleeps at most `max_wait` (less if a deadline is nearer).
     pub fn poll_once(&mut self, max_wait: Duration) -> Result<(), DaemonError> {
         let now = Instant::now();
-        let wait = self
-            .next_deadline()
+        let ops_deadline = [self.ops.next_deadline(now)].into_iter().flatten().min();
+        let wait = [self.next_deadline(), ops_deadline]
+            .into_iter()
+            .flatten()
+            .min()
             .map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
-        let (signalled, ready) = {
+        let (signalled, ready, ops_ready) = {
             let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
             let mut keys = Vec::new();
             for (key, slot) in &self.workers {
@@ -947,6 +990,13 @@ impl Supervisor {
                     fds.push(PollFd::new(channel.fd(), PollFlags::POLLIN));
                     keys.push(key.clone());
                 }
+            }
+            let workers_end = fds.len();
+            let sources = self.ops_poll_fds();
+            let mut ops_sources = Vec::with_capacity(sources.len());
+            for (source, fd, flags) in sources {
+                fds.push(PollFd::new(fd, flags));
+                ops_sources.push(source);
             }
             match poll(&mut fds, poll_timeout(wait)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -956,20 +1006,34 @@ impl Supervisor {
             let signalled = fds.first().is_some_and(is_ready);
             let ready: Vec<WorkerKey> = keys
                 .into_iter()
-                .zip(fds.iter().skip(1))
+                .zip(fds.iter().skip(1).take(workers_end.saturating_sub(1)))
                 .filter(|(_, fd)| is_ready(fd))
                 .map(|(key, _)| key)
                 .collect();
-            (signalled, ready)
+            let ops_ready: Vec<(ops::Source, bool)> = ops_sources
+                .into_iter()
+                .zip(fds.iter().skip(workers_end))
+                .map(|(source, fd)| (source, is_ready(fd)))
+                .collect();
+            (signalled, ready, ops_ready)
         };
-        if signalled && let Some(sig) = self.signals.drain() {
-            self.on_termination_signal(sig);
+        if signalled {
+            if let Some(sig) = self.signals.drain() {
+                self.on_termination_signal(sig);
+            }
+            if self.signals.take_reload() {
+                info!("SIGHUP: reloading the configuration");
+                self.reload();
+            }
         }
         for key in ready {
             self.service(&key);
         }
+        self.ops_on_ready(&ops_ready);
         self.reap();
-        self.check_deadlines(Instant::now());
+        let now = Instant::now();
+        self.check_deadlines(now);
+        self.ops_tick(now);
         Ok(())
     }
 
@@ -1046,7 +1110,7 @@ impl Supervisor {
             }
             (_, FromWorker::Hello { .. }) => Err("sent a second Hello".into()),
             (_, FromWorker::DeviceReady { id }) => {
-                let (dev, worker) = self.owned(key, id, "DeviceReady")?;
+                let (dev, _) = self.owned(key, id, "DeviceReady")?;
                 if dev.phase != DevicePhase::Sent {
                     return Err(format!(
                         "DeviceReady for device {id}, which is {:?}",
@@ -1056,6 +1120,11 @@ impl Supervisor {
                 dev.phase = DevicePhase::Ready;
                 dev.deadline = None;
                 let ready_id = id;
+                self.lift_stale_block(id);
+                let Some(dev) = self.devices.get(&id) else {
+                    return Ok(());
+                };
+                let worker = key.name();
                 match &dev.spec.refusal {
                     None => info!(
                         device = %dev.dev.uio,
@@ -1077,6 +1146,12 @@ impl Supervisor {
             }
             (_, FromWorker::DeviceFailed { id, reason }) => {
                 let (dev, worker) = self.owned(key, id, "DeviceFailed")?;
+                if dev.phase == DevicePhase::Removing {
+                    // The kernel tears a deleted device down while its worker releases it; the
+                    // worker may see the ring go away first. Its DeviceRemoved follows.
+                    debug!(device = %dev.dev.uio, worker = %worker, reason = ?reason, "device failed while being released");
+                    return Ok(());
+                }
                 if !matches!(dev.phase, DevicePhase::Sent | DevicePhase::Ready) {
                     return Err(format!(
                         "DeviceFailed for device {id}, which is {:?}",
@@ -1136,8 +1211,17 @@ impl Supervisor {
                 if !owned_all {
                     return Err("Pong reports devices it does not own".into());
                 }
+                let FromWorker::Pong { stats, .. } = &msg else {
+                    return Ok(());
+                };
+                let counters = stats.clone();
                 self.on_pong(key, msg);
+                self.record_stats(counters);
                 Ok(())
+            }
+            (_, FromWorker::Reconfigured { id }) => self.on_reconfig_reply(key, id, Ok(())),
+            (_, FromWorker::ReconfigFailed { id, reason }) => {
+                self.on_reconfig_reply(key, id, Err(reason))
             }
         }
     }
@@ -1380,6 +1464,7 @@ impl Supervisor {
         self.shutdown = Some(Shutdown {
             give_up: deadline + REAP_GRACE,
         });
+        self.on_shutdown_begin();
         info!(workers = self.workers.len(), "shutting down");
         for h in self.history.values_mut() {
             h.restart_at = None;
@@ -1526,6 +1611,8 @@ fn kind(msg: &FromWorker) -> &'static str {
         FromWorker::DeviceRemoved { .. } => "DeviceRemoved",
         FromWorker::RecoveryFailed { .. } => "RecoveryFailed",
         FromWorker::Pong { .. } => "Pong",
+        FromWorker::Reconfigured { .. } => "Reconfigured",
+        FromWorker::ReconfigFailed { .. } => "ReconfigFailed",
     }
 }
 
@@ -1569,11 +1656,15 @@ pub fn run(config: Config, opts: Options) -> Result<(), DaemonError> {
     );
     let mut sup = Supervisor::new(config, opts)?;
     sup.handle_termination_signals()?;
+    sup.handle_reload_signal()?;
+    sup.start_operations()?;
     sup.start()?;
+    sup.operations_ready();
     while !sup.is_finished() {
         sup.poll_once(IDLE_TICK)?;
     }
     sup.log_unreaped();
+    sup.finish_operations();
     info!("tcmu-warden stopped");
     Ok(())
 }

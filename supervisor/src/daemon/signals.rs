@@ -5,8 +5,9 @@
 //! async-signal-safe way), and termination signals also record their number in an atomic.
 //!
 //! `SIGCHLD` only wakes the loop (which then reaps with `waitpid(WNOHANG)` per worker);
-//! `SIGTERM`/`SIGINT` are watched only once [`Signals::watch_termination`] is called, so a
-//! supervisor embedded in tests leaves the test process's own signal handling alone.
+//! `SIGTERM`/`SIGINT` are watched only once [`Signals::watch_termination`] is called, and
+//! `SIGHUP` (reload) once [`Signals::watch_reload`] is, so a supervisor embedded in tests
+//! leaves the test process's own signal handling alone.
 //!
 //! This module never acts on a signal itself; it only reports.
 
@@ -14,10 +15,10 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use signal_hook::SigId;
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 
 /// The wake-up socket and the registrations behind it (unregistered on drop).
 #[derive(Debug)]
@@ -26,6 +27,7 @@ pub(crate) struct Signals {
     write: UnixStream,
     ids: Vec<SigId>,
     terminate: Arc<AtomicUsize>,
+    reload: Arc<AtomicBool>,
 }
 
 impl Signals {
@@ -38,6 +40,7 @@ impl Signals {
             write,
             ids: Vec::new(),
             terminate: Arc::new(AtomicUsize::new(0)),
+            reload: Arc::new(AtomicBool::new(false)),
         };
         signals.wake_on(SIGCHLD)?;
         Ok(signals)
@@ -53,6 +56,19 @@ impl Signals {
             self.wake_on(sig)?;
         }
         Ok(())
+    }
+
+    /// Also watches `SIGHUP` (the daemon's request to reload its configuration).
+    pub(crate) fn watch_reload(&mut self) -> io::Result<()> {
+        // Registered before the wake-up so the flag is set when the loop wakes.
+        let id = signal_hook::flag::register(SIGHUP, Arc::clone(&self.reload))?;
+        self.ids.push(id);
+        self.wake_on(SIGHUP)
+    }
+
+    /// Whether `SIGHUP` arrived since the last call.
+    pub(crate) fn take_reload(&self) -> bool {
+        self.reload.swap(false, Ordering::SeqCst)
     }
 
     fn wake_on(&mut self, sig: i32) -> io::Result<()> {

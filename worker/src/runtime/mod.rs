@@ -91,6 +91,34 @@ enum Start {
 
 struct Served {
     runner: DeviceRunner,
+    emulator: Arc<Emulator>,
+}
+
+/// Applies a kernel reconfiguration (LIO's `RECONFIG_DEVICE`, relayed by the supervisor) to a
+/// served device's emulator: a new size resizes the handler first (which may fail, leaving the
+/// old size in force), then the emulator, which makes READ CAPACITY report it and queues a
+/// CAPACITY DATA HAS CHANGED unit attention for the initiator; a new write-cache setting takes
+/// effect for the next command.
+pub fn apply_reconfig(
+    emulator: &Emulator,
+    dev_size: Option<u64>,
+    write_cache: Option<bool>,
+) -> Result<(), String> {
+    if let Some(size) = dev_size {
+        let block = u64::from(emulator.block_size());
+        if size < block {
+            return Err(format!("new size {size} holds no whole {block}-byte block"));
+        }
+        emulator
+            .handler()
+            .resize(size)
+            .map_err(|e| format!("resizing the backing store to {size} bytes: {e}"))?;
+        emulator.resize(size);
+    }
+    if let Some(on) = write_cache {
+        emulator.set_write_cache(on);
+    }
+    Ok(())
 }
 
 /// A worker's state: its handler factories and the devices it serves.
@@ -198,6 +226,33 @@ impl Worker {
                     } else {
                         warn!(id, "asked to remove a device this worker does not serve");
                     }
+                }
+                ToWorker::Reconfig {
+                    id,
+                    dev_size,
+                    write_cache,
+                } => {
+                    let reply = match self.devices.get(&id) {
+                        None => FromWorker::ReconfigFailed {
+                            id,
+                            reason: "this worker does not serve the device".into(),
+                        },
+                        Some(dev) => match apply_reconfig(&dev.emulator, dev_size, write_cache) {
+                            Ok(()) => {
+                                info!(id, ?dev_size, ?write_cache, "device reconfigured");
+                                FromWorker::Reconfigured { id }
+                            }
+                            Err(mut reason) => {
+                                warn!(id, error = %reason, "reconfiguration failed");
+                                truncate_at_boundary(
+                                    &mut reason,
+                                    tcmu_warden_proto::MAX_REASON_LEN,
+                                );
+                                FromWorker::ReconfigFailed { id, reason }
+                            }
+                        },
+                    };
+                    self.chan.send(&reply, &[])?;
                 }
                 ToWorker::Ping { seq } => {
                     let stats = self.stats();
@@ -311,15 +366,20 @@ impl Worker {
                 spec.name.clone(),
                 rec,
                 uio,
-                emulator,
+                emulator.clone(),
                 self.opts,
                 on_exit,
             )?,
-            Start::Ring(ring) => {
-                DeviceRunner::start(spec.name.clone(), ring, uio, emulator, self.opts, on_exit)?
-            }
+            Start::Ring(ring) => DeviceRunner::start(
+                spec.name.clone(),
+                ring,
+                uio,
+                emulator.clone(),
+                self.opts,
+                on_exit,
+            )?,
         };
-        self.devices.insert(spec.id, Served { runner });
+        self.devices.insert(spec.id, Served { runner, emulator });
         Ok(())
     }
 }
@@ -406,5 +466,62 @@ pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
             error!(error = %e, "worker ends");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconfig_of_an_unknown_device_is_refused_and_the_worker_carries_on() {
+        let (sup, ours) = Channel::pair().unwrap();
+        let worker = std::thread::spawn(move || Worker::new(ours, Vec::new()).serve());
+        sup.send(
+            &ToWorker::Hello {
+                worker: "t".into(),
+                subtypes: Vec::new(),
+            },
+            &[],
+        )
+        .unwrap();
+        let (hello, _) = sup.recv::<FromWorker>().unwrap();
+        assert!(matches!(hello, FromWorker::Hello { .. }));
+        sup.send(
+            &ToWorker::Reconfig {
+                id: 9,
+                dev_size: Some(1 << 20),
+                write_cache: Some(true),
+            },
+            &[],
+        )
+        .unwrap();
+        let (reply, _) = sup.recv::<FromWorker>().unwrap();
+        match reply {
+            FromWorker::ReconfigFailed { id, reason } => {
+                assert_eq!(id, 9);
+                assert!(reason.contains("does not serve"), "{reason}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        sup.send(&ToWorker::Ping { seq: 4 }, &[]).unwrap();
+        let (pong, _) = sup.recv::<FromWorker>().unwrap();
+        assert_eq!(
+            pong,
+            FromWorker::Pong {
+                seq: 4,
+                stats: Vec::new()
+            }
+        );
+        sup.send(&ToWorker::Shutdown, &[]).unwrap();
+        worker.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn reasons_are_cut_at_a_character_boundary() {
+        let mut r = "é".repeat(tcmu_warden_proto::MAX_REASON_LEN);
+        truncate_at_boundary(&mut r, tcmu_warden_proto::MAX_REASON_LEN);
+        assert!(r.len() <= tcmu_warden_proto::MAX_REASON_LEN);
+        assert!(r.chars().all(|c| c == 'é'));
     }
 }
