@@ -607,7 +607,31 @@ main() {
             check daemon/stop stop_daemon
         fi
     fi
+    if [[ $DAEMON == warden ]]; then
+        run_hotplug
+    fi
     MAIN_DONE=1
+}
+
+# Hot-plug scenarios (guest/hotplug.sh): with the daemon running, create, resize, reconfigure,
+# refuse and delete backstores through configfs. It starts its own daemon; each of its checks is
+# reported here as hotplug/<check>.
+run_hotplug() {
+    local hp=$VM_REPO/tests/vm/guest/hotplug.sh out=$R/hotplug
+    mkdir -p "$out" /srv/tcmu/hotplug
+    say "running the hot-plug scenarios"
+    WARDEN=$VM_BIN_DIR/tcmu-warden RESULTS=$out WORK=/srv/tcmu/hotplug RUST_LOG=${VM_RUST_LOG:-info} \
+        timeout 900 bash "$hp" > "$LOGS/hotplug.log" 2>&1
+    local rc=$? line name
+    while IFS= read -r line; do
+        case $line in
+            "PASS "*) pass "hotplug/${line#PASS }" ;;
+            "FAIL "*) name=${line#FAIL }; fail "hotplug/${name%%: *}" "${name#*: }" ;;
+        esac
+    done < <(grep -E '^(PASS|FAIL) ' "$out/hotplug.txt" 2>/dev/null)
+    if (( rc != 0 )) && ! grep -q '^FAIL ' "$out/hotplug.txt" 2>/dev/null; then
+        fail hotplug/run "hotplug.sh exited with status $rc (see logs/hotplug.log)"
+    fi
 }
 main
 
