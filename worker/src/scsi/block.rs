@@ -507,3 +507,141 @@ pub fn get_lba_status(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Re
     resp.extend_from_slice(&[0; 4]);
     Ok(super::emulate::data_in(cmd, &resp, alloc))
 }
+
+/// PRE-FETCH (10), (16): asks the device to read blocks into its cache ahead of use. We keep no
+/// cache of our own (the handler's backing store has the page cache), so after the range check
+/// (a zero length means "to the last block", as for SYNCHRONIZE CACHE) there is nothing to do.
+/// The status is GOOD, which SBC-3 defines as "not every block could be cached" (CONDITION MET
+/// would promise they all were). IMMED is accepted: we finish at once either way.
+pub fn pre_fetch(emu: &Emulator, _cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let r = block_range(&cdb, false);
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    Ok(Done::Good)
+}
+
+/// ORWRITE (16): each byte of the data-out is ORed into the medium's byte at the same position
+/// (SBC-3 §5.9: a read-modify-write the device does atomically). Under an exclusive range lock,
+/// chunk by chunk, the blocks are read, ORed with the data and written back
+/// (`durable = FUA || !WCE`). ORPROTECT is outside the usage mask (no protection information).
+pub fn orwrite(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let r = block_range(&cdb, false);
+    check_max_transfer(emu, r.blocks, r.len_byte)?;
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    if r.blocks == 0 {
+        return Ok(Done::Good);
+    }
+    let durable = fua(&cdb) || !emu.write_cache();
+    let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
+    let n = to_usize(len).min(cmd.data.len());
+    let _g = emu
+        .ranges()
+        .exclusive(r.lba, r.lba.saturating_add(u64::from(r.blocks)));
+    let mut done = 0usize;
+    while done < n {
+        let step = to_usize(CHUNK).min(n - done);
+        let mut medium = read_vec(emu, off + done as u64, step)?;
+        let mut data = vec![0u8; step];
+        cmd.data.copy_to(done, &mut data);
+        for (m, d) in medium.iter_mut().zip(&data) {
+            *m |= d;
+        }
+        emu.handler()
+            .write(
+                off + done as u64,
+                &[std::io::IoSlice::new(&medium)],
+                durable,
+            )
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "orwrite"))?;
+        done += step;
+    }
+    Ok(Done::Good)
+}
+
+/// FORMAT UNIT: the medium is already formatted with the device's block size, so formatting
+/// only establishes "no data": on a thin-provisioned device whose unmapped blocks read as zeros,
+/// every block is unmapped (SBC-3 §4.7.3.5: after a format, a thin-provisioned LU's blocks are
+/// unmapped); otherwise the contents are left as they are, which SBC-3 allows without an
+/// initialization pattern.
+///
+/// With FMTDATA the parameter list header (short, or long with LONGLIST) is checked: a
+/// protection field usage, an initialization pattern (IP), a defect list, or option bits without
+/// FOV are INVALID FIELD IN PARAMETER LIST with a pointer; a list shorter than its header is
+/// PARAMETER LIST LENGTH ERROR. FMTPINFO (protection information) is outside the usage mask.
+pub fn format_unit(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let longlist = cdb.bit(1, 5);
+    let fmtdata = cdb.bit(1, 4);
+    if fmtdata {
+        let hlen = if longlist { 8 } else { 4 };
+        if cmd.data.len() < hlen {
+            return Err(Sense::param_list_length_error());
+        }
+        let mut h = vec![0u8; hlen];
+        cmd.data.copy_to(0, &mut h);
+        let b = |i: usize| h.get(i).copied().unwrap_or(0);
+        if b(0) & 0x07 != 0 {
+            return Err(Sense::invalid_field_in_param_list(0, Some(2)));
+        }
+        let fov = b(1) & 0x80 != 0;
+        // DPRY, DCRT, STPF, IP and IMMED mean something only with FOV.
+        if !fov && b(1) & 0x7A != 0 {
+            return Err(Sense::invalid_field_in_param_list(1, Some(7)));
+        }
+        if b(1) & 0x08 != 0 {
+            return Err(Sense::invalid_field_in_param_list(1, Some(3)));
+        }
+        if longlist && b(3) != 0 {
+            return Err(Sense::invalid_field_in_param_list(3, Some(7)));
+        }
+        let (dl_at, dl) = if longlist {
+            (
+                4u16,
+                h.get(4..8)
+                    .map_or(0, |s| s.iter().fold(0u32, |a, &x| (a << 8) | u32::from(x))),
+            )
+        } else {
+            (2u16, u32::from(b(2)) << 8 | u32::from(b(3)))
+        };
+        if dl != 0 {
+            return Err(Sense::invalid_field_in_param_list(dl_at, Some(7)));
+        }
+    }
+    let caps = emu.caps();
+    if caps.unmap && caps.unmap_reads_zero {
+        let nb = emu.num_blocks();
+        let _g = emu.ranges().exclusive(0, nb);
+        let (_, len) = emu.byte_range(0, nb);
+        emu.handler()
+            .unmap(0, len)
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "format unit"))?;
+    }
+    flush(emu)?;
+    Ok(Done::Good)
+}
+
+/// READ DEFECT DATA (10) and (12): we have no defects. The header echoes the requested list
+/// format and lists (PLISTV/GLISTV), with a zero DEFECT LIST LENGTH. The reserved format codes
+/// (001b, 010b, 111b) are INVALID FIELD IN CDB.
+pub fn read_defect_data(
+    _emu: &Emulator,
+    cmd: &mut Command<'_>,
+    cdb: Cdb<'_>,
+) -> Result<Done, Sense> {
+    let twelve = cdb.u8(0) == op::READ_DEFECT_DATA_12;
+    let flags_byte = if twelve { 1 } else { 2 };
+    let flags = cdb.u8(flags_byte) & 0x1F;
+    if matches!(flags & 0x07, 1 | 2 | 7) {
+        return Err(Sense::invalid_field_in_cdb(
+            u16::try_from(flags_byte).unwrap_or(0),
+            Some(2),
+        ));
+    }
+    let (resp, alloc) = if twelve {
+        (
+            vec![0, flags, 0, 0, 0, 0, 0, 0],
+            to_usize(u64::from(cdb.be32(6))),
+        )
+    } else {
+        (vec![0, flags, 0, 0], usize::from(cdb.be16(7)))
+    };
+    Ok(super::emulate::data_in(cmd, &resp, alloc))
+}

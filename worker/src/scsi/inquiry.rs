@@ -85,11 +85,12 @@ fn printable(b: u8) -> u8 {
 /// that the NAA designator still differs between devices), printable ASCII, at most
 /// [`MAX_SERIAL_LEN`] bytes.
 pub fn effective_serial(emu: &Emulator) -> Vec<u8> {
-    let s = if emu.serial().is_empty() {
-        emu.name()
-    } else {
-        emu.serial()
-    };
+    serial_of(emu.serial(), emu.name())
+}
+
+/// [`effective_serial`] from the configured serial and the device name.
+pub fn serial_of(serial: &str, name: &str) -> Vec<u8> {
+    let s = if serial.is_empty() { name } else { serial };
     s.bytes().map(printable).take(MAX_SERIAL_LEN).collect()
 }
 
@@ -101,7 +102,7 @@ pub fn standard(emu: &Emulator) -> Vec<u8> {
     b.push(VERSION_SPC4);
     b.push(0x12); // HISUP (hierarchical LUNs), response data format 2
     b.push(96 - 5); // additional length
-    b.push(0x00); // no SCCS, ACC, TPGS, 3PC, PROTECT
+    b.push(0x08); // 3PC: EXTENDED COPY; no SCCS, ACC, TPGS, PROTECT
     b.push(0x00); // no ENCSERV, MULTIP
     b.push(0x02); // CMDQUE: command queuing
     b.extend_from_slice(VENDOR);
@@ -155,7 +156,7 @@ fn device_identification(emu: &Emulator) -> Vec<u8> {
     let mut b = Vec::new();
     // NAA: code set 1 (binary), association 0 (the LU), designator type 3 (NAA).
     b.extend_from_slice(&[0x01, 0x03, 0x00, 16]);
-    b.extend_from_slice(&naa_designator(&serial));
+    b.extend_from_slice(&emu.designator());
     // T10 vendor ID: code set 2 (ASCII), association 0, designator type 1.
     let t10_len = VENDOR.len() + serial.len();
     b.extend_from_slice(&[0x02, 0x01, 0x00, u8::try_from(t10_len).unwrap_or(u8::MAX)]);

@@ -13,7 +13,7 @@ fn standard_inquiry_data() {
     assert_eq!(v[2], 0x06, "SPC-4");
     assert_eq!(v[3], 0x12, "HISUP, response data format 2");
     assert_eq!(v[4] as usize, 96 - 5, "additional length");
-    assert_eq!((v[5], v[6], v[7]), (0, 0, 0x02), "CMDQUE");
+    assert_eq!((v[5], v[6], v[7]), (0x08, 0, 0x02), "3PC, CMDQUE");
     assert_eq!(&v[8..16], b"LIO-ORG ");
     assert_eq!(&v[16..32], b"TCMU file       ");
     assert_eq!(&v[32..36], b"0.1 ");
