@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::handler::{DeviceConfig, HandlerFactory};
 use crate::ring::{Mapping, Ring, RingError};
-use crate::scsi::Emulator;
+use crate::scsi::{CopyRegistry, Emulator};
 pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
 
 /// Environment variable naming the inherited supervisor socket.
@@ -77,6 +77,10 @@ pub struct Worker {
     factories: Vec<Arc<dyn HandlerFactory>>,
     devices: HashMap<u64, Served>,
     opts: DeviceOptions,
+    /// Every served device's emulator by NAA designator, so that an EXTENDED COPY received by
+    /// one device can read from or write to another device of this worker. It holds weak
+    /// references: a device leaves it when its runner (the last owner of its emulator) stops.
+    copy_registry: Arc<CopyRegistry>,
 }
 
 impl Worker {
@@ -87,6 +91,7 @@ impl Worker {
             factories,
             devices: HashMap::new(),
             opts: DeviceOptions::default(),
+            copy_registry: CopyRegistry::new(),
         }
     }
 
@@ -252,11 +257,13 @@ impl Worker {
                 let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
             }
         });
+        let emulator = Arc::new(emulator);
+        self.copy_registry.register(&emulator);
         let runner = DeviceRunner::start(
             spec.name.clone(),
             ring,
             uio,
-            Arc::new(emulator),
+            emulator,
             self.opts,
             on_exit,
         )?;
