@@ -259,14 +259,8 @@ impl Worker {
         });
         let emulator = Arc::new(emulator);
         self.copy_registry.register(&emulator);
-        let runner = DeviceRunner::start(
-            spec.name.clone(),
-            ring,
-            uio,
-            emulator,
-            self.opts,
-            on_exit,
-        )?;
+        let runner =
+            DeviceRunner::start(spec.name.clone(), ring, uio, emulator, self.opts, on_exit)?;
         self.devices.insert(spec.id, Served { runner });
         Ok(())
     }
