@@ -47,7 +47,10 @@ pub struct DeviceConfig {
     pub dev_size: u64,
     /// Logical block size in bytes (a power of two, 512..=65536).
     pub block_size: u32,
-    /// Largest transfer in blocks.
+    /// Largest transfer in blocks: MAXIMUM TRANSFER LENGTH in the block limits VPD page, and
+    /// longer READ/WRITE-family commands are INVALID FIELD IN CDB (0: no limit). From a
+    /// [`DeviceSpec`](tcmu_warden_proto::DeviceSpec) it is the device's `hw_max_sectors`, but at
+    /// least [`MIN_MAX_TRANSFER_BYTES`] worth of blocks.
     pub max_sectors: u32,
     /// Whether the device advertises a volatile write cache (WCE=1).
     pub write_cache: bool,
@@ -62,6 +65,18 @@ impl DeviceConfig {
     }
 }
 
+/// The smallest maximum transfer length a device gets, in bytes (8 MiB, what LIO's own `fileio`
+/// backstore accepts).
+///
+/// For a TCMU device `hw_max_sectors` is only a number the kernel hands to userspace: it is 128
+/// blocks unless configured otherwise (`target_core_user.c`, `tcmu_configure_device`), and the
+/// kernel never checks commands against it (`passthrough_parse_cdb` passes every READ/WRITE
+/// through). The only limit the kernel applies is the ring's data area (1 GiB by default):
+/// a larger command is refused there with INVALID FIELD IN CDB. Enforcing 128 blocks would
+/// refuse commands the kernel delivers intact, for no gain, so the limit is raised to this floor;
+/// a larger configured `hw_max_sectors` is kept.
+pub const MIN_MAX_TRANSFER_BYTES: u32 = 8 << 20;
+
 impl From<&tcmu_warden_proto::DeviceSpec> for DeviceConfig {
     fn from(s: &tcmu_warden_proto::DeviceSpec) -> Self {
         DeviceConfig {
@@ -70,7 +85,12 @@ impl From<&tcmu_warden_proto::DeviceSpec> for DeviceConfig {
             cfgstring: s.cfgstring.clone(),
             dev_size: s.dev_size,
             block_size: s.block_size,
-            max_sectors: s.max_sectors,
+            max_sectors: if s.max_sectors == 0 {
+                0
+            } else {
+                s.max_sectors
+                    .max(MIN_MAX_TRANSFER_BYTES / s.block_size.clamp(1, MIN_MAX_TRANSFER_BYTES))
+            },
             write_cache: s.write_cache,
             unit_serial: s.unit_serial.clone(),
         }
@@ -167,4 +187,49 @@ pub trait HandlerFactory: Send + Sync {
 /// The factories of the handlers built into `tcmu-warden-worker`.
 pub fn builtin_factories() -> Vec<Arc<dyn HandlerFactory>> {
     vec![Arc::new(file::FileFactory), Arc::new(ram::RamFactory)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(block_size: u32, max_sectors: u32) -> tcmu_warden_proto::DeviceSpec {
+        tcmu_warden_proto::DeviceSpec {
+            id: 1,
+            uio: "uio0".into(),
+            hba: 0,
+            name: "disk".into(),
+            subtype: "file".into(),
+            cfgstring: "/srv/disk.img".into(),
+            map_size: 1 << 30,
+            dev_size: 1 << 30,
+            block_size,
+            max_sectors,
+            write_cache: true,
+            unit_serial: "serial".into(),
+            has_backing_fd: true,
+            refusal: None,
+        }
+    }
+
+    #[test]
+    fn max_transfer_is_at_least_eight_mebibytes() {
+        // TCMU's default hw_max_sectors (128) is raised to 8 MiB worth of blocks.
+        assert_eq!(DeviceConfig::from(&spec(512, 128)).max_sectors, 16384);
+        assert_eq!(DeviceConfig::from(&spec(4096, 128)).max_sectors, 2048);
+        assert_eq!(DeviceConfig::from(&spec(65536, 1)).max_sectors, 128);
+        // A larger configured value is kept.
+        assert_eq!(DeviceConfig::from(&spec(512, 65536)).max_sectors, 65536);
+        // Everything else is copied as it is.
+        let c = DeviceConfig::from(&spec(4096, 128));
+        assert_eq!(
+            (
+                c.block_size,
+                c.dev_size,
+                c.write_cache,
+                c.unit_serial.as_str()
+            ),
+            (4096, 1 << 30, true, "serial")
+        );
+    }
 }

@@ -60,9 +60,14 @@ pub fn max_write_same_blocks(emu: &Emulator) -> u64 {
     (MAX_WRITE_SAME_BYTES / u64::from(emu.block_size())).max(1)
 }
 
-/// MAXIMUM UNMAP LBA COUNT in blocks.
+/// Blocks one UNMAP command may deallocate in total, whatever the block size (initiators treat
+/// larger values as implausible: libiscsi's conformance suite insists on at most 2^20).
+const MAX_UNMAP_BLOCKS: u64 = 1 << 20;
+
+/// MAXIMUM UNMAP LBA COUNT in blocks: [`MAX_UNMAP_BYTES`] worth, at most [`MAX_UNMAP_BLOCKS`].
 pub fn max_unmap_blocks(emu: &Emulator) -> u32 {
-    u32::try_from((MAX_UNMAP_BYTES / u64::from(emu.block_size())).max(1)).unwrap_or(u32::MAX)
+    let n = (MAX_UNMAP_BYTES / u64::from(emu.block_size())).clamp(1, MAX_UNMAP_BLOCKS);
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Checks the transfer length against the maximum transfer length.

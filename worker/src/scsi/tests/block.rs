@@ -520,7 +520,8 @@ fn unmap_parameter_list_checks() {
         },
     ));
     let emu = Emulator::new(&c, h.clone());
-    let max = (1u32 << 30) / BS as u32;
+    // MAXIMUM UNMAP LBA COUNT: 2^20 blocks.
+    let max = 1u32 << 20;
     let l = unmap_list(&[(0, max - 1), (max as u64, 1), (2 * max as u64, 1)]);
     let mut buf = DataBuf::from_segments(vec![l.clone()]);
     let r = emu.execute(&mut Command {
