@@ -65,17 +65,18 @@ impl DeviceConfig {
     }
 }
 
-/// The smallest maximum transfer length a device gets, in bytes (8 MiB, what LIO's own `fileio`
-/// backstore accepts).
+/// The smallest maximum transfer length a device gets, in bytes: 32 MiB, or a quarter of the
+/// device's shared-memory region if that is smaller.
 ///
 /// For a TCMU device `hw_max_sectors` is only a number the kernel hands to userspace: it is 128
 /// blocks unless configured otherwise (`target_core_user.c`, `tcmu_configure_device`), and the
 /// kernel never checks commands against it (`passthrough_parse_cdb` passes every READ/WRITE
-/// through). The only limit the kernel applies is the ring's data area (1 GiB by default):
-/// a larger command is refused there with INVALID FIELD IN CDB. Enforcing 128 blocks would
-/// refuse commands the kernel delivers intact, for no gain, so the limit is raised to this floor;
-/// a larger configured `hw_max_sectors` is kept.
-pub const MIN_MAX_TRANSFER_BYTES: u32 = 8 << 20;
+/// through; LIO's own `fileio` backstore does not check its 8 MiB either). The only limit the
+/// kernel applies to a TCMU command is the ring's data area (1 GiB by default): a larger command
+/// is refused there with INVALID FIELD IN CDB (`tcmu_queue_cmd_ring`). Enforcing 128 blocks
+/// would refuse commands the kernel delivers intact, so the limit is raised to this floor, which
+/// leaves room for many such commands in flight; a larger configured `hw_max_sectors` is kept.
+pub const MIN_MAX_TRANSFER_BYTES: u64 = 32 << 20;
 
 impl From<&tcmu_warden_proto::DeviceSpec> for DeviceConfig {
     fn from(s: &tcmu_warden_proto::DeviceSpec) -> Self {
@@ -88,8 +89,9 @@ impl From<&tcmu_warden_proto::DeviceSpec> for DeviceConfig {
             max_sectors: if s.max_sectors == 0 {
                 0
             } else {
-                s.max_sectors
-                    .max(MIN_MAX_TRANSFER_BYTES / s.block_size.clamp(1, MIN_MAX_TRANSFER_BYTES))
+                let floor =
+                    MIN_MAX_TRANSFER_BYTES.min(s.map_size / 4) / u64::from(s.block_size.max(1));
+                s.max_sectors.max(u32::try_from(floor).unwrap_or(u32::MAX))
             },
             write_cache: s.write_cache,
             unit_serial: s.unit_serial.clone(),
@@ -213,13 +215,19 @@ mod tests {
     }
 
     #[test]
-    fn max_transfer_is_at_least_eight_mebibytes() {
-        // TCMU's default hw_max_sectors (128) is raised to 8 MiB worth of blocks.
-        assert_eq!(DeviceConfig::from(&spec(512, 128)).max_sectors, 16384);
-        assert_eq!(DeviceConfig::from(&spec(4096, 128)).max_sectors, 2048);
-        assert_eq!(DeviceConfig::from(&spec(65536, 1)).max_sectors, 128);
+    fn max_transfer_is_at_least_32_mebibytes() {
+        // TCMU's default hw_max_sectors (128) is raised to 32 MiB worth of blocks.
+        assert_eq!(DeviceConfig::from(&spec(512, 128)).max_sectors, 65536);
+        assert_eq!(DeviceConfig::from(&spec(4096, 128)).max_sectors, 8192);
+        assert_eq!(DeviceConfig::from(&spec(65536, 1)).max_sectors, 512);
         // A larger configured value is kept.
-        assert_eq!(DeviceConfig::from(&spec(512, 65536)).max_sectors, 65536);
+        assert_eq!(DeviceConfig::from(&spec(512, 100_000)).max_sectors, 100_000);
+        // A small shared-memory region (a small data area) lowers the floor to a quarter of it.
+        let mut small = spec(512, 128);
+        small.map_size = 16 << 20;
+        assert_eq!(DeviceConfig::from(&small).max_sectors, 8192);
+        small.max_sectors = 10_000;
+        assert_eq!(DeviceConfig::from(&small).max_sectors, 10_000);
         // Everything else is copied as it is.
         let c = DeviceConfig::from(&spec(4096, 128));
         assert_eq!(

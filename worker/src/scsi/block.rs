@@ -408,6 +408,11 @@ pub fn unmap(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done
 /// exclusive range lock, the medium is read and compared; on a difference the command ends in
 /// MISCOMPARE (0E/1D/00) with the information field set to the offset of the first differing
 /// byte and nothing is written; otherwise the second half is written (`durable = FUA || !WCE`).
+///
+/// The data-out must be exactly 2 × N blocks: a command whose NUMBER OF LOGICAL BLOCKS does not
+/// match the data the initiator sent (including N = 0 with data) is INVALID FIELD IN CDB
+/// pointing at that field. (Through TCMU we cannot report a write residual instead, and
+/// comparing against a guess would be worse.) N = 0 without data is a GOOD no-op.
 pub fn compare_and_write(
     emu: &Emulator,
     cmd: &mut Command<'_>,
@@ -416,6 +421,9 @@ pub fn compare_and_write(
     let lba = cdb.be64(2);
     let blocks = cdb.u8(13);
     if blocks == 0 {
+        if !cmd.data.is_empty() {
+            return Err(Sense::invalid_field_in_cdb(13, Some(7)));
+        }
         return Ok(Done::Good);
     }
     if blocks > max_compare_write_blocks(emu) {
@@ -424,7 +432,7 @@ pub fn compare_and_write(
     emu.check_range(lba, u64::from(blocks))?;
     let (off, len) = emu.byte_range(lba, u64::from(blocks));
     let half = to_usize(len);
-    if cmd.data.len() < half.saturating_mul(2) {
+    if cmd.data.len() != half.saturating_mul(2) {
         return Err(Sense::invalid_field_in_cdb(13, Some(7)));
     }
     let durable = fua(&cdb) || !emu.write_cache();
