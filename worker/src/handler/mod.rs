@@ -151,6 +151,14 @@ pub trait Handler: Send + Sync {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 
+    /// Whether the storage at byte `offset` is allocated, and for how many bytes from `offset`
+    /// (at least 1, at most `len`) that stays the same: `Some((allocated, bytes))`. GET LBA
+    /// STATUS reports unallocated blocks as deallocated. `None`: the handler cannot tell (every
+    /// block is then reported as mapped). Only called when [`HandlerCaps::unmap`] is set.
+    fn allocation(&self, _offset: u64, _len: u64) -> io::Result<Option<(bool, u64)>> {
+        Ok(None)
+    }
+
     /// The device was resized to `new_size` bytes.
     fn resize(&self, _new_size: u64) -> io::Result<()> {
         Ok(())

@@ -504,20 +504,64 @@ pub fn read_capacity_16(
     Ok(super::emulate::data_in(cmd, &resp, alloc))
 }
 
-/// GET LBA STATUS (9Eh/12h), offered with thin provisioning: handlers cannot tell us which
-/// blocks are mapped, so one descriptor reports the range from the starting LBA (up to 2^32-1
-/// blocks) as "mapped or unknown" (status 0), which SBC-4 allows.
+/// Most LBA status descriptors one GET LBA STATUS returns (each costs the handler a lookup).
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 64;
+
+/// One run of blocks from `lba` in the same provisioning state: (mapped, blocks), at most
+/// `max_blocks`. A block only partly allocated counts as mapped.
+fn provisioning_run(emu: &Emulator, lba: u64, max_blocks: u64) -> Result<(bool, u64), Sense> {
+    let bs = u64::from(emu.block_size());
+    let (off, len) = emu.byte_range(lba, max_blocks);
+    let run = emu
+        .handler()
+        .allocation(off, len)
+        .map_err(|e| emu.io_sense(&e, IoKind::Read, "allocation"))?;
+    Ok(match run {
+        None => (true, max_blocks),
+        Some((true, bytes)) => (true, bytes.div_ceil(bs).clamp(1, max_blocks)),
+        Some((false, bytes)) if bytes >= bs => (false, (bytes / bs).min(max_blocks)),
+        Some((false, _)) => (true, 1),
+    })
+}
+
+/// GET LBA STATUS (9Eh/12h), offered with thin provisioning: LBA status descriptors from the
+/// STARTING LBA on, each a run of blocks that are mapped (status 0h) or deallocated (1h), as
+/// the handler's [`Handler::allocation`](crate::handler::Handler::allocation) tells; a handler
+/// that cannot tell gets one "mapped" descriptor for the rest of the medium (SBC-3 lets "mapped"
+/// stand for "mapped or unknown"). As many descriptors as the allocation length holds, at most
+/// [`MAX_LBA_STATUS_DESCRIPTORS`], each at most 2^32 - 1 blocks.
 pub fn get_lba_status(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
     let lba = cdb.be64(2);
     let alloc = to_usize(u64::from(cdb.be32(10)));
     emu.check_range(lba, 1)?;
-    let blocks = u32::try_from(emu.num_blocks().saturating_sub(lba)).unwrap_or(u32::MAX);
-    let mut resp = Vec::with_capacity(24);
-    resp.extend_from_slice(&20u32.to_be_bytes());
+    let nb = emu.num_blocks();
+    let wanted = (alloc.saturating_sub(8) / 16).clamp(1, MAX_LBA_STATUS_DESCRIPTORS);
+    let mut descs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut cur = lba;
+    while cur < nb && descs.len() < wanted {
+        let (mapped, blocks) = provisioning_run(emu, cur, (nb - cur).min(u64::from(u32::MAX)))?;
+        match descs.last_mut() {
+            // Runs split only by the 2^32 - 1 cap, or by a partly allocated block, merge.
+            Some(last) if last.2 == mapped && last.1 + blocks <= u64::from(u32::MAX) => {
+                last.1 += blocks
+            }
+            _ => descs.push((cur, blocks, mapped)),
+        }
+        cur += blocks;
+    }
+    let mut resp = Vec::with_capacity(8 + 16 * descs.len());
+    resp.extend_from_slice(
+        &u32::try_from(4 + 16 * descs.len())
+            .unwrap_or(0)
+            .to_be_bytes(),
+    );
     resp.extend_from_slice(&[0; 4]);
-    resp.extend_from_slice(&lba.to_be_bytes());
-    resp.extend_from_slice(&blocks.to_be_bytes());
-    resp.extend_from_slice(&[0; 4]);
+    for (start, blocks, mapped) in descs {
+        resp.extend_from_slice(&start.to_be_bytes());
+        resp.extend_from_slice(&u32::try_from(blocks).unwrap_or(u32::MAX).to_be_bytes());
+        resp.push(if mapped { 0x00 } else { 0x01 });
+        resp.extend_from_slice(&[0; 3]);
+    }
     Ok(super::emulate::data_in(cmd, &resp, alloc))
 }
 
