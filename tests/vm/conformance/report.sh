@@ -13,12 +13,15 @@
 #   baseline-tcmu-runner.txt  tcmu-runner 1.5.4 with its qcow handler
 #   expected-warden.txt       tcmu-warden's file handler; its first line `# min-pass: N` is the
 #                             figure CI holds us to
+#   flaky.txt                 tests whose outcome depends on timing in the kernel's iSCSI target
+#                             (`Suite.Test  reason`): they never fail the gate, and --update
+#                             leaves them out of min-pass
 #
 # Writes RESULTS_DIR/tests.txt (this run, same format, with the failed assertion after `--`).
 # Prints `PASS conformance/<check>` / `FAIL conformance/<check>: reason` lines (the VM harness
 # counts them), then `conformance: <daemon> N passed of M`.
 # Gate (warden only): fails if fewer than min-pass tests pass, or if any test listed PASS in
-# expected-warden.txt fails.
+# expected-warden.txt (and not in flaky.txt) fails.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -86,9 +89,21 @@ status() { [[ -f $1 ]] && awk '$1 == "PASS" || $1 == "FAIL" { print $2, $1 }' "$
 total=$(wc -l < "$out")
 passed=$(grep -c '^PASS ' "$out" || true)
 
+# Known flaky tests (first word of each line of flaky.txt).
+declare -A FLAKY=()
+if [[ -f $here/flaky.txt ]]; then
+    while read -r t _; do
+        [[ -n $t && $t != \#* ]] && FLAKY[$t]=1
+    done < "$here/flaky.txt"
+fi
+
 if (( update )); then
+    flaky_passed=0
+    while read -r s t _; do
+        [[ $s == PASS && -n ${FLAKY[$t]:-} ]] && flaky_passed=$((flaky_passed + 1))
+    done < "$out"
     {
-        if [[ $daemon == warden ]]; then echo "# min-pass: $passed"; fi
+        if [[ $daemon == warden ]]; then echo "# min-pass: $((passed - flaky_passed))"; fi
         cut -d' ' -f1,2 "$out"
     } > "$own"
     echo "recorded $label: $passed of $total in $own" >&2
@@ -139,7 +154,7 @@ if [[ $daemon == warden ]]; then
     fi
     regressed=()
     while read -r t s; do
-        [[ $s == PASS && ${W[$t]:-} != PASS ]] && regressed+=("$t")
+        [[ $s == PASS && ${W[$t]:-} != PASS && -z ${FLAKY[$t]:-} ]] && regressed+=("$t")
     done < <(status "$own")
     if (( ${#regressed[@]} )); then
         echo "FAIL conformance/expected: ${#regressed[@]} expected test(s) failed: ${regressed[*]}"

@@ -15,6 +15,11 @@
 # In every mode the backing file lives on ext4 (a loop device over a tmpfs file), 256 MiB, 512-byte
 # blocks, so the three runs differ only in who serves the LUN.
 #
+# Before that, one check of EXTENDED COPY between two devices of one daemon (`xcopy/two-luns`):
+# two more 16 MiB backstores (xa, xb) exported through tcm_loop as LUNs 0 and 1 of a local SCSI
+# host, and sg_xcopy copies 8192 blocks from the one to the other with XCOPY (LID1) sent to the
+# source, which must find the destination by its NAA designator.
+#
 # Writes to the results share:
 #   results.txt                 `PASS <step>` / `FAIL <step>: <reason>` per step (the host counts
 #                               them like the main suite's checks)
@@ -79,6 +84,8 @@ wait_for() { # wait_for SECONDS WHAT FUNCTION [ARGS...]: poll until 0; 2 gives u
 write_attr() { printf '%s' "$2" > "$1" || { why "writing '$2' to $1 failed"; return 1; }; }
 
 BS_DIR=""
+XA_DIR=""
+XB_DIR=""
 DPID=""
 
 prepare() {
@@ -93,8 +100,41 @@ prepare() {
     findmnt /srv/tcmu
 }
 
+# mk_backstore NAME BYTES: a backstore of the mode's kind with its backing file in /srv/tcmu, and
+# a unit serial (LIO reports VPD pages only once one is written). Prints its configfs directory.
+mk_backstore() {
+    local name=$1 bytes=$2 dir
+    case $DAEMON in
+        kernel)
+            truncate -s "$bytes" "/srv/tcmu/$name.img" || return 1
+            dir=$CFS/core/fileio_0/$name
+            mkdir -p "$dir" || return 1
+            write_attr "$dir/control" "fd_dev_name=/srv/tcmu/$name.img,fd_dev_size=$bytes" >&2 || return 1
+            ;;
+        tcmu-runner)
+            qemu-img create -q -f qcow2 "/srv/tcmu/$name.qcow2" "$bytes" || return 1
+            dir=$CFS/core/user_0/$name
+            mkdir -p "$dir" || return 1
+            write_attr "$dir/control" "dev_config=qcow//srv/tcmu/$name.qcow2" >&2 || return 1
+            write_attr "$dir/control" "dev_size=$bytes" >&2 || return 1
+            ;;
+        warden)
+            truncate -s "$bytes" "/srv/tcmu/$name.img" || return 1
+            dir=$CFS/core/user_0/$name
+            mkdir -p "$dir" || return 1
+            write_attr "$dir/control" "dev_config=file//srv/tcmu/$name.img" >&2 || return 1
+            write_attr "$dir/control" "dev_size=$bytes" >&2 || return 1
+            ;;
+    esac
+    write_attr "$dir/enable" 1 >&2 || return 1
+    write_attr "$dir/wwn/vpd_unit_serial" "$(cat /proc/sys/kernel/random/uuid)" >&2 || return 1
+    echo "$dir"
+}
+
 # The backstore, and a unit serial (LIO reports VPD pages only once one is written).
 create_backstore() {
+    XA_DIR=$(mk_backstore xa $((16 * MIB))) || { why "creating backstore xa failed"; return 1; }
+    XB_DIR=$(mk_backstore xb $((16 * MIB))) || { why "creating backstore xb failed"; return 1; }
     case $DAEMON in
         kernel)
             truncate -s "$SIZE" /srv/tcmu/disk0.img || return 1
@@ -124,11 +164,11 @@ create_backstore() {
     cat "$BS_DIR/info" 2>/dev/null
 }
 
-uio_holder() { # a process holding the backstore's /dev/uioN open
+uio_holder() { # uio_holder NAME: a process holds the backstore's /dev/uioN open
     local u n f uio=""
     for u in /sys/class/uio/uio*; do
         n=$(cat "$u/name" 2>/dev/null) || continue
-        case $n in tcm-user/*/disk/*|tcm-user/*/disk) uio=${u##*/} ;; esac
+        case $n in tcm-user/*/"$1"/*|tcm-user/*/"$1") uio=${u##*/} ;; esac
     done
     [[ -n $uio ]] || return 1
     for f in /proc/[0-9]*/fd/*; do
@@ -137,14 +177,15 @@ uio_holder() { # a process holding the backstore's /dev/uioN open
     return 1
 }
 
-served() {
+served() { # served NAME
     kill -0 "$DPID" 2>/dev/null || { why "the daemon is no longer running"; return 2; }
     case $DAEMON in
         warden) sed 's/\x1b\[[0-9;]*m//g' "$DAEMON_LOG" | grep 'device ready' |
-                    grep -Eq 'device="?disk"?([^[:alnum:]_.-]|$)' ;;
-        tcmu-runner) uio_holder ;;
+                    grep -Eq "device=\"?$1\"?([^[:alnum:]_.-]|\$)" ;;
+        tcmu-runner) uio_holder "$1" ;;
     esac
 }
+served_all() { served disk && served xa && served xb; }
 
 start_daemon() {
     case $DAEMON in
@@ -163,7 +204,7 @@ start_daemon() {
             ;;
     esac
     echo "daemon pid $DPID"
-    wait_for "$READY_TIMEOUT" "the daemon to serve the device" served || {
+    wait_for "$READY_TIMEOUT" "the daemon to serve the devices" served_all || {
         tail -n 30 "$DAEMON_LOG"; return 1; }
 }
 
@@ -180,6 +221,53 @@ export_iscsi() {
     write_attr "$tpg/attrib/demo_mode_write_protect" 0 || return 1
     write_attr "$tpg/enable" 1 || return 1
     ls -R "$CFS/iscsi"
+}
+
+# ---- EXTENDED COPY between two devices of one daemon, through tcm_loop ----
+LOOP_TPG=""
+find_sd() { # find_sd LUN: prints /dev/sdX of the tcm_loop target's LUN once it has a capacity
+    local addr b
+    addr=$(cat "$LOOP_TPG/address" 2>/dev/null) || return 1
+    for b in /sys/bus/scsi/devices/"$addr:$1"/block/*; do
+        [[ -b /dev/${b##*/} && $(cat "$b/size" 2>/dev/null) =~ ^[1-9][0-9]*$ ]] || return 1
+        echo "/dev/${b##*/}"
+        return 0
+    done
+    return 1
+}
+have_sd() { find_sd "$1" > /dev/null; }
+
+xcopy_two_luns() {
+    local wwn=naa.50014050000000aa nexus=naa.50014060000000aa a b
+    LOOP_TPG=$CFS/loopback/$wwn/tpgt_1
+    mkdir -p "$LOOP_TPG" || { why "mkdir $LOOP_TPG failed"; return 1; }
+    # The nexus must exist before the LUNs, or the scan finds nothing.
+    write_attr "$LOOP_TPG/nexus" "$nexus" || return 1
+    mkdir "$LOOP_TPG/lun/lun_0" "$LOOP_TPG/lun/lun_1" || return 1
+    ln -s "$XA_DIR" "$LOOP_TPG/lun/lun_0/xa" || return 1
+    ln -s "$XB_DIR" "$LOOP_TPG/lun/lun_1/xb" || return 1
+    wait_for 120 "xa at LUN 0" have_sd 0 || return 1
+    wait_for 120 "xb at LUN 1" have_sd 1 || return 1
+    a=$(find_sd 0); b=$(find_sd 1)
+    echo "xa is $a, xb is $b"
+    head -c $((4 * MIB)) /dev/urandom > /tmp/xcopy.pattern || return 1
+    dd if=/tmp/xcopy.pattern of="$a" bs=1M seek=1 oflag=direct conv=fsync 2>&1 ||
+        { why "writing the pattern to xa failed"; return 1; }
+    # 8192 blocks from xa block 2048 to xb block 4096, 1024 blocks per EXTENDED COPY, sent to xa.
+    timeout 300 sg_xcopy if="$a" of="$b" bs=512 bpt=1024 skip=2048 seek=4096 count=8192 \
+        verbose=1 || { why "sg_xcopy failed (status $?)"; return 1; }
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if="$b" of=/tmp/xcopy.back bs=1M skip=2 count=4 iflag=direct 2>&1 ||
+        { why "reading xb back failed"; return 1; }
+    cmp /tmp/xcopy.pattern /tmp/xcopy.back || { why "xb does not hold what xa held"; return 1; }
+    echo "8192 blocks copied from xa to xb by EXTENDED COPY"
+}
+
+unexport_loop() {
+    [[ -n $LOOP_TPG && -d $LOOP_TPG ]] || return 0
+    rm -f "$LOOP_TPG"/lun/lun_*/x[ab]
+    rmdir "$LOOP_TPG"/lun/lun_* 2>/dev/null
+    rmdir "$LOOP_TPG" "${LOOP_TPG%/tpgt_1}"
 }
 
 run_tests() {
@@ -206,13 +294,17 @@ daemon_alive() {
 
 cleanup() {
     local tpg=$CFS/iscsi/$IQN/tpgt_1 ok=0
+    unexport_loop || ok=1
     if [[ -d $tpg ]]; then
         write_attr "$tpg/enable" 0 || ok=1
         rm -f "$tpg/lun/lun_0/disk"
         rmdir "$tpg/lun/lun_0" "$tpg/np/$PORTAL" || ok=1
         rmdir "$tpg" "$CFS/iscsi/$IQN" || ok=1
     fi
-    [[ -n $BS_DIR && -d $BS_DIR ]] && { timeout 120 rmdir "$BS_DIR" || ok=1; }
+    local d
+    for d in "$BS_DIR" "${XA_DIR:-}" "${XB_DIR:-}"; do
+        [[ -n $d && -d $d ]] && { timeout 120 rmdir "$d" || ok=1; }
+    done
     if [[ -n $DPID ]] && kill -0 "$DPID" 2>/dev/null; then
         kill -TERM "$DPID"
         for _ in $(seq 300); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.2; done
@@ -226,6 +318,7 @@ main() {
     say "daemon: $DAEMON, kernel $(uname -r), tests $TESTS"
     if step setup/backing-fs prepare && step setup/backstore create_backstore &&
        step daemon/start start_daemon && step setup/iscsi export_iscsi; then
+        step xcopy/two-luns xcopy_two_luns
         step conformance/run run_tests
         step daemon/alive daemon_alive
     fi

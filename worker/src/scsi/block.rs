@@ -1,12 +1,14 @@
 //! # Block commands: reading, writing and provisioning logical blocks
 //!
 //! The SBC-3 commands that move or check data: READ/WRITE (6/10/12/16), WRITE AND VERIFY,
-//! VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, SYNCHRONIZE CACHE, READ CAPACITY (10/16) and
-//! GET LBA STATUS.
+//! VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, READ
+//! CAPACITY (10/16), GET LBA STATUS, FORMAT UNIT and READ DEFECT DATA.
 //!
 //! Rules every command here follows:
 //! - the transfer length is checked against the device's maximum transfer length
-//!   (`hw_max_sectors`; INVALID FIELD IN CDB pointing at the length field), then the range
+//!   (`max_sectors` of the device configuration, see
+//!   [`MIN_MAX_TRANSFER_BYTES`](crate::handler::MIN_MAX_TRANSFER_BYTES); INVALID FIELD IN CDB
+//!   pointing at the length field), then the range
 //!   `[LBA, LBA + length)` against the capacity (LOGICAL BLOCK ADDRESS OUT OF RANGE, 05/21/00,
 //!   also when LBA + length overflows);
 //! - a zero transfer length is a GOOD no-op (READ (6)/WRITE (6) excepted: 0 means 256 there);
@@ -22,8 +24,8 @@
 //! - data-in and data-out go between the handler and the command's [`DataBuf`] segments directly
 //!   (`io_slices`), without copying. If the data buffer is shorter than the CDB's transfer, the
 //!   part that fits is transferred and, for reads, `read_len` reports how much that was;
-//! - COMPARE AND WRITE is atomic: it holds an exclusive lock on its block range from reading to
-//!   writing, and every other modifying command holds a shared lock on its range.
+//! - COMPARE AND WRITE and ORWRITE are atomic: they hold an exclusive lock on their block range
+//!   from reading to writing, and every other modifying command holds a shared lock on its range.
 //!
 //! This module never reads CDB bytes without the checked accessors of [`Cdb`] and never
 //! allocates more than [`CHUNK`] bytes (or a COMPARE AND WRITE's bounded size) per command.
