@@ -236,9 +236,17 @@ find_sd() { # find_sd LUN: prints /dev/sdX of the tcm_loop target's LUN once it 
     return 1
 }
 have_sd() { find_sd "$1" > /dev/null; }
+find_sg() { # find_sg LUN: the LUN's SCSI generic node (sg_xcopy talks SG_IO to sg nodes)
+    local addr g
+    addr=$(cat "$LOOP_TPG/address" 2>/dev/null) || return 1
+    for g in /sys/bus/scsi/devices/"$addr:$1"/scsi_generic/*; do
+        [[ -c /dev/${g##*/} ]] && { echo "/dev/${g##*/}"; return 0; }
+    done
+    return 1
+}
 
 xcopy_two_luns() {
-    local wwn=naa.50014050000000aa nexus=naa.50014060000000aa a b
+    local wwn=naa.50014050000000aa nexus=naa.50014060000000aa a b sa sb
     LOOP_TPG=$CFS/loopback/$wwn/tpgt_1
     mkdir -p "$LOOP_TPG" || { why "mkdir $LOOP_TPG failed"; return 1; }
     # The nexus must exist before the LUNs, or the scan finds nothing.
@@ -249,12 +257,14 @@ xcopy_two_luns() {
     wait_for 120 "xa at LUN 0" have_sd 0 || return 1
     wait_for 120 "xb at LUN 1" have_sd 1 || return 1
     a=$(find_sd 0); b=$(find_sd 1)
-    echo "xa is $a, xb is $b"
+    sa=$(find_sg 0) || { why "no sg node for xa"; return 1; }
+    sb=$(find_sg 1) || { why "no sg node for xb"; return 1; }
+    echo "xa is $a ($sa), xb is $b ($sb)"
     head -c $((4 * MIB)) /dev/urandom > /tmp/xcopy.pattern || return 1
     dd if=/tmp/xcopy.pattern of="$a" bs=1M seek=1 oflag=direct conv=fsync 2>&1 ||
         { why "writing the pattern to xa failed"; return 1; }
     # 8192 blocks from xa block 2048 to xb block 4096, 1024 blocks per EXTENDED COPY, sent to xa.
-    timeout 300 sg_xcopy if="$a" of="$b" bs=512 bpt=1024 skip=2048 seek=4096 count=8192 \
+    timeout 300 sg_xcopy if="$sa" of="$sb" bs=512 bpt=1024 skip=2048 seek=4096 count=8192 \
         verbose=1 || { why "sg_xcopy failed (status $?)"; return 1; }
     echo 3 > /proc/sys/vm/drop_caches
     dd if="$b" of=/tmp/xcopy.back bs=1M skip=2 count=4 iflag=direct 2>&1 ||
