@@ -6,19 +6,28 @@
 # check (`PASS <check>` / `FAIL <check>: <reason>`) and the summary line `vm: N passed, M failed`.
 # Exits nonzero on any failed check, on a boot failure, or on timeout.
 #
-# Usage: tests/vm/run.sh [--daemon warden|tcmu-runner|kernel] [--no-build] [--timeout SECONDS]
+# Usage: tests/vm/run.sh [--suite main|conformance] [--daemon warden|tcmu-runner|kernel] [--no-build]
+#                        [--timeout SECONDS] [--update-baseline]
+#   --suite main          (default) the checks of guest/suite.sh
+#   --suite conformance   libiscsi's iscsi-test-cu (all 230 tests) against one LUN exported
+#                         through LIO's iSCSI target on the guest's loopback (guest/conformance.sh);
+#                         the host compares the results with conformance/baseline-*.txt and, for
+#                         warden, fails below the recorded figure (conformance/report.sh)
+#   --update-baseline     (conformance) record this run as the daemon's baseline
 #   --daemon warden       (default) our daemon, target/release/tcmu-warden, `file` and `ram` devices
 #                         plus one `file` device outside the allowed directory that must be refused
 #   --daemon tcmu-runner  Debian's tcmu-runner; its qcow handler serves the `file` device
 #   --daemon kernel       no TCMU at all: the kernel's own fileio and rd_mcp backstores (validates
 #                         the harness, tcm_loop and the checks themselves)
 #   --no-build            do not run `cargo build --release --bins` first (warden mode only builds)
-#   --timeout SECONDS     whole-VM deadline (default 1200)
+#   --timeout SECONDS     whole-VM deadline (default 1200; 3600 for the conformance suite)
 # Environment: VM_FIO_SIZE (default 64m), VM_RUST_LOG (daemon log filter, default info),
 #   VM_MEMORY_MB (default 3072), VM_CPUS (default 2), VM_BIN_DIR (take tcmu-warden and
 #   tcmu-warden-worker from there, no build), VM_READY_PATTERN / VM_REFUSE_PATTERN (the daemon log
-#   lines the guest waits for, see guest/suite.sh), VM_SUITE (another guest script, for debugging).
-# Output: tests/vm/out/<daemon>/ (console.log, results.txt, daemon logs, per-check logs).
+#   lines the guest waits for, see guest/suite.sh), VM_SUITE (another guest script, for debugging),
+#   VM_CONF_TESTS (conformance: iscsi-test-cu's --test selection, default ALL).
+# Output: tests/vm/out/<daemon>/ (console.log, results.txt, daemon logs, per-check logs), or
+#   tests/vm/out/conformance-<daemon>/ (conformance.xml, tests.txt, diff-table.txt, ...).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -26,9 +35,14 @@ repo=$(cd "$here/../.." && pwd)
 
 daemon=warden
 build=1
-timeout_s=1200
+timeout_s=""
+suite=main
+update_baseline=0
 while (( $# )); do
     case $1 in
+        --suite) suite=${2:?--suite needs a value}; shift 2 ;;
+        --suite=*) suite=${1#*=}; shift ;;
+        --update-baseline) update_baseline=1; shift ;;
         --daemon) daemon=${2:?--daemon needs a value}; shift 2 ;;
         --daemon=*) daemon=${1#*=}; shift ;;
         --no-build) build=0; shift ;;
@@ -41,6 +55,11 @@ done
 case $daemon in
     warden|tcmu-runner|kernel) ;;
     *) echo "run.sh: --daemon must be warden, tcmu-runner or kernel" >&2; exit 2 ;;
+esac
+case $suite in
+    main) default_guest=$here/guest/suite.sh; timeout_s=${timeout_s:-1200} ;;
+    conformance) default_guest=$here/guest/conformance.sh; timeout_s=${timeout_s:-3600} ;;
+    *) echo "run.sh: --suite must be main or conformance" >&2; exit 2 ;;
 esac
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -86,7 +105,10 @@ initrd=$out/initrd-$kver.gz
 build_initrd() {
     local stage m path dep
     stage=$(mktemp -d "$out/.initrd.XXXXXX")
-    mkdir -p "$stage"/{bin,sbin,mods,proc,sys,dev,tmp,etc/target}
+    # etc/target is LIO's db_root (it must exist when target_core_mod loads); the kernel writes
+    # persistent-reservation state to <db_root>/pr from its own threads, whose root is this
+    # initramfs, not the guest's chroot: without etc/target/pr, PERSISTENT RESERVE OUT fails.
+    mkdir -p "$stage"/{bin,sbin,mods,proc,sys,dev,tmp,etc/target/pr}
     local bb
     bb=$(command -v busybox) || { rm -rf "$stage"; die "busybox not found"; }
     # The initramfs has no libraries: only busybox-static's binary works there.
@@ -115,14 +137,14 @@ build_initrd() {
 build_initrd
 
 # ---- 4. results share ----------------------------------------------------------------------------
-res=$out/$daemon
+if [[ $suite == conformance ]]; then res=$out/conformance-$daemon; else res=$out/$daemon; fi
 rm -rf "$res"
 mkdir -p "$res"
 console=$res/console.log
 {
     printf 'VM_DAEMON=%q\n' "$daemon"
     printf 'VM_REPO=%q\n' "$repo"
-    printf 'VM_SUITE=%q\n' "${VM_SUITE:-$here/guest/suite.sh}"
+    printf 'VM_SUITE=%q\n' "${VM_SUITE:-$default_guest}"
     printf 'VM_BIN_DIR=%q\n' "$bindir"
     printf 'VM_KMODDIR=%q\n' "$kmoddir"
     printf 'VM_RESULTS=/vmresults\n'
@@ -131,7 +153,9 @@ console=$res/console.log
     [[ -z ${VM_READY_PATTERN:-} ]] || printf 'VM_READY_PATTERN=%q\n' "$VM_READY_PATTERN"
     [[ -z ${VM_REFUSE_PATTERN:-} ]] || printf 'VM_REFUSE_PATTERN=%q\n' "$VM_REFUSE_PATTERN"
     printf 'export VM_DAEMON VM_REPO VM_SUITE VM_BIN_DIR VM_KMODDIR VM_RESULTS VM_FIO_SIZE VM_RUST_LOG\n'
-    printf 'export VM_READY_PATTERN VM_REFUSE_PATTERN\n'
+    printf 'VM_CONF_TESTS=%q\n' "${VM_CONF_TESTS:-ALL}"
+    printf 'VM_CONF_TIMEOUT=%q\n' "$(( timeout_s > 600 ? timeout_s - 300 : timeout_s / 2 ))"
+    printf 'export VM_READY_PATTERN VM_REFUSE_PATTERN VM_CONF_TESTS VM_CONF_TIMEOUT\n'
 } > "$res/params.env"
 
 # ---- 5. boot -------------------------------------------------------------------------------------
@@ -198,6 +222,18 @@ elif [[ ! -f $res/suite.done ]]; then
     failed=$((failed + 1)); vm_ok=0
 elif (( passed + failed == 0 )); then
     echo "FAIL vm/complete: the guest suite reported no checks"; failed=$((failed + 1)); vm_ok=0
+fi
+# The conformance suite: per-test results, the table of differences, and the gate.
+if [[ $suite == conformance ]] && (( vm_ok )); then
+    report_args=(--daemon "$daemon" "$res")
+    (( update_baseline )) && report_args+=(--update)
+    while IFS= read -r line; do
+        case $line in
+            PASS\ *) passed=$((passed + 1)); echo "$line" ;;
+            FAIL\ *) failed=$((failed + 1)); echo "$line" ;;
+            *) echo "$line" ;;
+        esac
+    done < <("$here/conformance/report.sh" "${report_args[@]}" || true)
 fi
 if (( failed > 0 )); then
     log "---- last lines of $console ----"

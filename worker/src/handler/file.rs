@@ -235,6 +235,43 @@ impl Handler for FileHandler {
         self.file.sync_data()
     }
 
+    /// From `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`: holes (punched by UNMAP, or never written)
+    /// are unallocated. A filesystem without those seeks (EINVAL) cannot tell. The file
+    /// position they move is never used: all I/O is positional.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+        if self.is_block_device {
+            return Ok(None);
+        }
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No data at or after `offset`: a hole to the end (or past the end of the file).
+                Some(libc::ENXIO) => Ok(Some((false, len))),
+                Some(libc::EINVAL) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let data = u64::try_from(data).unwrap_or(u64::MAX);
+        if data > offset {
+            return Ok(Some((false, (data - offset).min(len))));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hole = u64::try_from(hole).unwrap_or(u64::MAX);
+        Ok(Some((
+            true,
+            hole.saturating_sub(offset).clamp(1, len.max(1)),
+        )))
+    }
+
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.is_block_device {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
@@ -312,6 +349,32 @@ mod tests {
         assert!(back[..4096].iter().all(|&x| x == 0xAB));
         assert!(back[4096..12288].iter().all(|&x| x == 0));
         assert!(back[12288..].iter().all(|&x| x == 0xAB));
+    }
+
+    #[test]
+    fn allocation_reports_data_and_holes() {
+        let f = tempfile::tempfile().unwrap();
+        let h = FileHandler::new(&cfg(1 << 20), f).unwrap();
+        // An empty file: a hole everywhere, also past its end.
+        assert_eq!(h.allocation(0, 1 << 20).unwrap(), Some((false, 1 << 20)));
+        h.write(64 << 10, &[IoSlice::new(&[7u8; 128 << 10])], true)
+            .unwrap();
+        h.write(512 << 10, &[IoSlice::new(&[7u8; 4096])], true)
+            .unwrap();
+        // Some filesystems cannot tell holes from data at all.
+        let Some((false, hole)) = h.allocation(0, 1 << 20).unwrap() else {
+            return;
+        };
+        assert!(
+            hole <= 64 << 10,
+            "hole of {hole} bytes before the first write"
+        );
+        let (mapped, run) = h.allocation(64 << 10, 1 << 20).unwrap().unwrap();
+        assert!(mapped);
+        assert!(run >= 128 << 10, "data run of {run} bytes");
+        h.unmap(64 << 10, 128 << 10).unwrap();
+        let (mapped, run) = h.allocation(64 << 10, 128 << 10).unwrap().unwrap();
+        assert!(!mapped && run == 128 << 10, "{mapped} {run}");
     }
 
     #[test]

@@ -48,7 +48,10 @@ pub struct DeviceConfig {
     pub dev_size: u64,
     /// Logical block size in bytes (a power of two, 512..=65536).
     pub block_size: u32,
-    /// Largest transfer in blocks.
+    /// Largest transfer in blocks: MAXIMUM TRANSFER LENGTH in the block limits VPD page, and
+    /// longer READ/WRITE-family commands are INVALID FIELD IN CDB (0: no limit). From a
+    /// [`DeviceSpec`](tcmu_warden_proto::DeviceSpec) it is the device's `hw_max_sectors`, but at
+    /// least [`MIN_MAX_TRANSFER_BYTES`] worth of blocks.
     pub max_sectors: u32,
     /// Whether the device advertises a volatile write cache (WCE=1).
     pub write_cache: bool,
@@ -63,6 +66,19 @@ impl DeviceConfig {
     }
 }
 
+/// The smallest maximum transfer length a device gets, in bytes: 32 MiB, or a quarter of the
+/// device's shared-memory region if that is smaller.
+///
+/// For a TCMU device `hw_max_sectors` is only a number the kernel hands to userspace: it is 128
+/// blocks unless configured otherwise (`target_core_user.c`, `tcmu_configure_device`), and the
+/// kernel never checks commands against it (`passthrough_parse_cdb` passes every READ/WRITE
+/// through; LIO's own `fileio` backstore does not check its 8 MiB either). The only limit the
+/// kernel applies to a TCMU command is the ring's data area (1 GiB by default): a larger command
+/// is refused there with INVALID FIELD IN CDB (`tcmu_queue_cmd_ring`). Enforcing 128 blocks
+/// would refuse commands the kernel delivers intact, so the limit is raised to this floor, which
+/// leaves room for many such commands in flight; a larger configured `hw_max_sectors` is kept.
+pub const MIN_MAX_TRANSFER_BYTES: u64 = 32 << 20;
+
 impl From<&tcmu_warden_proto::DeviceSpec> for DeviceConfig {
     fn from(s: &tcmu_warden_proto::DeviceSpec) -> Self {
         DeviceConfig {
@@ -71,7 +87,13 @@ impl From<&tcmu_warden_proto::DeviceSpec> for DeviceConfig {
             cfgstring: s.cfgstring.clone(),
             dev_size: s.dev_size,
             block_size: s.block_size,
-            max_sectors: s.max_sectors,
+            max_sectors: if s.max_sectors == 0 {
+                0
+            } else {
+                let floor =
+                    MIN_MAX_TRANSFER_BYTES.min(s.map_size / 4) / u64::from(s.block_size.max(1));
+                s.max_sectors.max(u32::try_from(floor).unwrap_or(u32::MAX))
+            },
             write_cache: s.write_cache,
             unit_serial: s.unit_serial.clone(),
         }
@@ -130,6 +152,14 @@ pub trait Handler: Send + Sync {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 
+    /// Whether the storage at byte `offset` is allocated, and for how many bytes from `offset`
+    /// (at least 1, at most `len`) that stays the same: `Some((allocated, bytes))`. GET LBA
+    /// STATUS reports unallocated blocks as deallocated. `None`: the handler cannot tell (every
+    /// block is then reported as mapped). Only called when [`HandlerCaps::unmap`] is set.
+    fn allocation(&self, _offset: u64, _len: u64) -> io::Result<Option<(bool, u64)>> {
+        Ok(None)
+    }
+
     /// The device was resized to `new_size` bytes.
     fn resize(&self, _new_size: u64) -> io::Result<()> {
         Ok(())
@@ -176,4 +206,55 @@ pub trait HandlerFactory: Send + Sync {
 /// The factories of the handlers built into `tcmu-warden-worker`.
 pub fn builtin_factories() -> Vec<Arc<dyn HandlerFactory>> {
     vec![Arc::new(file::FileFactory), Arc::new(ram::RamFactory)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(block_size: u32, max_sectors: u32) -> tcmu_warden_proto::DeviceSpec {
+        tcmu_warden_proto::DeviceSpec {
+            id: 1,
+            uio: "uio0".into(),
+            hba: 0,
+            name: "disk".into(),
+            subtype: "file".into(),
+            cfgstring: "/srv/disk.img".into(),
+            map_size: 1 << 30,
+            dev_size: 1 << 30,
+            block_size,
+            max_sectors,
+            write_cache: true,
+            unit_serial: "serial".into(),
+            has_backing_fd: true,
+            refusal: None,
+        }
+    }
+
+    #[test]
+    fn max_transfer_is_at_least_32_mebibytes() {
+        // TCMU's default hw_max_sectors (128) is raised to 32 MiB worth of blocks.
+        assert_eq!(DeviceConfig::from(&spec(512, 128)).max_sectors, 65536);
+        assert_eq!(DeviceConfig::from(&spec(4096, 128)).max_sectors, 8192);
+        assert_eq!(DeviceConfig::from(&spec(65536, 1)).max_sectors, 512);
+        // A larger configured value is kept.
+        assert_eq!(DeviceConfig::from(&spec(512, 100_000)).max_sectors, 100_000);
+        // A small shared-memory region (a small data area) lowers the floor to a quarter of it.
+        let mut small = spec(512, 128);
+        small.map_size = 16 << 20;
+        assert_eq!(DeviceConfig::from(&small).max_sectors, 8192);
+        small.max_sectors = 10_000;
+        assert_eq!(DeviceConfig::from(&small).max_sectors, 10_000);
+        // Everything else is copied as it is.
+        let c = DeviceConfig::from(&spec(4096, 128));
+        assert_eq!(
+            (
+                c.block_size,
+                c.dev_size,
+                c.write_cache,
+                c.unit_serial.as_str()
+            ),
+            (4096, 1 << 30, true, "serial")
+        );
+    }
 }

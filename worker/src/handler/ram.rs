@@ -198,6 +198,30 @@ impl Handler for RamHandler {
         })
     }
 
+    /// Allocated means the 64 KiB chunk holding the byte exists; the extent runs over every
+    /// following chunk in the same state.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Option<(bool, u64)>> {
+        if len == 0 {
+            return Ok(Some((false, 0)));
+        }
+        let end = offset.saturating_add(len);
+        let present = |chunk: u64| -> io::Result<bool> {
+            let shard = self.shard(chunk).ok_or_else(out_of_range)?;
+            let map = shard
+                .read()
+                .map_err(|_| io::Error::other("ram shard lock poisoned"))?;
+            Ok(map.contains_key(&chunk))
+        };
+        let first = offset / CHUNK;
+        let state = present(first)?;
+        let mut chunk = first + 1;
+        while chunk.saturating_mul(CHUNK) < end && present(chunk)? == state {
+            chunk += 1;
+        }
+        let run = chunk.saturating_mul(CHUNK).min(end) - offset;
+        Ok(Some((state, run)))
+    }
+
     fn resize(&self, new_size: u64) -> io::Result<()> {
         let old = self.size.swap(new_size, Ordering::AcqRel);
         if new_size < old {
@@ -253,6 +277,33 @@ mod tests {
         assert_eq!(h.allocated_bytes(), 0);
         h.read(off, &mut [IoSliceMut::new(&mut back)]).unwrap();
         assert!(back.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn allocation_follows_chunks() {
+        let h = RamHandler::new(16 * CHUNK);
+        assert_eq!(
+            h.allocation(0, 16 * CHUNK).unwrap(),
+            Some((false, 16 * CHUNK))
+        );
+        h.write(3 * CHUNK + 10, &[IoSlice::new(&[1u8; 100])], false)
+            .unwrap();
+        h.write(4 * CHUNK, &[IoSlice::new(&[1u8; 100])], false)
+            .unwrap();
+        assert_eq!(
+            h.allocation(0, 16 * CHUNK).unwrap(),
+            Some((false, 3 * CHUNK))
+        );
+        assert_eq!(
+            h.allocation(3 * CHUNK + 5, 16 * CHUNK).unwrap(),
+            Some((true, 2 * CHUNK - 5))
+        );
+        assert_eq!(h.allocation(5 * CHUNK, 100).unwrap(), Some((false, 100)));
+        h.unmap(3 * CHUNK, 2 * CHUNK).unwrap();
+        assert_eq!(
+            h.allocation(0, 16 * CHUNK).unwrap(),
+            Some((false, 16 * CHUNK))
+        );
     }
 
     #[test]

@@ -165,7 +165,7 @@ impl DeviceRunner {
         let stop = Arc::new(AtomicBool::new(false));
         let abandoned = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
-        let (job_tx, job_rx) = crossbeam_channel::unbounded::<RingCommand>();
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
 
         let mut io_threads = Vec::new();
@@ -273,7 +273,7 @@ fn ring_loop(
     event: &OwnedFd,
     wake: &EventFd,
     stop: &AtomicBool,
-    jobs: Sender<RingCommand>,
+    jobs: Sender<Job>,
     done: Receiver<Done>,
 ) -> Result<(), DeviceError> {
     finish_recovered(dev, &mut ring, recovered, &jobs)?;
@@ -302,9 +302,9 @@ fn ring_loop(
             while let Some(entry) = ring.fetch()? {
                 match entry {
                     Fetched::Cmd(cmd) => {
-                        if let Err(e) = jobs.send(cmd) {
+                        if let Err(e) = jobs.send(Job { cmd, replay: false }) {
                             // No I/O thread left: fail the command rather than lose it.
-                            let id = e.0.cmd_id;
+                            let id = e.0.cmd.cmd_id;
                             complete(&mut ring, id, &internal_error())?;
                         }
                     }
@@ -365,7 +365,7 @@ fn finish_recovered(
     dev: &str,
     ring: &mut Ring,
     recovered: Vec<Recovered>,
-    jobs: &Sender<RingCommand>,
+    jobs: &Sender<Job>,
 ) -> Result<(), DeviceError> {
     if recovered.is_empty() {
         return Ok(());
@@ -375,8 +375,8 @@ fn finish_recovered(
         match r {
             Recovered::Pending(cmd) if is_replay_safe(&cmd.cdb) => {
                 replayed += 1;
-                if let Err(e) = jobs.send(cmd) {
-                    let id = e.0.cmd_id;
+                if let Err(e) = jobs.send(Job { cmd, replay: true }) {
+                    let id = e.0.cmd.cmd_id;
                     complete(ring, id, &internal_error())?;
                 }
             }
@@ -419,16 +419,24 @@ fn complete(ring: &mut Ring, cmd_id: u16, r: &CommandResult) -> Result<(), RingE
     )
 }
 
+/// One command for the I/O threads.
+struct Job {
+    cmd: RingCommand,
+    /// A command the previous worker had accepted and the recovery runs again: it was issued
+    /// before the restart, so the restart's unit attention is not reported to it.
+    replay: bool,
+}
+
 fn io_loop(
     dev: &str,
-    jobs: Receiver<RingCommand>,
+    jobs: Receiver<Job>,
     done: Sender<Done>,
     wake: &EventFd,
     emulator: &Emulator,
     counters: &Counters,
     abandoned: &AtomicBool,
 ) {
-    for mut cmd in jobs {
+    for Job { mut cmd, replay } in jobs {
         if abandoned.load(Ordering::Acquire) {
             // The ring thread is gone: nobody could deliver the result.
             continue;
@@ -436,11 +444,16 @@ fn io_loop(
         let op = cmd.cdb.first().copied().unwrap_or(0);
         let len = cmd.data.len() as u64;
         let result = catch_unwind(AssertUnwindSafe(|| {
-            emulator.execute(&mut Command {
+            let mut c = Command {
                 cdb: &cmd.cdb,
                 data: &mut cmd.data,
                 bidi_in: cmd.bidi_in.as_mut(),
-            })
+            };
+            if replay {
+                emulator.execute_replayed(&mut c)
+            } else {
+                emulator.execute(&mut c)
+            }
         }))
         .unwrap_or_else(|_| {
             error!(device = %dev, opcode = op, "command handler panicked; failing the command");

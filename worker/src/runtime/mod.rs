@@ -36,7 +36,7 @@ use tracing::{error, info, warn};
 use crate::handler::{DeviceConfig, HandlerFactory};
 use crate::ring::journal::{Journal, JournalError};
 use crate::ring::{Mapping, RecoverError, Ring, RingError};
-use crate::scsi::Emulator;
+use crate::scsi::{CopyRegistry, Emulator};
 pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
 
 /// Environment variable naming the inherited supervisor socket.
@@ -127,6 +127,10 @@ pub struct Worker {
     factories: Vec<Arc<dyn HandlerFactory>>,
     devices: HashMap<u64, Served>,
     opts: DeviceOptions,
+    /// Every served device's emulator by NAA designator, so that an EXTENDED COPY received by
+    /// one device can read from or write to another device of this worker. It holds weak
+    /// references: a device leaves it when its runner (the last owner of its emulator) stops.
+    copy_registry: Arc<CopyRegistry>,
 }
 
 impl Worker {
@@ -137,6 +141,7 @@ impl Worker {
             factories,
             devices: HashMap::new(),
             opts: DeviceOptions::default(),
+            copy_registry: CopyRegistry::new(),
         }
     }
 
@@ -360,7 +365,14 @@ impl Worker {
                 let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
             }
         });
+        if spec.journal == JournalMode::Recover {
+            // A previous worker served this device and is gone: whatever state it kept for the
+            // initiator (unit attentions, copy results) went with it, as after a power cycle.
+            // Recovered commands are replayed without it; the next new command reports it.
+            emulator.power_on_reset();
+        }
         let emulator = Arc::new(emulator);
+        self.copy_registry.register(&emulator);
         let runner = match start {
             Start::Recovered(rec) => DeviceRunner::start_recovered(
                 spec.name.clone(),

@@ -1,12 +1,14 @@
 //! # Block commands: reading, writing and provisioning logical blocks
 //!
 //! The SBC-3 commands that move or check data: READ/WRITE (6/10/12/16), WRITE AND VERIFY,
-//! VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, SYNCHRONIZE CACHE, READ CAPACITY (10/16) and
-//! GET LBA STATUS.
+//! VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, READ
+//! CAPACITY (10/16), GET LBA STATUS, FORMAT UNIT and READ DEFECT DATA.
 //!
 //! Rules every command here follows:
 //! - the transfer length is checked against the device's maximum transfer length
-//!   (`hw_max_sectors`; INVALID FIELD IN CDB pointing at the length field), then the range
+//!   (`max_sectors` of the device configuration, see
+//!   [`MIN_MAX_TRANSFER_BYTES`](crate::handler::MIN_MAX_TRANSFER_BYTES); INVALID FIELD IN CDB
+//!   pointing at the length field), then the range
 //!   `[LBA, LBA + length)` against the capacity (LOGICAL BLOCK ADDRESS OUT OF RANGE, 05/21/00,
 //!   also when LBA + length overflows);
 //! - a zero transfer length is a GOOD no-op (READ (6)/WRITE (6) excepted: 0 means 256 there);
@@ -22,8 +24,8 @@
 //! - data-in and data-out go between the handler and the command's [`DataBuf`] segments directly
 //!   (`io_slices`), without copying. If the data buffer is shorter than the CDB's transfer, the
 //!   part that fits is transferred and, for reads, `read_len` reports how much that was;
-//! - COMPARE AND WRITE is atomic: it holds an exclusive lock on its block range from reading to
-//!   writing, and every other modifying command holds a shared lock on its range.
+//! - COMPARE AND WRITE and ORWRITE are atomic: they hold an exclusive lock on their block range
+//!   from reading to writing, and every other modifying command holds a shared lock on its range.
 //!
 //! This module never reads CDB bytes without the checked accessors of [`Cdb`] and never
 //! allocates more than [`CHUNK`] bytes (or a COMPARE AND WRITE's bounded size) per command.
@@ -60,9 +62,14 @@ pub fn max_write_same_blocks(emu: &Emulator) -> u64 {
     (MAX_WRITE_SAME_BYTES / u64::from(emu.block_size())).max(1)
 }
 
-/// MAXIMUM UNMAP LBA COUNT in blocks.
+/// Blocks one UNMAP command may deallocate in total, whatever the block size (initiators treat
+/// larger values as implausible: libiscsi's conformance suite insists on at most 2^20).
+const MAX_UNMAP_BLOCKS: u64 = 1 << 20;
+
+/// MAXIMUM UNMAP LBA COUNT in blocks: [`MAX_UNMAP_BYTES`] worth, at most [`MAX_UNMAP_BLOCKS`].
 pub fn max_unmap_blocks(emu: &Emulator) -> u32 {
-    u32::try_from((MAX_UNMAP_BYTES / u64::from(emu.block_size())).max(1)).unwrap_or(u32::MAX)
+    let n = (MAX_UNMAP_BYTES / u64::from(emu.block_size())).clamp(1, MAX_UNMAP_BLOCKS);
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Checks the transfer length against the maximum transfer length.
@@ -403,6 +410,11 @@ pub fn unmap(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done
 /// exclusive range lock, the medium is read and compared; on a difference the command ends in
 /// MISCOMPARE (0E/1D/00) with the information field set to the offset of the first differing
 /// byte and nothing is written; otherwise the second half is written (`durable = FUA || !WCE`).
+///
+/// The data-out must be exactly 2 × N blocks: a command whose NUMBER OF LOGICAL BLOCKS does not
+/// match the data the initiator sent (including N = 0 with data) is INVALID FIELD IN CDB
+/// pointing at that field. (Through TCMU we cannot report a write residual instead, and
+/// comparing against a guess would be worse.) N = 0 without data is a GOOD no-op.
 pub fn compare_and_write(
     emu: &Emulator,
     cmd: &mut Command<'_>,
@@ -411,6 +423,9 @@ pub fn compare_and_write(
     let lba = cdb.be64(2);
     let blocks = cdb.u8(13);
     if blocks == 0 {
+        if !cmd.data.is_empty() {
+            return Err(Sense::invalid_field_in_cdb(13, Some(7)));
+        }
         return Ok(Done::Good);
     }
     if blocks > max_compare_write_blocks(emu) {
@@ -419,7 +434,7 @@ pub fn compare_and_write(
     emu.check_range(lba, u64::from(blocks))?;
     let (off, len) = emu.byte_range(lba, u64::from(blocks));
     let half = to_usize(len);
-    if cmd.data.len() < half.saturating_mul(2) {
+    if cmd.data.len() != half.saturating_mul(2) {
         return Err(Sense::invalid_field_in_cdb(13, Some(7)));
     }
     let durable = fua(&cdb) || !emu.write_cache();
@@ -491,19 +506,201 @@ pub fn read_capacity_16(
     Ok(super::emulate::data_in(cmd, &resp, alloc))
 }
 
-/// GET LBA STATUS (9Eh/12h), offered with thin provisioning: handlers cannot tell us which
-/// blocks are mapped, so one descriptor reports the range from the starting LBA (up to 2^32-1
-/// blocks) as "mapped or unknown" (status 0), which SBC-4 allows.
+/// Most LBA status descriptors one GET LBA STATUS returns (each costs the handler a lookup).
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 64;
+
+/// One run of blocks from `lba` in the same provisioning state: (mapped, blocks), at most
+/// `max_blocks`. A block only partly allocated counts as mapped.
+fn provisioning_run(emu: &Emulator, lba: u64, max_blocks: u64) -> Result<(bool, u64), Sense> {
+    let bs = u64::from(emu.block_size());
+    let (off, len) = emu.byte_range(lba, max_blocks);
+    let run = emu
+        .handler()
+        .allocation(off, len)
+        .map_err(|e| emu.io_sense(&e, IoKind::Read, "allocation"))?;
+    Ok(match run {
+        None => (true, max_blocks),
+        Some((true, bytes)) => (true, bytes.div_ceil(bs).clamp(1, max_blocks)),
+        Some((false, bytes)) if bytes >= bs => (false, (bytes / bs).min(max_blocks)),
+        Some((false, _)) => (true, 1),
+    })
+}
+
+/// GET LBA STATUS (9Eh/12h), offered with thin provisioning: LBA status descriptors from the
+/// STARTING LBA on, each a run of blocks that are mapped (status 0h) or deallocated (1h), as
+/// the handler's [`Handler::allocation`](crate::handler::Handler::allocation) tells; a handler
+/// that cannot tell gets one "mapped" descriptor for the rest of the medium (SBC-3 lets "mapped"
+/// stand for "mapped or unknown"). As many descriptors as the allocation length holds, at most
+/// [`MAX_LBA_STATUS_DESCRIPTORS`], each at most 2^32 - 1 blocks.
 pub fn get_lba_status(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
     let lba = cdb.be64(2);
     let alloc = to_usize(u64::from(cdb.be32(10)));
     emu.check_range(lba, 1)?;
-    let blocks = u32::try_from(emu.num_blocks().saturating_sub(lba)).unwrap_or(u32::MAX);
-    let mut resp = Vec::with_capacity(24);
-    resp.extend_from_slice(&20u32.to_be_bytes());
+    let nb = emu.num_blocks();
+    let wanted = (alloc.saturating_sub(8) / 16).clamp(1, MAX_LBA_STATUS_DESCRIPTORS);
+    let mut descs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut cur = lba;
+    while cur < nb && descs.len() < wanted {
+        let (mapped, blocks) = provisioning_run(emu, cur, (nb - cur).min(u64::from(u32::MAX)))?;
+        match descs.last_mut() {
+            // Runs split only by the 2^32 - 1 cap, or by a partly allocated block, merge.
+            Some(last) if last.2 == mapped && last.1 + blocks <= u64::from(u32::MAX) => {
+                last.1 += blocks
+            }
+            _ => descs.push((cur, blocks, mapped)),
+        }
+        cur += blocks;
+    }
+    let mut resp = Vec::with_capacity(8 + 16 * descs.len());
+    resp.extend_from_slice(
+        &u32::try_from(4 + 16 * descs.len())
+            .unwrap_or(0)
+            .to_be_bytes(),
+    );
     resp.extend_from_slice(&[0; 4]);
-    resp.extend_from_slice(&lba.to_be_bytes());
-    resp.extend_from_slice(&blocks.to_be_bytes());
-    resp.extend_from_slice(&[0; 4]);
+    for (start, blocks, mapped) in descs {
+        resp.extend_from_slice(&start.to_be_bytes());
+        resp.extend_from_slice(&u32::try_from(blocks).unwrap_or(u32::MAX).to_be_bytes());
+        resp.push(if mapped { 0x00 } else { 0x01 });
+        resp.extend_from_slice(&[0; 3]);
+    }
+    Ok(super::emulate::data_in(cmd, &resp, alloc))
+}
+
+/// PRE-FETCH (10), (16): asks the device to read blocks into its cache ahead of use. We keep no
+/// cache of our own (the handler's backing store has the page cache), so after the range check
+/// (a zero length means "to the last block", as for SYNCHRONIZE CACHE) there is nothing to do.
+/// The status is GOOD, which SBC-3 defines as "not every block could be cached" (CONDITION MET
+/// would promise they all were). IMMED is accepted: we finish at once either way.
+pub fn pre_fetch(emu: &Emulator, _cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let r = block_range(&cdb, false);
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    Ok(Done::Good)
+}
+
+/// ORWRITE (16): each byte of the data-out is ORed into the medium's byte at the same position
+/// (SBC-3 §5.9: a read-modify-write the device does atomically). Under an exclusive range lock,
+/// chunk by chunk, the blocks are read, ORed with the data and written back
+/// (`durable = FUA || !WCE`). ORPROTECT is outside the usage mask (no protection information).
+pub fn orwrite(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let r = block_range(&cdb, false);
+    check_max_transfer(emu, r.blocks, r.len_byte)?;
+    emu.check_range(r.lba, u64::from(r.blocks))?;
+    if r.blocks == 0 {
+        return Ok(Done::Good);
+    }
+    let durable = fua(&cdb) || !emu.write_cache();
+    let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
+    let n = to_usize(len).min(cmd.data.len());
+    let _g = emu
+        .ranges()
+        .exclusive(r.lba, r.lba.saturating_add(u64::from(r.blocks)));
+    let mut done = 0usize;
+    while done < n {
+        let step = to_usize(CHUNK).min(n - done);
+        let mut medium = read_vec(emu, off + done as u64, step)?;
+        let mut data = vec![0u8; step];
+        cmd.data.copy_to(done, &mut data);
+        for (m, d) in medium.iter_mut().zip(&data) {
+            *m |= d;
+        }
+        emu.handler()
+            .write(
+                off + done as u64,
+                &[std::io::IoSlice::new(&medium)],
+                durable,
+            )
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "orwrite"))?;
+        done += step;
+    }
+    Ok(Done::Good)
+}
+
+/// FORMAT UNIT: the medium is already formatted with the device's block size, so formatting
+/// only establishes "no data": on a thin-provisioned device whose unmapped blocks read as zeros,
+/// every block is unmapped (SBC-3 §4.7.3.5: after a format, a thin-provisioned LU's blocks are
+/// unmapped); otherwise the contents are left as they are, which SBC-3 allows without an
+/// initialization pattern.
+///
+/// With FMTDATA the parameter list header (short, or long with LONGLIST) is checked: a
+/// protection field usage, an initialization pattern (IP), a defect list, or option bits without
+/// FOV are INVALID FIELD IN PARAMETER LIST with a pointer; a list shorter than its header is
+/// PARAMETER LIST LENGTH ERROR. FMTPINFO (protection information) is outside the usage mask.
+pub fn format_unit(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let longlist = cdb.bit(1, 5);
+    let fmtdata = cdb.bit(1, 4);
+    if fmtdata {
+        let hlen = if longlist { 8 } else { 4 };
+        if cmd.data.len() < hlen {
+            return Err(Sense::param_list_length_error());
+        }
+        let mut h = vec![0u8; hlen];
+        cmd.data.copy_to(0, &mut h);
+        let b = |i: usize| h.get(i).copied().unwrap_or(0);
+        if b(0) & 0x07 != 0 {
+            return Err(Sense::invalid_field_in_param_list(0, Some(2)));
+        }
+        let fov = b(1) & 0x80 != 0;
+        // DPRY, DCRT, STPF, IP and IMMED mean something only with FOV.
+        if !fov && b(1) & 0x7A != 0 {
+            return Err(Sense::invalid_field_in_param_list(1, Some(7)));
+        }
+        if b(1) & 0x08 != 0 {
+            return Err(Sense::invalid_field_in_param_list(1, Some(3)));
+        }
+        if longlist && b(3) != 0 {
+            return Err(Sense::invalid_field_in_param_list(3, Some(7)));
+        }
+        let (dl_at, dl) = if longlist {
+            (
+                4u16,
+                h.get(4..8)
+                    .map_or(0, |s| s.iter().fold(0u32, |a, &x| (a << 8) | u32::from(x))),
+            )
+        } else {
+            (2u16, u32::from(b(2)) << 8 | u32::from(b(3)))
+        };
+        if dl != 0 {
+            return Err(Sense::invalid_field_in_param_list(dl_at, Some(7)));
+        }
+    }
+    let caps = emu.caps();
+    if caps.unmap && caps.unmap_reads_zero {
+        let nb = emu.num_blocks();
+        let _g = emu.ranges().exclusive(0, nb);
+        let (_, len) = emu.byte_range(0, nb);
+        emu.handler()
+            .unmap(0, len)
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "format unit"))?;
+    }
+    flush(emu)?;
+    Ok(Done::Good)
+}
+
+/// READ DEFECT DATA (10) and (12): we have no defects. The header echoes the requested list
+/// format and lists (PLISTV/GLISTV), with a zero DEFECT LIST LENGTH. The reserved format codes
+/// (001b, 010b, 111b) are INVALID FIELD IN CDB.
+pub fn read_defect_data(
+    _emu: &Emulator,
+    cmd: &mut Command<'_>,
+    cdb: Cdb<'_>,
+) -> Result<Done, Sense> {
+    let twelve = cdb.u8(0) == op::READ_DEFECT_DATA_12;
+    let flags_byte = if twelve { 1 } else { 2 };
+    let flags = cdb.u8(flags_byte) & 0x1F;
+    if matches!(flags & 0x07, 1 | 2 | 7) {
+        return Err(Sense::invalid_field_in_cdb(
+            u16::try_from(flags_byte).unwrap_or(0),
+            Some(2),
+        ));
+    }
+    let (resp, alloc) = if twelve {
+        (
+            vec![0, flags, 0, 0, 0, 0, 0, 0],
+            to_usize(u64::from(cdb.be32(6))),
+        )
+    } else {
+        (vec![0, flags, 0, 0], usize::from(cdb.be16(7)))
+    };
     Ok(super::emulate::data_in(cmd, &resp, alloc))
 }

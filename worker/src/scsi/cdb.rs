@@ -22,6 +22,8 @@ pub mod op {
     pub const TEST_UNIT_READY: u8 = 0x00;
     /// REQUEST SENSE.
     pub const REQUEST_SENSE: u8 = 0x03;
+    /// FORMAT UNIT.
+    pub const FORMAT_UNIT: u8 = 0x04;
     /// READ (6).
     pub const READ_6: u8 = 0x08;
     /// WRITE (6).
@@ -46,8 +48,12 @@ pub mod op {
     pub const WRITE_VERIFY_10: u8 = 0x2E;
     /// VERIFY (10).
     pub const VERIFY_10: u8 = 0x2F;
+    /// PRE-FETCH (10).
+    pub const PRE_FETCH_10: u8 = 0x34;
     /// SYNCHRONIZE CACHE (10).
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    /// READ DEFECT DATA (10).
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     /// WRITE SAME (10).
     pub const WRITE_SAME_10: u8 = 0x41;
     /// UNMAP.
@@ -56,16 +62,24 @@ pub mod op {
     pub const MODE_SELECT_10: u8 = 0x55;
     /// MODE SENSE (10).
     pub const MODE_SENSE_10: u8 = 0x5A;
+    /// EXTENDED COPY (LID1 is service action 00h).
+    pub const EXTENDED_COPY: u8 = 0x83;
+    /// RECEIVE COPY RESULTS (service actions: COPY STATUS 00h, OPERATING PARAMETERS 03h).
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     /// READ (16).
     pub const READ_16: u8 = 0x88;
     /// COMPARE AND WRITE.
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     /// WRITE (16).
     pub const WRITE_16: u8 = 0x8A;
+    /// ORWRITE (16).
+    pub const ORWRITE_16: u8 = 0x8B;
     /// WRITE AND VERIFY (16).
     pub const WRITE_VERIFY_16: u8 = 0x8E;
     /// VERIFY (16).
     pub const VERIFY_16: u8 = 0x8F;
+    /// PRE-FETCH (16).
+    pub const PRE_FETCH_16: u8 = 0x90;
     /// SYNCHRONIZE CACHE (16).
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     /// WRITE SAME (16).
@@ -84,6 +98,8 @@ pub mod op {
     pub const WRITE_VERIFY_12: u8 = 0xAE;
     /// VERIFY (12).
     pub const VERIFY_12: u8 = 0xAF;
+    /// READ DEFECT DATA (12).
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 
     /// Service action of READ CAPACITY (16) under [`SERVICE_ACTION_IN_16`].
     pub const SA_READ_CAPACITY_16: u8 = 0x10;
@@ -91,6 +107,12 @@ pub mod op {
     pub const SA_GET_LBA_STATUS: u8 = 0x12;
     /// Service action of REPORT SUPPORTED OPERATION CODES under [`MAINTENANCE_IN`].
     pub const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0C;
+    /// Service action of EXTENDED COPY (LID1) under [`EXTENDED_COPY`].
+    pub const SA_EXTENDED_COPY_LID1: u8 = 0x00;
+    /// Service action of RECEIVE COPY STATUS (LID1) under [`RECEIVE_COPY_RESULTS`].
+    pub const SA_COPY_STATUS_LID1: u8 = 0x00;
+    /// Service action of RECEIVE COPY OPERATING PARAMETERS under [`RECEIVE_COPY_RESULTS`].
+    pub const SA_COPY_OPERATING_PARAMETERS: u8 = 0x03;
 }
 
 /// Mask of the service-action bits in CDB byte 1.

@@ -20,9 +20,11 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use super::cdb::{Cdb, check_usage};
+use super::copy::{CopyBook, CopyRegistry};
+use super::inquiry;
 use super::rangelock::RangeLock;
 use super::sense::Sense;
 use super::table::{self, Avail, OpDesc};
@@ -106,6 +108,9 @@ pub struct Emulator {
     ua_pending: AtomicBool,
     unit_attentions: Mutex<Vec<Sense>>,
     ranges: RangeLock,
+    designator: [u8; 16],
+    copy_registry: OnceLock<Weak<CopyRegistry>>,
+    copy_book: Mutex<CopyBook>,
 }
 
 impl std::fmt::Debug for Emulator {
@@ -131,6 +136,7 @@ impl Emulator {
                 *slot = true;
             }
         }
+        let designator = inquiry::naa_designator(&inquiry::serial_of(&cfg.unit_serial, &cfg.name));
         Emulator {
             name: cfg.name.clone(),
             subtype: cfg.subtype.clone(),
@@ -148,6 +154,9 @@ impl Emulator {
             ua_pending: AtomicBool::new(false),
             unit_attentions: Mutex::new(Vec::new()),
             ranges: RangeLock::new(),
+            designator,
+            copy_registry: OnceLock::new(),
+            copy_book: Mutex::new(CopyBook::default()),
         }
     }
 
@@ -163,6 +172,17 @@ impl Emulator {
 
     /// Executes one command. Safe to call concurrently from several threads.
     pub fn execute(&self, cmd: &mut Command<'_>) -> CommandResult {
+        self.execute_inner(cmd, true)
+    }
+
+    /// Executes a command that a previous worker had already accepted and that crash recovery
+    /// runs again. It was issued before the restart, so a pending unit attention (the restart's
+    /// power-on reset) is left for the next new command instead of failing this one.
+    pub fn execute_replayed(&self, cmd: &mut Command<'_>) -> CommandResult {
+        self.execute_inner(cmd, false)
+    }
+
+    fn execute_inner(&self, cmd: &mut Command<'_>, report_ua: bool) -> CommandResult {
         let bytes = cmd.cdb;
         let Some(&opcode) = bytes.first() else {
             return CommandResult::invalid_opcode();
@@ -172,7 +192,7 @@ impl Emulator {
             if self.refusal.is_some() {
                 return CommandResult::check(Sense::not_ready_manual_intervention());
             }
-            if let Some(ua) = self.take_unit_attention() {
+            if let Some(ua) = report_ua.then(|| self.take_unit_attention()).flatten() {
                 tracing::debug!(device = %self.name, opcode, asc = ua.asc, ascq = ua.ascq, "reporting unit attention");
                 return CommandResult::check(ua);
             }
@@ -246,6 +266,12 @@ impl Emulator {
         self.refusal.as_deref()
     }
 
+    /// The device's NAA designator, as INQUIRY's Device Identification page (83h) reports it;
+    /// EXTENDED COPY names its copy sources and destinations by it.
+    pub fn designator(&self) -> [u8; 16] {
+        self.designator
+    }
+
     // ---- shared helpers for the command modules ----
 
     fn ua_queue(&self) -> std::sync::MutexGuard<'_, Vec<Sense>> {
@@ -304,6 +330,16 @@ impl Emulator {
 
     pub(crate) fn ranges(&self) -> &RangeLock {
         &self.ranges
+    }
+
+    /// The registry of the worker's devices this one joined (see [`CopyRegistry::register`]).
+    pub(crate) fn copy_registry(&self) -> &OnceLock<Weak<CopyRegistry>> {
+        &self.copy_registry
+    }
+
+    /// List identifiers of running copies and held copy results.
+    pub(crate) fn copy_book(&self) -> &Mutex<CopyBook> {
+        &self.copy_book
     }
 
     pub(crate) fn name(&self) -> &str {

@@ -10,6 +10,9 @@
 //!   ID plus a vendor-chosen 100-bit value) and a T10 vendor ID designator ("LIO-ORG" and the
 //!   serial). Linux builds `/dev/disk/by-id/wwn-0x6...` and multipath WWIDs from the NAA, so it
 //!   must be stable: it is a pure function of the unit serial;
+//! - 86h extended INQUIRY data: which task attributes we honour (SIMPLE only: commands run
+//!   concurrently, so ORDERED and HEAD OF QUEUE ordering is not provided) and whether the device
+//!   has a volatile cache (V_SUP follows WCE);
 //! - B0h block limits (largest transfer, UNMAP and WRITE SAME limits);
 //! - B1h block device characteristics (we say: not rotating);
 //! - B2h logical block provisioning (whether UNMAP / WRITE SAME with UNMAP are supported: thin
@@ -38,13 +41,15 @@ pub const MAX_SERIAL_LEN: usize = 240;
 const PAGE_SUPPORTED: u8 = 0x00;
 const PAGE_SERIAL: u8 = 0x80;
 const PAGE_DEVICE_ID: u8 = 0x83;
+const PAGE_EXTENDED_INQUIRY: u8 = 0x86;
 const PAGE_BLOCK_LIMITS: u8 = 0xB0;
 const PAGE_BLOCK_CHARACTERISTICS: u8 = 0xB1;
 const PAGE_PROVISIONING: u8 = 0xB2;
-const PAGES: [u8; 6] = [
+const PAGES: [u8; 7] = [
     PAGE_SUPPORTED,
     PAGE_SERIAL,
     PAGE_DEVICE_ID,
+    PAGE_EXTENDED_INQUIRY,
     PAGE_BLOCK_LIMITS,
     PAGE_BLOCK_CHARACTERISTICS,
     PAGE_PROVISIONING,
@@ -85,11 +90,12 @@ fn printable(b: u8) -> u8 {
 /// that the NAA designator still differs between devices), printable ASCII, at most
 /// [`MAX_SERIAL_LEN`] bytes.
 pub fn effective_serial(emu: &Emulator) -> Vec<u8> {
-    let s = if emu.serial().is_empty() {
-        emu.name()
-    } else {
-        emu.serial()
-    };
+    serial_of(emu.serial(), emu.name())
+}
+
+/// [`effective_serial`] from the configured serial and the device name.
+pub fn serial_of(serial: &str, name: &str) -> Vec<u8> {
+    let s = if serial.is_empty() { name } else { serial };
     s.bytes().map(printable).take(MAX_SERIAL_LEN).collect()
 }
 
@@ -101,7 +107,7 @@ pub fn standard(emu: &Emulator) -> Vec<u8> {
     b.push(VERSION_SPC4);
     b.push(0x12); // HISUP (hierarchical LUNs), response data format 2
     b.push(96 - 5); // additional length
-    b.push(0x00); // no SCCS, ACC, TPGS, 3PC, PROTECT
+    b.push(0x08); // 3PC: EXTENDED COPY; no SCCS, ACC, TPGS, PROTECT
     b.push(0x00); // no ENCSERV, MULTIP
     b.push(0x02); // CMDQUE: command queuing
     b.extend_from_slice(VENDOR);
@@ -136,6 +142,7 @@ pub fn vpd_page(emu: &Emulator, code: u8) -> Option<Vec<u8>> {
         PAGE_SUPPORTED => Some(page(code, &PAGES)),
         PAGE_SERIAL => Some(page(code, &effective_serial(emu))),
         PAGE_DEVICE_ID => Some(page(code, &device_identification(emu))),
+        PAGE_EXTENDED_INQUIRY => Some(page(code, &extended_inquiry(emu))),
         PAGE_BLOCK_LIMITS => Some(page(code, &block_limits(emu))),
         PAGE_BLOCK_CHARACTERISTICS => {
             let mut body = vec![0u8; 0x3C];
@@ -155,7 +162,7 @@ fn device_identification(emu: &Emulator) -> Vec<u8> {
     let mut b = Vec::new();
     // NAA: code set 1 (binary), association 0 (the LU), designator type 3 (NAA).
     b.extend_from_slice(&[0x01, 0x03, 0x00, 16]);
-    b.extend_from_slice(&naa_designator(&serial));
+    b.extend_from_slice(&emu.designator());
     // T10 vendor ID: code set 2 (ASCII), association 0, designator type 1.
     let t10_len = VENDOR.len() + serial.len();
     b.extend_from_slice(&[0x02, 0x01, 0x00, u8::try_from(t10_len).unwrap_or(u8::MAX)]);
@@ -221,6 +228,18 @@ fn put(b: &mut [u8], at: usize, bytes: &[u8]) {
     {
         dst.copy_from_slice(bytes);
     }
+}
+
+/// Body of the extended INQUIRY data page (86h), 60 bytes: no protection information, SIMPSUP
+/// (the SIMPLE task attribute), V_SUP when the device has a volatile write cache; everything
+/// else (ORDSUP, HEADSUP, LUICLR, microcode activation, referrals, ...) clear.
+fn extended_inquiry(emu: &Emulator) -> Vec<u8> {
+    let mut b = vec![0u8; 0x3C];
+    put(&mut b, 1, &[0x01]); // SIMPSUP
+    if emu.write_cache() {
+        put(&mut b, 2, &[0x01]); // V_SUP
+    }
+    b
 }
 
 /// Body of the block limits page (B0h), 60 bytes.

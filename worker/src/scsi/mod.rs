@@ -20,8 +20,10 @@
 //!   unit attentions);
 //! - `inquiry`: standard INQUIRY data and VPD pages (vital product data);
 //! - `mode`: mode pages (caching, control) for MODE SENSE / MODE SELECT;
-//! - `block`: READ/WRITE/VERIFY/WRITE SAME/UNMAP/COMPARE AND WRITE/SYNCHRONIZE CACHE/READ
-//!   CAPACITY/GET LBA STATUS;
+//! - `block`: READ/WRITE/VERIFY/WRITE SAME/UNMAP/COMPARE AND WRITE/ORWRITE/SYNCHRONIZE CACHE/
+//!   PRE-FETCH/READ CAPACITY/GET LBA STATUS/FORMAT UNIT/READ DEFECT DATA;
+//! - `copy`: EXTENDED COPY (LID1) and RECEIVE COPY RESULTS, and the [`CopyRegistry`] through
+//!   which a copy reaches the other devices this process serves;
 //! - `misc`: TEST UNIT READY, REQUEST SENSE, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL,
 //!   REPORT LUNS;
 //! - `rangelock`: the block-range lock that makes COMPARE AND WRITE atomic.
@@ -31,6 +33,7 @@
 
 mod block;
 pub mod cdb;
+mod copy;
 mod emulate;
 mod inquiry;
 mod misc;
@@ -43,6 +46,7 @@ mod table;
 mod tests;
 
 use crate::iobuf::DataBuf;
+pub use copy::CopyRegistry;
 pub use emulate::Emulator;
 pub use inquiry::naa_designator;
 pub use sense::Sense;

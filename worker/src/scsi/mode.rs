@@ -4,10 +4,15 @@
 //! MODE SENSE and may change with MODE SELECT. Each is returned in one of four flavours, chosen
 //! by the PAGE CONTROL field (PC): current values, *changeable* (a bit mask of what MODE SELECT
 //! may change), default values, and saved values. We implement:
+//! - 01h **read-write error recovery**: all zero: no automatic reallocation, no retries to
+//!   report, errors are reported as they happen;
 //! - 08h **caching**: its WCE bit (write cache enable) tells the initiator whether completed
 //!   writes may sit in a volatile cache (then it must send SYNCHRONIZE CACHE, or writes with
 //!   FUA, "force unit access", for data it needs durable);
-//! - 0Ah **control**: fixed facts about command queuing and sense format.
+//! - 0Ah **control**: fixed facts about command queuing and sense format;
+//! - 1Ch **informational exceptions control**: DEXCPT set, we report no failure predictions.
+//!
+//! PAGE CODE 3Fh returns them all, in ascending order.
 //!
 //! Nothing is changeable by the initiator: WCE is the device's configuration (LIO's
 //! `emulate_write_cache` attribute), changed by the administrator through a reconfiguration,
@@ -26,11 +31,18 @@ use super::cdb::{Cdb, op};
 use super::emulate::{Done, Emulator, data_in};
 use super::sense::Sense;
 
+const PAGE_ERROR_RECOVERY: u8 = 0x01;
 const PAGE_CACHING: u8 = 0x08;
 const PAGE_CONTROL: u8 = 0x0A;
+const PAGE_INFORMATIONAL_EXCEPTIONS: u8 = 0x1C;
 const ALL_PAGES: u8 = 0x3F;
 /// Pages we have, in ascending order (the order "all pages" returns them in).
-const PAGES: [u8; 2] = [PAGE_CACHING, PAGE_CONTROL];
+const PAGES: [u8; 4] = [
+    PAGE_ERROR_RECOVERY,
+    PAGE_CACHING,
+    PAGE_CONTROL,
+    PAGE_INFORMATIONAL_EXCEPTIONS,
+];
 /// Device-specific parameter of the header: DPOFUA (we honour DPO and FUA bits).
 const DPOFUA: u8 = 0x10;
 
@@ -46,6 +58,10 @@ enum Pc {
 /// Page `code` as returned for `pc`, or None if we do not have it.
 fn page(emu: &Emulator, code: u8, pc: Pc) -> Option<Vec<u8>> {
     let mut p = match code {
+        // AWRE, ARRE, TB, RC, EER, PER, DTE, DCR all clear; no retry counts, no time limit.
+        PAGE_ERROR_RECOVERY => vec![0u8; 12],
+        // DEXCPT: informational exception operations are disabled; MRIE 0: none reported.
+        PAGE_INFORMATIONAL_EXCEPTIONS => vec![0, 0, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         PAGE_CACHING => {
             let mut p = vec![0u8; 20];
             if let Some(b) = p.get_mut(2) {

@@ -37,6 +37,8 @@ pub mod key {
     pub const UNIT_ATTENTION: u8 = 0x6;
     /// A write was refused (write protection, no space).
     pub const DATA_PROTECT: u8 = 0x7;
+    /// An EXTENDED COPY stopped because of an error at a copy source or destination.
+    pub const COPY_ABORTED: u8 = 0xA;
     /// The command was aborted.
     pub const ABORTED_COMMAND: u8 = 0xB;
     /// Source data did not match the medium (VERIFY, COMPARE AND WRITE).
@@ -120,6 +122,49 @@ impl Sense {
             bit,
         });
         s
+    }
+
+    /// 05/26/`ascq` ILLEGAL REQUEST with one of the INVALID FIELD IN PARAMETER LIST family's
+    /// qualifiers (e.g. 07h UNSUPPORTED TARGET DESCRIPTOR TYPE CODE), pointing at `byte`/`bit`
+    /// of the parameter list.
+    pub const fn param_list_field(ascq: u8, byte: u16, bit: Option<u8>) -> Sense {
+        let mut s = Sense::invalid_field_in_param_list(byte, bit);
+        s.ascq = ascq;
+        s
+    }
+
+    /// 05/26/06 ILLEGAL REQUEST, TOO MANY TARGET DESCRIPTORS (EXTENDED COPY).
+    pub const fn too_many_target_descriptors() -> Sense {
+        Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x06)
+    }
+
+    /// 05/26/08 ILLEGAL REQUEST, TOO MANY SEGMENT DESCRIPTORS (EXTENDED COPY).
+    pub const fn too_many_segment_descriptors() -> Sense {
+        Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x08)
+    }
+
+    /// 05/00/16 ILLEGAL REQUEST, OPERATION IN PROGRESS (an EXTENDED COPY with the same list
+    /// identifier is still running).
+    pub const fn operation_in_progress() -> Sense {
+        Sense::new(key::ILLEGAL_REQUEST, 0x00, 0x16)
+    }
+
+    /// 0A/08/04 COPY ABORTED, UNREACHABLE COPY TARGET: a segment names a copy target the
+    /// parameter list does not describe.
+    pub const fn unreachable_copy_target() -> Sense {
+        Sense::new(key::COPY_ABORTED, 0x08, 0x04)
+    }
+
+    /// 0A/0D/02 COPY ABORTED, COPY TARGET DEVICE NOT REACHABLE: a copy target is not served by
+    /// this process, or the blocks asked for do not exist on it.
+    pub const fn copy_target_not_reachable() -> Sense {
+        Sense::new(key::COPY_ABORTED, 0x0D, 0x02)
+    }
+
+    /// 0A/0D/03 COPY ABORTED, INCORRECT COPY TARGET DEVICE TYPE: the descriptor's device type
+    /// or block length does not match the device.
+    pub const fn incorrect_copy_target_type() -> Sense {
+        Sense::new(key::COPY_ABORTED, 0x0D, 0x03)
     }
 
     /// 05/1A/00 ILLEGAL REQUEST, PARAMETER LIST LENGTH ERROR.

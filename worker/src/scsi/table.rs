@@ -21,7 +21,7 @@
 use super::cdb::{Cdb, SA_MASK, op};
 use super::emulate::{Done, Emulator, data_in};
 use super::sense::Sense;
-use super::{Command, block, inquiry, misc, mode};
+use super::{Command, block, copy, inquiry, misc, mode};
 
 /// Which way a command moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +123,7 @@ pub static OPS: &[OpDesc] = &[
     d(op::TEST_UNIT_READY, None, "TEST UNIT READY", &[0x00, 0, 0, 0, 0, 0], NoData, misc::test_unit_ready),
     d(op::REQUEST_SENSE, None, "REQUEST SENSE", &[0x03, 0x01, 0, 0, 0xFF, 0], In, misc::request_sense)
         .housekeeping(),
+    d(op::FORMAT_UNIT, None, "FORMAT UNIT", &[0x04, 0x3F, 0, 0, 0, 0], Out, block::format_unit),
     d(op::READ_6, None, "READ (6)", &[0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0], In, block::read),
     d(op::WRITE_6, None, "WRITE (6)", &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0], Out, block::write),
     d(op::INQUIRY, None, "INQUIRY", &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0], In, inquiry::inquiry)
@@ -144,8 +145,12 @@ pub static OPS: &[OpDesc] = &[
         &[0x2E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_verify),
     d(op::VERIFY_10, None, "VERIFY (10)",
         &[0x2F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::verify),
+    d(op::PRE_FETCH_10, None, "PRE-FETCH (10)",
+        &[0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::pre_fetch),
     d(op::SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE (10)",
         &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::synchronize_cache),
+    d(op::READ_DEFECT_DATA_10, None, "READ DEFECT DATA (10)",
+        &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0], In, block::read_defect_data),
     d(op::WRITE_SAME_10, None, "WRITE SAME (10)",
         &[0x41, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_same)
         .split(&[(1, 0x13)]),
@@ -157,16 +162,27 @@ pub static OPS: &[OpDesc] = &[
         .split(&[(1, 0x01)]),
     d(op::MODE_SENSE_10, None, "MODE SENSE (10)",
         &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0], In, mode::mode_sense),
+    d(op::EXTENDED_COPY, Some(op::SA_EXTENDED_COPY_LID1), "EXTENDED COPY (LID1)",
+        &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], Out, copy::extended_copy),
+    d(op::RECEIVE_COPY_RESULTS, Some(op::SA_COPY_STATUS_LID1), "RECEIVE COPY STATUS (LID1)",
+        &[0x84, 0x00, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In, copy::receive_copy_status),
+    d(op::RECEIVE_COPY_RESULTS, Some(op::SA_COPY_OPERATING_PARAMETERS), "RECEIVE COPY OPERATING PARAMETERS",
+        &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In,
+        copy::receive_copy_operating_parameters),
     d(op::READ_16, None, "READ (16)",
         &[0x88, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read),
     d(op::COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
         &[0x89, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, GROUP, 0], Out, block::compare_and_write),
     d(op::WRITE_16, None, "WRITE (16)",
         &[0x8A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write),
+    d(op::ORWRITE_16, None, "ORWRITE (16)",
+        &[0x8B, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::orwrite),
     d(op::WRITE_VERIFY_16, None, "WRITE AND VERIFY (16)",
         &[0x8E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify),
     d(op::VERIFY_16, None, "VERIFY (16)",
         &[0x8F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),
+    d(op::PRE_FETCH_16, None, "PRE-FETCH (16)",
+        &[0x90, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::pre_fetch),
     d(op::SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE (16)",
         &[0x91, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::synchronize_cache),
     d(op::WRITE_SAME_16, None, "WRITE SAME (16)",
@@ -190,6 +206,8 @@ pub static OPS: &[OpDesc] = &[
         &[0xAE, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify),
     d(op::VERIFY_12, None, "VERIFY (12)",
         &[0xAF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),
+    d(op::READ_DEFECT_DATA_12, None, "READ DEFECT DATA (12)",
+        &[0xB7, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In, block::read_defect_data),
 ];
 
 /// The name and data direction of the emulated command `cdb` starts, for logs and for callers

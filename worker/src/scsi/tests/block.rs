@@ -520,7 +520,8 @@ fn unmap_parameter_list_checks() {
         },
     ));
     let emu = Emulator::new(&c, h.clone());
-    let max = (1u32 << 30) / BS as u32;
+    // MAXIMUM UNMAP LBA COUNT: 2^20 blocks.
+    let max = 1u32 << 20;
     let l = unmap_list(&[(0, max - 1), (max as u64, 1), (2 * max as u64, 1)]);
     let mut buf = DataBuf::from_segments(vec![l.clone()]);
     let r = emu.execute(&mut Command {
@@ -645,4 +646,80 @@ fn get_lba_status_reports_mapped_or_unknown() {
     // Not offered without thin provisioning: the service action is unknown.
     let d = Dev::new();
     assert_bad_cdb_field(&d.run_in(&c, 64).0, 1, 4);
+}
+
+#[test]
+fn get_lba_status_reports_what_the_handler_allocated() {
+    use crate::handler::ram::RamHandler;
+    // The ram handler allocates 64 KiB (128-block) chunks.
+    let c = cfg(2048);
+    let h = Arc::new(RamHandler::new(c.dev_size));
+    let emu = Emulator::new(&c, h.clone());
+    let run = |cdb: &[u8], len: usize| {
+        let mut d = DataBuf::from_segments(vec![vec![0xAA; len]]);
+        let r = emu.execute(&mut Command {
+            cdb,
+            data: &mut d,
+            bidi_in: None,
+        });
+        assert_good(&r);
+        let mut v = d.to_vec();
+        v.truncate(r.read_len.map_or(len, |n| n as usize));
+        v
+    };
+    let glbas = |lba: u64, alloc: u32| {
+        let mut c = vec![0x9E, 0x12];
+        c.extend_from_slice(&lba.to_be_bytes());
+        c.extend_from_slice(&alloc.to_be_bytes());
+        c.extend_from_slice(&[0, 0]);
+        c
+    };
+    let descs = |v: &[u8]| -> Vec<(u64, u32, u8)> {
+        assert_eq!(
+            u32::from_be_bytes(v[..4].try_into().unwrap()) as usize,
+            v.len() - 4
+        );
+        v[8..]
+            .chunks(16)
+            .map(|d| {
+                (
+                    u64::from_be_bytes(d[..8].try_into().unwrap()),
+                    u32::from_be_bytes(d[8..12].try_into().unwrap()),
+                    d[12],
+                )
+            })
+            .collect()
+    };
+    assert_eq!(descs(&run(&glbas(0, 1024), 1024)), [(0, 2048, 1)]);
+    assert_good(&d_write(&emu, &rw10(0x2A, 130, 2, 0), &[1; 2 * BS]));
+    assert_good(&d_write(&emu, &rw10(0x2A, 600, 1, 0), &[1; BS]));
+    assert_eq!(
+        descs(&run(&glbas(0, 1024), 1024)),
+        [
+            (0, 128, 1),
+            (128, 128, 0),
+            (256, 256, 1),
+            (512, 128, 0),
+            (640, 1408, 1)
+        ]
+    );
+    assert_eq!(
+        descs(&run(&glbas(200, 1024), 1024)),
+        [(200, 56, 0), (256, 256, 1), (512, 128, 0), (640, 1408, 1)]
+    );
+    // The allocation length bounds the descriptors returned (8 + 2 * 16 bytes: two).
+    assert_eq!(descs(&run(&glbas(0, 40), 40)), [(0, 128, 1), (128, 128, 0)]);
+    // Unmapping deallocates again.
+    let l = unmap_list(&[(128, 128), (512, 128)]);
+    assert_good(&d_write(&emu, &unmap_cdb(l.len() as u16), &l));
+    assert_eq!(descs(&run(&glbas(0, 1024), 1024)), [(0, 2048, 1)]);
+}
+
+fn d_write(emu: &Emulator, cdb: &[u8], data: &[u8]) -> CommandResult {
+    let mut d = DataBuf::from_segments(vec![data.to_vec()]);
+    emu.execute(&mut Command {
+        cdb,
+        data: &mut d,
+        bidi_in: None,
+    })
 }

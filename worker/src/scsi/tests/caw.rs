@@ -72,6 +72,10 @@ fn compare_and_write_field_checks() {
     assert_good(&d.run_out(&caw(2047, 1, 0), &buf[..2 * BS]));
     // Data-out shorter than 2 * N blocks.
     assert_bad_cdb_field(&d.run_out(&caw(0, 2, 0), &buf[..3 * BS]), 13, 7);
+    // Data-out longer than 2 * N blocks, and N = 0 with data (an initiator that wanted 256
+    // blocks, which the one-byte field cannot say): the CDB does not describe the data.
+    assert_bad_cdb_field(&d.run_out(&caw(0, 1, 0), &buf[..3 * BS]), 13, 7);
+    assert_bad_cdb_field(&d.run_out(&caw(0, 0, 0), &buf), 13, 7);
     // Reserved bytes and bits, protection.
     let mut c = caw(0, 1, 0);
     c[10] = 1;

@@ -13,7 +13,7 @@ fn standard_inquiry_data() {
     assert_eq!(v[2], 0x06, "SPC-4");
     assert_eq!(v[3], 0x12, "HISUP, response data format 2");
     assert_eq!(v[4] as usize, 96 - 5, "additional length");
-    assert_eq!((v[5], v[6], v[7]), (0, 0, 0x02), "CMDQUE");
+    assert_eq!((v[5], v[6], v[7]), (0x08, 0, 0x02), "3PC, CMDQUE");
     assert_eq!(&v[8..16], b"LIO-ORG ");
     assert_eq!(&v[16..32], b"TCMU file       ");
     assert_eq!(&v[32..36], b"0.1 ");
@@ -78,7 +78,7 @@ fn inquiry_field_checks() {
     // EVPD=0 with a page code.
     assert_bad_cdb_field(&d.run_in(&inquiry(false, 0x80, 36), 36).0, 2, 7);
     // Unknown VPD page.
-    for page in [0x01u8, 0x86, 0x89, 0xB3, 0xFF] {
+    for page in [0x01u8, 0x87, 0x89, 0xB3, 0xFF] {
         assert_bad_cdb_field(&d.run_in(&inquiry(true, page, 255), 255).0, 2, 7);
     }
 }
@@ -87,7 +87,10 @@ fn inquiry_field_checks() {
 fn vpd_supported_pages() {
     let d = Dev::new();
     let v = d.data_in(&inquiry(true, 0x00, 255), 255);
-    assert_eq!(v, vec![0, 0x00, 0, 6, 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]);
+    assert_eq!(
+        v,
+        vec![0, 0x00, 0, 7, 0x00, 0x80, 0x83, 0x86, 0xB0, 0xB1, 0xB2]
+    );
     // Every listed page answers.
     for &p in &v[4..] {
         assert_good(&d.run_in(&inquiry(true, p, 255), 255).0);
@@ -223,7 +226,8 @@ fn vpd_block_limits_with_unmap() {
     let v = d.data_in(&inquiry(true, 0xB0, 255), 255);
     assert_eq!(
         u32::from_be_bytes(v[20..24].try_into().unwrap()),
-        (1 << 30) / 512
+        1 << 20,
+        "max unmap LBA count: at most 2^20 blocks"
     );
     assert_eq!(u32::from_be_bytes(v[24..28].try_into().unwrap()), 256);
     assert_eq!(u32::from_be_bytes(v[28..32].try_into().unwrap()), 8);
@@ -288,4 +292,19 @@ fn vpd_logical_block_provisioning() {
         d.data_in(&inquiry(true, 0xB2, 255), 255),
         vec![0, 0xB2, 0, 4, 0, 0xE0, 0x02, 0]
     );
+}
+
+#[test]
+fn vpd_extended_inquiry_data() {
+    let d = Dev::new();
+    let v = d.data_in(&inquiry(true, 0x86, 255), 255);
+    assert_eq!(v.len(), 64);
+    assert_eq!(&v[..4], &[0, 0x86, 0, 0x3C]);
+    assert_eq!(v[4], 0, "no protection information");
+    assert_eq!(v[5], 0x01, "SIMPSUP only: commands run concurrently");
+    assert_eq!(v[6], 0, "no volatile cache while WCE=0");
+    assert!(v[7..].iter().all(|&b| b == 0));
+    d.emu.set_write_cache(true);
+    let v = d.data_in(&inquiry(true, 0x86, 255), 255);
+    assert_eq!(v[6], 0x01, "V_SUP with WCE=1");
 }

@@ -15,7 +15,7 @@ fn test_unit_ready_is_good() {
 #[test]
 fn unknown_opcodes_are_invalid_command_operation_code() {
     let d = Dev::new();
-    for op in [0x04u8, 0x1D, 0x3B, 0x7F, 0xC0, 0xFF] {
+    for op in [0x02u8, 0x1D, 0x3B, 0x7F, 0xC0, 0xFF] {
         let r = d.run(&[op, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_sense(&r, key::ILLEGAL_REQUEST, 0x20, 0x00);
     }

@@ -2,7 +2,9 @@
 
 mod block;
 mod caw;
+mod copy;
 mod inquiry;
+mod medium;
 mod misc;
 mod mode;
 mod prop;

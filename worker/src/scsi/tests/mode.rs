@@ -23,6 +23,8 @@ const CACHING_OFF: [u8; 20] = [
     0x08, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 ];
 const CONTROL: [u8; 12] = [0x0A, 0x0A, 0x02, 0x10, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0];
+const ERROR_RECOVERY: [u8; 12] = [0x01, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const INFO_EXCEPTIONS: [u8; 12] = [0x1C, 0x0A, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 fn caching(wce: bool) -> Vec<u8> {
     let mut p = CACHING_OFF.to_vec();
@@ -90,11 +92,34 @@ fn all_pages_and_control_page() {
     let v = d.data_in(&sense6(true, 0, 0x3F, 0, 255), 255);
     assert_eq!(v[0] as usize, v.len() - 1);
     assert_eq!(v[3], 0, "no block descriptor with DBD");
-    assert_eq!(&v[4..24], &caching(false)[..]);
-    assert_eq!(&v[24..], &CONTROL[..]);
+    let all = [
+        &ERROR_RECOVERY[..],
+        &caching(false)[..],
+        &CONTROL[..],
+        &INFO_EXCEPTIONS[..],
+    ]
+    .concat();
+    assert_eq!(&v[4..], &all[..], "01h, 08h, 0Ah, 1Ch in ascending order");
     assert_eq!(d.data_in(&sense6(true, 0, 0x3F, 0xFF, 255), 255), v);
     let c = d.data_in(&sense6(true, 0, 0x0A, 0, 255), 255);
     assert_eq!(&c[4..], &CONTROL[..]);
+    let e = d.data_in(&sense6(true, 0, 0x01, 0, 255), 255);
+    assert_eq!(&e[4..], &ERROR_RECOVERY[..]);
+    let i = d.data_in(&sense6(true, 0, 0x1C, 0, 255), 255);
+    assert_eq!(&i[4..], &INFO_EXCEPTIONS[..]);
+    // Nothing in them is changeable; the default and saved values are the current ones.
+    for page in [0x01, 0x1C] {
+        let ch = d.data_in(&sense6(true, 1, page, 0, 255), 255);
+        assert!(ch[6..].iter().all(|&b| b == 0), "page {page:#x}: {ch:02x?}");
+        for pc in [2, 3] {
+            assert_eq!(
+                d.data_in(&sense6(true, pc, page, 0, 255), 255),
+                d.data_in(&sense6(true, 0, page, 0, 255), 255)
+            );
+        }
+    }
+    // Pages we do not have.
+    assert_bad_cdb_field(&d.run(&sense6(true, 0, 0x02, 0, 255)), 2, 5);
 }
 
 #[test]
@@ -150,8 +175,8 @@ fn mode_sense_allocation_length_truncates() {
 #[test]
 fn mode_sense_field_checks() {
     let d = Dev::new();
-    assert_bad_cdb_field(&d.run_in(&sense6(false, 0, 0x1C, 0, 255), 255).0, 2, 5);
-    assert_bad_cdb_field(&d.run_in(&sense6(false, 0, 0x01, 0, 255), 255).0, 2, 5);
+    assert_bad_cdb_field(&d.run_in(&sense6(false, 0, 0x19, 0, 255), 255).0, 2, 5);
+    assert_bad_cdb_field(&d.run_in(&sense6(false, 0, 0x02, 0, 255), 255).0, 2, 5);
     assert_bad_cdb_field(&d.run_in(&sense6(false, 0, 0x08, 0x01, 255), 255).0, 3, 7);
     // Reserved bits: MODE SENSE (6) has no LLBAA.
     assert_bad_cdb_field(&d.run_in(&[0x1A, 0x10, 0x08, 0, 255, 0], 255).0, 1, 7);
@@ -241,7 +266,7 @@ fn mode_select_field_checks() {
     );
     // Unsupported page.
     let mut bad = caching(false);
-    bad[0] = 0x1C;
+    bad[0] = 0x19;
     let l2 = list6(None, &[&bad]);
     assert_bad_param_field(&d.run_out(&select6(true, false, l2.len() as u8), &l2), 4, 5);
     // Sub-page format.

@@ -21,7 +21,7 @@ fn well_formed(r: &CommandResult) -> Result<(), TestCaseError> {
             prop_assert!(b.len() <= 96);
             prop_assert!(b[0] == 0x70 || b[0] == 0xF0, "response code {:02x}", b[0]);
             prop_assert!(
-                matches!(b[2], 0x02..=0x07 | 0x0B | 0x0E),
+                matches!(b[2], 0x02..=0x07 | 0x0A | 0x0B | 0x0E),
                 "sense key {:x}",
                 b[2]
             );

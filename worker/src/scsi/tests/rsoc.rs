@@ -126,10 +126,10 @@ fn one_command_reports() {
 #[test]
 fn handler_opcodes_are_reported() {
     let d = Dev::with(cfg(64), HandlerCaps::default(), |h| {
-        h.opcodes = vec![0x04, 0x42, 0xE0]
+        h.opcodes = vec![0x02, 0x42, 0xE0]
     });
     let all = all_commands(&d);
-    assert!(all.contains(&(0x04, 0, false, 6)));
+    assert!(all.contains(&(0x02, 0, false, 6)));
     assert!(
         all.contains(&(0x42, 0, false, 10)),
         "UNMAP implemented by the handler"
@@ -138,8 +138,8 @@ fn handler_opcodes_are_reported() {
         !all.iter().any(|c| c.0 == 0xE0),
         "vendor group: length unknown"
     );
-    let v = d.data_in(&rsoc(false, 1, 0x04, 0, 64), 64);
-    assert_eq!(v, vec![0, 0x03, 0, 6, 0x04, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
+    let v = d.data_in(&rsoc(false, 1, 0x02, 0, 64), 64);
+    assert_eq!(v, vec![0, 0x03, 0, 6, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
 }
 
 /// The usage data each command reports is exactly what the dispatcher accepts: setting any one
