@@ -71,6 +71,14 @@ MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
          crc64-rocksoft t10-pi sd_mod sg configfs uio target_core_mod target_core_user
          target_core_file tcm_loop crc32c_generic iscsi_target_mod crc16 mbcache jbd2 ext4 loop)
 
+# One VM at a time on this machine (TCG guests are CPU-bound, and runs share tests/vm/out): a
+# second run waits for the first instead of colliding with it.
+exec 9> "${VM_LOCK:-/tmp/tcmu-warden-vm.lock}"
+if ! flock -n 9; then
+    log "another VM run holds ${VM_LOCK:-/tmp/tcmu-warden-vm.lock}; waiting for it"
+    flock 9
+fi
+
 # ---- 1. host packages and the guest kernel ------------------------------------------------------
 setup_out=$("$here/setup-host.sh") || die "tests/vm/setup-host.sh failed"
 kdir=$(printf '%s\n' "$setup_out" | sed -n 's/^KERNEL_DIR=\([^ ]*\) .*/\1/p' | tail -n1)
