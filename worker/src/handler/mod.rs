@@ -228,6 +228,7 @@ mod tests {
             unit_serial: "serial".into(),
             has_backing_fd: true,
             refusal: None,
+            journal: tcmu_warden_proto::JournalMode::None,
         }
     }
 
