@@ -1,0 +1,393 @@
+# shellcheck shell=bash disable=SC2034  # sourced by suite.sh, which declares and reads these
+# The VM suite's crash-recovery group (warden mode only). Sourced by guest/suite.sh, which calls
+# recovery_main after its main checks; it uses suite.sh's helpers (check, why, wait_for, bg_wait,
+# mk_user, link_lun, find_sd, ...) and variables (R, CFS, LOGS, DAEMON_LOG, ...).
+#
+# It proves, on the real kernel, that the supervisor's crash recovery keeps data intact while
+# the initiator writes: a fresh `file` backstore (`crash`) is served by a daemon started with
+# short heartbeats and restart delays, exported through tcm_loop, and fio writes random 4 KiB
+# blocks with crc32c verification (O_DIRECT, libaio, iodepth 16) while faults are injected:
+#
+#   recovery/worker-kill-fio          the file worker is killed with SIGKILL every few seconds
+#   recovery/worker-hang-fio          the file worker is stopped (SIGSTOP): the heartbeat must find
+#                                     it and the supervisor must replace it
+#   recovery/supervisor-restart-fio   the supervisor itself is killed with SIGKILL (its workers die
+#                                     with it) and a new one is started: it must recover the device
+#                                     from the journal under /run/tcmu-warden/journal
+#   recovery/quarantine               a worker killed quarantine_after times within the window is
+#                                     not restarted; its device stays blocked
+#
+# Each fault waits for the device to be recovered before the next one; fio runs are repeated
+# until every fault of the scenario has been injected (TCG speed varies too much to size one run),
+# and every run must end with err=0 and a passing verify. The daemon log must show one crash and
+# one journal recovery per fault, and no ring-reset fallback; the kernel log must show no broken
+# ring. The PASS line says how many of each.
+#
+# Knobs: VM_RECOVERY_FIO_SIZE (default 32m), RECOVERY_* below.
+
+RECOVERY_FIO_SIZE=${VM_RECOVERY_FIO_SIZE:-32m}
+RECOVERY_KILLS=6          # worker SIGKILLs in recovery/worker-kill-fio
+RECOVERY_HANGS=2          # worker SIGSTOPs in recovery/worker-hang-fio
+RECOVERY_RESTARTS=3       # supervisor SIGKILLs in recovery/supervisor-restart-fio
+RECOVERY_QUARANTINE=3     # quarantine_after in recovery/quarantine
+# Seconds between a recovery and the next fault (random in [MIN, MIN + SPREAD]).
+RECOVERY_GAP_MIN=3
+RECOVERY_GAP_SPREAD=2
+# Deadline of one scenario, and of one recovery (the guest is slow; restarts are not).
+RECOVERY_SCENARIO_TIMEOUT=600
+RECOVERY_STEP_TIMEOUT=120
+# The LUN's cmd_time_out: far above any restart, so the kernel never fails a command that waits
+# in the ring for a successor.
+RECOVERY_CMD_TIME_OUT=120
+
+RDEV=crash                # the backstore's name
+RDAEMON_LOG=$R/daemon-recovery.log
+RCONFIG=/tmp/warden-recovery.toml
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+# The recovery daemon's log without colour codes.
+rlog() { sed 's/\x1b\[[0-9;]*m//g' "$RDAEMON_LOG" 2>/dev/null; }
+rlog_lines() { rlog | wc -l; }
+# rlog_since N: the log after its first N lines.
+rlog_since() { rlog | tail -n +$(( $1 + 1 )); }
+# count_since N PATTERN: lines after the first N matching the extended regex PATTERN.
+count_since() { rlog_since "$1" | grep -Ec -- "$2"; }
+dmesg_lines() { dmesg | wc -l; }
+
+# The journal recoveries of our device (the supervisor logs them with backstore=user_0/crash).
+RECOVERED_RE="device recovered.*backstore=\"?user_[0-9]+/$RDEV\"?"
+
+write_recovery_config() { # write_recovery_config QUARANTINE_AFTER
+    cat > "$RCONFIG" <<TOML
+[daemon]
+heartbeat_interval = "1s"
+heartbeat_timeout = "3s"
+restart_backoff_initial = "100ms"
+restart_backoff_max = "1s"
+quarantine_after = $1
+quarantine_window = "10m"
+
+[handler.file]
+allow_paths = ["/srv/tcmu"]
+TOML
+    cp "$RCONFIG" "$R/warden-recovery.toml"
+}
+
+# start_rdaemon: a new supervisor on $RCONFIG, appending to $RDAEMON_LOG; sets DPID.
+start_rdaemon() {
+    echo "=== starting: ${VM_BIN_DIR}/tcmu-warden run --config $RCONFIG" >> "$RDAEMON_LOG"
+    RUST_LOG=$VM_RUST_LOG NO_COLOR=1 RUST_BACKTRACE=1 \
+        "${VM_BIN_DIR}/tcmu-warden" run --config "$RCONFIG" >> "$RDAEMON_LOG" 2>&1 &
+    DPID=$!
+    echo "supervisor pid $DPID"
+}
+
+# The live (not zombie) worker children of the supervisor.
+worker_pid() {
+    local p st
+    for p in $(pgrep -P "$DPID" 2>/dev/null); do
+        [[ $(readlink "/proc/$p/exe" 2>/dev/null) == */tcmu-warden-worker ]] || continue
+        st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$p/status" 2>/dev/null)
+        [[ -n $st && $st != Z && $st != X ]] || continue
+        echo "$p"; return 0
+    done
+    return 1
+}
+
+# recovered_at_least BASE N: the log (after line BASE) shows N journal recoveries of the device.
+recovered_at_least() {
+    kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
+    (( $(count_since "$1" "$RECOVERED_RE") >= $2 ))
+}
+
+# ready_at_least BASE N: the worker said N times that it serves the device, after log line BASE.
+ready_at_least() {
+    kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
+    (( $(rlog_since "$1" | grep -E -- "$READY_PATTERN" |
+         grep -Ec -- "device=\"?$RDEV\"?([^[:alnum:]_.-]|\$)") >= $2 ))
+}
+
+# served_since BASE: the worker says the device is ready, after log line BASE.
+served_since() {
+    kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
+    rlog_since "$1" | grep -E -- "$READY_PATTERN" | grep -Eq -- "device=\"?$RDEV\"?([^[:alnum:]_.-]|\$)"
+}
+
+# ---- fio runs in the background ------------------------------------------------------------------
+FIO_PID=""
+FIO_OUT=""
+FIO_RUNS=0
+
+fio_start() { # fio_start TAG
+    FIO_RUNS=$((FIO_RUNS + 1))
+    FIO_OUT=$LOGS/recovery_$1-fio$FIO_RUNS.out
+    timeout "$IO_TIMEOUT" fio --name=crash --filename="${SDEV[$RDEV]}" --direct=1 --rw=randwrite \
+        --bs=4k --size="$RECOVERY_FIO_SIZE" --iodepth=16 --ioengine=libaio --verify=crc32c \
+        --do_verify=1 --verify_fatal=1 --randseed=$((RANDOM * 32768 + RANDOM)) \
+        > "$FIO_OUT" 2>&1 &
+    FIO_PID=$!
+    echo "fio run $FIO_RUNS (pid $FIO_PID) started at ${SECONDS}s, output $FIO_OUT"
+}
+
+# fio_result: wait for the current run (bounded) and judge it; 0 when it passed.
+fio_result() {
+    local rc
+    bg_wait "$IO_TIMEOUT" "$FIO_PID"; rc=$?
+    FIO_PID=""
+    echo "fio run $FIO_RUNS ended at ${SECONDS}s with status $rc"
+    grep -E 'err=|WRITE:|READ:|verify' "$FIO_OUT"
+    (( rc == 0 )) || { why "fio run $FIO_RUNS exited with status $rc (see ${FIO_OUT##*/})"; return 1; }
+    grep -q 'err= 0' "$FIO_OUT" || { why "fio run $FIO_RUNS reports errors"; return 1; }
+    ! grep -qi 'verify.*bad\|crc32c: verify failed\|bad magic' "$FIO_OUT" ||
+        { why "fio run $FIO_RUNS: verify failed"; return 1; }
+}
+
+fio_stop() {
+    [[ -n $FIO_PID ]] || return 0
+    kill "$FIO_PID" 2>/dev/null
+    bg_wait 60 "$FIO_PID" >/dev/null 2>&1
+    FIO_PID=""
+}
+
+# ---- faults --------------------------------------------------------------------------------------
+# Each fault_* injects one fault and prints what it did; it returns nonzero if it could not.
+LAST_FAULT=""
+
+fault_kill_worker() {
+    local p
+    p=$(worker_pid) || { echo "no worker to kill"; return 1; }
+    kill -KILL "$p" || return 1
+    LAST_FAULT="SIGKILL worker $p"
+}
+
+fault_stop_worker() {
+    local p
+    p=$(worker_pid) || { echo "no worker to stop"; return 1; }
+    kill -STOP "$p" || return 1
+    STOPPED+=("$p")
+    LAST_FAULT="SIGSTOP worker $p"
+}
+
+fault_kill_supervisor() {
+    local old=$DPID
+    kill -KILL "$old" || return 1
+    wait "$old" 2>/dev/null
+    # Its workers die with it (PDEATHSIG); the new supervisor waits for their uio descriptors.
+    start_rdaemon > /dev/null
+    LAST_FAULT="SIGKILL supervisor $old, new supervisor $DPID"
+}
+
+# faults_under_fio TAG FAULT COUNT: fio runs (repeated as needed) while COUNT faults are injected,
+# each RECOVERY_GAP_MIN..+SPREAD seconds after the device was recovered from the previous one.
+# Sets FAULTS (injected) and FIO_RUNS; returns nonzero on any fio failure or missed recovery.
+faults_under_fio() {
+    local tag=$1 fault=$2 count=$3
+    local base=$4 end=$((SECONDS + RECOVERY_SCENARIO_TIMEOUT))
+    local next=$((SECONDS + RECOVERY_GAP_MIN + RANDOM % (RECOVERY_GAP_SPREAD + 1)))
+    local waiting=0 t0=0
+    FAULTS=0; FIO_RUNS=0
+    fio_start "$tag"
+    while :; do
+        if ! kill -0 "$FIO_PID" 2>/dev/null; then
+            fio_result || return 1
+            (( FAULTS >= count && ! waiting )) && return 0
+            fio_start "$tag"
+        fi
+        if (( waiting )); then
+            if recovered_at_least "$base" "$FAULTS"; then
+                echo "  recovered after $((SECONDS - t0))s"
+                waiting=0
+                next=$((SECONDS + RECOVERY_GAP_MIN + RANDOM % (RECOVERY_GAP_SPREAD + 1)))
+            elif (( $? == 2 )) || (( SECONDS - t0 > RECOVERY_STEP_TIMEOUT )); then
+                why "no recovery within ${RECOVERY_STEP_TIMEOUT}s of fault $FAULTS ($LAST_FAULT)"
+                fio_stop; return 1
+            fi
+        elif (( FAULTS < count && SECONDS >= next )); then
+            if "$fault"; then
+                FAULTS=$((FAULTS + 1)); waiting=1; t0=$SECONDS
+                echo "fault $FAULTS at ${SECONDS}s: $LAST_FAULT"
+            else
+                next=$((SECONDS + 1))
+            fi
+        fi
+        if (( SECONDS >= end )); then
+            why "scenario deadline (${RECOVERY_SCENARIO_TIMEOUT}s) passed after $FAULTS faults"
+            fio_stop; return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# judge_log BASE DMESG_BASE: what the daemon and kernel logs say since the scenario started.
+# Sets CRASHES, RECOVERIES, RESETS, HB_KILLS, REPLAYED; fails on a reset or a broken ring.
+judge_log() {
+    local base=$1 dbase=$2 k
+    CRASHES=$(count_since "$base" 'worker crashed')
+    RECOVERIES=$(count_since "$base" "$RECOVERED_RE")
+    RESETS=$(count_since "$base" 'ring reset|resetting the ring|falling back to a ring reset')
+    HB_KILLS=$(count_since "$base" 'killing worker.*no answer to heartbeat')
+    REPLAYED=0
+    for k in $(rlog_since "$base" | grep 'recovered the ring from the previous worker' |
+               sed -n 's/.* running=\([0-9]*\).*/\1/p'); do
+        REPLAYED=$((REPLAYED + k))
+    done
+    echo "daemon log since the scenario started:"
+    rlog_since "$base" | grep -E 'crashed|killing worker|recovered|reset|quarantine|RecoveryFailed|journal|ERROR|WARN' | head -n 200
+    echo "crashes=$CRASHES recoveries=$RECOVERIES resets=$RESETS heartbeat_kills=$HB_KILLS replayed=$REPLAYED"
+    echo "kernel log since the scenario started:"
+    dmesg | tail -n +$((dbase + 1)) | grep -Ei 'tcmu|target|ring|sd [0-9]|I/O error|timed out|abort' | head -n 100
+    if dmesg | tail -n +$((dbase + 1)) | grep -Eqi 'ring is broken|ring broken|not found, ring'; then
+        why "the kernel says the ring broke: $(dmesg | tail -n +$((dbase + 1)) | grep -Ei 'ring' | head -n1)"
+        return 1
+    fi
+    if dmesg | tail -n +$((dbase + 1)) | grep -Eqi 'I/O error'; then
+        why "the kernel logged I/O errors on the initiator side"
+        return 1
+    fi
+    (( RESETS == 0 )) || { why "$RESETS ring-reset fallbacks (the journal was not usable)"; return 1; }
+}
+
+# ---- set-up and the scenarios --------------------------------------------------------------------
+
+r_setup() {
+    # Start from a clean slate: the main checks' targets and backstores are gone by now.
+    BS=(); TPG=(); SDEV=(); SIZE=()
+    WWN_IDX["$RDEV"]=9
+    truncate -s $((128 * MIB)) /srv/tcmu/crash.img || return 1
+    mk_user "$RDEV" "file//srv/tcmu/crash.img" $((128 * MIB)) || return 1
+    write_attr "${BS[$RDEV]}/attrib/cmd_time_out" "$RECOVERY_CMD_TIME_OUT" || return 1
+    echo "cmd_time_out: $(cat "${BS[$RDEV]}/attrib/cmd_time_out")"
+    write_recovery_config 100
+    : > "$RDAEMON_LOG"
+    start_rdaemon
+    wait_for "$READY_TIMEOUT" "the daemon to serve $RDEV" served_since 0 || { rlog | tail -n 20; return 1; }
+    export_dev "$RDEV" || return 1
+    local blk=${SDEV[$RDEV]#/dev/}
+    # The initiator's own command timeout: above any restart under TCG, so the SCSI error handler
+    # (aborts, resets) stays out of what this group measures.
+    echo "$RECOVERY_CMD_TIME_OUT" > "/sys/block/$blk/device/timeout" || return 1
+    echo "initiator timeout: $(cat "/sys/block/$blk/device/timeout")s"
+    echo "worker: $(worker_pid)"
+}
+
+r_fault_scenario() { # r_fault_scenario TAG FAULT COUNT WHAT
+    local tag=$1 fault=$2 count=$3 what=$4 base dbase t0=$SECONDS
+    base=$(rlog_lines); dbase=$(dmesg_lines)
+    faults_under_fio "$tag" "$fault" "$count" "$base" || { judge_log "$base" "$dbase"; return 1; }
+    judge_log "$base" "$dbase" || return 1
+    (( RECOVERIES >= FAULTS )) ||
+        { why "$FAULTS $what but only $RECOVERIES journal recoveries"; return 1; }
+    SCENARIO_NOTE="$FAULTS $what, $RECOVERIES recoveries, $REPLAYED commands replayed, 0 ring resets, $FIO_RUNS fio runs err=0, $((SECONDS - t0))s"
+}
+
+c_worker_kill() {
+    r_fault_scenario worker-kill fault_kill_worker "$RECOVERY_KILLS" kills || return 1
+    (( CRASHES >= FAULTS )) || { why "$FAULTS kills but $CRASHES crashes logged"; return 1; }
+    (( HB_KILLS == 0 )) || SCENARIO_NOTE+=", $HB_KILLS extra heartbeat kills"
+    echo "note: $SCENARIO_NOTE"
+}
+
+declare -a STOPPED=()
+c_worker_hang() {
+    STOPPED=()
+    r_fault_scenario worker-hang fault_stop_worker "$RECOVERY_HANGS" hangs || return 1
+    (( HB_KILLS >= FAULTS )) ||
+        { why "$FAULTS hung workers but $HB_KILLS heartbeat kills logged"; return 1; }
+    local p
+    for p in "${STOPPED[@]}"; do
+        if [[ -d /proc/$p ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$p/status" 2>/dev/null; then
+            why "the stopped worker $p is still alive"; return 1
+        fi
+    done
+    echo "note: $SCENARIO_NOTE, $HB_KILLS heartbeat kills"
+}
+
+c_supervisor_restart() {
+    local base0
+    base0=$(rlog_lines)
+    r_fault_scenario supervisor-restart fault_kill_supervisor "$RECOVERY_RESTARTS" \
+        "supervisor kills" || return 1
+    local found
+    found=$(count_since "$base0" 'found the journal of a previous supervisor')
+    (( found >= FAULTS )) ||
+        { why "$FAULTS supervisor restarts but $found found the journal"; return 1; }
+    echo "note: $SCENARIO_NOTE"
+}
+
+# No I/O here: a quarantined device stays blocked, and the kernel would retry commands BUSY until
+# the initiator gives up.
+c_quarantine() {
+    local old=$DPID base t0=$SECONDS i p
+    kill -TERM "$old"
+    bg_wait 60 "$old" || { why "the supervisor did not stop on SIGTERM"; return 1; }
+    write_recovery_config "$RECOVERY_QUARANTINE"
+    base=$(rlog_lines)
+    start_rdaemon
+    wait_for "$READY_TIMEOUT" "the new supervisor to serve $RDEV" served_since "$base" || return 1
+    for (( i = 1; i <= RECOVERY_QUARANTINE; i++ )); do
+        # The device is served by worker i (the first one recovers what the stopped supervisor
+        # left in the journal).
+        wait_for "$RECOVERY_STEP_TIMEOUT" "worker $i to serve $RDEV" ready_at_least "$base" "$i" ||
+            return 1
+        fault_kill_worker || { why "no worker to kill (crash $i)"; return 1; }
+        echo "crash $i at ${SECONDS}s: $LAST_FAULT"
+    done
+    # shellcheck disable=SC2317  # called through wait_for
+    quarantined() { (( $(count_since "$base" 'worker quarantined') >= 1 )); }
+    wait_for 60 "the quarantine" quarantined || { rlog_since "$base" | tail -n 20; return 1; }
+    # No successor, for long enough to have seen one after the longest backoff (1 s).
+    local until=$((SECONDS + 5))
+    while (( SECONDS < until )); do
+        if p=$(worker_pid); then why "a worker ($p) was started after the quarantine"; return 1; fi
+        sleep 0.5
+    done
+    local started
+    started=$(count_since "$base" 'worker started')
+    (( started == RECOVERY_QUARANTINE )) ||
+        { why "$started workers started for $RECOVERY_QUARANTINE crashes"; return 1; }
+    local blocked
+    blocked=$(cat "${BS[$RDEV]}/action/block_dev" 2>/dev/null)
+    echo "block_dev: $blocked"
+    [[ $blocked == blocked ]] || { why "the quarantined device is not blocked ($blocked)"; return 1; }
+    rlog_since "$base" | grep -E 'crashed|quarantine|blocked'
+    echo "note: $RECOVERY_QUARANTINE crashes in 10m -> quarantined, device blocked, no restart, $((SECONDS - t0))s"
+}
+
+r_cleanup() {
+    local ok=0
+    unexport_all || ok=1
+    remove_backstores || ok=1
+    if kill -0 "$DPID" 2>/dev/null; then
+        kill -TERM "$DPID"
+        bg_wait 60 "$DPID" > /dev/null || { kill -KILL "$DPID"; why "the supervisor did not stop"; ok=1; }
+    fi
+    DPID=""
+    rm -f /srv/tcmu/crash.img
+    return $ok
+}
+
+RECOVERY_CHECKS=(worker-kill-fio worker-hang-fio supervisor-restart-fio quarantine)
+
+recovery_main() {
+    local c
+    if ! check recovery/setup r_setup; then
+        for c in "${RECOVERY_CHECKS[@]}"; do skip "recovery/$c" recovery/setup; done
+        r_cleanup > "$LOGS/recovery_cleanup.log" 2>&1
+        return
+    fi
+    check recovery/worker-kill-fio c_worker_kill
+    fio_stop
+    check recovery/worker-hang-fio c_worker_hang
+    fio_stop
+    # Stopped workers the heartbeat missed must not outlive the scenario.
+    for c in "${STOPPED[@]}"; do kill -KILL "$c" 2>/dev/null; done
+    check recovery/supervisor-restart-fio c_supervisor_restart
+    fio_stop
+    if kill -0 "$DPID" 2>/dev/null; then
+        check recovery/quarantine c_quarantine
+    else
+        skip recovery/quarantine "a running supervisor"
+    fi
+    check recovery/cleanup r_cleanup
+}
