@@ -4,9 +4,11 @@
 # mk_user, link_lun, find_sd, ...) and variables (R, CFS, LOGS, DAEMON_LOG, ...).
 #
 # It proves, on the real kernel, that the supervisor's crash recovery keeps data intact while
-# the initiator writes: a fresh `file` backstore (`crash`) is served by a daemon started with
-# short heartbeats and restart delays, exported through tcm_loop, and fio writes random 4 KiB
-# blocks with crc32c verification (O_DIRECT, libaio, iodepth 16) while faults are injected:
+# the initiator writes: two fresh `file` backstores (`crash0`, `crash1`, served by the same `file`
+# worker, so every fault hits both) are served by a daemon started with short heartbeats and
+# restart delays, exported through tcm_loop, and one fio job per disk writes random 4 KiB blocks
+# with crc32c verification (O_DIRECT, libaio, iodepth 16; verify_backlog interleaves verifying
+# reads with the writes, so faults hit both) while faults are injected:
 #
 #   recovery/worker-kill-fio          the file worker is killed with SIGKILL every few seconds
 #   recovery/worker-hang-fio          the file worker is stopped (SIGSTOP): the heartbeat must find
@@ -17,15 +19,16 @@
 #   recovery/quarantine               a worker killed quarantine_after times within the window is
 #                                     not restarted; its device stays blocked
 #
-# Each fault waits for the device to be recovered before the next one; fio runs are repeated
-# until every fault of the scenario has been injected (TCG speed varies too much to size one run),
-# and every run must end with err=0 and a passing verify. The daemon log must show one crash and
-# one journal recovery per fault, and no ring-reset fallback; the kernel log must show no broken
-# ring. The PASS line says how many of each.
+# A fault is injected only while the disks have I/O in flight, and each waits for both devices
+# to be recovered from the previous one; fio runs are repeated until every fault of the scenario
+# has been injected (TCG speed varies too much to size one run), and every run must end with
+# err=0 and a passing verify on both disks. The daemon log must show one crash per fault and one
+# journal recovery per device and fault, and no ring-reset fallback; the kernel log must show no
+# broken ring and no I/O error. The PASS line says how many of each.
 #
-# Knobs: VM_RECOVERY_FIO_SIZE (default 32m), RECOVERY_* below.
+# Knobs: VM_RECOVERY_FIO_SIZE (default 16m per disk), RECOVERY_* below.
 
-RECOVERY_FIO_SIZE=${VM_RECOVERY_FIO_SIZE:-32m}
+RECOVERY_FIO_SIZE=${VM_RECOVERY_FIO_SIZE:-16m}
 RECOVERY_KILLS=6          # worker SIGKILLs in recovery/worker-kill-fio
 RECOVERY_HANGS=2          # worker SIGSTOPs in recovery/worker-hang-fio
 RECOVERY_RESTARTS=3       # supervisor SIGKILLs in recovery/supervisor-restart-fio
@@ -40,7 +43,7 @@ RECOVERY_STEP_TIMEOUT=120
 # in the ring for a successor.
 RECOVERY_CMD_TIME_OUT=120
 
-RDEV=crash                # the backstore's name
+RDEVS=(crash0 crash1)     # the backstores
 RDAEMON_LOG=$R/daemon-recovery.log
 RCONFIG=/tmp/warden-recovery.toml
 
@@ -55,8 +58,10 @@ rlog_since() { rlog | tail -n +$(( $1 + 1 )); }
 count_since() { rlog_since "$1" | grep -Ec -- "$2"; }
 dmesg_lines() { dmesg | wc -l; }
 
-# The journal recoveries of our device (the supervisor logs them with backstore=user_0/crash).
-RECOVERED_RE="device recovered.*backstore=\"?user_[0-9]+/$RDEV\"?"
+# The journal recoveries of our devices (the supervisor logs them with backstore=user_0/<name>).
+RECOVERED_RE="device recovered.*backstore=\"?user_[0-9]+/crash[0-9]\"?"
+# The worker's line saying it serves one of our devices.
+READY_RE="device=\"?crash[0-9]\"?([^[:alnum:]_.-]|\$)"
 
 write_recovery_config() { # write_recovery_config QUARANTINE_AFTER
     cat > "$RCONFIG" <<TOML
@@ -95,24 +100,34 @@ worker_pid() {
     return 1
 }
 
-# recovered_at_least BASE N: the log (after line BASE) shows N journal recoveries of the device.
+# recovered_at_least BASE N: the log (after line BASE) shows N journal recoveries (all devices).
 recovered_at_least() {
     kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
     (( $(count_since "$1" "$RECOVERED_RE") >= $2 ))
 }
 
-# ready_at_least BASE N: the worker said N times that it serves the device, after log line BASE.
+# ready_at_least BASE N: the worker said N times that it serves one of our devices, after log
+# line BASE.
 ready_at_least() {
     kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
-    (( $(rlog_since "$1" | grep -E -- "$READY_PATTERN" |
-         grep -Ec -- "device=\"?$RDEV\"?([^[:alnum:]_.-]|\$)") >= $2 ))
+    (( $(rlog_since "$1" | grep -E -- "$READY_PATTERN" | grep -Ec -- "$READY_RE") >= $2 ))
 }
 
-# served_since BASE: the worker says the device is ready, after log line BASE.
-served_since() {
-    kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
-    rlog_since "$1" | grep -E -- "$READY_PATTERN" | grep -Eq -- "device=\"?$RDEV\"?([^[:alnum:]_.-]|\$)"
+# Commands the block layer has in flight on our disks (queued in the ring or being executed).
+inflight_io() {
+    local d n=0 r w
+    for d in "${RDEVS[@]}"; do
+        read -r r w < "/sys/block/${SDEV[$d]#/dev/}/inflight" || continue
+        n=$((n + r + w))
+    done
+    echo "$n"
 }
+io_in_flight() { (( $(inflight_io) > 0 )); }
+
+# Milliseconds (bash's EPOCHREALTIME), for fault times finer than a second.
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+# When the next fault is due: RECOVERY_GAP_MIN..+SPREAD seconds from now, at a random millisecond.
+next_fault_ms() { echo $(( $(now_ms) + RECOVERY_GAP_MIN * 1000 + (RANDOM * 32768 + RANDOM) % (RECOVERY_GAP_SPREAD * 1000 + 1) )); }
 
 # ---- fio runs in the background ------------------------------------------------------------------
 FIO_PID=""
@@ -122,9 +137,11 @@ FIO_RUNS=0
 fio_start() { # fio_start TAG
     FIO_RUNS=$((FIO_RUNS + 1))
     FIO_OUT=$LOGS/recovery_$1-fio$FIO_RUNS.out
-    timeout "$IO_TIMEOUT" fio --name=crash --filename="${SDEV[$RDEV]}" --direct=1 --rw=randwrite \
-        --bs=4k --size="$RECOVERY_FIO_SIZE" --iodepth=16 --ioengine=libaio --verify=crc32c \
-        --do_verify=1 --verify_fatal=1 --randseed=$((RANDOM * 32768 + RANDOM)) \
+    local d jobs=()
+    for d in "${RDEVS[@]}"; do jobs+=(--name="$d" --filename="${SDEV[$d]}"); done
+    timeout "$IO_TIMEOUT" fio --direct=1 --rw=randwrite --bs=4k --size="$RECOVERY_FIO_SIZE" \
+        --iodepth=16 --ioengine=libaio --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --verify_backlog=1024 --randseed=$((RANDOM * 32768 + RANDOM)) "${jobs[@]}" \
         > "$FIO_OUT" 2>&1 &
     FIO_PID=$!
     echo "fio run $FIO_RUNS (pid $FIO_PID) started at ${SECONDS}s, output $FIO_OUT"
@@ -138,7 +155,11 @@ fio_result() {
     echo "fio run $FIO_RUNS ended at ${SECONDS}s with status $rc"
     grep -E 'err=|WRITE:|READ:|verify' "$FIO_OUT"
     (( rc == 0 )) || { why "fio run $FIO_RUNS exited with status $rc (see ${FIO_OUT##*/})"; return 1; }
-    grep -q 'err= 0' "$FIO_OUT" || { why "fio run $FIO_RUNS reports errors"; return 1; }
+    local ok bad
+    ok=$(grep -c 'err= 0' "$FIO_OUT"); bad=$(grep -E 'err= *[1-9]' "$FIO_OUT" | head -n1)
+    [[ -z $bad ]] || { why "fio run $FIO_RUNS reports errors: $bad"; return 1; }
+    (( ok == ${#RDEVS[@]} )) ||
+        { why "fio run $FIO_RUNS: $ok of ${#RDEVS[@]} jobs report err=0"; return 1; }
     ! grep -qi 'verify.*bad\|crc32c: verify failed\|bad magic' "$FIO_OUT" ||
         { why "fio run $FIO_RUNS: verify failed"; return 1; }
 }
@@ -178,14 +199,17 @@ fault_kill_supervisor() {
     LAST_FAULT="SIGKILL supervisor $old, new supervisor $DPID"
 }
 
-# faults_under_fio TAG FAULT COUNT: fio runs (repeated as needed) while COUNT faults are injected,
-# each RECOVERY_GAP_MIN..+SPREAD seconds after the device was recovered from the previous one.
-# Sets FAULTS (injected) and FIO_RUNS; returns nonzero on any fio failure or missed recovery.
+# faults_under_fio TAG FAULT COUNT BASE: fio runs (repeated as needed) while COUNT faults are
+# injected, each RECOVERY_GAP_MIN..+SPREAD seconds after every device was recovered from the
+# previous one (journal recoveries counted in the log after line BASE), and only while I/O is in
+# flight. Sets FAULTS (injected) and FIO_RUNS; returns nonzero on any fio failure or missed
+# recovery.
 faults_under_fio() {
     local tag=$1 fault=$2 count=$3
-    local base=$4 end=$((SECONDS + RECOVERY_SCENARIO_TIMEOUT))
-    local next=$((SECONDS + RECOVERY_GAP_MIN + RANDOM % (RECOVERY_GAP_SPREAD + 1)))
-    local waiting=0 t0=0
+    local base=$4 end=$((SECONDS + RECOVERY_SCENARIO_TIMEOUT)) ndev=${#RDEVS[@]}
+    local next
+    local waiting=0 t0=0 inflight
+    next=$(next_fault_ms)
     FAULTS=0; FIO_RUNS=0
     fio_start "$tag"
     while :; do
@@ -195,20 +219,21 @@ faults_under_fio() {
             fio_start "$tag"
         fi
         if (( waiting )); then
-            if recovered_at_least "$base" "$FAULTS"; then
+            if recovered_at_least "$base" $((FAULTS * ndev)); then
                 echo "  recovered after $((SECONDS - t0))s"
                 waiting=0
-                next=$((SECONDS + RECOVERY_GAP_MIN + RANDOM % (RECOVERY_GAP_SPREAD + 1)))
+                next=$(next_fault_ms)
             elif (( $? == 2 )) || (( SECONDS - t0 > RECOVERY_STEP_TIMEOUT )); then
                 why "no recovery within ${RECOVERY_STEP_TIMEOUT}s of fault $FAULTS ($LAST_FAULT)"
                 fio_stop; return 1
             fi
-        elif (( FAULTS < count && SECONDS >= next )); then
+        elif (( FAULTS < count && $(now_ms) >= next )) && inflight=$(inflight_io) &&
+             (( inflight > 0 )); then
             if "$fault"; then
                 FAULTS=$((FAULTS + 1)); waiting=1; t0=$SECONDS
-                echo "fault $FAULTS at ${SECONDS}s: $LAST_FAULT"
+                echo "fault $FAULTS at ${SECONDS}s, $inflight commands in flight: $LAST_FAULT"
             else
-                next=$((SECONDS + 1))
+                next=$(( $(now_ms) + 500 ))
             fi
         fi
         if (( SECONDS >= end )); then
@@ -226,6 +251,7 @@ judge_log() {
     CRASHES=$(count_since "$base" 'worker crashed')
     RECOVERIES=$(count_since "$base" "$RECOVERED_RE")
     RESETS=$(count_since "$base" 'ring reset|resetting the ring|falling back to a ring reset')
+    FAILED=$(count_since "$base" 'device failed|cannot serve the device|cannot recover')
     HB_KILLS=$(count_since "$base" 'killing worker.*no answer to heartbeat')
     REPLAYED=0
     for k in $(rlog_since "$base" | grep 'recovered the ring from the previous worker' |
@@ -234,7 +260,8 @@ judge_log() {
     done
     echo "daemon log since the scenario started:"
     rlog_since "$base" | grep -E 'crashed|killing worker|recovered|reset|quarantine|RecoveryFailed|journal|ERROR|WARN' | head -n 200
-    echo "crashes=$CRASHES recoveries=$RECOVERIES resets=$RESETS heartbeat_kills=$HB_KILLS replayed=$REPLAYED"
+    echo "crashes=$CRASHES recoveries=$RECOVERIES resets=$RESETS failed=$FAILED" \
+         "heartbeat_kills=$HB_KILLS replayed=$REPLAYED"
     echo "kernel log since the scenario started:"
     dmesg | tail -n +$((dbase + 1)) | grep -Ei 'tcmu|target|ring|sd [0-9]|I/O error|timed out|abort' | head -n 100
     if dmesg | tail -n +$((dbase + 1)) | grep -Eqi 'ring is broken|ring broken|not found, ring'; then
@@ -246,6 +273,7 @@ judge_log() {
         return 1
     fi
     (( RESETS == 0 )) || { why "$RESETS ring-reset fallbacks (the journal was not usable)"; return 1; }
+    (( FAILED == 0 )) || { why "$FAILED device failures logged"; return 1; }
 }
 
 # ---- set-up and the scenarios --------------------------------------------------------------------
@@ -253,21 +281,27 @@ judge_log() {
 r_setup() {
     # Start from a clean slate: the main checks' targets and backstores are gone by now.
     BS=(); TPG=(); SDEV=(); SIZE=()
-    WWN_IDX["$RDEV"]=9
-    truncate -s $((128 * MIB)) /srv/tcmu/crash.img || return 1
-    mk_user "$RDEV" "file//srv/tcmu/crash.img" $((128 * MIB)) || return 1
-    write_attr "${BS[$RDEV]}/attrib/cmd_time_out" "$RECOVERY_CMD_TIME_OUT" || return 1
-    echo "cmd_time_out: $(cat "${BS[$RDEV]}/attrib/cmd_time_out")"
+    local d i=8 blk
+    for d in "${RDEVS[@]}"; do
+        WWN_IDX["$d"]=$((i += 1))
+        truncate -s $((64 * MIB)) "/srv/tcmu/$d.img" || return 1
+        mk_user "$d" "file//srv/tcmu/$d.img" $((64 * MIB)) || return 1
+        write_attr "${BS[$d]}/attrib/cmd_time_out" "$RECOVERY_CMD_TIME_OUT" || return 1
+        echo "$d cmd_time_out: $(cat "${BS[$d]}/attrib/cmd_time_out")"
+    done
     write_recovery_config 100
     : > "$RDAEMON_LOG"
     start_rdaemon
-    wait_for "$READY_TIMEOUT" "the daemon to serve $RDEV" served_since 0 || { rlog | tail -n 20; return 1; }
-    export_dev "$RDEV" || return 1
-    local blk=${SDEV[$RDEV]#/dev/}
-    # The initiator's own command timeout: above any restart under TCG, so the SCSI error handler
-    # (aborts, resets) stays out of what this group measures.
-    echo "$RECOVERY_CMD_TIME_OUT" > "/sys/block/$blk/device/timeout" || return 1
-    echo "initiator timeout: $(cat "/sys/block/$blk/device/timeout")s"
+    wait_for "$READY_TIMEOUT" "the daemon to serve ${RDEVS[*]}" ready_at_least 0 "${#RDEVS[@]}" ||
+        { rlog | tail -n 20; return 1; }
+    for d in "${RDEVS[@]}"; do
+        export_dev "$d" || return 1
+        blk=${SDEV[$d]#/dev/}
+        # The initiator's own command timeout: above any restart under TCG, so the SCSI error
+        # handler (aborts, resets) stays out of what this group measures.
+        echo "$RECOVERY_CMD_TIME_OUT" > "/sys/block/$blk/device/timeout" || return 1
+        echo "$d initiator timeout: $(cat "/sys/block/$blk/device/timeout")s"
+    done
     echo "worker: $(worker_pid)"
 }
 
@@ -276,9 +310,9 @@ r_fault_scenario() { # r_fault_scenario TAG FAULT COUNT WHAT
     base=$(rlog_lines); dbase=$(dmesg_lines)
     faults_under_fio "$tag" "$fault" "$count" "$base" || { judge_log "$base" "$dbase"; return 1; }
     judge_log "$base" "$dbase" || return 1
-    (( RECOVERIES >= FAULTS )) ||
-        { why "$FAULTS $what but only $RECOVERIES journal recoveries"; return 1; }
-    SCENARIO_NOTE="$FAULTS $what, $RECOVERIES recoveries, $REPLAYED commands replayed, 0 ring resets, $FIO_RUNS fio runs err=0, $((SECONDS - t0))s"
+    (( RECOVERIES >= FAULTS * ${#RDEVS[@]} )) ||
+        { why "$FAULTS $what on ${#RDEVS[@]} devices but only $RECOVERIES journal recoveries"; return 1; }
+    SCENARIO_NOTE="$FAULTS $what, $RECOVERIES device recoveries, $REPLAYED commands replayed, 0 ring resets, $FIO_RUNS fio runs x ${#RDEVS[@]} disks err=0, $((SECONDS - t0))s"
 }
 
 c_worker_kill() {
@@ -310,7 +344,7 @@ c_supervisor_restart() {
         "supervisor kills" || return 1
     local found
     found=$(count_since "$base0" 'found the journal of a previous supervisor')
-    (( found >= FAULTS )) ||
+    (( found >= FAULTS * ${#RDEVS[@]} )) ||
         { why "$FAULTS supervisor restarts but $found found the journal"; return 1; }
     echo "note: $SCENARIO_NOTE"
 }
@@ -324,12 +358,11 @@ c_quarantine() {
     write_recovery_config "$RECOVERY_QUARANTINE"
     base=$(rlog_lines)
     start_rdaemon
-    wait_for "$READY_TIMEOUT" "the new supervisor to serve $RDEV" served_since "$base" || return 1
     for (( i = 1; i <= RECOVERY_QUARANTINE; i++ )); do
-        # The device is served by worker i (the first one recovers what the stopped supervisor
-        # left in the journal).
-        wait_for "$RECOVERY_STEP_TIMEOUT" "worker $i to serve $RDEV" ready_at_least "$base" "$i" ||
-            return 1
+        # The devices are served by worker i (the first one recovers what the stopped supervisor
+        # left in the journals).
+        wait_for "$RECOVERY_STEP_TIMEOUT" "worker $i to serve ${RDEVS[*]}" \
+            ready_at_least "$base" $((i * ${#RDEVS[@]})) || return 1
         fault_kill_worker || { why "no worker to kill (crash $i)"; return 1; }
         echo "crash $i at ${SECONDS}s: $LAST_FAULT"
     done
@@ -346,12 +379,14 @@ c_quarantine() {
     started=$(count_since "$base" 'worker started')
     (( started == RECOVERY_QUARANTINE )) ||
         { why "$started workers started for $RECOVERY_QUARANTINE crashes"; return 1; }
-    local blocked
-    blocked=$(cat "${BS[$RDEV]}/action/block_dev" 2>/dev/null)
-    echo "block_dev: $blocked"
-    [[ $blocked == blocked ]] || { why "the quarantined device is not blocked ($blocked)"; return 1; }
+    local blocked d
+    for d in "${RDEVS[@]}"; do
+        blocked=$(cat "${BS[$d]}/action/block_dev" 2>/dev/null)
+        echo "$d block_dev: $blocked"
+        [[ $blocked == blocked ]] || { why "the quarantined device $d is not blocked ($blocked)"; return 1; }
+    done
     rlog_since "$base" | grep -E 'crashed|quarantine|blocked'
-    echo "note: $RECOVERY_QUARANTINE crashes in 10m -> quarantined, device blocked, no restart, $((SECONDS - t0))s"
+    echo "note: $RECOVERY_QUARANTINE crashes within 10m -> quarantined, ${#RDEVS[@]} devices blocked, no restart for 5s, $((SECONDS - t0))s"
 }
 
 r_cleanup() {
@@ -363,7 +398,8 @@ r_cleanup() {
         bg_wait 60 "$DPID" > /dev/null || { kill -KILL "$DPID"; why "the supervisor did not stop"; ok=1; }
     fi
     DPID=""
-    rm -f /srv/tcmu/crash.img
+    local d
+    for d in "${RDEVS[@]}"; do rm -f "/srv/tcmu/$d.img"; done
     return $ok
 }
 
