@@ -44,6 +44,9 @@ RECOVERY_STEP_TIMEOUT=120
 RECOVERY_CMD_TIME_OUT=120
 
 RDEVS=(crash0 crash1)     # the backstores
+# crash1's command ring is the smallest the kernel allows (1 MiB instead of 8): it wraps every few
+# thousand commands, so faults also find PAD entries between the tail and the fetch position.
+declare -A RING_OPTS=([crash1]=cmd_ring_size_mb=1)
 RDAEMON_LOG=$R/daemon-recovery.log
 RCONFIG=/tmp/warden-recovery.toml
 
@@ -285,7 +288,7 @@ r_setup() {
     for d in "${RDEVS[@]}"; do
         WWN_IDX["$d"]=$((i += 1))
         truncate -s $((64 * MIB)) "/srv/tcmu/$d.img" || return 1
-        mk_user "$d" "file//srv/tcmu/$d.img" $((64 * MIB)) || return 1
+        mk_user "$d" "file//srv/tcmu/$d.img" $((64 * MIB)) ${RING_OPTS[$d]:+"${RING_OPTS[$d]}"} || return 1
         write_attr "${BS[$d]}/attrib/cmd_time_out" "$RECOVERY_CMD_TIME_OUT" || return 1
         echo "$d cmd_time_out: $(cat "${BS[$d]}/attrib/cmd_time_out")"
     done

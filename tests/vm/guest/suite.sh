@@ -134,11 +134,12 @@ write_attr() { # write_attr FILE VALUE: configfs write with a readable error
     printf '%s' "$2" > "$1" || { why "writing '$2' to $1 failed"; return 1; }
 }
 
-mk_user() { # mk_user NAME DEV_CONFIG BYTES
-    local name=$1 cfg=$2 bytes=$3 dir=$CFS/core/user_0/$1
+mk_user() { # mk_user NAME DEV_CONFIG BYTES [CONTROL...]: CONTROL options (k=v) before enable
+    local name=$1 cfg=$2 bytes=$3 dir=$CFS/core/user_0/$1 opt
     mkdir -p "$dir" || { why "mkdir $dir failed"; return 1; }
     write_attr "$dir/control" "dev_config=$cfg" || return 1
     write_attr "$dir/control" "dev_size=$bytes" || return 1
+    for opt in "${@:4}"; do write_attr "$dir/control" "$opt" || return 1; done
     write_attr "$dir/enable" 1 || return 1
     BS[$name]=$dir; SIZE[$name]=$bytes
     set_serial "$name" || return 1
