@@ -19,7 +19,7 @@
 #   tcmu-warden-worker from there, no build), VM_READY_PATTERN / VM_REFUSE_PATTERN (the daemon log
 #   lines the guest waits for, see guest/suite.sh), VM_SUITE (another guest script, for debugging),
 #   VM_GROUPS (default "main recovery": which check groups run; recovery is warden-only),
-#   VM_RECOVERY_FIO_SIZE (default 16m: the fio size per disk of one run in the recovery group).
+#   VM_RECOVERY_FIO_SIZE (default 8m: the fio size per disk of one run in the recovery group).
 # Output: tests/vm/out/<daemon>/ (console.log, results.txt, daemon logs, per-check logs).
 set -euo pipefail
 
@@ -131,7 +131,7 @@ console=$res/console.log
     printf 'VM_FIO_SIZE=%q\n' "${VM_FIO_SIZE:-64m}"
     printf 'VM_RUST_LOG=%q\n' "${VM_RUST_LOG:-info}"
     printf 'VM_GROUPS=%q\n' "${VM_GROUPS:-main recovery}"
-    printf 'VM_RECOVERY_FIO_SIZE=%q\n' "${VM_RECOVERY_FIO_SIZE:-16m}"
+    printf 'VM_RECOVERY_FIO_SIZE=%q\n' "${VM_RECOVERY_FIO_SIZE:-8m}"
     [[ -z ${VM_READY_PATTERN:-} ]] || printf 'VM_READY_PATTERN=%q\n' "$VM_READY_PATTERN"
     [[ -z ${VM_REFUSE_PATTERN:-} ]] || printf 'VM_REFUSE_PATTERN=%q\n' "$VM_REFUSE_PATTERN"
     printf 'export VM_DAEMON VM_REPO VM_SUITE VM_BIN_DIR VM_KMODDIR VM_RESULTS VM_FIO_SIZE VM_RUST_LOG\n'

@@ -11,6 +11,8 @@
 # reads with the writes, so faults hit both) while faults are injected:
 #
 #   recovery/worker-kill-fio          the file worker is killed with SIGKILL every few seconds
+#   recovery/successor-kill-fio       the file worker is killed, then its successor as soon as it
+#                                     appears (usually while it is still recovering the journals)
 #   recovery/worker-hang-fio          the file worker is stopped (SIGSTOP): the heartbeat must find
 #                                     it and the supervisor must replace it
 #   recovery/supervisor-restart-fio   the supervisor itself is killed with SIGKILL (its workers die
@@ -26,10 +28,11 @@
 # journal recovery per device and fault, and no ring-reset fallback; the kernel log must show no
 # broken ring and no I/O error. The PASS line says how many of each.
 #
-# Knobs: VM_RECOVERY_FIO_SIZE (default 16m per disk), RECOVERY_* below.
+# Knobs: VM_RECOVERY_FIO_SIZE (default 8m per disk), RECOVERY_* below.
 
-RECOVERY_FIO_SIZE=${VM_RECOVERY_FIO_SIZE:-16m}
+RECOVERY_FIO_SIZE=${VM_RECOVERY_FIO_SIZE:-8m}
 RECOVERY_KILLS=6          # worker SIGKILLs in recovery/worker-kill-fio
+RECOVERY_DOUBLE_KILLS=3   # worker + successor SIGKILLs in recovery/successor-kill-fio
 RECOVERY_HANGS=2          # worker SIGSTOPs in recovery/worker-hang-fio
 RECOVERY_RESTARTS=3       # supervisor SIGKILLs in recovery/supervisor-restart-fio
 RECOVERY_QUARANTINE=3     # quarantine_after in recovery/quarantine
@@ -62,7 +65,7 @@ count_since() { rlog_since "$1" | grep -Ec -- "$2"; }
 dmesg_lines() { dmesg | wc -l; }
 
 # The journal recoveries of our devices (the supervisor logs them with backstore=user_0/<name>).
-RECOVERED_RE="device recovered.*backstore=\"?user_[0-9]+/crash[0-9]\"?"
+RECOVERED_RE="device recovered.*backstore=user_[0-9]+/crash[0-9]"
 # The worker's line saying it serves one of our devices.
 READY_RE="device=\"?crash[0-9]\"?([^[:alnum:]_.-]|\$)"
 
@@ -103,10 +106,20 @@ worker_pid() {
     return 1
 }
 
-# recovered_at_least BASE N: the log (after line BASE) shows N journal recoveries (all devices).
-recovered_at_least() {
+# marks_and_recoveries BASE MARK_RE: after log line BASE, how many lines match MARK_RE, and how
+# many journal recoveries follow the last of them.
+marks_and_recoveries() {
+    rlog_since "$1" | awk -v m="$2" -v r="$RECOVERED_RE" \
+        '$0 ~ m { n++; k = 0; next } $0 ~ r { k++ } END { print n + 0, k + 0 }'
+}
+
+# settled BASE MARKS MARK_RE: at least MARKS lines match MARK_RE after log line BASE (a crash, a
+# supervisor start), and every device was recovered from the journal after the last of them.
+settled() {
     kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
-    (( $(count_since "$1" "$RECOVERED_RE") >= $2 ))
+    local n k
+    read -r n k < <(marks_and_recoveries "$1" "$3")
+    (( n >= $2 && k >= ${#RDEVS[@]} ))
 }
 
 # ready_at_least BASE N: the worker said N times that it serves one of our devices, after log
@@ -175,14 +188,45 @@ fio_stop() {
 }
 
 # ---- faults --------------------------------------------------------------------------------------
-# Each fault_* injects one fault and prints what it did; it returns nonzero if it could not.
+# Each fault_* injects one fault, describes it in LAST_FAULT and says in FAULT_MARKS how many
+# marker lines (crashes, supervisor starts) it causes in the log; it returns nonzero if it could
+# not inject anything.
 LAST_FAULT=""
+FAULT_MARKS=0
+MID_RECOVERY_KILLS=0
+CRASH_MARK='worker crashed'
+START_MARK='^=== starting'
 
 fault_kill_worker() {
     local p
     p=$(worker_pid) || { echo "no worker to kill"; return 1; }
     kill -KILL "$p" || return 1
     LAST_FAULT="SIGKILL worker $p"
+    FAULT_MARKS=1
+}
+
+# The worker, then its successor a random 0-600 ms after it appeared: usually while the
+# successor is still recovering the journals its predecessor left (a crash loop in miniature).
+fault_kill_successor() {
+    local p q end=$((SECONDS + 60)) delay n k base
+    p=$(worker_pid) || { echo "no worker to kill"; return 1; }
+    base=$(rlog_lines)
+    kill -KILL "$p" || return 1
+    FAULT_MARKS=1
+    while ! q=$(worker_pid) || [[ $q == "$p" ]]; do
+        if (( SECONDS >= end )); then
+            LAST_FAULT="SIGKILL worker $p (no successor within 60s)"
+            return 0
+        fi
+        sleep 0.05
+    done
+    delay=$((RANDOM % 600))
+    sleep "$(printf '0.%03d' "$delay")"
+    read -r n k < <(marks_and_recoveries "$base" "$CRASH_MARK")
+    kill -KILL "$q" 2>/dev/null || { LAST_FAULT="SIGKILL worker $p (its successor $q ended by itself)"; return 0; }
+    FAULT_MARKS=2
+    (( k < ${#RDEVS[@]} )) && MID_RECOVERY_KILLS=$((MID_RECOVERY_KILLS + 1))
+    LAST_FAULT="SIGKILL worker $p, then its successor $q ${delay}ms after it appeared ($k of ${#RDEVS[@]} devices recovered by then)"
 }
 
 fault_stop_worker() {
@@ -191,6 +235,7 @@ fault_stop_worker() {
     kill -STOP "$p" || return 1
     STOPPED+=("$p")
     LAST_FAULT="SIGSTOP worker $p"
+    FAULT_MARKS=1
 }
 
 fault_kill_supervisor() {
@@ -200,20 +245,21 @@ fault_kill_supervisor() {
     # Its workers die with it (PDEATHSIG); the new supervisor waits for their uio descriptors.
     start_rdaemon > /dev/null
     LAST_FAULT="SIGKILL supervisor $old, new supervisor $DPID"
+    FAULT_MARKS=1
 }
 
-# faults_under_fio TAG FAULT COUNT BASE: fio runs (repeated as needed) while COUNT faults are
-# injected, each RECOVERY_GAP_MIN..+SPREAD seconds after every device was recovered from the
-# previous one (journal recoveries counted in the log after line BASE), and only while I/O is in
-# flight. Sets FAULTS (injected) and FIO_RUNS; returns nonzero on any fio failure or missed
-# recovery.
+# faults_under_fio TAG FAULT COUNT BASE MARK_RE: fio runs (repeated as needed) while COUNT faults
+# are injected, each RECOVERY_GAP_MIN..+SPREAD seconds after every device was recovered from the
+# previous one (journal recoveries after the fault's last MARK_RE line, in the log after line
+# BASE), and only while I/O is in flight. Sets FAULTS (injected), MARKS and FIO_RUNS; returns
+# nonzero on any fio failure or missed recovery.
 faults_under_fio() {
-    local tag=$1 fault=$2 count=$3
-    local base=$4 end=$((SECONDS + RECOVERY_SCENARIO_TIMEOUT)) ndev=${#RDEVS[@]}
+    local tag=$1 fault=$2 count=$3 base=$4 mark=$5
+    local end=$((SECONDS + RECOVERY_SCENARIO_TIMEOUT))
     local next
     local waiting=0 t0=0 inflight
     next=$(next_fault_ms)
-    FAULTS=0; FIO_RUNS=0
+    FAULTS=0; FIO_RUNS=0; MARKS=0
     fio_start "$tag"
     while :; do
         if ! kill -0 "$FIO_PID" 2>/dev/null; then
@@ -222,7 +268,7 @@ faults_under_fio() {
             fio_start "$tag"
         fi
         if (( waiting )); then
-            if recovered_at_least "$base" $((FAULTS * ndev)); then
+            if settled "$base" "$MARKS" "$mark"; then
                 echo "  recovered after $((SECONDS - t0))s"
                 waiting=0
                 next=$(next_fault_ms)
@@ -232,8 +278,9 @@ faults_under_fio() {
             fi
         elif (( FAULTS < count && $(now_ms) >= next )) && inflight=$(inflight_io) &&
              (( inflight > 0 )); then
+            FAULT_MARKS=0
             if "$fault"; then
-                FAULTS=$((FAULTS + 1)); waiting=1; t0=$SECONDS
+                FAULTS=$((FAULTS + 1)); MARKS=$((MARKS + FAULT_MARKS)); waiting=1; t0=$SECONDS
                 echo "fault $FAULTS at ${SECONDS}s, $inflight commands in flight: $LAST_FAULT"
             else
                 next=$(( $(now_ms) + 500 ))
@@ -308,27 +355,37 @@ r_setup() {
     echo "worker: $(worker_pid)"
 }
 
-r_fault_scenario() { # r_fault_scenario TAG FAULT COUNT WHAT
-    local tag=$1 fault=$2 count=$3 what=$4 base dbase t0=$SECONDS
+r_fault_scenario() { # r_fault_scenario TAG FAULT COUNT WHAT MARK_RE
+    local tag=$1 fault=$2 count=$3 what=$4 mark=$5 base dbase t0=$SECONDS
     base=$(rlog_lines); dbase=$(dmesg_lines)
-    faults_under_fio "$tag" "$fault" "$count" "$base" || { judge_log "$base" "$dbase"; return 1; }
+    faults_under_fio "$tag" "$fault" "$count" "$base" "$mark" ||
+        { judge_log "$base" "$dbase"; return 1; }
     judge_log "$base" "$dbase" || return 1
-    (( RECOVERIES >= FAULTS * ${#RDEVS[@]} )) ||
-        { why "$FAULTS $what on ${#RDEVS[@]} devices but only $RECOVERIES journal recoveries"; return 1; }
+    (( RECOVERIES >= MARKS * ${#RDEVS[@]} )) ||
+        { why "$MARKS crashes on ${#RDEVS[@]} devices but only $RECOVERIES journal recoveries"; return 1; }
     SCENARIO_NOTE="$FAULTS $what, $RECOVERIES device recoveries, $REPLAYED commands replayed, 0 ring resets, $FIO_RUNS fio runs x ${#RDEVS[@]} disks err=0, $((SECONDS - t0))s"
 }
 
 c_worker_kill() {
-    r_fault_scenario worker-kill fault_kill_worker "$RECOVERY_KILLS" kills || return 1
+    r_fault_scenario worker-kill fault_kill_worker "$RECOVERY_KILLS" kills "$CRASH_MARK" || return 1
     (( CRASHES >= FAULTS )) || { why "$FAULTS kills but $CRASHES crashes logged"; return 1; }
     (( HB_KILLS == 0 )) || SCENARIO_NOTE+=", $HB_KILLS extra heartbeat kills"
+    echo "note: $SCENARIO_NOTE"
+}
+
+c_successor_kill() {
+    MID_RECOVERY_KILLS=0
+    r_fault_scenario successor-kill fault_kill_successor "$RECOVERY_DOUBLE_KILLS" \
+        "double kills" "$CRASH_MARK" || return 1
+    (( CRASHES >= MARKS )) || { why "$MARKS kills but $CRASHES crashes logged"; return 1; }
+    SCENARIO_NOTE=${SCENARIO_NOTE/double kills,/double kills ($MARKS kills, $MID_RECOVERY_KILLS successors killed before they had recovered every device),}
     echo "note: $SCENARIO_NOTE"
 }
 
 declare -a STOPPED=()
 c_worker_hang() {
     STOPPED=()
-    r_fault_scenario worker-hang fault_stop_worker "$RECOVERY_HANGS" hangs || return 1
+    r_fault_scenario worker-hang fault_stop_worker "$RECOVERY_HANGS" hangs "$CRASH_MARK" || return 1
     (( HB_KILLS >= FAULTS )) ||
         { why "$FAULTS hung workers but $HB_KILLS heartbeat kills logged"; return 1; }
     local p
@@ -344,7 +401,7 @@ c_supervisor_restart() {
     local base0
     base0=$(rlog_lines)
     r_fault_scenario supervisor-restart fault_kill_supervisor "$RECOVERY_RESTARTS" \
-        "supervisor kills" || return 1
+        "supervisor kills" "$START_MARK" || return 1
     local found
     found=$(count_since "$base0" 'found the journal of a previous supervisor')
     (( found >= FAULTS * ${#RDEVS[@]} )) ||
@@ -406,7 +463,7 @@ r_cleanup() {
     return $ok
 }
 
-RECOVERY_CHECKS=(worker-kill-fio worker-hang-fio supervisor-restart-fio quarantine)
+RECOVERY_CHECKS=(worker-kill-fio successor-kill-fio worker-hang-fio supervisor-restart-fio quarantine)
 
 recovery_main() {
     local c
@@ -416,6 +473,8 @@ recovery_main() {
         return
     fi
     check recovery/worker-kill-fio c_worker_kill
+    fio_stop
+    check recovery/successor-kill-fio c_successor_kill
     fio_stop
     check recovery/worker-hang-fio c_worker_hang
     fio_stop
