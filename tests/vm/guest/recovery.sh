@@ -18,6 +18,8 @@
 #   recovery/supervisor-restart-fio   the supervisor itself is killed with SIGKILL (its workers die
 #                                     with it) and a new one is started: it must recover the device
 #                                     from the journal under /run/tcmu-warden/journal
+#   recovery/journal-lost-fio         the same, with the journals deleted before the new supervisor
+#                                     starts: it must reset the rings (BUSY, retried), not guess
 #   recovery/quarantine               a worker killed quarantine_after times within the window is
 #                                     not restarted; its device stays blocked
 #
@@ -35,6 +37,7 @@ RECOVERY_KILLS=6          # worker SIGKILLs in recovery/worker-kill-fio
 RECOVERY_DOUBLE_KILLS=3   # worker + successor SIGKILLs in recovery/successor-kill-fio
 RECOVERY_HANGS=2          # worker SIGSTOPs in recovery/worker-hang-fio
 RECOVERY_RESTARTS=3       # supervisor SIGKILLs in recovery/supervisor-restart-fio
+RECOVERY_JOURNAL_LOSSES=2 # supervisor SIGKILLs with the journals deleted, recovery/journal-lost-fio
 RECOVERY_QUARANTINE=3     # quarantine_after in recovery/quarantine
 # Seconds between a recovery and the next fault (random in [MIN, MIN + SPREAD]).
 RECOVERY_GAP_MIN=3
@@ -52,6 +55,7 @@ RDEVS=(crash0 crash1)     # the backstores
 declare -A RING_OPTS=([crash1]=cmd_ring_size_mb=1)
 RDAEMON_LOG=$R/daemon-recovery.log
 RCONFIG=/tmp/warden-recovery.toml
+JOURNAL_DIR=/run/tcmu-warden/journal   # the default journal_dir
 
 # ---- helpers -------------------------------------------------------------------------------------
 
@@ -106,19 +110,20 @@ worker_pid() {
     return 1
 }
 
-# marks_and_recoveries BASE MARK_RE: after log line BASE, how many lines match MARK_RE, and how
-# many journal recoveries follow the last of them.
+# marks_and_recoveries BASE MARK_RE [SETTLE_RE]: after log line BASE, how many lines match
+# MARK_RE, and how many lines matching SETTLE_RE (default: journal recoveries) follow the last.
 marks_and_recoveries() {
-    rlog_since "$1" | awk -v m="$2" -v r="$RECOVERED_RE" \
+    rlog_since "$1" | awk -v m="$2" -v r="${3:-$RECOVERED_RE}" \
         '$0 ~ m { n++; k = 0; next } $0 ~ r { k++ } END { print n + 0, k + 0 }'
 }
 
-# settled BASE MARKS MARK_RE: at least MARKS lines match MARK_RE after log line BASE (a crash, a
-# supervisor start), and every device was recovered from the journal after the last of them.
+# settled BASE MARKS MARK_RE SETTLE_RE: at least MARKS lines match MARK_RE after log line BASE (a
+# crash, a supervisor start), and a SETTLE_RE line (a journal recovery, or the worker saying it
+# serves the device) followed the last of them for every device.
 settled() {
     kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
     local n k
-    read -r n k < <(marks_and_recoveries "$1" "$3")
+    read -r n k < <(marks_and_recoveries "$1" "$3" "$4")
     (( n >= $2 && k >= ${#RDEVS[@]} ))
 }
 
@@ -262,13 +267,25 @@ fault_kill_supervisor() {
     FAULT_MARKS=1
 }
 
-# faults_under_fio TAG FAULT COUNT BASE MARK_RE: fio runs (repeated as needed) while COUNT faults
-# are injected, each RECOVERY_GAP_MIN..+SPREAD seconds after every device was recovered from the
-# previous one (journal recoveries after the fault's last MARK_RE line, in the log after line
-# BASE), and only while I/O is in flight. Sets FAULTS (injected), MARKS and FIO_RUNS; returns
-# nonzero on any fio failure or missed recovery.
+# The supervisor is killed and the journals deleted before the next one starts (as after a
+# lost /run, or a takeover from another TCMU daemon): nothing says what was in flight.
+fault_lose_journals() {
+    local old=$DPID
+    kill -KILL "$old" || return 1
+    wait "$old" 2>/dev/null
+    rm -rf "$JOURNAL_DIR" || return 1
+    start_rdaemon > /dev/null
+    LAST_FAULT="SIGKILL supervisor $old, journals deleted, new supervisor $DPID"
+    FAULT_MARKS=1
+}
+
+# faults_under_fio TAG FAULT COUNT BASE MARK_RE [SETTLE_RE]: fio runs (repeated as needed) while
+# COUNT faults are injected, each RECOVERY_GAP_MIN..+SPREAD seconds after every device settled
+# from the previous one (a SETTLE_RE line, default a journal recovery, after the fault's last
+# MARK_RE line, in the log after line BASE), and only while I/O is in flight. Sets FAULTS
+# (injected), MARKS and FIO_RUNS; returns nonzero on any fio failure or missed recovery.
 faults_under_fio() {
-    local tag=$1 fault=$2 count=$3 base=$4 mark=$5
+    local tag=$1 fault=$2 count=$3 base=$4 mark=$5 settle=${6:-$RECOVERED_RE}
     local end=$((SECONDS + RECOVERY_SCENARIO_TIMEOUT))
     local next
     local waiting=0 t0=0 inflight
@@ -282,7 +299,7 @@ faults_under_fio() {
             fio_start "$tag"
         fi
         if (( waiting )); then
-            if settled "$base" "$MARKS" "$mark"; then
+            if settled "$base" "$MARKS" "$mark" "$settle"; then
                 echo "  recovered after $((SECONDS - t0))s"
                 waiting=0
                 next=$(next_fault_ms)
@@ -308,14 +325,15 @@ faults_under_fio() {
     done
 }
 
-# judge_log BASE DMESG_BASE: what the daemon and kernel logs say since the scenario started.
-# Sets CRASHES, RECOVERIES, RESETS, HB_KILLS, REPLAYED; fails on a reset or a broken ring.
+# judge_log BASE DMESG_BASE [RESETS_OK]: what the daemon and kernel logs say since the scenario
+# started. Sets CRASHES, RECOVERIES, RESETS, HB_KILLS, REPLAYED; fails on a broken ring, an I/O
+# error, a device failure, or (unless RESETS_OK is 1) a ring reset.
 judge_log() {
-    local base=$1 dbase=$2 k
+    local base=$1 dbase=$2 resets_ok=${3:-0} k
     CRASHES=$(count_since "$base" 'worker crashed')
     RECOVERIES=$(count_since "$base" "$RECOVERED_RE")
-    RESETS=$(count_since "$base" 'ring reset|resetting the ring|falling back to a ring reset')
-    FAILED=$(count_since "$base" 'device failed|cannot serve the device|cannot recover')
+    RESETS=$(count_since "$base" 'ring reset: every command in flight')
+    FAILED=$(count_since "$base" 'device failed|cannot serve the device')
     HB_KILLS=$(count_since "$base" 'killing worker.*no answer to heartbeat')
     REPLAYED=0
     for k in $(rlog_since "$base" | grep 'recovered the ring from the previous worker' |
@@ -336,7 +354,8 @@ judge_log() {
         why "the kernel logged I/O errors on the initiator side"
         return 1
     fi
-    (( RESETS == 0 )) || { why "$RESETS ring-reset fallbacks (the journal was not usable)"; return 1; }
+    (( resets_ok || RESETS == 0 )) ||
+        { why "$RESETS ring-reset fallbacks (a journal was not usable)"; return 1; }
     (( FAILED == 0 )) || { why "$FAILED device failures logged"; return 1; }
 }
 
@@ -423,6 +442,22 @@ c_supervisor_restart() {
     echo "note: $SCENARIO_NOTE"
 }
 
+# Without journals, the new supervisor cannot know which commands in the rings the dead worker had
+# finished: serving the rings from cmd_tail would complete some twice (the kernel then breaks the
+# ring) and lose others. It must reset them (every command in flight answered BUSY, which the
+# initiator retries) before a worker serves them.
+c_journal_lost() {
+    local base dbase t0=$SECONDS
+    base=$(rlog_lines); dbase=$(dmesg_lines)
+    faults_under_fio journal-lost fault_lose_journals "$RECOVERY_JOURNAL_LOSSES" "$START_MARK" \
+        "$READY_PATTERN.*$READY_RE" || { judge_log "$base" "$dbase" 1; return 1; }
+    judge_log "$base" "$dbase" 1 || return 1
+    (( RECOVERIES == 0 )) || { why "$RECOVERIES journal recoveries without journals"; return 1; }
+    (( RESETS >= FAULTS * ${#RDEVS[@]} )) ||
+        { why "$FAULTS supervisor restarts without journals but only $RESETS ring resets"; return 1; }
+    echo "note: $FAULTS supervisor kills with the journals deleted, $RESETS ring resets, $FIO_RUNS fio runs x ${#RDEVS[@]} disks err=0, $((SECONDS - t0))s"
+}
+
 # No I/O here: a quarantined device stays blocked, and the kernel would retry commands BUSY until
 # the initiator gives up.
 c_quarantine() {
@@ -477,7 +512,8 @@ r_cleanup() {
     return $ok
 }
 
-RECOVERY_CHECKS=(worker-kill-fio successor-kill-fio worker-hang-fio supervisor-restart-fio quarantine)
+RECOVERY_CHECKS=(worker-kill-fio successor-kill-fio worker-hang-fio supervisor-restart-fio
+                 journal-lost-fio quarantine)
 
 recovery_main() {
     local c
@@ -495,6 +531,8 @@ recovery_main() {
     # Stopped workers the heartbeat missed must not outlive the scenario.
     for c in "${STOPPED[@]}"; do kill -KILL "$c" 2>/dev/null; done
     check recovery/supervisor-restart-fio c_supervisor_restart
+    fio_stop
+    check recovery/journal-lost-fio c_journal_lost
     fio_stop
     if kill -0 "$DPID" 2>/dev/null; then
         check recovery/quarantine c_quarantine
