@@ -16,8 +16,10 @@
 #   recovery/worker-hang-fio          the file worker is stopped (SIGSTOP): the heartbeat must find
 #                                     it and the supervisor must replace it
 #   recovery/supervisor-restart-fio   the supervisor itself is killed with SIGKILL (its workers die
-#                                     with it) and a new one is started: it must recover the device
-#                                     from the journal under /run/tcmu-warden/journal
+#                                     with it; every other time the worker is frozen first, so it
+#                                     cannot finish its commands) and a new one is started: it must
+#                                     recover the devices from the journals under
+#                                     /run/tcmu-warden/journal
 #   recovery/journal-lost-fio         the same, with the journals deleted before the new supervisor
 #                                     starts: it must reset the rings (BUSY, retried), not guess
 #   recovery/quarantine               a worker killed quarantine_after times within the window is
@@ -145,6 +147,11 @@ inflight_io() {
 }
 io_in_flight() { (( $(inflight_io) > 0 )); }
 
+# pause SECONDS: sleep without forking (a read that times out on a FIFO nobody writes to; the
+# FIFO is opened by recovery_main).
+PAUSE_FD=""
+pause() { read -r -t "$1" -u "$PAUSE_FD" _; }
+
 # Milliseconds (bash's EPOCHREALTIME), for fault times finer than a second.
 now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
 # When the next fault is due: RECOVERY_GAP_MIN..+SPREAD seconds from now, at a random millisecond.
@@ -214,8 +221,9 @@ fault_kill_worker() {
 # fork, so it notices a new worker within milliseconds even under TCG): the supervisor's children
 # whose command name is the worker's (a forked child not yet exec'd still has the supervisor's).
 new_worker_fast() {
-    local kids k comm
-    read -r -a kids < "/proc/$DPID/task/$DPID/children" 2>/dev/null || return 1
+    local kids=() k comm
+    # The file has no newline: read reports end-of-file even when it read the list.
+    read -r -a kids < "/proc/$DPID/task/$DPID/children" 2>/dev/null
     for k in "${kids[@]}"; do
         [[ $k != "$1" ]] || continue
         read -r comm < "/proc/$k/comm" 2>/dev/null || continue
@@ -237,6 +245,7 @@ fault_kill_successor() {
             LAST_FAULT="SIGKILL worker $p (no successor within 60s)"
             return 0
         fi
+        pause 0.005
     done
     q=$REPLY
     delay=$((RANDOM % 500))
@@ -257,27 +266,38 @@ fault_stop_worker() {
     FAULT_MARKS=1
 }
 
-fault_kill_supervisor() {
-    local old=$DPID
+# kill_supervisor [frozen] [lose-journals]: SIGKILL the supervisor and start a new one. Its
+# workers die with it (PDEATHSIG), but a worker that sees the supervisor's socket close first
+# stops fetching and finishes what it has in flight, racing the signal: with `frozen` the worker
+# is stopped (SIGSTOP) first, so it dies with its commands in flight. With `lose-journals` the
+# journals are deleted before the new supervisor starts.
+kill_supervisor() {
+    local old=$DPID p="" what="SIGKILL supervisor $old"
+    if [[ " $* " == *" frozen "* ]]; then
+        p=$(worker_pid) || { echo "no worker to stop"; return 1; }
+        kill -STOP "$p" || return 1
+        what="SIGSTOP worker $p, $what"
+    fi
     kill -KILL "$old" || return 1
     wait "$old" 2>/dev/null
-    # Its workers die with it (PDEATHSIG); the new supervisor waits for their uio descriptors.
+    if [[ " $* " == *" lose-journals "* ]]; then
+        rm -rf "$JOURNAL_DIR" || return 1
+        what+=", journals deleted"
+    fi
+    # The new supervisor waits (a few seconds) for the dying workers' uio descriptors.
     start_rdaemon > /dev/null
-    LAST_FAULT="SIGKILL supervisor $old, new supervisor $DPID"
+    LAST_FAULT="$what, new supervisor $DPID"
     FAULT_MARKS=1
 }
 
-# The supervisor is killed and the journals deleted before the next one starts (as after a
-# lost /run, or a takeover from another TCMU daemon): nothing says what was in flight.
-fault_lose_journals() {
-    local old=$DPID
-    kill -KILL "$old" || return 1
-    wait "$old" 2>/dev/null
-    rm -rf "$JOURNAL_DIR" || return 1
-    start_rdaemon > /dev/null
-    LAST_FAULT="SIGKILL supervisor $old, journals deleted, new supervisor $DPID"
-    FAULT_MARKS=1
+# Every other supervisor kill freezes the worker first.
+fault_kill_supervisor() {
+    if (( FAULTS % 2 )); then kill_supervisor frozen; else kill_supervisor; fi
 }
+
+# The journals are lost (as after an emptied /run, a changed journal_dir, or a takeover from
+# another TCMU daemon): nothing says what the frozen, killed worker had in flight.
+fault_lose_journals() { kill_supervisor frozen lose-journals; }
 
 # faults_under_fio TAG FAULT COUNT BASE MARK_RE [SETTLE_RE]: fio runs (repeated as needed) while
 # COUNT faults are injected, each RECOVERY_GAP_MIN..+SPREAD seconds after every device settled
@@ -411,6 +431,8 @@ c_successor_kill() {
     r_fault_scenario successor-kill fault_kill_successor "$RECOVERY_DOUBLE_KILLS" \
         "double kills" "$CRASH_MARK" || return 1
     (( CRASHES >= MARKS )) || { why "$MARKS kills but $CRASHES crashes logged"; return 1; }
+    (( MARKS == 2 * FAULTS )) ||
+        { why "only $((MARKS - FAULTS)) of $FAULTS successors were found and killed"; return 1; }
     SCENARIO_NOTE=${SCENARIO_NOTE/double kills,/double kills ($MARKS kills, $MID_RECOVERY_KILLS successors killed before they had recovered every device),}
     echo "note: $SCENARIO_NOTE"
 }
@@ -449,8 +471,8 @@ c_supervisor_restart() {
 c_journal_lost() {
     local base dbase t0=$SECONDS
     base=$(rlog_lines); dbase=$(dmesg_lines)
-    faults_under_fio journal-lost fault_lose_journals "$RECOVERY_JOURNAL_LOSSES" "$START_MARK" \
-        "$READY_PATTERN.*$READY_RE" || { judge_log "$base" "$dbase" 1; return 1; }
+    faults_under_fio journal-lost fault_lose_journals "$RECOVERY_JOURNAL_LOSSES" "$base" \
+        "$START_MARK" "$READY_PATTERN.*$READY_RE" || { judge_log "$base" "$dbase" 1; return 1; }
     judge_log "$base" "$dbase" 1 || return 1
     (( RECOVERIES == 0 )) || { why "$RECOVERIES journal recoveries without journals"; return 1; }
     (( RESETS >= FAULTS * ${#RDEVS[@]} )) ||
@@ -517,6 +539,7 @@ RECOVERY_CHECKS=(worker-kill-fio successor-kill-fio worker-hang-fio supervisor-r
 
 recovery_main() {
     local c
+    mkfifo /tmp/recovery-pause.fifo && exec {PAUSE_FD}<>/tmp/recovery-pause.fifo
     if ! check recovery/setup r_setup; then
         for c in "${RECOVERY_CHECKS[@]}"; do skip "recovery/$c" recovery/setup; done
         r_cleanup > "$LOGS/recovery_cleanup.log" 2>&1
