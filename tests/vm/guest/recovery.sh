@@ -272,7 +272,8 @@ fault_stop_worker() {
 # is stopped (SIGSTOP) first, so it dies with its commands in flight. With `lose-journals` the
 # journals are deleted before the new supervisor starts.
 kill_supervisor() {
-    local old=$DPID p="" what="SIGKILL supervisor $old"
+    local old=$DPID p=""
+    local what="SIGKILL supervisor $old"
     if [[ " $* " == *" frozen "* ]]; then
         p=$(worker_pid) || { echo "no worker to stop"; return 1; }
         kill -STOP "$p" || return 1
