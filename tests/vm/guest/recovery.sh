@@ -233,9 +233,10 @@ new_worker_fast() {
 }
 
 # The worker, then its successor a random 0-500 ms after its exec: usually while the successor
-# is still recovering the journals its predecessor left (a crash loop in miniature).
+# is still recovering the journals its predecessor left (a crash loop in miniature). Nothing
+# slow (no fork, no log parsing) runs between finding the successor and killing it.
 fault_kill_successor() {
-    local p q end=$((SECONDS + 60)) delay n k base
+    local p q end=$((SECONDS + 60)) delay k base
     p=$(worker_pid) || { echo "no worker to kill"; return 1; }
     base=$(rlog_lines)
     kill -KILL "$p" || return 1
@@ -249,13 +250,19 @@ fault_kill_successor() {
     done
     q=$REPLY
     delay=$((RANDOM % 500))
-    sleep "$(printf '0.%03d' "$delay")"
-    read -r n k < <(marks_and_recoveries "$base" "$CRASH_MARK")
+    pause "$(( delay / 1000 )).$(printf '%03d' $(( delay % 1000 )))"
     kill -KILL "$q" 2>/dev/null || { LAST_FAULT="SIGKILL worker $p (its successor $q ended by itself)"; return 0; }
     FAULT_MARKS=2
-    (( k < ${#RDEVS[@]} )) && MID_RECOVERY_KILLS=$((MID_RECOVERY_KILLS + 1))
-    LAST_FAULT="SIGKILL worker $p, then its successor $q ${delay}ms after it appeared ($k of ${#RDEVS[@]} devices recovered by then)"
+    # How far the successor got: the journal recoveries between the two crashes.
+    wait_for 60 "the crash of $q" successor_crash_logged "$base" "$q" > /dev/null
+    k=$(rlog_since "$base" | awk -v p="pid=$p " -v q="pid=$q " -v r="$RECOVERED_RE" '
+        /worker crashed/ && index($0, p) { a = 1; next }
+        /worker crashed/ && index($0, q) { print k + 0; exit }
+        a && $0 ~ r { k++ }')
+    (( ${k:-0} < ${#RDEVS[@]} )) && MID_RECOVERY_KILLS=$((MID_RECOVERY_KILLS + 1))
+    LAST_FAULT="SIGKILL worker $p, then its successor $q ${delay}ms after its exec (${k:-?} of ${#RDEVS[@]} devices recovered by then)"
 }
+successor_crash_logged() { rlog_since "$1" | grep -q "worker crashed.*pid=$2 "; }
 
 fault_stop_worker() {
     local p
