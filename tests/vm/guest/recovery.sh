@@ -38,10 +38,11 @@ RECOVERY_FIO_SIZE=${VM_RECOVERY_FIO_SIZE:-8m}
 RECOVERY_KILLS=6          # worker SIGKILLs in recovery/worker-kill-fio
 RECOVERY_DOUBLE_KILLS=3   # worker + successor SIGKILLs in recovery/successor-kill-fio
 RECOVERY_HANGS=2          # worker SIGSTOPs in recovery/worker-hang-fio
-RECOVERY_RESTARTS=3       # supervisor SIGKILLs in recovery/supervisor-restart-fio
+RECOVERY_RESTARTS=2       # supervisor SIGKILLs in recovery/supervisor-restart-fio
 RECOVERY_JOURNAL_LOSSES=2 # supervisor SIGKILLs with the journals deleted, recovery/journal-lost-fio
 RECOVERY_QUARANTINE=3     # quarantine_after in recovery/quarantine
-# Seconds between a recovery and the next fault (random in [MIN, MIN + SPREAD]).
+# Seconds between a recovery and the next fault (random in [MIN, MIN + SPREAD]): 3-5 s for the
+# worker kills; the other scenarios (local overrides) use 1-3 s to keep the VM run short.
 RECOVERY_GAP_MIN=3
 RECOVERY_GAP_SPREAD=2
 # Deadline of one scenario, and of one recovery (the guest is slow; restarts are not).
@@ -457,6 +458,7 @@ c_worker_kill() {
 }
 
 c_successor_kill() {
+    local RECOVERY_GAP_MIN=1 RECOVERY_GAP_SPREAD=2
     MID_RECOVERY_KILLS=0
     r_fault_scenario successor-kill fault_kill_successor "$RECOVERY_DOUBLE_KILLS" \
         "double kills" "$CRASH_MARK" || return 1
@@ -469,6 +471,7 @@ c_successor_kill() {
 
 declare -a STOPPED=()
 c_worker_hang() {
+    local RECOVERY_GAP_MIN=1 RECOVERY_GAP_SPREAD=2
     STOPPED=()
     r_fault_scenario worker-hang fault_stop_worker "$RECOVERY_HANGS" hangs "$CRASH_MARK" || return 1
     (( HB_KILLS >= FAULTS )) ||
@@ -483,6 +486,7 @@ c_worker_hang() {
 }
 
 c_supervisor_restart() {
+    local RECOVERY_GAP_MIN=1 RECOVERY_GAP_SPREAD=2
     local base0
     base0=$(rlog_lines)
     r_fault_scenario supervisor-restart fault_kill_supervisor "$RECOVERY_RESTARTS" \
@@ -499,6 +503,7 @@ c_supervisor_restart() {
 # ring) and lose others. It must reset them (every command in flight answered BUSY, which the
 # initiator retries) before a worker serves them.
 c_journal_lost() {
+    local RECOVERY_GAP_MIN=1 RECOVERY_GAP_SPREAD=2
     local base dbase t0=$SECONDS
     base=$(rlog_lines); dbase=$(dmesg_lines)
     EXPECT_RESETS=0
