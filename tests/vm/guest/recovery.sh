@@ -233,7 +233,7 @@ new_worker_fast() {
     return 1
 }
 
-# The worker, then its successor a random 0-500 ms after its exec: usually while the successor
+# The worker, then its successor a random 0-150 ms after its exec: often while the successor
 # is still recovering the journals its predecessor left (a crash loop in miniature). Nothing
 # slow (no fork, no log parsing) runs between finding the successor and killing it.
 fault_kill_successor() {
@@ -250,7 +250,7 @@ fault_kill_successor() {
         pause 0.005
     done
     q=$REPLY
-    delay=$((RANDOM % 500))
+    delay=$((RANDOM % 150))
     pause "$(( delay / 1000 )).$(printf '%03d' $(( delay % 1000 )))"
     kill -KILL "$q" 2>/dev/null || { LAST_FAULT="SIGKILL worker $p (its successor $q ended by itself)"; return 0; }
     FAULT_MARKS=2
