@@ -11,8 +11,8 @@
 # reads with the writes, so faults hit both) while faults are injected:
 #
 #   recovery/worker-kill-fio          the file worker is killed with SIGKILL every few seconds
-#   recovery/successor-kill-fio       the file worker is killed, then its successor as soon as it
-#                                     appears (usually while it is still recovering the journals)
+#   recovery/successor-kill-fio       the file worker is killed, then its successor 0-150 ms after
+#                                     its exec (often while it is still recovering the journals)
 #   recovery/worker-hang-fio          the file worker is stopped (SIGSTOP): the heartbeat must find
 #                                     it and the supervisor must replace it
 #   recovery/supervisor-restart-fio   the supervisor itself is killed with SIGKILL (its workers die
@@ -29,8 +29,9 @@
 # to be recovered from the previous one; fio runs are repeated until every fault of the scenario
 # has been injected (TCG speed varies too much to size one run), and every run must end with
 # err=0 and a passing verify on both disks. The daemon log must show one crash per fault and one
-# journal recovery per device and fault, and no ring-reset fallback; the kernel log must show no
-# broken ring and no I/O error. The PASS line says how many of each.
+# journal recovery per device and fault, no device failure, and (but in journal-lost-fio, which
+# expects one per busy ring) no ring-reset fallback; the kernel log must show no broken ring and
+# no I/O error. The PASS line says how many of each.
 #
 # Knobs: VM_RECOVERY_FIO_SIZE (default 8m per disk), RECOVERY_* below.
 
