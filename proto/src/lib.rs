@@ -66,7 +66,8 @@ pub enum JournalMode {
     /// resetting the ring (every in-flight command answered BUSY).
     None,
     /// A freshly created (all-zero) journal: start at the ring's current tail and initialise
-    /// the journal before fetching anything.
+    /// the journal before fetching anything. Only for a ring no command waits in (nobody
+    /// fetched from it, or it was just reset); otherwise answer [`FromWorker::RecoveryFailed`].
     Fresh,
     /// A journal a previous worker wrote: validate it against the ring, finish what it records,
     /// and resume. If it is inconsistent, answer [`FromWorker::RecoveryFailed`] and do not serve
@@ -296,9 +297,12 @@ pub enum FromWorker {
         /// The device.
         id: u64,
     },
-    /// The device came with [`JournalMode::Recover`] and its journal does not agree with the
-    /// ring (or cannot be used). The worker serves nothing for it; the supervisor resets the
-    /// ring (every in-flight command completes BUSY) and sends the device again.
+    /// The worker cannot serve the device's ring as it is: it came with [`JournalMode::Recover`]
+    /// and its journal does not agree with the ring (or cannot be used), or it came without a
+    /// journal to recover from ([`JournalMode::Fresh`] or [`JournalMode::None`]) and commands
+    /// already wait in the ring, which someone else fetched from. The worker serves nothing for
+    /// it; the supervisor resets the ring (every in-flight command completes BUSY) and sends the
+    /// device again.
     RecoveryFailed {
         /// The device.
         id: u64,

@@ -118,6 +118,14 @@ fn main() -> ExitCode {
             inconsistent_journal_falls_back_to_a_ring_reset,
         ),
         (
+            "busy_ring_without_a_journal_is_reset_before_it_is_served",
+            busy_ring_without_a_journal_is_reset_before_it_is_served,
+        ),
+        (
+            "recovery_failed_after_a_reset_kills_the_worker",
+            recovery_failed_after_a_reset_kills_the_worker,
+        ),
+        (
             "heartbeats_carry_the_device_counters",
             heartbeats_carry_the_device_counters,
         ),
@@ -1023,6 +1031,64 @@ fn inconsistent_journal_falls_back_to_a_ring_reset() {
     assert_some_line(&logs, &["ring reset", "device=uio0"], ());
 }
 
+/// A device adopted with no journal (none existed: a first start, a lost `/run`, another TCMU
+/// daemon before us) whose ring already holds commands: the worker refuses to serve it from the
+/// tail, and the supervisor resets the ring (blocked first) and hands it over again.
+fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    let mut sup = f.start("dirtyring", &f.file_and_ram(), |_| {});
+    until(&mut sup, "the device is served", |s| {
+        phase_of(s, "uio0") == Some(DevicePhase::Ready)
+    });
+    let log = f.log("dirtyring");
+    let adds = add_lines(&log, "uio0");
+    assert_eq!(adds.len(), 2, "{log}");
+    assert_contains(adds[0], "journal=Fresh");
+    assert_contains(adds[0], "blocked=\"\"");
+    assert_contains(adds[1], "journal=Fresh");
+    assert_contains(adds[1], "blocked=\"1\"");
+    assert_eq!(f.action(2, "scratch", "reset_ring"), "1");
+    assert_eq!(f.action(2, "scratch", "block_dev"), "0");
+    let d = sup.device_by_uio("uio0").unwrap();
+    assert_eq!((d.resets, d.recoveries, d.blocked), (1, 0, false));
+    assert_eq!(sup.worker("ram").unwrap().total_crashes, 0);
+    let logs = harness::take_logs();
+    assert_some_line(
+        &logs,
+        &[
+            "holds commands no journal accounts for",
+            "device=uio0",
+            "3 commands wait in the ring",
+        ],
+        (),
+    );
+    assert_some_line(&logs, &["ring reset", "device=uio0"], ());
+}
+
+/// A ring just reset (and blocked) holds no commands: a worker that still answers
+/// `RecoveryFailed` is lying, and would make the supervisor reset the ring forever.
+fn recovery_failed_after_a_reset_kills_the_worker() {
+    let f = Fixture::new();
+    f.device("uio0", 2, "scratch", Some("ram/"));
+    let mut sup = f.start("liar", &f.file_and_ram(), |o| {
+        o.lifecycle.restart_backoff_initial = Duration::from_secs(60);
+    });
+    until(&mut sup, "the worker is killed", |s| {
+        s.worker("ram").is_some_and(|w| w.total_crashes >= 1)
+    });
+    let w = sup.worker("ram").unwrap();
+    assert_contains(w.kill_reason.as_deref().unwrap(), "just reset");
+    let log = f.log("liar");
+    let adds = add_lines(&log, "uio0");
+    assert_eq!(adds.len(), 2, "{log}");
+    let d = sup.device_by_uio("uio0").unwrap();
+    assert_eq!(d.resets, 1);
+    assert_eq!(d.phase, DevicePhase::Recovering);
+    assert!(d.blocked);
+}
+
 fn heartbeats_carry_the_device_counters() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
@@ -1504,6 +1570,27 @@ mod fake_worker {
                             FromWorker::RecoveryFailed {
                                 id: spec.id,
                                 reason: "fetch position outside the ring".into(),
+                            },
+                        ),
+                        // Commands wait in the ring until the supervisor resets it (which it
+                        // does with the device blocked).
+                        "dirtyring" if spec.journal != JournalMode::Recover && blocked != "1" => {
+                            send(
+                                &chan,
+                                FromWorker::RecoveryFailed {
+                                    id: spec.id,
+                                    reason: "3 commands wait in the ring (cmd_tail 0, cmd_head \
+                                             384) and no journal records which of them are \
+                                             still outstanding"
+                                        .into(),
+                                },
+                            )
+                        }
+                        "liar" => send(
+                            &chan,
+                            FromWorker::RecoveryFailed {
+                                id: spec.id,
+                                reason: "commands wait in the ring".into(),
                             },
                         ),
                         "failing" => send(

@@ -1,7 +1,9 @@
 //! The worker's side of a hand-over: a device sent for recovery with a journal the worker cannot
-//! use is answered `RecoveryFailed` (so the supervisor resets the ring), never served; a journal
-//! of the wrong size is a plain device failure. Driven through the real conversation
-//! ([`Worker::serve`]) over a socket pair, with the simulator's map standing in for `/dev/uioN`.
+//! use is answered `RecoveryFailed` (so the supervisor resets the ring), never served; so is a
+//! device sent without a journal to recover from whose ring already holds commands (someone
+//! served it and its record is gone); a journal of the wrong size is a plain device failure.
+//! Driven through the real conversation ([`Worker::serve`]) over a socket pair, with the
+//! simulator's map standing in for `/dev/uioN`.
 
 #![allow(
     clippy::unwrap_used,
@@ -17,7 +19,10 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use tcmu_warden_proto::{Channel, DeviceSpec, FromWorker, JOURNAL_BYTES, JournalMode, ToWorker};
 use tcmu_warden_tests::{KernelSim, SimConfig};
 use tcmu_warden_worker::handler::builtin_factories;
+use tcmu_warden_worker::ring::{Completion, Fetched, Mapping, RecoverError, Ring};
 use tcmu_warden_worker::runtime::Worker;
+
+const TEST_UNIT_READY: [u8; 6] = [0; 6];
 
 fn memfd(len: u64, fill: u8) -> OwnedFd {
     let fd = memfd_create("journal", MFdFlags::MFD_CLOEXEC).unwrap();
@@ -109,4 +114,128 @@ fn unusable_journals_are_reported_not_served() {
 
     sup.send(&ToWorker::Shutdown, &[]).unwrap();
     worker.join().unwrap().unwrap();
+}
+
+/// Starts a worker on one end of a socket pair and answers its handshake.
+fn worker() -> (
+    Channel,
+    std::thread::JoinHandle<Result<(), tcmu_warden_worker::runtime::WorkerError>>,
+) {
+    let (sup, wk) = Channel::pair().unwrap();
+    let worker = std::thread::spawn(move || Worker::new(wk, builtin_factories()).serve());
+    sup.send(
+        &ToWorker::Hello {
+            worker: "t".into(),
+            subtypes: vec!["ram".into()],
+        },
+        &[],
+    )
+    .unwrap();
+    let (hello, _) = sup.recv::<FromWorker>().unwrap();
+    assert!(matches!(hello, FromWorker::Hello { .. }));
+    (sup, worker)
+}
+
+#[test]
+fn a_busy_ring_without_a_journal_to_recover_from_is_not_served() {
+    let (mut sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
+    sim.submit(&TEST_UNIT_READY, &[], 0).unwrap();
+    sim.submit(&TEST_UNIT_READY, &[], 0).unwrap();
+    let (sup, worker) = worker();
+
+    // A fresh journal: nothing says which of the two waiting commands were answered already.
+    let journal = memfd(JOURNAL_BYTES, 0);
+    sup.send(
+        &ToWorker::AddDevice(spec(1, dev.map_len, JournalMode::Fresh)),
+        &[dev.map_fd.as_fd(), journal.as_fd()],
+    )
+    .unwrap();
+    match sup.recv::<FromWorker>().unwrap().0 {
+        FromWorker::RecoveryFailed { id: 1, reason } => {
+            assert!(reason.contains("2 commands wait in the ring"), "{reason}");
+        }
+        other => panic!("expected RecoveryFailed, got {other:?}"),
+    }
+    // No journal at all: the same.
+    sup.send(
+        &ToWorker::AddDevice(spec(2, dev.map_len, JournalMode::None)),
+        &[dev.map_fd.as_fd()],
+    )
+    .unwrap();
+    assert!(matches!(
+        sup.recv::<FromWorker>().unwrap().0,
+        FromWorker::RecoveryFailed { id: 2, .. }
+    ));
+    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    worker.join().unwrap().unwrap();
+
+    // Nothing was fetched, answered or journaled.
+    assert_eq!(sim.in_flight(), 2);
+    assert_eq!(sim.cmd_tail(), 0);
+    assert!(sim.reap().unwrap().is_empty());
+    let mut head = [1u8; 64];
+    std::fs::File::from(journal.try_clone().unwrap())
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert_eq!(head, [0; 64], "the fresh journal was not initialised");
+}
+
+/// Why a ring served before must not be served again from its tail without its journal: with
+/// out-of-order completion the slot at the tail names a command already answered, and the
+/// command still outstanding is named nowhere. `check_unserved` catches it; a reset fixes it.
+#[test]
+fn a_ring_whose_journal_is_lost_must_be_reset() {
+    let (mut sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
+    let map = Mapping::map(dev.map_fd.as_fd(), dev.map_len).unwrap();
+    Ring::new(map.clone()).unwrap().check_unserved().unwrap();
+    // A task-management entry needs no answer: still unserved.
+    sim.submit_tmr(1, &[]).unwrap();
+    Ring::new(map.clone()).unwrap().check_unserved().unwrap();
+
+    // A worker fetches x and y, answers y first (into x's slot, at the tail), and dies.
+    let x = sim.submit(&TEST_UNIT_READY, &[], 0).unwrap();
+    let y = sim.submit(&TEST_UNIT_READY, &[], 0).unwrap();
+    let mut first = Ring::new(map.clone()).unwrap();
+    let mut fetched = Vec::new();
+    while let Some(entry) = first.fetch().unwrap() {
+        if let Fetched::Cmd(c) = entry {
+            fetched.push(c);
+        }
+    }
+    assert_eq!(fetched.iter().map(|c| c.cmd_id).collect::<Vec<_>>(), [x, y]);
+    let cy = fetched.pop().unwrap();
+    first.complete_command(cy, &Completion::status(0)).unwrap();
+    let done = sim.reap().unwrap();
+    assert_eq!(done.iter().map(|c| c.cmd_id).collect::<Vec<_>>(), [y]);
+    drop(fetched);
+    drop(first);
+    assert_eq!(sim.in_flight_ids(), [x]);
+
+    match Ring::new(map.clone()).unwrap().check_unserved() {
+        Err(RecoverError::Unjournaled { commands: 1, .. }) => {}
+        other => panic!("expected Unjournaled, got {other:?}"),
+    }
+    // Served from the tail anyway, the ring offers y again, and answering it breaks the ring.
+    let mut naive = Ring::new(map.clone()).unwrap();
+    let Some(Fetched::Cmd(again)) = naive.fetch().unwrap() else {
+        panic!("no command at the tail")
+    };
+    assert_eq!(again.cmd_id, y);
+    naive
+        .complete_command(again, &Completion::status(0))
+        .unwrap();
+    assert!(sim.reap().is_err());
+    assert!(sim.broken().is_some());
+    drop(naive);
+
+    // The supervisor's way out: block, reset (x is answered BUSY), and the ring is unserved.
+    sim.set_blocked(true);
+    let busy = sim.reset_ring(1).unwrap();
+    assert_eq!(
+        busy.iter()
+            .map(|c| (c.cmd_id, c.status))
+            .collect::<Vec<_>>(),
+        [(x, 0x08)]
+    );
+    Ring::new(map).unwrap().check_unserved().unwrap();
 }

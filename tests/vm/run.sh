@@ -25,7 +25,9 @@
 #   VM_MEMORY_MB (default 3072), VM_CPUS (default 2), VM_BIN_DIR (take tcmu-warden and
 #   tcmu-warden-worker from there, no build), VM_READY_PATTERN / VM_REFUSE_PATTERN (the daemon log
 #   lines the guest waits for, see guest/suite.sh), VM_SUITE (another guest script, for debugging),
-#   VM_CONF_TESTS (conformance: iscsi-test-cu's --test selection, default ALL).
+#   VM_GROUPS (default "main hotplug recovery": which check groups run; hotplug and recovery are
+#   warden-only), VM_RECOVERY_FIO_SIZE (default 8m: the fio size per disk of one run in the
+#   recovery group), VM_CONF_TESTS (conformance: iscsi-test-cu's --test selection, default ALL).
 # Output: tests/vm/out/<daemon>/ (console.log, results.txt, daemon logs, per-check logs), or
 #   tests/vm/out/conformance-<daemon>/ (conformance.xml, tests.txt, diff-table.txt, ...).
 set -euo pipefail
@@ -57,7 +59,7 @@ case $daemon in
     *) echo "run.sh: --daemon must be warden, tcmu-runner or kernel" >&2; exit 2 ;;
 esac
 case $suite in
-    main) default_guest=$here/guest/suite.sh; timeout_s=${timeout_s:-1200} ;;
+    main) default_guest=$here/guest/suite.sh; timeout_s=${timeout_s:-2400} ;;
     conformance) default_guest=$here/guest/conformance.sh; timeout_s=${timeout_s:-3600} ;;
     *) echo "run.sh: --suite must be main or conformance" >&2; exit 2 ;;
 esac
@@ -158,12 +160,14 @@ console=$res/console.log
     printf 'VM_RESULTS=/vmresults\n'
     printf 'VM_FIO_SIZE=%q\n' "${VM_FIO_SIZE:-64m}"
     printf 'VM_RUST_LOG=%q\n' "${VM_RUST_LOG:-info}"
+    printf 'VM_GROUPS=%q\n' "${VM_GROUPS:-main hotplug recovery}"
+    printf 'VM_RECOVERY_FIO_SIZE=%q\n' "${VM_RECOVERY_FIO_SIZE:-8m}"
     [[ -z ${VM_READY_PATTERN:-} ]] || printf 'VM_READY_PATTERN=%q\n' "$VM_READY_PATTERN"
     [[ -z ${VM_REFUSE_PATTERN:-} ]] || printf 'VM_REFUSE_PATTERN=%q\n' "$VM_REFUSE_PATTERN"
     printf 'export VM_DAEMON VM_REPO VM_SUITE VM_BIN_DIR VM_KMODDIR VM_RESULTS VM_FIO_SIZE VM_RUST_LOG\n'
     printf 'VM_CONF_TESTS=%q\n' "${VM_CONF_TESTS:-ALL}"
     printf 'VM_CONF_TIMEOUT=%q\n' "$(( timeout_s > 600 ? timeout_s - 300 : timeout_s / 2 ))"
-    printf 'export VM_READY_PATTERN VM_REFUSE_PATTERN VM_CONF_TESTS VM_CONF_TIMEOUT\n'
+    printf 'export VM_READY_PATTERN VM_REFUSE_PATTERN VM_CONF_TESTS VM_CONF_TIMEOUT VM_GROUPS VM_RECOVERY_FIO_SIZE\n'
 } > "$res/params.env"
 
 # ---- 5. boot -------------------------------------------------------------------------------------

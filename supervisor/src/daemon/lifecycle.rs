@@ -25,6 +25,18 @@
 //! way before a successor gets it. The same recovery runs when the supervisor itself restarts:
 //! a device whose journal file exists is blocked and sent in `Recover` mode.
 //!
+//! **A ring nobody recorded.** A device adopted without a journal to recover from (the file did
+//! not exist: a first start, but also a `/run` emptied while no supervisor ran, a changed
+//! `journal_dir`, or another TCMU daemon that served the device before us) is sent `Fresh` (or
+//! without a journal) on the assumption that nobody fetched from its ring. The worker checks
+//! that no command waits in the ring before it fetches anything; if some do, nothing says which
+//! of them the previous server already answered (out-of-order completions relabel the slots),
+//! and serving them from `cmd_tail` would answer some twice — the kernel then marks the ring
+//! broken — and lose others. It answers `RecoveryFailed` instead, and the supervisor resets the
+//! ring exactly as for an inconsistent journal. Right after a reset, with the device blocked, no
+//! command can be waiting: a `RecoveryFailed` then is a protocol violation (it would make the
+//! supervisor reset the ring forever) and kills the worker.
+//!
 //! This module never parses a journal or the ring (the worker does); it only decides, writes the
 //! two configfs actions, and keeps the books.
 
@@ -169,6 +181,7 @@ impl Supervisor {
             if let Some(dev) = self.devices.get_mut(&id) {
                 dev.phase = DevicePhase::Recovering;
                 dev.deadline = None;
+                dev.reset_for_handover = false;
             }
         }
     }
@@ -252,6 +265,7 @@ impl Supervisor {
         }
         dev.resets = dev.resets.saturating_add(1);
         dev.ring_dirty = false;
+        dev.reset_for_handover = true;
         info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "ring reset: every command in flight completed BUSY");
         if let Some(j) = &dev.journal
             && let Err(err) = JournalStore::zero(&j.file)
@@ -263,13 +277,20 @@ impl Supervisor {
         Ok(())
     }
 
-    /// The worker says the journal of device `id` cannot be used: reset the ring and send the
-    /// device again with a fresh journal.
+    /// The worker cannot serve device `id`'s ring as it is: its journal does not agree with the
+    /// ring, or there was no journal to recover from and commands already wait in the ring.
+    /// Reset the ring and send the device again with a fresh journal.
     pub(super) fn on_recovery_failed(&mut self, key: &WorkerKey, id: u64, reason: &str) {
         if let Some(dev) = self.devices.get(&id) {
-            warn!(device = %dev.dev.uio, backstore = %dev.dev.label(), worker = %key.name(),
-                  reason = ?reason,
-                  "the journal does not agree with the ring; falling back to a ring reset");
+            if dev.mode == JournalMode::Recover {
+                warn!(device = %dev.dev.uio, backstore = %dev.dev.label(), worker = %key.name(),
+                      reason = ?reason,
+                      "the journal does not agree with the ring; falling back to a ring reset");
+            } else {
+                warn!(device = %dev.dev.uio, backstore = %dev.dev.label(), worker = %key.name(),
+                      reason = ?reason,
+                      "the ring holds commands no journal accounts for (a lost journal, or another TCMU daemon before us); resetting the ring");
+            }
         }
         if self.reset_device_ring(id).is_err() {
             return;
@@ -283,6 +304,7 @@ impl Supervisor {
         let Some(dev) = self.devices.get_mut(&id) else {
             return;
         };
+        dev.reset_for_handover = false;
         if dev.mode == JournalMode::Recover {
             dev.recoveries = dev.recoveries.saturating_add(1);
             info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device recovered: the new worker finished what its predecessor left in flight");

@@ -410,6 +410,10 @@ struct Device {
     blocked: bool,
     /// Journal mode of the last `AddDevice`.
     mode: JournalMode,
+    /// The ring was reset for the hand-over under way (cleared once the device is served or its
+    /// worker goes down): the worker cannot find commands in it, so a `RecoveryFailed` now is a
+    /// lie (and would loop).
+    reset_for_handover: bool,
     recoveries: u32,
     resets: u32,
 }
@@ -648,6 +652,7 @@ impl Supervisor {
                 ring_dirty,
                 blocked: false,
                 mode: JournalMode::None,
+                reset_for_handover: false,
                 recoveries: 0,
                 resets: 0,
             },
@@ -1176,10 +1181,17 @@ impl Supervisor {
             }
             (_, FromWorker::RecoveryFailed { id, reason }) => {
                 let (dev, _) = self.owned(key, id, "RecoveryFailed")?;
-                if dev.phase != DevicePhase::Sent || dev.mode != JournalMode::Recover {
+                // In any journal mode: without a journal to recover from, a ring that already
+                // holds commands cannot be served either (see `lifecycle`).
+                if dev.phase != DevicePhase::Sent {
                     return Err(format!(
-                        "RecoveryFailed for device {id}, which was not sent for recovery ({:?})",
+                        "RecoveryFailed for device {id}, which is {:?}",
                         dev.phase
+                    ));
+                }
+                if dev.reset_for_handover {
+                    return Err(format!(
+                        "RecoveryFailed for device {id}, whose ring was just reset and blocked"
                     ));
                 }
                 dev.deadline = None;

@@ -6,6 +6,9 @@
 #   VM_RESULTS  the writable results share (/vmresults)
 #   VM_FIO_SIZE size of the fio verify run per device (e.g. 64m)
 #   VM_RUST_LOG the daemon's log filter (warden mode)
+#   VM_GROUPS   which groups of checks run: `main` (everything below), `hotplug` (warden only:
+#               configfs hot-plug, see guest/hotplug.sh) and/or `recovery` (warden only: crash
+#               recovery under fio, see guest/recovery.sh); default "main hotplug recovery"
 #
 # It creates LIO backstores, starts the daemon, exports every backstore through tcm_loop (a local
 # SCSI host: each LUN shows up as /dev/sdX), runs the checks, cleans up, and writes:
@@ -46,10 +49,10 @@ say() { echo "vm-suite: $*"; }
 
 # ---- result bookkeeping --------------------------------------------------------------------------
 declare -A STATUS=()    # check name -> pass | fail
-pass() {
+pass() { # pass NAME [NOTE]: NOTE (numbers worth seeing) goes in parentheses after the name
     STATUS[$1]=pass
-    printf 'PASS %s\n' "$1" >> "$RESULTS"
-    say "PASS $1"
+    printf 'PASS %s%s\n' "$1" "${2:+ ($2)}" >> "$RESULTS"
+    say "PASS $1${2:+ ($2)}"
 }
 fail() {
     local reason=${2//$'\n'/ }
@@ -60,7 +63,8 @@ fail() {
 passed() { [[ ${STATUS[$1]:-} == pass ]]; }
 
 # Functions run by `check` explain a failure with a line `why: <reason>` on their output; the last
-# such line is the reason reported (otherwise the last line of output).
+# such line is the reason reported (otherwise the last line of output). On success, the last line
+# `note: <text>` is shown on the PASS line.
 why() { echo "why: $*"; }
 
 # check NAME FUNCTION [ARGS...]: run FUNCTION with its output in logs/NAME.log, report PASS/FAIL.
@@ -69,7 +73,7 @@ check() {
     local logf=$LOGS/${name//\//_}.log
     say "running $name"
     if "$@" > "$logf" 2>&1; then
-        pass "$name"
+        pass "$name" "$(grep '^note: ' "$logf" | tail -n1 | sed 's/^note: //')"
         return 0
     fi
     local reason
@@ -131,11 +135,12 @@ write_attr() { # write_attr FILE VALUE: configfs write with a readable error
     printf '%s' "$2" > "$1" || { why "writing '$2' to $1 failed"; return 1; }
 }
 
-mk_user() { # mk_user NAME DEV_CONFIG BYTES
-    local name=$1 cfg=$2 bytes=$3 dir=$CFS/core/user_0/$1
+mk_user() { # mk_user NAME DEV_CONFIG BYTES [CONTROL...]: CONTROL options (k=v) before enable
+    local name=$1 cfg=$2 bytes=$3 dir=$CFS/core/user_0/$1 opt
     mkdir -p "$dir" || { why "mkdir $dir failed"; return 1; }
     write_attr "$dir/control" "dev_config=$cfg" || return 1
     write_attr "$dir/control" "dev_size=$bytes" || return 1
+    for opt in "${@:4}"; do write_attr "$dir/control" "$opt" || return 1; done
     write_attr "$dir/enable" 1 || return 1
     BS[$name]=$dir; SIZE[$name]=$bytes
     set_serial "$name" || return 1
@@ -538,8 +543,14 @@ daemon_alive() {
     wait "$DPID"; why "the daemon died (status $?)"; return 1
 }
 
+# ---- crash recovery (warden) ---------------------------------------------------------------------
+# shellcheck source=recovery.sh
+. "$(dirname "${BASH_SOURCE[0]}")/recovery.sh"
+
 # ---- main ----------------------------------------------------------------------------------------
 say "daemon: $DAEMON, kernel $(uname -r)"
+GROUPS_RUN=${VM_GROUPS:-main hotplug recovery}
+want_group() { [[ " $GROUPS_RUN " == *" $1 "* ]]; }
 
 DEVICE_CHECKS=(sg_inq sg_vpd-naa sg_vpd-serial sg_readcap dd-direct ext4 fio-verify)
 skip_device() { # skip_device NAME PREREQ
@@ -553,7 +564,24 @@ skip_device() { # skip_device NAME PREREQ
 # a finished run from an abandoned one, and only a finished run writes suite.done.
 MAIN_DONE=0
 main() {
-    if check setup/backing-fs prepare && check setup/backstores create_backstores; then
+    if ! check setup/backing-fs prepare; then
+        MAIN_DONE=1
+        return
+    fi
+    if want_group main; then
+        main_checks
+    fi
+    if want_group hotplug && [[ $DAEMON == warden ]]; then
+        run_hotplug
+    fi
+    if want_group recovery && [[ $DAEMON == warden ]]; then
+        recovery_main
+    fi
+    MAIN_DONE=1
+}
+
+main_checks() {
+    if check setup/backstores create_backstores; then
         i=0
         for name in "${DEVICES[@]}" $REFUSED; do WWN_IDX[$name]=$((i += 1)); done
 
@@ -607,10 +635,6 @@ main() {
             check daemon/stop stop_daemon
         fi
     fi
-    if [[ $DAEMON == warden ]]; then
-        run_hotplug
-    fi
-    MAIN_DONE=1
 }
 
 # Hot-plug scenarios (guest/hotplug.sh): with the daemon running, create, resize, reconfigure,

@@ -26,6 +26,13 @@
 //! Every journal write made here keeps the journal consistent at each step, so a worker that
 //! dies while recovering can itself be recovered.
 //!
+//! [`Ring::check_unserved`] is the counterpart for a ring handed over *without* a journal to
+//! recover from: such a ring may be served from its tail only if no command waits in it. One
+//! that holds commands was served by someone whose record is gone (a journal deleted with
+//! `/run`, a `journal_dir` changed between restarts, another TCMU daemon before us), and the
+//! same out-of-order relabelling makes its slots unreadable as a list of outstanding commands:
+//! it is [`RecoverError::Unjournaled`], and the supervisor resets it.
+//!
 //! This module owns that algorithm. It never executes commands and never notifies the kernel.
 
 use std::collections::{HashSet, VecDeque};
@@ -48,6 +55,23 @@ pub enum RecoverError {
     /// The journal does not agree with itself or with the ring.
     #[error("journal inconsistent: {0}")]
     Inconsistent(String),
+    /// The ring was handed over without a journal to recover from (a fresh one, or none) but
+    /// already holds commands: someone served it before — a worker whose journal was lost, or
+    /// another TCMU daemon — and nothing records which of them were answered already. Serving
+    /// them from `cmd_tail` would answer some twice (the kernel then marks the ring broken) and
+    /// lose others; the ring must be reset.
+    #[error(
+        "{commands} commands wait in the ring (cmd_tail {tail}, cmd_head {head}) and no journal \
+         records which of them are still outstanding"
+    )]
+    Unjournaled {
+        /// Command entries between `cmd_tail` and `cmd_head`.
+        commands: usize,
+        /// The kernel's tail.
+        tail: u32,
+        /// The kernel's head.
+        head: u32,
+    },
 }
 
 fn inconsistent(why: impl Into<String>) -> RecoverError {
@@ -275,6 +299,33 @@ impl Ring {
         })
     }
 
+    /// Fails with [`RecoverError::Unjournaled`] if command entries wait between `cmd_tail` and
+    /// `cmd_head`. A ring handed over without a journal to recover from must pass this before
+    /// anything is fetched: only a ring nobody fetched from (or one just reset) is safe to serve
+    /// from its tail. PAD and TMR entries need no answer and do not count. Nothing is written.
+    pub fn check_unserved(&self) -> Result<(), RecoverError> {
+        let size = self.cmdr_size;
+        let head = self.mailbox_word(MB_CMD_HEAD).load(Ordering::Acquire);
+        if head >= size || head % TCMU_OP_ALIGN_SIZE != 0 {
+            return Err(inconsistent(format!(
+                "cmd_head {head} is not a ring offset"
+            )));
+        }
+        let commands = self
+            .walk(self.tail, head)?
+            .iter()
+            .filter(|s| s.cmd_id.is_some())
+            .count();
+        if commands > 0 {
+            return Err(RecoverError::Unjournaled {
+                commands,
+                tail: self.tail,
+                head,
+            });
+        }
+        Ok(())
+    }
+
     /// The entries from ring offset `from` up to `to`, by their own header lengths.
     fn walk(&self, from: u32, to: u32) -> Result<VecDeque<Slot>, RecoverError> {
         let size = self.cmdr_size;
@@ -294,7 +345,7 @@ impl Ring {
             let len = len_op & !TCMU_OP_MASK;
             if len == 0 || len > size - pos || walked + u64::from(len) > total {
                 return Err(inconsistent(format!(
-                    "ring entry at {pos} of {len} bytes does not end by the fetch position {to}"
+                    "ring entry at {pos} of {len} bytes does not end by offset {to}"
                 )));
             }
             let id = match len_op & TCMU_OP_MASK {

@@ -12,7 +12,9 @@
 //! journal at the ring's tail; `Recover` rebuilds the ring from the journal a crashed predecessor
 //! left ([`Ring::recover`]) and finishes what it left running. A journal that does not agree with
 //! the ring is reported as [`FromWorker::RecoveryFailed`] and the device is not served: the
-//! supervisor resets the ring and sends the device again.
+//! supervisor resets the ring and sends the device again. So is a ring handed over without a
+//! journal to recover from (`Fresh` or `None`) in which commands already wait
+//! ([`Ring::check_unserved`]): nothing says which of them a previous server already answered.
 //!
 //! [`worker_main`] is the whole of a worker executable's `main`: the built-in `tcmu-warden-worker`
 //! calls it with the built-in handler factories, and a third-party handler binary calls it with its
@@ -207,7 +209,7 @@ impl Worker {
                         }
                         Err(AddError::Recover(e)) => {
                             warn!(device = %name, id, error = %e,
-                                  "cannot recover from the journal; asking for a ring reset");
+                                  "cannot serve the ring as it is; asking for a ring reset");
                             let mut reason = e.to_string();
                             truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
                             self.chan
@@ -353,8 +355,15 @@ impl Worker {
                       "recovered the ring from the previous worker's journal");
                 Start::Recovered(rec)
             }
-            (_, Some(j)) => Start::Ring(Ring::with_journal(map, j)?),
-            (_, None) => Start::Ring(Ring::new(map)?),
+            (_, j) => {
+                // Nothing to recover from: the ring must be one nobody served (or one just
+                // reset). If commands already wait in it, ask for a reset rather than guess.
+                Ring::new(Arc::clone(&map))?.check_unserved()?;
+                match j {
+                    Some(j) => Start::Ring(Ring::with_journal(map, j)?),
+                    None => Start::Ring(Ring::new(map)?),
+                }
+            }
         };
         let chan = self.chan.clone();
         let id = spec.id;
