@@ -68,6 +68,32 @@ fn power_on_reset_unit_attention_is_delivered_once() {
 }
 
 #[test]
+fn replayed_commands_run_and_leave_the_restart_unit_attention_for_new_ones() {
+    // After a worker restart, the commands the previous worker had accepted are run again by the
+    // recovery: they execute (they were issued before the reset), and the power-on reset is
+    // reported to the first command the initiator sends afterwards.
+    let d = Dev::new();
+    d.emu.power_on_reset();
+    let mut data = DataBuf::from_segments(vec![vec![0x5A; 512]]);
+    let write10 = [0x2A, 0, 0, 0, 0, 7, 0, 0, 1, 0];
+    let r = d.emu.execute_replayed(&mut Command {
+        cdb: &write10,
+        data: &mut data,
+        bidi_in: None,
+    });
+    assert_good(&r);
+    assert_good(&d.emu.execute_replayed(&mut Command {
+        cdb: &TUR,
+        data: &mut DataBuf::empty(),
+        bidi_in: None,
+    }));
+    assert_sense(&d.run(&TUR), key::UNIT_ATTENTION, 0x29, 0x00);
+    assert_good(&d.run(&TUR));
+    let read10 = [0x28, 0, 0, 0, 0, 7, 0, 0, 1, 0];
+    assert_eq!(d.data_in(&read10, 512), vec![0x5A; 512]);
+}
+
+#[test]
 fn unit_attention_preempts_any_other_command_including_unknown_ones() {
     let d = Dev::new();
     d.emu.power_on_reset();
