@@ -102,6 +102,13 @@ start_rdaemon() {
     echo "supervisor pid $DPID"
 }
 
+# The supervisor follows netlink and uevents and has scanned sysfs: devices created from now on
+# are answered.
+rdaemon_listening() {
+    kill -0 "$DPID" 2>/dev/null || { why "the supervisor is no longer running"; return 2; }
+    rlog | grep -q 'start-up scan complete'
+}
+
 # The live (not zombie) worker children of the supervisor.
 worker_pid() {
     local p st
@@ -416,6 +423,14 @@ r_setup() {
     # Start from a clean slate: the main checks' targets and backstores are gone by now.
     BS=(); TPG=(); SDEV=(); SIZE=()
     local d i=8 blk
+    # The daemon starts first and the devices are hot-plugged: once any daemon has turned on
+    # the kernel's netlink replies (SET_FEATURES, as the hot-plug group's did), creating a TCMU
+    # device waits, uninterruptibly, for a daemon to answer.
+    write_recovery_config 100
+    : > "$RDAEMON_LOG"
+    start_rdaemon
+    wait_for "$READY_TIMEOUT" "the daemon to start" rdaemon_listening ||
+        { rlog | tail -n 20; return 1; }
     for d in "${RDEVS[@]}"; do
         WWN_IDX["$d"]=$((i += 1))
         truncate -s $((64 * MIB)) "/srv/tcmu/$d.img" || return 1
@@ -423,9 +438,6 @@ r_setup() {
         write_attr "${BS[$d]}/attrib/cmd_time_out" "$RECOVERY_CMD_TIME_OUT" || return 1
         echo "$d cmd_time_out: $(cat "${BS[$d]}/attrib/cmd_time_out")"
     done
-    write_recovery_config 100
-    : > "$RDAEMON_LOG"
-    start_rdaemon
     wait_for "$READY_TIMEOUT" "the daemon to serve ${RDEVS[*]}" ready_at_least 0 "${#RDEVS[@]}" ||
         { rlog | tail -n 20; return 1; }
     for d in "${RDEVS[@]}"; do
