@@ -278,7 +278,8 @@ else
 fi
 if [ -e "$PARAMS/block_netlink" ]; then
     check "block_netlink is on after exit" param_is block_netlink blocked 1
-    # Let the clean-up below (and later tests) create devices without a daemon.
+    # Unblock for the groups that follow: each starts its own daemon before creating devices
+    # (with netlink replies on, a device created while no daemon runs waits for one).
     echo 0 > "$PARAMS/block_netlink"
 fi
 delete file0 2>/dev/null
