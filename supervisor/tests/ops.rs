@@ -14,23 +14,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::symlink;
+mod common;
+
+use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tcmu_warden_policy::Config;
-use tcmu_warden_proto::{Channel, DeviceStats, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{DeviceStats, FromWorker, ProtoError, ToWorker};
 use tcmu_warden_supervisor::control::{self, Request, StatusReport};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 use tcmu_warden_supervisor::netlink::TcmuNetlink;
 use tcmu_warden_supervisor::uevent::{GROUP_KERNEL, UeventSocket};
+
+use common::{FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until};
 
 fn main() -> ExitCode {
     if std::env::var_os("TCMU_WARDEN_FD").is_some() {
@@ -99,33 +100,9 @@ fn main() -> ExitCode {
 
 const FAMILY: u16 = 0x1c;
 
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    sysfs: PathBuf,
-    dev: PathBuf,
-    data: PathBuf,
-    bin: PathBuf,
-}
-
+/// Ops-specific additions: devices with `action/` files, the module parameters, the control
+/// socket, and an in-process supervisor with a fake kernel attached.
 impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().canonicalize().unwrap();
-        let f = Fixture {
-            sysfs: root.join("sys"),
-            dev: root.join("dev"),
-            data: root.join("data"),
-            bin: root.join("bin"),
-            root,
-            _tmp: tmp,
-        };
-        for d in [&f.sysfs, &f.dev, &f.data, &f.bin] {
-            fs::create_dir_all(d).unwrap();
-        }
-        f
-    }
-
     /// A device in the fake sysfs/configfs (with `action/` files), without its node.
     fn sysfs_device(&self, uio: &str, hba: u32, name: &str, dev_config: &str) {
         let mut fake = FakeDevice::new(uio, hba, name, Some(dev_config));
@@ -158,12 +135,6 @@ impl Fixture {
             .join(name)
     }
 
-    fn backing(&self, name: &str) -> PathBuf {
-        let path = self.data.join(name);
-        fs::write(&path, format!("BACKING:{name}")).unwrap();
-        path
-    }
-
     fn module_params(&self) {
         let dir = self.sysfs.join("module/target_core_user/parameters");
         fs::create_dir_all(&dir).unwrap();
@@ -180,48 +151,23 @@ impl Fixture {
         .unwrap()
     }
 
-    fn exe(&self, mode: &str) -> PathBuf {
-        let link = self.bin.join(mode);
-        if !link.exists() {
-            symlink(std::env::current_exe().unwrap(), &link).unwrap();
-        }
-        link
-    }
-
     fn socket_path(&self) -> PathBuf {
         self.root.join("run/control.sock")
     }
 
-    /// The configuration: the fake worker for `mode`, this tree, and a jail that lets the fake
-    /// workers write their logs in `bin/` and read the fake sysfs, and nothing else.
-    fn config_text(&self, mode: &str, handlers: &str) -> String {
-        format!(
-            "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\ncontrol_socket = {:?}\n\
-             drain_timeout = 20\njournal_dir = {:?}\n\
-             [jail]\nwrite_paths = [{:?}]\nread_paths = [{:?}]\n{handlers}",
-            self.exe(mode).display().to_string(),
-            self.sysfs.display().to_string(),
-            self.dev.display().to_string(),
-            self.socket_path().display().to_string(),
-            self.root.join("run/journal").display().to_string(),
-            self.bin.display().to_string(),
-            self.sysfs.display().to_string(),
-        )
-    }
-
-    fn handlers(&self, ram_max: Option<&str>) -> String {
-        let max = ram_max
-            .map(|m| format!("max_size = {m:?}\n"))
-            .unwrap_or_default();
-        format!(
-            "[handler.file]\nallow_paths = [{:?}]\n[handler.ram]\n{max}",
-            self.data.display().to_string()
-        )
+    /// The configuration (see [`Fixture::config_text`]) with a control socket and a drain
+    /// timeout.
+    fn ops_config(&self, mode: &str, handlers: &str) -> String {
+        let daemon = format!(
+            "control_socket = {:?}\ndrain_timeout = 20\n",
+            self.socket_path().display().to_string()
+        );
+        self.config_text(mode, &daemon, handlers)
     }
 
     fn write_config(&self, mode: &str, handlers: &str) -> PathBuf {
         let path = self.root.join("warden.toml");
-        fs::write(&path, self.config_text(mode, handlers)).unwrap();
+        fs::write(&path, self.ops_config(mode, handlers)).unwrap();
         path
     }
 
@@ -255,10 +201,6 @@ impl Fixture {
         let first = kernel.next_message(&mut sup);
         assert_eq!(first[20..24], [5, 0, 9, 0], "SUPP_KERN_CMD_REPLY attribute");
         (sup, kernel)
-    }
-
-    fn log(&self, mode: &str) -> String {
-        fs::read_to_string(self.bin.join(format!("{mode}.log"))).unwrap_or_default()
     }
 }
 
@@ -371,34 +313,10 @@ impl Kernel {
     }
 }
 
-fn until(sup: &mut Supervisor, what: &str, pred: impl Fn(&Supervisor) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pred(sup) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}\ndevices: {:#?}\nworkers: {:#?}",
-            sup.devices(),
-            sup.workers()
-        );
-        sup.poll_once(Duration::from_millis(50)).unwrap();
-    }
-}
-
 fn turn(sup: &mut Supervisor, n: usize) {
     for _ in 0..n {
         sup.poll_once(Duration::from_millis(20)).unwrap();
     }
-}
-
-fn phase_of(sup: &Supervisor, uio: &str) -> Option<DevicePhase> {
-    sup.device_by_uio(uio).map(|d| d.phase)
-}
-
-fn assert_contains(haystack: &str, needle: &str) {
-    assert!(
-        haystack.contains(needle),
-        "expected {needle:?} in:\n{haystack}"
-    );
 }
 
 fn lines_with(text: &str, needle: &str) -> usize {
@@ -863,7 +781,7 @@ fn reload_applies_to_new_workers_only() {
     });
     harness::take_logs();
     // New worker executable, a new handler, and a daemon key that needs a restart.
-    let text = f.config_text("alt", &f.handlers(None)).replace(
+    let text = f.ops_config("alt", &f.handlers(None)).replace(
         "drain_timeout = 20",
         "drain_timeout = 20\nuevent_source = 'kernel'",
     );
@@ -1090,7 +1008,7 @@ fn binary_sighup_reloads_and_reports_changes() {
         r.devices.first().is_some_and(|x| x.state == "ready")
     });
     assert_eq!(r.policy.served, vec!["ram"]);
-    fs::write(&config, f.config_text("echo", &f.handlers(Some("2GiB")))).unwrap();
+    fs::write(&config, f.ops_config("echo", &f.handlers(Some("2GiB")))).unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
     let r = d.status_until(&f, "reloaded", |r| r.daemon.config_generation == 2);
     assert_eq!(r.policy.served, vec!["file", "ram"]);
@@ -1235,117 +1153,72 @@ mod fake_worker {
     use super::*;
 
     pub fn main() -> ExitCode {
-        let argv0 = PathBuf::from(std::env::args_os().next().unwrap_or_default());
-        let log_path = PathBuf::from(format!("{}.log", argv0.display()));
-        let mode = argv0
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // bin/<mode> → the fixture root's sys/.
-        let sysfs = argv0
-            .parent()
-            .and_then(Path::parent)
-            .map(|r| r.join("sys"))
-            .unwrap_or_default();
-        let log = |line: String| {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .unwrap();
-            f.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let fake = FakeWorker::from_env();
+        let (mode, sysfs) = (fake.mode.as_str(), fake.sysfs());
+        let Some((worker, subtypes)) = fake.hello() else {
+            return ExitCode::from(4);
         };
-        let raw: i32 = std::env::var("TCMU_WARDEN_FD").unwrap().parse().unwrap();
-        // SAFETY: the supervisor installed this descriptor for us; nothing else owns it.
-        let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(raw) });
-        let (worker, subtypes) = match chan.recv::<ToWorker>() {
-            Ok((ToWorker::Hello { worker, subtypes }, _)) => (worker, subtypes),
-            other => {
-                log(format!("expected Hello, got {other:?}"));
-                return ExitCode::from(4);
-            }
-        };
-        log(format!("hello worker={worker} subtypes={subtypes:?}"));
-        send(
-            &chan,
-            FromWorker::Hello {
-                pid: std::process::id(),
-                subtypes,
-            },
-        );
+        fake.log(format!("hello worker={worker} subtypes={subtypes:?}"));
+        fake.send(FromWorker::Hello {
+            pid: std::process::id(),
+            subtypes,
+        });
         // id → (hba, name) of the devices held.
         let mut held: Vec<(u64, u32, String, Vec<OwnedFd>)> = Vec::new();
         loop {
-            let (msg, fds) = match chan.recv::<ToWorker>() {
+            let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
                 Err(ProtoError::Closed) => return ExitCode::SUCCESS,
                 Err(e) => {
-                    log(format!("recv error {e}"));
+                    fake.log(format!("recv error {e}"));
                     return ExitCode::from(2);
                 }
             };
             match msg {
                 ToWorker::AddDevice(spec) => {
-                    let backing = fds.get(1).map(|fd| {
-                        let file = fs::File::from(fd.try_clone().unwrap());
-                        let mut buf = vec![0u8; 64];
-                        let n = std::os::unix::fs::FileExt::read_at(&file, &mut buf, 0).unwrap();
-                        String::from_utf8_lossy(&buf[..n]).into_owned()
-                    });
-                    log(format!(
+                    let backing = fds.get(1).map(read_all);
+                    fake.log(format!(
                         "add worker={worker} id={} uio={} backing={backing:?} dev_size={} write_cache={}",
                         spec.id, spec.uio, spec.dev_size, spec.write_cache
                     ));
                     held.push((spec.id, spec.hba, spec.name.clone(), fds));
-                    send(&chan, FromWorker::DeviceReady { id: spec.id });
+                    fake.send(FromWorker::DeviceReady { id: spec.id });
                 }
                 ToWorker::RemoveDevice { id } => {
                     if mode == "failonremove" {
-                        send(
-                            &chan,
-                            FromWorker::DeviceFailed {
-                                id,
-                                reason: "event I/O: device event channel closed".into(),
-                            },
-                        );
+                        fake.send(FromWorker::DeviceFailed {
+                            id,
+                            reason: "event I/O: device event channel closed".into(),
+                        });
                     }
                     held.retain(|(h, ..)| *h != id);
-                    log(format!("remove worker={worker} id={id}"));
-                    send(&chan, FromWorker::DeviceRemoved { id });
+                    fake.log(format!("remove worker={worker} id={id}"));
+                    fake.send(FromWorker::DeviceRemoved { id });
                 }
                 ToWorker::Reconfig {
                     id,
                     dev_size,
                     write_cache,
                 } => {
-                    log(format!(
+                    fake.log(format!(
                         "reconfig worker={worker} id={id} dev_size={dev_size:?} write_cache={write_cache:?}"
                     ));
                     if mode == "failreconfig" {
-                        send(
-                            &chan,
-                            FromWorker::DeviceFailed {
-                                id,
-                                reason: "ring broke".into(),
-                            },
-                        );
-                        send(
-                            &chan,
-                            FromWorker::ReconfigFailed {
-                                id,
-                                reason: "device failed".into(),
-                            },
-                        );
+                        fake.send(FromWorker::DeviceFailed {
+                            id,
+                            reason: "ring broke".into(),
+                        });
+                        fake.send(FromWorker::ReconfigFailed {
+                            id,
+                            reason: "device failed".into(),
+                        });
                     } else if mode == "noreconfig" {
-                        send(
-                            &chan,
-                            FromWorker::ReconfigFailed {
-                                id,
-                                reason: "cannot grow".into(),
-                            },
-                        );
+                        fake.send(FromWorker::ReconfigFailed {
+                            id,
+                            reason: "cannot grow".into(),
+                        });
                     } else {
-                        send(&chan, FromWorker::Reconfigured { id });
+                        fake.send(FromWorker::Reconfigured { id });
                     }
                 }
                 ToWorker::Ping { seq } => {
@@ -1359,7 +1232,7 @@ mod fake_worker {
                             bytes_written: 1024,
                         })
                         .collect();
-                    send(&chan, FromWorker::Pong { seq, stats });
+                    fake.send(FromWorker::Pong { seq, stats });
                 }
                 ToWorker::Shutdown => {
                     let blocked: Vec<String> = held
@@ -1373,103 +1246,11 @@ mod fake_worker {
                             fs::read_to_string(p).unwrap_or_default()
                         })
                         .collect();
-                    log(format!("shutdown worker={worker} block_dev={blocked:?}"));
+                    fake.log(format!("shutdown worker={worker} block_dev={blocked:?}"));
                     return ExitCode::SUCCESS;
                 }
                 ToWorker::Hello { .. } => return ExitCode::from(4),
             }
-        }
-    }
-
-    fn send(chan: &Channel, msg: FromWorker) {
-        chan.send(&msg, &[]).unwrap();
-    }
-}
-
-// ---- the test runner --------------------------------------------------------------------------
-
-mod harness {
-    use super::*;
-    use std::panic::{AssertUnwindSafe, catch_unwind};
-
-    static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-    struct Capture;
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if std::env::var_os("WARDEN_TEST_LOG").is_some() {
-                std::io::stderr().write_all(buf)?;
-            }
-            LOGS.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// The supervisor's log lines since the last call.
-    pub fn take_logs() -> String {
-        String::from_utf8_lossy(&std::mem::take(&mut *LOGS.lock().unwrap())).into_owned()
-    }
-
-    /// Runs the tests named on the command line (substring match; all without arguments).
-    pub fn run(tests: &[(&str, fn())]) -> ExitCode {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        if args.iter().any(|a| a == "--list") {
-            for (name, _) in tests {
-                println!("{name}: test");
-            }
-            return ExitCode::SUCCESS;
-        }
-        let exact = args.iter().any(|a| a == "--exact");
-        let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-            .with_ansi(false)
-            .with_writer(|| Capture)
-            .init();
-        let selected: Vec<&(&str, fn())> = tests
-            .iter()
-            .filter(|(name, _)| {
-                filters.is_empty()
-                    || filters.iter().any(|f| {
-                        if exact {
-                            name == f
-                        } else {
-                            name.contains(f.as_str())
-                        }
-                    })
-            })
-            .collect();
-        println!("\nrunning {} tests", selected.len());
-        let mut failed = Vec::new();
-        for (name, test) in &selected {
-            match catch_unwind(AssertUnwindSafe(test)) {
-                Ok(()) => println!("test {name} ... ok"),
-                Err(_) => {
-                    println!("test {name} ... FAILED");
-                    failed.push(*name);
-                }
-            }
-        }
-        let passed = selected.len() - failed.len();
-        let filtered = tests.len() - selected.len();
-        if failed.is_empty() {
-            println!("\ntest result: ok. {passed} passed; 0 failed; {filtered} filtered out\n");
-            ExitCode::SUCCESS
-        } else {
-            println!("\nfailures:");
-            for name in &failed {
-                println!("    {name}");
-            }
-            println!(
-                "\ntest result: FAILED. {passed} passed; {} failed; {filtered} filtered out\n",
-                failed.len()
-            );
-            ExitCode::from(101)
         }
     }
 }

@@ -15,22 +15,23 @@
 // here is a failed test, caught and reported by the runner below.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod common;
+
 use std::fmt::Debug;
 use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, symlink};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tcmu_warden_policy::Config;
-use tcmu_warden_proto::{Channel, FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
+use tcmu_warden_proto::{FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
+
+use common::{FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until};
 
 fn main() -> ExitCode {
     if std::env::var_os("TCMU_WARDEN_FD").is_some() {
@@ -156,32 +157,9 @@ fn main() -> ExitCode {
 
 // ---- fixture ----------------------------------------------------------------------------------
 
-/// A fake sysfs tree, fake uio nodes, backing files and fake-worker symlinks in a tempdir.
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    sysfs: PathBuf,
-    dev: PathBuf,
-    data: PathBuf,
-    bin: PathBuf,
-}
-
+/// The workers tests' additions: plain devices, journals, `action/` files, and an in-process
+/// supervisor with tweakable options.
 impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().canonicalize().unwrap();
-        let f = Fixture {
-            sysfs: root.join("sys"),
-            dev: root.join("dev"),
-            data: root.join("data"),
-            bin: root.join("bin"),
-            _tmp: tmp,
-        };
-        for d in [&f.sysfs, &f.dev, &f.data, &f.bin] {
-            fs::create_dir_all(d).unwrap();
-        }
-        f
-    }
-
     /// A TCMU device in sysfs/configfs, and its "uio node" (a regular file reading `UIO:<uio>`).
     fn device(&self, uio: &str, hba: u32, name: &str, dev_config: Option<&str>) {
         FakeDevice::new(uio, hba, name, dev_config)
@@ -190,47 +168,10 @@ impl Fixture {
         fs::write(self.dev.join(uio), format!("UIO:{uio}")).unwrap();
     }
 
-    /// A backing file in the allowed directory; returns its path.
-    fn backing(&self, name: &str) -> PathBuf {
-        let path = self.data.join(name);
-        fs::write(&path, format!("BACKING:{name}")).unwrap();
-        path
-    }
-
     /// A `file` device backed by `data/<name>.img`.
     fn file_device(&self, uio: &str, name: &str) {
         let path = self.backing(&format!("{name}.img"));
         self.device(uio, 1, name, Some(&format!("file/{}", path.display())));
-    }
-
-    /// The fake worker executable for `mode`.
-    fn exe(&self, mode: &str) -> PathBuf {
-        let link = self.bin.join(mode);
-        if !link.exists() {
-            symlink(std::env::current_exe().unwrap(), &link).unwrap();
-        }
-        link
-    }
-
-    /// The configuration: the fake worker for `mode`, this tree, and a jail that lets the fake
-    /// workers write their logs in `bin/` and read the fake sysfs (to report whether the
-    /// supervisor had blocked a device when it handed it over), and nothing else.
-    fn config_text(&self, mode: &str, handlers: &str) -> String {
-        format!(
-            "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\njournal_dir = {:?}\n\
-             [jail]\nwrite_paths = [{:?}]\nread_paths = [{:?}]\n{handlers}",
-            self.exe(mode).display().to_string(),
-            self.sysfs.display().to_string(),
-            self.dev.display().to_string(),
-            self.journals().display().to_string(),
-            self.bin.display().to_string(),
-            self.sysfs.display().to_string(),
-        )
-    }
-
-    /// The journal directory.
-    fn journals(&self) -> PathBuf {
-        self.dev.parent().unwrap().join("journal")
     }
 
     /// The journal file of backstore `user_<hba>/<name>`.
@@ -249,16 +190,9 @@ impl Fixture {
         .unwrap()
     }
 
-    fn file_and_ram(&self) -> String {
-        format!(
-            "[handler.file]\nallow_paths = [{:?}]\n[handler.ram]\n",
-            self.data.display().to_string()
-        )
-    }
-
     /// A supervisor that has scanned the tree, with the given fake-worker mode and handlers.
     fn start(&self, mode: &str, handlers: &str, tweak: impl FnOnce(&mut Options)) -> Supervisor {
-        let text = self.config_text(mode, handlers);
+        let text = self.config_text(mode, "", handlers);
         let config = Config::from_toml_str(&text, Path::new("test.toml")).unwrap();
         let mut opts = Options::from_config(&config).unwrap();
         opts.handshake_timeout = Duration::from_secs(20);
@@ -270,29 +204,6 @@ impl Fixture {
         sup.start().unwrap();
         sup
     }
-
-    /// What the fake workers of `mode` logged.
-    fn log(&self, mode: &str) -> String {
-        fs::read_to_string(self.bin.join(format!("{mode}.log"))).unwrap_or_default()
-    }
-}
-
-/// Turns the event loop until `pred` holds (deadline: 60 s, then fails with the state).
-fn until(sup: &mut Supervisor, what: &str, pred: impl Fn(&Supervisor) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pred(sup) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}\ndevices: {:#?}\nworkers: {:#?}",
-            sup.devices(),
-            sup.workers()
-        );
-        sup.poll_once(Duration::from_millis(100)).unwrap();
-    }
-}
-
-fn phase_of(sup: &Supervisor, uio: &str) -> Option<DevicePhase> {
-    sup.device_by_uio(uio).map(|d| d.phase)
 }
 
 fn worker_phase(sup: &Supervisor, name: &str) -> Option<WorkerPhase> {
@@ -312,13 +223,6 @@ fn process_has_open(path: &Path) -> bool {
         .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
 }
 
-fn assert_contains(haystack: &str, needle: &str) {
-    assert!(
-        haystack.contains(needle),
-        "expected to find {needle:?} in:\n{haystack}"
-    );
-}
-
 fn assert_some_line<T: Debug>(text: &str, parts: &[&str], ctx: T) {
     assert!(
         text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
@@ -332,7 +236,7 @@ fn handshake_and_add_device_carry_the_right_fds() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -407,7 +311,7 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
     f.file_device("uio1", "disk0");
-    let mut sup = f.start("echo", &f.file_and_ram(), |o| {
+    let mut sup = f.start("echo", &f.handlers(None), |o| {
         o.worker_log_format = Some(tcmu_warden_policy::LogFormat::Json);
     });
     until(&mut sup, "both devices are served", |s| {
@@ -466,7 +370,7 @@ fn refused_devices_are_logged_and_still_served() {
     let escape = format!("{}/../elsewhere/secret.img", f.data.display());
     f.device("uio3", 1, "dotdot", Some(&format!("file/{escape}")));
     harness::take_logs();
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "all four devices are served", |s| {
         ["uio0", "uio1", "uio2", "uio3"]
             .iter()
@@ -537,7 +441,7 @@ fn garbage_kills_only_that_worker() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("garbage@file", &f.file_and_ram(), |o| {
+    let mut sup = f.start("garbage@file", &f.handlers(None), |o| {
         o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
         o.lifecycle.quarantine_after = 2;
     });
@@ -585,7 +489,7 @@ fn garbage_kills_only_that_worker() {
 fn reply_for_a_foreign_device_kills_the_worker() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("impostor", &f.file_and_ram(), |o| {
+    let mut sup = f.start("impostor", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
     until(&mut sup, "the impostor is reaped", |s| {
@@ -602,7 +506,7 @@ fn reply_for_a_foreign_device_kills_the_worker() {
 fn message_before_hello_kills_the_worker() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("early", &f.file_and_ram(), |o| {
+    let mut sup = f.start("early", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
     until(&mut sup, "the early talker is reaped", |s| {
@@ -619,7 +523,7 @@ fn message_before_hello_kills_the_worker() {
 fn silent_worker_is_killed_at_the_handshake_deadline() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("silent", &f.file_and_ram(), |o| {
+    let mut sup = f.start("silent", &f.handlers(None), |o| {
         o.handshake_timeout = Duration::from_millis(300);
         o.lifecycle.quarantine_after = 1;
     });
@@ -639,7 +543,7 @@ fn silent_worker_is_killed_at_the_handshake_deadline() {
 fn crashing_worker_is_reaped_and_its_devices_kept() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
-    let mut sup = f.start("crash", &f.file_and_ram(), |o| {
+    let mut sup = f.start("crash", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
     until(&mut sup, "the crashed worker is reaped", |s| {
@@ -660,7 +564,7 @@ fn crashing_worker_is_reaped_and_its_devices_kept() {
 fn worker_closing_its_channel_is_killed_after_grace() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("hangup", &f.file_and_ram(), |o| {
+    let mut sup = f.start("hangup", &f.handlers(None), |o| {
         o.exit_grace = Duration::from_millis(300);
         o.lifecycle.quarantine_after = 1;
     });
@@ -680,7 +584,7 @@ fn worker_closing_its_channel_is_killed_after_grace() {
 fn worker_without_the_subtype_gets_refusals() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
-    let mut sup = f.start("nofile", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("nofile", &f.handlers(None), |_| {});
     until(&mut sup, "the device is served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
     });
@@ -706,7 +610,7 @@ fn device_failure_is_recorded_and_logged_escaped() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
     harness::take_logs();
-    let mut sup = f.start("failing", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("failing", &f.handlers(None), |_| {});
     until(&mut sup, "the device failed", |s| {
         matches!(phase_of(s, "uio0"), Some(DevicePhase::Failed(_)))
     });
@@ -730,7 +634,7 @@ fn device_failure_is_recorded_and_logged_escaped() {
 fn remove_device_round_trip_closes_the_uio_fd() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "the device is served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
     });
@@ -789,7 +693,7 @@ fn orderly_shutdown_reaps_every_worker() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -810,7 +714,7 @@ fn orderly_shutdown_reaps_every_worker() {
 fn stubborn_worker_is_killed_at_the_shutdown_deadline() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("stubborn", &f.file_and_ram(), |o| {
+    let mut sup = f.start("stubborn", &f.handlers(None), |o| {
         o.shutdown_timeout = Duration::from_millis(300);
     });
     until(&mut sup, "the device is served", |s| {
@@ -835,7 +739,7 @@ fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
     harness::take_logs();
-    let mut sup = f.start("hangonce", &f.file_and_ram(), |o| {
+    let mut sup = f.start("hangonce", &f.handlers(None), |o| {
         o.lifecycle.heartbeat_interval = Duration::from_millis(50);
         o.lifecycle.heartbeat_timeout = Duration::from_millis(300);
         o.lifecycle.restart_backoff_initial = Duration::from_millis(20);
@@ -881,7 +785,7 @@ fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
 fn crash_is_restarted_with_backoff_then_quarantined() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
-    let mut sup = f.start("crash", &f.file_and_ram(), |o| {
+    let mut sup = f.start("crash", &f.handlers(None), |o| {
         o.lifecycle.restart_backoff_initial = Duration::from_millis(20);
         o.lifecycle.restart_backoff_max = Duration::from_millis(80);
         o.lifecycle.quarantine_after = 3;
@@ -932,7 +836,7 @@ fn sigsys_is_reported_as_a_sandbox_violation() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
     harness::take_logs();
-    let mut sup = f.start("sigsys", &f.file_and_ram(), |o| {
+    let mut sup = f.start("sigsys", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
     until(&mut sup, "the worker is reaped", |s| {
@@ -965,7 +869,7 @@ fn restarted_supervisor_recovers_devices_from_their_journals() {
     let stale = f.journal(9, "gone");
     fs::create_dir_all(stale.parent().unwrap()).unwrap();
     fs::write(&stale, b"old").unwrap();
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -1000,7 +904,7 @@ fn inconsistent_journal_falls_back_to_a_ring_reset() {
     fs::create_dir_all(journal.parent().unwrap()).unwrap();
     fs::write(&journal, vec![0xee; JOURNAL_BYTES as usize]).unwrap();
     harness::take_logs();
-    let mut sup = f.start("needsreset", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("needsreset", &f.handlers(None), |_| {});
     until(&mut sup, "the device is served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
     });
@@ -1038,7 +942,7 @@ fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
     harness::take_logs();
-    let mut sup = f.start("dirtyring", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("dirtyring", &f.handlers(None), |_| {});
     until(&mut sup, "the device is served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
     });
@@ -1072,7 +976,7 @@ fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
 fn recovery_failed_after_a_reset_kills_the_worker() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("liar", &f.file_and_ram(), |o| {
+    let mut sup = f.start("liar", &f.handlers(None), |o| {
         o.lifecycle.restart_backoff_initial = Duration::from_secs(60);
     });
     until(&mut sup, "the worker is killed", |s| {
@@ -1092,7 +996,7 @@ fn recovery_failed_after_a_reset_kills_the_worker() {
 fn heartbeats_carry_the_device_counters() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |o| {
+    let mut sup = f.start("echo", &f.handlers(None), |o| {
         o.lifecycle.heartbeat_interval = Duration::from_millis(20);
         o.lifecycle.heartbeat_timeout = Duration::from_secs(20);
     });
@@ -1120,7 +1024,7 @@ fn oversized_and_out_of_order_messages_kill_and_restart() {
     ] {
         let f = Fixture::new();
         f.device("uio0", 2, "scratch", Some("ram/"));
-        let mut sup = f.start(mode, &f.file_and_ram(), |o| {
+        let mut sup = f.start(mode, &f.handlers(None), |o| {
             o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
             o.lifecycle.quarantine_after = 2;
         });
@@ -1141,7 +1045,7 @@ fn workers_are_jailed_and_the_jail_is_verified() {
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
     harness::take_logs();
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -1221,7 +1125,7 @@ fn no_jail_switch_starts_workers_unconfined() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
     harness::take_logs();
-    let mut sup = f.start("echo", &f.file_and_ram(), |o| o.unconfined = true);
+    let mut sup = f.start("echo", &f.handlers(None), |o| o.unconfined = true);
     until(&mut sup, "the device is served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
     });
@@ -1321,7 +1225,7 @@ fn binary_runs_and_stops_on_sigterm() {
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
     let config = f.data.join("warden.toml");
-    fs::write(&config, f.config_text("echo", &f.file_and_ram())).unwrap();
+    fs::write(&config, f.config_text("echo", "", &f.handlers(None))).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
         .args(["run", "--foreground", "--config"])
         .arg(&config)
@@ -1377,25 +1281,6 @@ mod fake_worker {
 
     /// Runs as a worker. The file name we were started as selects the behaviour.
     pub fn main() -> ExitCode {
-        let argv0 = PathBuf::from(std::env::args_os().next().unwrap_or_default());
-        let log_path = PathBuf::from(format!("{}.log", argv0.display()));
-        let mode_name = argv0
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let (mode, target) = match mode_name.split_once('@') {
-            Some((m, t)) => (m.to_owned(), Some(t.to_owned())),
-            None => (mode_name.clone(), None),
-        };
-        let log = |line: String| {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .unwrap();
-            f.write_all(format!("{line}\n").as_bytes()).unwrap();
-        };
-
         // What we were started with, before opening anything ourselves.
         let fds = open_fds();
         // The worker's jail keeps /proc out of reach, so the descriptor is inspected directly.
@@ -1411,23 +1296,20 @@ mod fake_worker {
             .collect();
         env.sort();
 
-        let raw: i32 = std::env::var("TCMU_WARDEN_FD").unwrap().parse().unwrap();
-        // SAFETY: the supervisor installed this descriptor for us; nothing else owns it.
-        let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(raw) });
-
-        let (worker, subtypes) = match chan.recv::<ToWorker>() {
-            Ok((ToWorker::Hello { worker, subtypes }, _)) => (worker, subtypes),
-            other => {
-                log(format!("expected Hello, got {other:?}"));
-                return ExitCode::from(4);
-            }
+        let fake = FakeWorker::from_env();
+        let (mode, target) = match fake.mode.split_once('@') {
+            Some((m, t)) => (m.to_owned(), Some(t.to_owned())),
+            None => (fake.mode.clone(), None),
+        };
+        let Some((worker, subtypes)) = fake.hello() else {
+            return ExitCode::from(4);
         };
         let kind = if fd3.starts_with("socket:") {
             "socket"
         } else {
             "other"
         };
-        log(format!(
+        fake.log(format!(
             "hello worker={worker} subtypes={subtypes:?} env={env:?} fds={fds:?} fd3={kind}"
         ));
         let active = target.as_deref().is_none_or(|t| t == worker);
@@ -1436,10 +1318,10 @@ mod fake_worker {
         match mode {
             "silent" => {
                 // Never answer; leave when the supervisor closes its end or kills us.
-                while chan.recv::<ToWorker>().is_ok() {}
+                while fake.chan.recv::<ToWorker>().is_ok() {}
                 return ExitCode::SUCCESS;
             }
-            "early" => send(&chan, FromWorker::DeviceReady { id: 1 }),
+            "early" => fake.send(FromWorker::DeviceReady { id: 1 }),
             _ => {}
         }
         let offered = if mode == "nofile" {
@@ -1447,18 +1329,15 @@ mod fake_worker {
         } else {
             subtypes.clone()
         };
-        send(
-            &chan,
-            FromWorker::Hello {
-                pid: std::process::id(),
-                subtypes: offered,
-            },
-        );
+        fake.send(FromWorker::Hello {
+            pid: std::process::id(),
+            subtypes: offered,
+        });
         if mode == "hangup" {
             // Take the first device, then close the channel but keep running until killed.
-            let _first = chan.recv::<ToWorker>();
-            log(format!("hangup worker={worker}"));
-            drop(chan);
+            let _first = fake.chan.recv::<ToWorker>();
+            fake.log(format!("hangup worker={worker}"));
+            drop(fake);
             loop {
                 std::thread::park();
             }
@@ -1466,11 +1345,11 @@ mod fake_worker {
 
         let mut held: Vec<(u64, Vec<OwnedFd>)> = Vec::new();
         loop {
-            let (msg, fds) = match chan.recv::<ToWorker>() {
+            let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
                 Err(ProtoError::Closed) => return ExitCode::SUCCESS,
                 Err(e) => {
-                    log(format!("recv error {e}"));
+                    fake.log(format!("recv error {e}"));
                     return ExitCode::from(2);
                 }
             };
@@ -1492,7 +1371,7 @@ mod fake_worker {
                         })
                         .flatten();
                     // What the supervisor had written to block_dev when it handed us the device.
-                    let sysfs = argv0.parent().unwrap().parent().unwrap().join("sys");
+                    let sysfs = fake.sysfs();
                     let blocked = fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
                         &sysfs,
                         spec.hba,
@@ -1500,7 +1379,7 @@ mod fake_worker {
                         "block_dev",
                     ))
                     .unwrap_or_default();
-                    log(format!(
+                    fake.log(format!(
                         "add worker={worker} id={} uio={} nfds={} uio_content={:?} backing={:?} \
                          refusal={:?} hba={} name={} map_size={} dev_size={} block_size={} \
                          serial={} journal={:?} journal_len={journal_len:?} blocked={blocked:?}",
@@ -1520,7 +1399,7 @@ mod fake_worker {
                     ));
                     held.push((spec.id, fds));
                     // `...once` modes misbehave only in the first process of the test.
-                    let once_marker = PathBuf::from(format!("{}.once", argv0.display()));
+                    let once_marker = PathBuf::from(format!("{}.once", fake.argv0.display()));
                     let first = mode.ends_with("once")
                         && OpenOptions::new()
                             .write(true)
@@ -1535,21 +1414,21 @@ mod fake_worker {
                     };
                     match mode {
                         "garbage" => {
-                            let dup = nix::unistd::dup(chan.fd()).unwrap();
+                            let dup = nix::unistd::dup(fake.chan.fd()).unwrap();
                             let raw = UnixDatagram::from(dup);
                             raw.send(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]).unwrap();
                         }
                         "oversized" => {
-                            let dup = nix::unistd::dup(chan.fd()).unwrap();
+                            let dup = nix::unistd::dup(fake.chan.fd()).unwrap();
                             let raw = UnixDatagram::from(dup);
                             let frame = vec![0u8; tcmu_warden_proto::MAX_MESSAGE_BYTES + 100];
                             raw.send(&frame).unwrap();
                         }
                         "twice" => {
-                            send(&chan, FromWorker::DeviceReady { id: spec.id });
-                            send(&chan, FromWorker::DeviceReady { id: spec.id });
+                            fake.send(FromWorker::DeviceReady { id: spec.id });
+                            fake.send(FromWorker::DeviceReady { id: spec.id });
                         }
-                        "impostor" => send(&chan, FromWorker::DeviceReady { id: spec.id + 1000 }),
+                        "impostor" => fake.send(FromWorker::DeviceReady { id: spec.id + 1000 }),
                         "crash" => std::process::exit(3),
                         "sigsys" => {
                             // What the seccomp filter does to a forbidden system call.
@@ -1558,97 +1437,71 @@ mod fake_worker {
                             std::process::exit(9);
                         }
                         "hang" => {
-                            send(&chan, FromWorker::DeviceReady { id: spec.id });
-                            log(format!("hang worker={worker}"));
+                            fake.send(FromWorker::DeviceReady { id: spec.id });
+                            fake.log(format!("hang worker={worker}"));
                             // Alive, but never reads (or answers) anything again.
                             loop {
                                 std::thread::park();
                             }
                         }
-                        "needsreset" if spec.journal == JournalMode::Recover => send(
-                            &chan,
-                            FromWorker::RecoveryFailed {
+                        "needsreset" if spec.journal == JournalMode::Recover => {
+                            fake.send(FromWorker::RecoveryFailed {
                                 id: spec.id,
                                 reason: "fetch position outside the ring".into(),
-                            },
-                        ),
+                            })
+                        }
                         // Commands wait in the ring until the supervisor resets it (which it
                         // does with the device blocked).
                         "dirtyring" if spec.journal != JournalMode::Recover && blocked != "1" => {
-                            send(
-                                &chan,
-                                FromWorker::RecoveryFailed {
-                                    id: spec.id,
-                                    reason: "3 commands wait in the ring (cmd_tail 0, cmd_head \
+                            fake.send(FromWorker::RecoveryFailed {
+                                id: spec.id,
+                                reason: "3 commands wait in the ring (cmd_tail 0, cmd_head \
                                              384) and no journal records which of them are \
                                              still outstanding"
-                                        .into(),
-                                },
-                            )
+                                    .into(),
+                            })
                         }
-                        "liar" => send(
-                            &chan,
-                            FromWorker::RecoveryFailed {
-                                id: spec.id,
-                                reason: "commands wait in the ring".into(),
-                            },
-                        ),
-                        "failing" => send(
-                            &chan,
-                            FromWorker::DeviceFailed {
-                                id: spec.id,
-                                reason: "backing store\nis on fire".into(),
-                            },
-                        ),
-                        _ => send(&chan, FromWorker::DeviceReady { id: spec.id }),
+                        "liar" => fake.send(FromWorker::RecoveryFailed {
+                            id: spec.id,
+                            reason: "commands wait in the ring".into(),
+                        }),
+                        "failing" => fake.send(FromWorker::DeviceFailed {
+                            id: spec.id,
+                            reason: "backing store\nis on fire".into(),
+                        }),
+                        _ => fake.send(FromWorker::DeviceReady { id: spec.id }),
                     }
                 }
                 ToWorker::RemoveDevice { id } => {
                     held.retain(|(held_id, _)| *held_id != id);
-                    log(format!("remove worker={worker} id={id}"));
-                    send(&chan, FromWorker::DeviceRemoved { id });
+                    fake.log(format!("remove worker={worker} id={id}"));
+                    fake.send(FromWorker::DeviceRemoved { id });
                 }
-                ToWorker::Reconfig { id, .. } => send(&chan, FromWorker::Reconfigured { id }),
-                ToWorker::Ping { seq } => send(
-                    &chan,
-                    FromWorker::Pong {
-                        seq,
-                        // Made-up counters the test can recognise.
-                        stats: held
-                            .iter()
-                            .map(|(id, _)| tcmu_warden_proto::DeviceStats {
-                                id: *id,
-                                commands: 1000 + seq,
-                                ..Default::default()
-                            })
-                            .collect(),
-                    },
-                ),
+                ToWorker::Reconfig { id, .. } => fake.send(FromWorker::Reconfigured { id }),
+                ToWorker::Ping { seq } => fake.send(FromWorker::Pong {
+                    seq,
+                    // Made-up counters the test can recognise.
+                    stats: held
+                        .iter()
+                        .map(|(id, _)| tcmu_warden_proto::DeviceStats {
+                            id: *id,
+                            commands: 1000 + seq,
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
                 ToWorker::Shutdown => {
-                    log(format!("shutdown worker={worker}"));
+                    fake.log(format!("shutdown worker={worker}"));
                     if mode != "stubborn" {
                         return ExitCode::SUCCESS;
                     }
                 }
                 ToWorker::Hello { .. } => {
-                    log("second Hello".into());
+                    fake.log("second Hello".into());
                     return ExitCode::from(4);
                 }
             }
         }
-    }
-
-    fn send(chan: &Channel, msg: FromWorker) {
-        chan.send(&msg, &[]).unwrap();
-    }
-
-    fn read_all(fd: &OwnedFd) -> String {
-        let file = fs::File::from(fd.try_clone().unwrap());
-        let mut buf = vec![0u8; 256];
-        // Positional read: the offset is shared with the supervisor's descriptor.
-        let n = file.read_at(&mut buf, 0).unwrap();
-        buf.truncate(n);
-        String::from_utf8_lossy(&buf).into_owned()
     }
 
     /// Descriptor numbers open in this process. Probed one by one (`/proc/self/fd` is out of
@@ -1667,98 +1520,5 @@ mod fake_worker {
         // SAFETY: as above.
         let rc = unsafe { libc::fstat(fd, &mut st) };
         rc == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
-    }
-}
-
-// ---- the test runner --------------------------------------------------------------------------
-
-mod harness {
-    use super::*;
-    use std::panic::{AssertUnwindSafe, catch_unwind};
-
-    static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-    struct Capture;
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if std::env::var_os("WARDEN_TEST_LOG").is_some() {
-                std::io::stderr().write_all(buf)?;
-            }
-            LOGS.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// The supervisor's log lines since the last call.
-    pub fn take_logs() -> String {
-        String::from_utf8_lossy(&std::mem::take(&mut *LOGS.lock().unwrap())).into_owned()
-    }
-
-    /// Runs the tests named on the command line (substring match; all without arguments).
-    pub fn run(tests: &[(&str, fn())]) -> ExitCode {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        if args.iter().any(|a| a == "--list") {
-            for (name, _) in tests {
-                println!("{name}: test");
-            }
-            return ExitCode::SUCCESS;
-        }
-        let exact = args.iter().any(|a| a == "--exact");
-        let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-            .with_ansi(false)
-            .with_writer(|| Capture)
-            .init();
-
-        let selected: Vec<&(&str, fn())> = tests
-            .iter()
-            .filter(|(name, _)| {
-                filters.is_empty()
-                    || filters.iter().any(|f| {
-                        if exact {
-                            name == f
-                        } else {
-                            name.contains(f.as_str())
-                        }
-                    })
-            })
-            .collect();
-        println!("\nrunning {} tests", selected.len());
-        let mut failed = Vec::new();
-        for (name, test) in &selected {
-            let result = catch_unwind(AssertUnwindSafe(test));
-            match result {
-                Ok(()) => println!("test {name} ... ok"),
-                Err(_) => {
-                    println!("test {name} ... FAILED");
-                    failed.push(*name);
-                }
-            }
-        }
-        let passed = selected.len() - failed.len();
-        if failed.is_empty() {
-            println!(
-                "\ntest result: ok. {passed} passed; 0 failed; {} filtered out\n",
-                tests.len() - selected.len()
-            );
-            ExitCode::SUCCESS
-        } else {
-            println!("\nfailures:");
-            for name in &failed {
-                println!("    {name}");
-            }
-            println!(
-                "\ntest result: FAILED. {passed} passed; {} failed; {} filtered out\n",
-                failed.len(),
-                tests.len() - selected.len()
-            );
-            ExitCode::from(101)
-        }
     }
 }
