@@ -31,69 +31,32 @@ use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 use tcmu_warden_supervisor::netlink::TcmuNetlink;
 use tcmu_warden_supervisor::uevent::{GROUP_KERNEL, UeventSocket};
 
-use common::{FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until};
+use common::{
+    FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until, until_ready,
+};
 
 fn main() -> ExitCode {
-    if std::env::var_os("TCMU_WARDEN_FD").is_some() {
-        return fake_worker::main();
-    }
-    harness::run(&[
-        (
-            "uevents_add_and_remove_devices",
+    harness::main(
+        fake_worker::main,
+        common::tests![
             uevents_add_and_remove_devices,
-        ),
-        ("set_features_is_sent_first", set_features_is_sent_first),
-        (
-            "refused_devices_fail_the_configfs_write",
+            set_features_is_sent_first,
             refused_devices_fail_the_configfs_write,
-        ),
-        (
-            "added_before_its_node_is_served_once_udev_reports_it",
             added_before_its_node_is_served_once_udev_reports_it,
-        ),
-        (
-            "recreated_device_on_the_same_minor_is_a_new_device",
             recreated_device_on_the_same_minor_is_a_new_device,
-        ),
-        (
-            "size_and_write_cache_changes_reach_the_worker",
             size_and_write_cache_changes_reach_the_worker,
-        ),
-        (
-            "refused_and_failed_reconfigs_are_answered_negatively",
             refused_and_failed_reconfigs_are_answered_negatively,
-        ),
-        (
-            "dev_config_change_reopens_the_device",
             dev_config_change_reopens_the_device,
-        ),
-        (
-            "device_failing_during_a_reconfig_is_answered",
             device_failing_during_a_reconfig_is_answered,
-        ),
-        (
-            "device_failing_while_released_keeps_the_worker",
             device_failing_while_released_keeps_the_worker,
-        ),
-        (
-            "reload_applies_to_new_workers_only",
             reload_applies_to_new_workers_only,
-        ),
-        (
-            "binary_status_json_shows_devices_workers_and_policy",
             binary_status_json_shows_devices_workers_and_policy,
-        ),
-        (
-            "binary_sighup_reloads_and_reports_changes",
             binary_sighup_reloads_and_reports_changes,
-        ),
-        ("binary_sigterm_drains", binary_sigterm_drains),
-        (
-            "binary_second_daemon_leaves_the_first_alone",
+            binary_sigterm_drains,
             binary_second_daemon_leaves_the_first_alone,
-        ),
-        ("binary_notifies_systemd", binary_notifies_systemd),
-    ])
+            binary_notifies_systemd,
+        ],
+    )
 }
 
 // ---- fixture ----------------------------------------------------------------------------------
@@ -306,6 +269,12 @@ impl Kernel {
         }
     }
 
+    /// Sends a request and asserts that it succeeded.
+    fn accepted(&mut self, sup: &mut Supervisor, msg: &[u8]) {
+        let (_, status, _) = self.request(sup, msg);
+        assert_eq!(status, 0, "the request was refused");
+    }
+
     /// Sends a request and returns the decoded reply.
     fn request(&mut self, sup: &mut Supervisor, msg: &[u8]) -> (u8, i32, u32) {
         self.send(msg);
@@ -339,9 +308,7 @@ fn uevents_add_and_remove_devices() {
     assert!(sup.devices().is_empty());
     f.device("uio0", 1, "scratch", "ram/");
     k.uevent("add", "uio0");
-    until(&mut sup, "the hot-plugged device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the hot-plugged device is served");
     assert_contains(&f.log("echo"), "add worker=ram id=1 uio=uio0");
     // Other subsystems are not ours.
     k.ue.send(
@@ -475,20 +442,17 @@ fn refused_devices_fail_the_configfs_write() {
         &tcmu_request(ADDED, "tcm-user/2/scratch/ram/", 4, 15, &[]),
     );
     assert_eq!((cmd, status, id), (4, 0, 15));
-    until(&mut sup, "the admitted device is served", |s| {
-        phase_of(s, "uio4") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio4", "the admitted device is served");
 }
 
 fn added_before_its_node_is_served_once_udev_reports_it() {
     let f = Fixture::new();
     let (mut sup, mut k) = f.start("echo", &f.handlers(None));
     f.sysfs_device("uio1", 2, "late", "ram/");
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(ADDED, "tcm-user/2/late/ram/", 1, 21, &[]),
     );
-    assert_eq!(status, 0);
     turn(&mut sup, 5);
     assert!(
         sup.device_by_uio("uio1").is_none(),
@@ -506,16 +470,13 @@ fn added_before_its_node_is_served_once_udev_reports_it() {
         ),
     );
     assert_eq!((cmd, status), (6, -libc::EOPNOTSUPP));
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(RECONFIG, "tcm-user/2/late/ram/", 1, 21, &[nla(6, &[1])]),
     );
-    assert_eq!(status, 0);
     f.node("uio1");
     k.udev_event("add", "uio1");
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio1") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio1", "the device is served");
     assert_eq!(lines_with(&f.log("echo"), "uio=uio1"), 1);
 }
 
@@ -525,11 +486,8 @@ fn recreated_device_on_the_same_minor_is_a_new_device() {
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
     k.uevent("add", "uio0");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "the first device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
+    until_ready(&mut sup, "uio0", "the first device is served");
     let first = sup.device_by_uio("uio0").unwrap().id;
 
     // Deleted and re-created under the same name, on the same minor; the uevents lag behind the
@@ -564,11 +522,8 @@ fn size_and_write_cache_changes_reach_the_worker() {
     let (mut sup, mut k) = f.start("echo", &f.handlers(Some("1GiB")));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 7, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 7, &[]));
+    until_ready(&mut sup, "uio0", "served");
     let id = sup.device_by_uio("uio0").unwrap().id;
 
     let size = 64u64 << 20;
@@ -590,11 +545,10 @@ fn size_and_write_cache_changes_reach_the_worker() {
     let report = sup.status_report();
     assert_eq!(report.devices[0].size, size);
 
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(RECONFIG, name, 0, 7, &[nla(6, &[1])]),
     );
-    assert_eq!(status, 0);
     assert_contains(
         &f.log("echo"),
         &format!("reconfig worker=ram id={id} dev_size=None write_cache=Some(true)"),
@@ -607,11 +561,8 @@ fn refused_and_failed_reconfigs_are_answered_negatively() {
     let (mut sup, mut k) = f.start("noreconfig", &f.handlers(Some("1GiB")));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 8, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 8, &[]));
+    until_ready(&mut sup, "uio0", "served");
 
     // Beyond handler.ram.max_size: refused without asking the worker.
     let big = 2u64 << 30;
@@ -656,11 +607,8 @@ fn device_failing_during_a_reconfig_is_answered() {
     let (mut sup, mut k) = f.start("failreconfig", &f.handlers(None));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
+    until_ready(&mut sup, "uio0", "served");
     // The worker reports the device failed, then answers the change late.
     let (cmd, status, _) = k.request(
         &mut sup,
@@ -679,11 +627,10 @@ fn device_failing_during_a_reconfig_is_answered() {
         "a late answer is not a protocol violation"
     );
     // With no worker serving it any more, the next change is recorded directly.
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[0])]),
     );
-    assert_eq!(status, 0);
     assert!(!sup.status_report().devices[0].write_cache);
 }
 
@@ -695,21 +642,14 @@ fn device_failing_while_released_keeps_the_worker() {
     let (mut sup, mut k) = f.start("failonremove", &f.handlers(None));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(REMOVED, name, 0, 4, &[]));
-    assert_eq!(status, 0);
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
+    until_ready(&mut sup, "uio0", "served");
+    k.accepted(&mut sup, &tcmu_request(REMOVED, name, 0, 4, &[]));
     until(&mut sup, "released", |s| s.device_by_uio("uio0").is_none());
     assert_eq!(sup.worker("ram").unwrap().kill_reason, None);
     // Re-created under the same name: the same worker serves it.
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served again", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
+    until_ready(&mut sup, "uio0", "served again");
     assert_eq!(lines_with(&f.log("failonremove"), "hello worker=ram"), 1);
 }
 
@@ -721,11 +661,8 @@ fn dev_config_change_reopens_the_device() {
     let cfg = format!("file/{}", one.display());
     let name = format!("tcm-user/1/disk/{cfg}");
     f.device("uio0", 1, "disk", &cfg);
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, &name, 0, 3, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, &name, 0, 3, &[]));
+    until_ready(&mut sup, "uio0", "served");
     let first = sup.device_by_uio("uio0").unwrap().id;
 
     // Outside allow_paths: refused, nothing happens.
@@ -764,11 +701,10 @@ fn dev_config_change_reopens_the_device() {
         ),
     );
     // The kernel's later requests still find the device (same minor and kernel id).
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(REMOVED, &format!("tcm-user/1/disk/{new_cfg}"), 0, 3, &[]),
     );
-    assert_eq!(status, 0);
     until(&mut sup, "released", |s| s.device_by_uio("uio0").is_none());
 }
 
@@ -776,9 +712,7 @@ fn reload_applies_to_new_workers_only() {
     let f = Fixture::new();
     f.device("uio0", 2, "first", "ram/");
     let (mut sup, k) = f.start("echo", "[handler.ram]\n");
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "served");
     harness::take_logs();
     // New worker executable, a new handler, and a daemon key that needs a restart.
     let text = f.ops_config("alt", &f.handlers(None)).replace(
@@ -804,9 +738,7 @@ fn reload_applies_to_new_workers_only() {
     let img = f.backing("d.img");
     f.device("uio1", 1, "disk", &format!("file/{}", img.display()));
     k.uevent("add", "uio1");
-    until(&mut sup, "the new device is served", |s| {
-        phase_of(s, "uio1") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio1", "the new device is served");
     assert_contains(&f.log("alt"), "hello worker=file");
     assert!(
         !f.log("alt").contains("worker=ram"),

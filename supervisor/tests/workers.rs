@@ -31,128 +31,46 @@ use tcmu_warden_proto::{FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWo
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 
-use common::{FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until};
+use common::{
+    FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until, until_ready,
+};
 
 fn main() -> ExitCode {
-    if std::env::var_os("TCMU_WARDEN_FD").is_some() {
-        return fake_worker::main();
-    }
-    harness::run(&[
-        (
-            "handshake_and_add_device_carry_the_right_fds",
+    harness::main(
+        fake_worker::main,
+        common::tests![
             handshake_and_add_device_carry_the_right_fds,
-        ),
-        (
-            "worker_gets_a_scrubbed_environment_and_only_its_fds",
             worker_gets_a_scrubbed_environment_and_only_its_fds,
-        ),
-        (
-            "refused_devices_are_logged_and_still_served",
             refused_devices_are_logged_and_still_served,
-        ),
-        (
-            "garbage_kills_only_that_worker",
             garbage_kills_only_that_worker,
-        ),
-        (
-            "reply_for_a_foreign_device_kills_the_worker",
             reply_for_a_foreign_device_kills_the_worker,
-        ),
-        (
-            "message_before_hello_kills_the_worker",
             message_before_hello_kills_the_worker,
-        ),
-        (
-            "silent_worker_is_killed_at_the_handshake_deadline",
             silent_worker_is_killed_at_the_handshake_deadline,
-        ),
-        (
-            "crashing_worker_is_reaped_and_its_devices_kept",
             crashing_worker_is_reaped_and_its_devices_kept,
-        ),
-        (
-            "worker_closing_its_channel_is_killed_after_grace",
             worker_closing_its_channel_is_killed_after_grace,
-        ),
-        (
-            "worker_without_the_subtype_gets_refusals",
             worker_without_the_subtype_gets_refusals,
-        ),
-        (
-            "device_failure_is_recorded_and_logged_escaped",
             device_failure_is_recorded_and_logged_escaped,
-        ),
-        (
-            "remove_device_round_trip_closes_the_uio_fd",
             remove_device_round_trip_closes_the_uio_fd,
-        ),
-        (
-            "device_isolation_gives_each_device_a_worker",
             device_isolation_gives_each_device_a_worker,
-        ),
-        (
-            "orderly_shutdown_reaps_every_worker",
             orderly_shutdown_reaps_every_worker,
-        ),
-        (
-            "stubborn_worker_is_killed_at_the_shutdown_deadline",
             stubborn_worker_is_killed_at_the_shutdown_deadline,
-        ),
-        (
-            "heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers",
             heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers,
-        ),
-        (
-            "crash_is_restarted_with_backoff_then_quarantined",
             crash_is_restarted_with_backoff_then_quarantined,
-        ),
-        (
-            "sigsys_is_reported_as_a_sandbox_violation",
             sigsys_is_reported_as_a_sandbox_violation,
-        ),
-        (
-            "restarted_supervisor_recovers_devices_from_their_journals",
             restarted_supervisor_recovers_devices_from_their_journals,
-        ),
-        (
-            "inconsistent_journal_falls_back_to_a_ring_reset",
             inconsistent_journal_falls_back_to_a_ring_reset,
-        ),
-        (
-            "busy_ring_without_a_journal_is_reset_before_it_is_served",
             busy_ring_without_a_journal_is_reset_before_it_is_served,
-        ),
-        (
-            "recovery_failed_after_a_reset_kills_the_worker",
             recovery_failed_after_a_reset_kills_the_worker,
-        ),
-        (
-            "heartbeats_carry_the_device_counters",
             heartbeats_carry_the_device_counters,
-        ),
-        (
-            "oversized_and_out_of_order_messages_kill_and_restart",
             oversized_and_out_of_order_messages_kill_and_restart,
-        ),
-        (
-            "workers_are_jailed_and_the_jail_is_verified",
             workers_are_jailed_and_the_jail_is_verified,
-        ),
-        (
-            "an_unenforceable_jail_keeps_the_worker_from_starting",
             an_unenforceable_jail_keeps_the_worker_from_starting,
-        ),
-        (
-            "no_jail_switch_starts_workers_unconfined",
             no_jail_switch_starts_workers_unconfined,
-        ),
-        ("binary_check_config", binary_check_config),
-        ("binary_policy_check", binary_policy_check),
-        (
-            "binary_runs_and_stops_on_sigterm",
+            binary_check_config,
+            binary_policy_check,
             binary_runs_and_stops_on_sigterm,
-        ),
-    ])
+        ],
+    )
 }
 
 // ---- fixture ----------------------------------------------------------------------------------
@@ -208,6 +126,21 @@ impl Fixture {
 
 fn worker_phase(sup: &Supervisor, name: &str) -> Option<WorkerPhase> {
     sup.worker(name).map(|w| w.phase)
+}
+
+/// Turns the event loop until worker `name` has exited and been reaped.
+fn until_exited(sup: &mut Supervisor, name: &str, what: &str) {
+    until(sup, what, |s| {
+        worker_phase(s, name) == Some(WorkerPhase::Exited)
+    });
+}
+
+fn assert_quarantined(sup: &Supervisor, uio: &str) {
+    let phase = phase_of(sup, uio);
+    assert!(
+        matches!(phase, Some(DevicePhase::Quarantined(_))),
+        "{uio} is {phase:?}"
+    );
 }
 
 /// Where an open descriptor of this process points.
@@ -462,10 +395,7 @@ fn garbage_kills_only_that_worker() {
     );
     assert_eq!(file.exit.unwrap().signal(), Some(libc::SIGKILL));
     assert_eq!((file.total_crashes, file.restarts), (2, 1));
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
     assert_eq!(
         f.log("garbage@file")
             .lines()
@@ -492,15 +422,10 @@ fn reply_for_a_foreign_device_kills_the_worker() {
     let mut sup = f.start("impostor", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the impostor is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the impostor is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "does not own");
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
 }
 
 fn message_before_hello_kills_the_worker() {
@@ -509,9 +434,7 @@ fn message_before_hello_kills_the_worker() {
     let mut sup = f.start("early", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the early talker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the early talker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(
         w.kill_reason.as_deref().unwrap(),
@@ -529,15 +452,10 @@ fn silent_worker_is_killed_at_the_handshake_deadline() {
     });
     assert_eq!(worker_phase(&sup, "ram"), Some(WorkerPhase::Handshaking));
     assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Queued));
-    until(&mut sup, "the silent worker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the silent worker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "no answer to Hello");
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
 }
 
 fn crashing_worker_is_reaped_and_its_devices_kept() {
@@ -546,9 +464,7 @@ fn crashing_worker_is_reaped_and_its_devices_kept() {
     let mut sup = f.start("crash", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the crashed worker is reaped", |s| {
-        worker_phase(s, "file") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "file", "the crashed worker is reaped");
     let w = sup.worker("file").unwrap();
     assert_eq!(w.exit.unwrap().code(), Some(3));
     assert_eq!(w.kill_reason, None);
@@ -568,26 +484,19 @@ fn worker_closing_its_channel_is_killed_after_grace() {
         o.exit_grace = Duration::from_millis(300);
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the hung-up worker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the hung-up worker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "closed its channel");
     assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGKILL));
     assert_some_line(&f.log("hangup"), &["hangup worker=ram"], ());
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
 }
 
 fn worker_without_the_subtype_gets_refusals() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     let mut sup = f.start("nofile", &f.handlers(None), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the device is served");
     let d = sup.device_by_uio("uio0").unwrap();
     assert_contains(
         d.refusal.as_deref().unwrap(),
@@ -635,9 +544,7 @@ fn remove_device_round_trip_closes_the_uio_fd() {
     let f = Fixture::new();
     f.device("uio0", 2, "scratch", Some("ram/"));
     let mut sup = f.start("echo", &f.handlers(None), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the device is served");
     let node = f.dev.join("uio0");
     assert!(process_has_open(&node));
     let id = sup.device_by_uio("uio0").unwrap().id;
@@ -717,9 +624,7 @@ fn stubborn_worker_is_killed_at_the_shutdown_deadline() {
     let mut sup = f.start("stubborn", &f.handlers(None), |o| {
         o.shutdown_timeout = Duration::from_millis(300);
     });
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the device is served");
     sup.begin_shutdown();
     until(&mut sup, "the shutdown completes", Supervisor::is_finished);
     let w = sup.worker("ram").unwrap();
@@ -747,9 +652,7 @@ fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
     until(&mut sup, "the hung worker is killed and replaced", |s| {
         s.worker("ram").is_some_and(|w| w.restarts == 1)
     });
-    until(&mut sup, "the successor serves the device", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the successor serves the device");
     let w = sup.worker("ram").unwrap();
     assert_eq!(w.total_crashes, 1);
     assert_contains(w.last_crash.as_deref().unwrap(), "no answer to heartbeat");
@@ -839,9 +742,7 @@ fn sigsys_is_reported_as_a_sandbox_violation() {
     let mut sup = f.start("sigsys", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the worker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the worker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGSYS));
     assert_contains(w.last_crash.as_deref().unwrap(), "sandbox violation");
@@ -905,34 +806,21 @@ fn inconsistent_journal_falls_back_to_a_ring_reset() {
     fs::write(&journal, vec![0xee; JOURNAL_BYTES as usize]).unwrap();
     harness::take_logs();
     let mut sup = f.start("needsreset", &f.handlers(None), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
-    let log = f.log("needsreset");
-    let adds = add_lines(&log, "uio0");
-    assert_eq!(adds.len(), 2, "{log}");
-    assert_contains(adds[0], "journal=Recover");
-    assert_contains(adds[1], "journal=Fresh");
-    assert_contains(adds[1], "blocked=\"1\"");
-    assert_eq!(f.action(2, "scratch", "reset_ring"), "1");
-    assert_eq!(f.action(2, "scratch", "block_dev"), "0");
-    let content = fs::read(&journal).unwrap();
-    assert_eq!(content.len() as u64, JOURNAL_BYTES);
-    assert!(content.iter().all(|b| *b == 0), "the journal is cleared");
-    let d = sup.device_by_uio("uio0").unwrap();
-    assert_eq!((d.resets, d.recoveries, d.blocked), (1, 0, false));
-    assert_eq!(sup.worker("ram").unwrap().total_crashes, 0);
-    let logs = harness::take_logs();
-    assert_some_line(
-        &logs,
+    until_ready(&mut sup, "uio0", "the device is served");
+    let first_add = served_after_one_ring_reset(
+        &f,
+        &sup,
+        "needsreset",
         &[
             "falling back to a ring reset",
             "device=uio0",
             "fetch position outside the ring",
         ],
-        (),
     );
-    assert_some_line(&logs, &["ring reset", "device=uio0"], ());
+    assert_contains(&first_add, "journal=Recover");
+    let content = fs::read(&journal).unwrap();
+    assert_eq!(content.len() as u64, JOURNAL_BYTES);
+    assert!(content.iter().all(|b| *b == 0), "the journal is cleared");
 }
 
 /// A device adopted with no journal (none existed: a first start, a lost `/run`, another TCMU
@@ -943,14 +831,29 @@ fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
     f.device("uio0", 2, "scratch", Some("ram/"));
     harness::take_logs();
     let mut sup = f.start("dirtyring", &f.handlers(None), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
-    let log = f.log("dirtyring");
+    until_ready(&mut sup, "uio0", "the device is served");
+    let first_add = served_after_one_ring_reset(
+        &f,
+        &sup,
+        "dirtyring",
+        &[
+            "holds commands no journal accounts for",
+            "device=uio0",
+            "3 commands wait in the ring",
+        ],
+    );
+    assert_contains(&first_add, "journal=Fresh");
+    assert_contains(&first_add, "blocked=\"\"");
+}
+
+/// What the ring-reset tests share: the fake worker of `mode` was handed device `uio0`
+/// (`user_2/scratch`) twice, the second time blocked and with a fresh journal; the supervisor
+/// reset the ring once, unblocked the device, killed no worker, and logged a line with all of
+/// `why` and the reset itself. Returns the first hand-over's log line.
+fn served_after_one_ring_reset(f: &Fixture, sup: &Supervisor, mode: &str, why: &[&str]) -> String {
+    let log = f.log(mode);
     let adds = add_lines(&log, "uio0");
     assert_eq!(adds.len(), 2, "{log}");
-    assert_contains(adds[0], "journal=Fresh");
-    assert_contains(adds[0], "blocked=\"\"");
     assert_contains(adds[1], "journal=Fresh");
     assert_contains(adds[1], "blocked=\"1\"");
     assert_eq!(f.action(2, "scratch", "reset_ring"), "1");
@@ -959,16 +862,9 @@ fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
     assert_eq!((d.resets, d.recoveries, d.blocked), (1, 0, false));
     assert_eq!(sup.worker("ram").unwrap().total_crashes, 0);
     let logs = harness::take_logs();
-    assert_some_line(
-        &logs,
-        &[
-            "holds commands no journal accounts for",
-            "device=uio0",
-            "3 commands wait in the ring",
-        ],
-        (),
-    );
+    assert_some_line(&logs, why, ());
     assert_some_line(&logs, &["ring reset", "device=uio0"], ());
+    adds[0].to_owned()
 }
 
 /// A ring just reset (and blocked) holds no commands: a worker that still answers
@@ -1126,9 +1022,7 @@ fn no_jail_switch_starts_workers_unconfined() {
     f.device("uio0", 2, "scratch", Some("ram/"));
     harness::take_logs();
     let mut sup = f.start("echo", &f.handlers(None), |o| o.unconfined = true);
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the device is served");
     let w = sup.worker("ram").unwrap();
     assert!(w.jail.is_none());
     let status = fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();

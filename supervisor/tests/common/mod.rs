@@ -119,6 +119,11 @@ pub fn until(sup: &mut Supervisor, what: &str, pred: impl Fn(&Supervisor) -> boo
     }
 }
 
+/// Turns the event loop until device `uio` is served.
+pub fn until_ready(sup: &mut Supervisor, uio: &str, what: &str) {
+    until(sup, what, |s| phase_of(s, uio) == Some(DevicePhase::Ready));
+}
+
 pub fn phase_of(sup: &Supervisor, uio: &str) -> Option<DevicePhase> {
     sup.device_by_uio(uio).map(|d| d.phase)
 }
@@ -211,6 +216,14 @@ pub fn read_all(fd: &OwnedFd) -> String {
 
 // ---- the test runner --------------------------------------------------------------------------
 
+/// The `(name, test)` list [`harness::main`] takes, each test named after its function.
+macro_rules! tests {
+    ($($test:ident),* $(,)?) => {
+        &[$((stringify!($test), $test as fn())),*]
+    };
+}
+pub(crate) use tests;
+
 pub mod harness {
     use std::io::Write;
     use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -240,8 +253,17 @@ pub mod harness {
         String::from_utf8_lossy(&std::mem::take(&mut *LOGS.lock().unwrap())).into_owned()
     }
 
+    /// The program's entry point: the fake worker when the supervisor started it as one (it
+    /// finds `TCMU_WARDEN_FD` in its environment), else the test runner.
+    pub fn main(fake_worker: fn() -> ExitCode, tests: &[(&str, fn())]) -> ExitCode {
+        if std::env::var_os("TCMU_WARDEN_FD").is_some() {
+            return fake_worker();
+        }
+        run(tests)
+    }
+
     /// Runs the tests named on the command line (substring match; all without arguments).
-    pub fn run(tests: &[(&str, fn())]) -> ExitCode {
+    fn run(tests: &[(&str, fn())]) -> ExitCode {
         let args: Vec<String> = std::env::args().skip(1).collect();
         if args.iter().any(|a| a == "--list") {
             for (name, _) in tests {
