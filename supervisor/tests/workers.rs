@@ -17,6 +17,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fmt::Debug;
 use std::fs::{self, OpenOptions};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -78,6 +79,13 @@ fn main() -> ExitCode {
 /// The workers tests' additions: plain devices, journals, `action/` files, and an in-process
 /// supervisor with tweakable options.
 impl Fixture {
+    /// A fixture holding one `ram` device: `uio0`, backstore `user_2/scratch`.
+    fn with_scratch_ram() -> Fixture {
+        let f = Fixture::new();
+        f.device("uio0", 2, "scratch", Some("ram/"));
+        f
+    }
+
     /// A TCMU device in sysfs/configfs, and its "uio node" (a regular file reading `UIO:<uio>`).
     fn device(&self, uio: &str, hba: u32, name: &str, dev_config: Option<&str>) {
         FakeDevice::new(uio, hba, name, dev_config)
@@ -241,8 +249,7 @@ fn handshake_and_add_device_carry_the_right_fds() {
 }
 
 fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     f.file_device("uio1", "disk0");
     let mut sup = f.start("echo", &f.handlers(None), |o| {
         o.worker_log_format = Some(tcmu_warden_policy::LogFormat::Json);
@@ -417,8 +424,7 @@ fn garbage_kills_only_that_worker() {
 }
 
 fn reply_for_a_foreign_device_kills_the_worker() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("impostor", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
@@ -429,8 +435,7 @@ fn reply_for_a_foreign_device_kills_the_worker() {
 }
 
 fn message_before_hello_kills_the_worker() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("early", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
@@ -444,8 +449,7 @@ fn message_before_hello_kills_the_worker() {
 }
 
 fn silent_worker_is_killed_at_the_handshake_deadline() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("silent", &f.handlers(None), |o| {
         o.handshake_timeout = Duration::from_millis(300);
         o.lifecycle.quarantine_after = 1;
@@ -478,8 +482,7 @@ fn crashing_worker_is_reaped_and_its_devices_kept() {
 }
 
 fn worker_closing_its_channel_is_killed_after_grace() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("hangup", &f.handlers(None), |o| {
         o.exit_grace = Duration::from_millis(300);
         o.lifecycle.quarantine_after = 1;
@@ -516,8 +519,7 @@ fn worker_without_the_subtype_gets_refusals() {
 }
 
 fn device_failure_is_recorded_and_logged_escaped() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
     let mut sup = f.start("failing", &f.handlers(None), |_| {});
     until(&mut sup, "the device failed", |s| {
@@ -541,8 +543,7 @@ fn device_failure_is_recorded_and_logged_escaped() {
 }
 
 fn remove_device_round_trip_closes_the_uio_fd() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until_ready(&mut sup, "uio0", "the device is served");
     let node = f.dev.join("uio0");
@@ -619,8 +620,7 @@ fn orderly_shutdown_reaps_every_worker() {
 }
 
 fn stubborn_worker_is_killed_at_the_shutdown_deadline() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("stubborn", &f.handlers(None), |o| {
         o.shutdown_timeout = Duration::from_millis(300);
     });
@@ -641,8 +641,7 @@ fn add_lines<'a>(log: &'a str, uio: &str) -> Vec<&'a str> {
 }
 
 fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
     let mut sup = f.start("hangonce", &f.handlers(None), |o| {
         o.lifecycle.heartbeat_interval = Duration::from_millis(50);
@@ -736,8 +735,7 @@ fn crash_is_restarted_with_backoff_then_quarantined() {
 }
 
 fn sigsys_is_reported_as_a_sandbox_violation() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
     let mut sup = f.start("sigsys", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
@@ -759,8 +757,7 @@ fn sigsys_is_reported_as_a_sandbox_violation() {
 }
 
 fn restarted_supervisor_recovers_devices_from_their_journals() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     f.file_device("uio1", "disk1");
     // A previous supervisor's journal for uio0 (its content is the worker's business), and a
     // stale one for a backstore that no longer exists.
@@ -799,8 +796,7 @@ fn restarted_supervisor_recovers_devices_from_their_journals() {
 }
 
 fn inconsistent_journal_falls_back_to_a_ring_reset() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let journal = f.journal(2, "scratch");
     fs::create_dir_all(journal.parent().unwrap()).unwrap();
     fs::write(&journal, vec![0xee; JOURNAL_BYTES as usize]).unwrap();
@@ -827,8 +823,7 @@ fn inconsistent_journal_falls_back_to_a_ring_reset() {
 /// daemon before us) whose ring already holds commands: the worker refuses to serve it from the
 /// tail, and the supervisor resets the ring (blocked first) and hands it over again.
 fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
     let mut sup = f.start("dirtyring", &f.handlers(None), |_| {});
     until_ready(&mut sup, "uio0", "the device is served");
@@ -870,8 +865,7 @@ fn served_after_one_ring_reset(f: &Fixture, sup: &Supervisor, mode: &str, why: &
 /// A ring just reset (and blocked) holds no commands: a worker that still answers
 /// `RecoveryFailed` is lying, and would make the supervisor reset the ring forever.
 fn recovery_failed_after_a_reset_kills_the_worker() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("liar", &f.handlers(None), |o| {
         o.lifecycle.restart_backoff_initial = Duration::from_secs(60);
     });
@@ -890,8 +884,7 @@ fn recovery_failed_after_a_reset_kills_the_worker() {
 }
 
 fn heartbeats_carry_the_device_counters() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let mut sup = f.start("echo", &f.handlers(None), |o| {
         o.lifecycle.heartbeat_interval = Duration::from_millis(20);
         o.lifecycle.heartbeat_timeout = Duration::from_secs(20);
@@ -994,8 +987,7 @@ fn workers_are_jailed_and_the_jail_is_verified() {
 }
 
 fn an_unenforceable_jail_keeps_the_worker_from_starting() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
     // A read path that does not exist cannot be granted: the worker is not started unconfined,
     // it is not started at all, and the log says why.
@@ -1018,8 +1010,7 @@ fn an_unenforceable_jail_keeps_the_worker_from_starting() {
 }
 
 fn no_jail_switch_starts_workers_unconfined() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
     let mut sup = f.start("echo", &f.handlers(None), |o| o.unconfined = true);
     until_ready(&mut sup, "uio0", "the device is served");
@@ -1036,47 +1027,57 @@ fn no_jail_switch_starts_workers_unconfined() {
     );
 }
 
-fn binary_policy_check() {
-    let exe = env!("CARGO_BIN_EXE_tcmu-warden");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
-    let out = std::process::Command::new(exe)
-        .args(["policy", "check"])
-        .arg(&example)
+/// Runs `tcmu-warden <args>` to completion; returns its exit code, stdout and stderr.
+fn cli(args: &[&OsStr]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
+        .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A configuration file checked by `tcmu-warden <command>`: the shipped example passes, with
+/// the returned stdout; `bad` (written to a file) fails, and the returned stderr names the file
+/// and `bad_line`.
+fn check_files(command: &[&str], bad: &str, bad_line: usize) -> (String, String) {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
+    let mut args: Vec<&OsStr> = command.iter().map(OsStr::new).collect();
+    args.push(example.as_os_str());
+    let (code, stdout, stderr) = cli(&args);
+    assert_eq!(code, Some(0), "{stderr}");
     assert_contains(&stdout, "valid");
+
+    let f = Fixture::new();
+    let path = f.data.join("bad.toml");
+    fs::write(&path, bad).unwrap();
+    args.pop();
+    args.push(path.as_os_str());
+    let (code, _, stderr) = cli(&args);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_contains(&stderr, &format!("{}:{bad_line}:", path.display()));
+    (stdout, stderr)
+}
+
+fn binary_policy_check() {
+    let (stdout, stderr) =
+        check_files(&["policy", "check"], "[jail]\n\nsyscalls = ['ptrace']\n", 3);
     assert_contains(&stdout, "[handler.file]");
     assert_contains(&stdout, "[handler.ram]");
     assert_contains(&stdout, "stage one denies:");
     assert_contains(&stdout, "landlock on this kernel:");
-
-    let f = Fixture::new();
-    let bad = f.data.join("bad.toml");
-    fs::write(&bad, "[jail]\n\nsyscalls = ['ptrace']\n").unwrap();
-    let out = std::process::Command::new(exe)
-        .args(["policy", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_contains(&stderr, &format!("{}:3:", bad.display()));
     assert_contains(&stderr, "denied to every worker");
 }
 
 fn binary_check_config() {
-    let exe = env!("CARGO_BIN_EXE_tcmu-warden");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
-    let out = std::process::Command::new(exe)
-        .arg("check-config")
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_contains(&stdout, "valid");
+    let (stdout, stderr) = check_files(
+        &["check-config"],
+        "[daemon]\n\n[handler.file]\nallow_paths = ['relative']\n",
+        4,
+    );
     assert_contains(&stdout, "file  isolation = subtype");
     assert_contains(&stdout, "allow /var/lib/tcmu");
     assert_contains(&stdout, "ram   max_size = 64GiB");
@@ -1085,33 +1086,11 @@ fn binary_check_config() {
         &stdout,
         "restarts after 100ms doubling to 30s; quarantine after 5 crashes within 10m",
     );
-
-    let f = Fixture::new();
-    let bad = f.data.join("bad.toml");
-    fs::write(
-        &bad,
-        "[daemon]\n\n[handler.file]\nallow_paths = ['relative']\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(exe)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_contains(&stderr, &format!("{}:4:", bad.display()));
     assert_contains(&stderr, "not an absolute path");
 
-    let out = std::process::Command::new(exe)
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert_contains(
-        &String::from_utf8(out.stdout).unwrap(),
-        env!("CARGO_PKG_VERSION"),
-    );
+    let (code, stdout, _) = cli(&[OsStr::new("--version")]);
+    assert_eq!(code, Some(0));
+    assert_contains(&stdout, env!("CARGO_PKG_VERSION"));
 }
 
 fn binary_runs_and_stops_on_sigterm() {
