@@ -14,118 +14,58 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::symlink;
+mod common;
+
+use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tcmu_warden_policy::Config;
-use tcmu_warden_proto::{Channel, DeviceStats, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{DeviceStats, FromWorker, ProtoError, ToWorker};
 use tcmu_warden_supervisor::control::{self, Request, StatusReport};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 use tcmu_warden_supervisor::netlink::TcmuNetlink;
 use tcmu_warden_supervisor::uevent::{GROUP_KERNEL, UeventSocket};
 
+use common::{
+    FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until, until_ready,
+};
+
 fn main() -> ExitCode {
-    if std::env::var_os("TCMU_WARDEN_FD").is_some() {
-        return fake_worker::main();
-    }
-    harness::run(&[
-        (
-            "uevents_add_and_remove_devices",
+    harness::main(
+        fake_worker::main,
+        common::tests![
             uevents_add_and_remove_devices,
-        ),
-        ("set_features_is_sent_first", set_features_is_sent_first),
-        (
-            "refused_devices_fail_the_configfs_write",
+            set_features_is_sent_first,
             refused_devices_fail_the_configfs_write,
-        ),
-        (
-            "added_before_its_node_is_served_once_udev_reports_it",
             added_before_its_node_is_served_once_udev_reports_it,
-        ),
-        (
-            "recreated_device_on_the_same_minor_is_a_new_device",
             recreated_device_on_the_same_minor_is_a_new_device,
-        ),
-        (
-            "size_and_write_cache_changes_reach_the_worker",
             size_and_write_cache_changes_reach_the_worker,
-        ),
-        (
-            "refused_and_failed_reconfigs_are_answered_negatively",
             refused_and_failed_reconfigs_are_answered_negatively,
-        ),
-        (
-            "dev_config_change_reopens_the_device",
             dev_config_change_reopens_the_device,
-        ),
-        (
-            "device_failing_during_a_reconfig_is_answered",
             device_failing_during_a_reconfig_is_answered,
-        ),
-        (
-            "device_failing_while_released_keeps_the_worker",
             device_failing_while_released_keeps_the_worker,
-        ),
-        (
-            "reload_applies_to_new_workers_only",
             reload_applies_to_new_workers_only,
-        ),
-        (
-            "binary_status_json_shows_devices_workers_and_policy",
             binary_status_json_shows_devices_workers_and_policy,
-        ),
-        (
-            "binary_sighup_reloads_and_reports_changes",
             binary_sighup_reloads_and_reports_changes,
-        ),
-        ("binary_sigterm_drains", binary_sigterm_drains),
-        (
-            "binary_second_daemon_leaves_the_first_alone",
+            binary_sigterm_drains,
             binary_second_daemon_leaves_the_first_alone,
-        ),
-        ("binary_notifies_systemd", binary_notifies_systemd),
-    ])
+            binary_notifies_systemd,
+        ],
+    )
 }
 
 // ---- fixture ----------------------------------------------------------------------------------
 
 const FAMILY: u16 = 0x1c;
 
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    sysfs: PathBuf,
-    dev: PathBuf,
-    data: PathBuf,
-    bin: PathBuf,
-}
-
+/// Ops-specific additions: devices with `action/` files, the module parameters, the control
+/// socket, and an in-process supervisor with a fake kernel attached.
 impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().canonicalize().unwrap();
-        let f = Fixture {
-            sysfs: root.join("sys"),
-            dev: root.join("dev"),
-            data: root.join("data"),
-            bin: root.join("bin"),
-            root,
-            _tmp: tmp,
-        };
-        for d in [&f.sysfs, &f.dev, &f.data, &f.bin] {
-            fs::create_dir_all(d).unwrap();
-        }
-        f
-    }
-
     /// A device in the fake sysfs/configfs (with `action/` files), without its node.
     fn sysfs_device(&self, uio: &str, hba: u32, name: &str, dev_config: &str) {
         let mut fake = FakeDevice::new(uio, hba, name, Some(dev_config));
@@ -158,12 +98,6 @@ impl Fixture {
             .join(name)
     }
 
-    fn backing(&self, name: &str) -> PathBuf {
-        let path = self.data.join(name);
-        fs::write(&path, format!("BACKING:{name}")).unwrap();
-        path
-    }
-
     fn module_params(&self) {
         let dir = self.sysfs.join("module/target_core_user/parameters");
         fs::create_dir_all(&dir).unwrap();
@@ -180,48 +114,23 @@ impl Fixture {
         .unwrap()
     }
 
-    fn exe(&self, mode: &str) -> PathBuf {
-        let link = self.bin.join(mode);
-        if !link.exists() {
-            symlink(std::env::current_exe().unwrap(), &link).unwrap();
-        }
-        link
-    }
-
     fn socket_path(&self) -> PathBuf {
         self.root.join("run/control.sock")
     }
 
-    /// The configuration: the fake worker for `mode`, this tree, and a jail that lets the fake
-    /// workers write their logs in `bin/` and read the fake sysfs, and nothing else.
-    fn config_text(&self, mode: &str, handlers: &str) -> String {
-        format!(
-            "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\ncontrol_socket = {:?}\n\
-             drain_timeout = 20\njournal_dir = {:?}\n\
-             [jail]\nwrite_paths = [{:?}]\nread_paths = [{:?}]\n{handlers}",
-            self.exe(mode).display().to_string(),
-            self.sysfs.display().to_string(),
-            self.dev.display().to_string(),
-            self.socket_path().display().to_string(),
-            self.root.join("run/journal").display().to_string(),
-            self.bin.display().to_string(),
-            self.sysfs.display().to_string(),
-        )
-    }
-
-    fn handlers(&self, ram_max: Option<&str>) -> String {
-        let max = ram_max
-            .map(|m| format!("max_size = {m:?}\n"))
-            .unwrap_or_default();
-        format!(
-            "[handler.file]\nallow_paths = [{:?}]\n[handler.ram]\n{max}",
-            self.data.display().to_string()
-        )
+    /// The configuration (see [`Fixture::config_text`]) with a control socket and a drain
+    /// timeout.
+    fn ops_config(&self, mode: &str, handlers: &str) -> String {
+        let daemon = format!(
+            "control_socket = {:?}\ndrain_timeout = 20\n",
+            self.socket_path().display().to_string()
+        );
+        self.config_text(mode, &daemon, handlers)
     }
 
     fn write_config(&self, mode: &str, handlers: &str) -> PathBuf {
         let path = self.root.join("warden.toml");
-        fs::write(&path, self.config_text(mode, handlers)).unwrap();
+        fs::write(&path, self.ops_config(mode, handlers)).unwrap();
         path
     }
 
@@ -255,10 +164,6 @@ impl Fixture {
         let first = kernel.next_message(&mut sup);
         assert_eq!(first[20..24], [5, 0, 9, 0], "SUPP_KERN_CMD_REPLY attribute");
         (sup, kernel)
-    }
-
-    fn log(&self, mode: &str) -> String {
-        fs::read_to_string(self.bin.join(format!("{mode}.log"))).unwrap_or_default()
     }
 }
 
@@ -364,6 +269,12 @@ impl Kernel {
         }
     }
 
+    /// Sends a request and asserts that it succeeded.
+    fn accepted(&mut self, sup: &mut Supervisor, msg: &[u8]) {
+        let (_, status, _) = self.request(sup, msg);
+        assert_eq!(status, 0, "the request was refused");
+    }
+
     /// Sends a request and returns the decoded reply.
     fn request(&mut self, sup: &mut Supervisor, msg: &[u8]) -> (u8, i32, u32) {
         self.send(msg);
@@ -371,34 +282,10 @@ impl Kernel {
     }
 }
 
-fn until(sup: &mut Supervisor, what: &str, pred: impl Fn(&Supervisor) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pred(sup) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}\ndevices: {:#?}\nworkers: {:#?}",
-            sup.devices(),
-            sup.workers()
-        );
-        sup.poll_once(Duration::from_millis(50)).unwrap();
-    }
-}
-
 fn turn(sup: &mut Supervisor, n: usize) {
     for _ in 0..n {
         sup.poll_once(Duration::from_millis(20)).unwrap();
     }
-}
-
-fn phase_of(sup: &Supervisor, uio: &str) -> Option<DevicePhase> {
-    sup.device_by_uio(uio).map(|d| d.phase)
-}
-
-fn assert_contains(haystack: &str, needle: &str) {
-    assert!(
-        haystack.contains(needle),
-        "expected {needle:?} in:\n{haystack}"
-    );
 }
 
 fn lines_with(text: &str, needle: &str) -> usize {
@@ -421,9 +308,7 @@ fn uevents_add_and_remove_devices() {
     assert!(sup.devices().is_empty());
     f.device("uio0", 1, "scratch", "ram/");
     k.uevent("add", "uio0");
-    until(&mut sup, "the hot-plugged device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the hot-plugged device is served");
     assert_contains(&f.log("echo"), "add worker=ram id=1 uio=uio0");
     // Other subsystems are not ours.
     k.ue.send(
@@ -557,20 +442,17 @@ fn refused_devices_fail_the_configfs_write() {
         &tcmu_request(ADDED, "tcm-user/2/scratch/ram/", 4, 15, &[]),
     );
     assert_eq!((cmd, status, id), (4, 0, 15));
-    until(&mut sup, "the admitted device is served", |s| {
-        phase_of(s, "uio4") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio4", "the admitted device is served");
 }
 
 fn added_before_its_node_is_served_once_udev_reports_it() {
     let f = Fixture::new();
     let (mut sup, mut k) = f.start("echo", &f.handlers(None));
     f.sysfs_device("uio1", 2, "late", "ram/");
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(ADDED, "tcm-user/2/late/ram/", 1, 21, &[]),
     );
-    assert_eq!(status, 0);
     turn(&mut sup, 5);
     assert!(
         sup.device_by_uio("uio1").is_none(),
@@ -588,16 +470,13 @@ fn added_before_its_node_is_served_once_udev_reports_it() {
         ),
     );
     assert_eq!((cmd, status), (6, -libc::EOPNOTSUPP));
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(RECONFIG, "tcm-user/2/late/ram/", 1, 21, &[nla(6, &[1])]),
     );
-    assert_eq!(status, 0);
     f.node("uio1");
     k.udev_event("add", "uio1");
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio1") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio1", "the device is served");
     assert_eq!(lines_with(&f.log("echo"), "uio=uio1"), 1);
 }
 
@@ -607,11 +486,8 @@ fn recreated_device_on_the_same_minor_is_a_new_device() {
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
     k.uevent("add", "uio0");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "the first device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
+    until_ready(&mut sup, "uio0", "the first device is served");
     let first = sup.device_by_uio("uio0").unwrap().id;
 
     // Deleted and re-created under the same name, on the same minor; the uevents lag behind the
@@ -646,11 +522,8 @@ fn size_and_write_cache_changes_reach_the_worker() {
     let (mut sup, mut k) = f.start("echo", &f.handlers(Some("1GiB")));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 7, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 7, &[]));
+    until_ready(&mut sup, "uio0", "served");
     let id = sup.device_by_uio("uio0").unwrap().id;
 
     let size = 64u64 << 20;
@@ -672,11 +545,10 @@ fn size_and_write_cache_changes_reach_the_worker() {
     let report = sup.status_report();
     assert_eq!(report.devices[0].size, size);
 
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(RECONFIG, name, 0, 7, &[nla(6, &[1])]),
     );
-    assert_eq!(status, 0);
     assert_contains(
         &f.log("echo"),
         &format!("reconfig worker=ram id={id} dev_size=None write_cache=Some(true)"),
@@ -689,11 +561,8 @@ fn refused_and_failed_reconfigs_are_answered_negatively() {
     let (mut sup, mut k) = f.start("noreconfig", &f.handlers(Some("1GiB")));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 8, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 8, &[]));
+    until_ready(&mut sup, "uio0", "served");
 
     // Beyond handler.ram.max_size: refused without asking the worker.
     let big = 2u64 << 30;
@@ -738,11 +607,8 @@ fn device_failing_during_a_reconfig_is_answered() {
     let (mut sup, mut k) = f.start("failreconfig", &f.handlers(None));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
+    until_ready(&mut sup, "uio0", "served");
     // The worker reports the device failed, then answers the change late.
     let (cmd, status, _) = k.request(
         &mut sup,
@@ -761,11 +627,10 @@ fn device_failing_during_a_reconfig_is_answered() {
         "a late answer is not a protocol violation"
     );
     // With no worker serving it any more, the next change is recorded directly.
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(RECONFIG, name, 0, 4, &[nla(6, &[0])]),
     );
-    assert_eq!(status, 0);
     assert!(!sup.status_report().devices[0].write_cache);
 }
 
@@ -777,21 +642,14 @@ fn device_failing_while_released_keeps_the_worker() {
     let (mut sup, mut k) = f.start("failonremove", &f.handlers(None));
     let name = "tcm-user/2/disk/ram/";
     f.device("uio0", 2, "disk", "ram/");
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(REMOVED, name, 0, 4, &[]));
-    assert_eq!(status, 0);
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 4, &[]));
+    until_ready(&mut sup, "uio0", "served");
+    k.accepted(&mut sup, &tcmu_request(REMOVED, name, 0, 4, &[]));
     until(&mut sup, "released", |s| s.device_by_uio("uio0").is_none());
     assert_eq!(sup.worker("ram").unwrap().kill_reason, None);
     // Re-created under the same name: the same worker serves it.
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served again", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, name, 0, 5, &[]));
+    until_ready(&mut sup, "uio0", "served again");
     assert_eq!(lines_with(&f.log("failonremove"), "hello worker=ram"), 1);
 }
 
@@ -803,11 +661,8 @@ fn dev_config_change_reopens_the_device() {
     let cfg = format!("file/{}", one.display());
     let name = format!("tcm-user/1/disk/{cfg}");
     f.device("uio0", 1, "disk", &cfg);
-    let (_, status, _) = k.request(&mut sup, &tcmu_request(ADDED, &name, 0, 3, &[]));
-    assert_eq!(status, 0);
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    k.accepted(&mut sup, &tcmu_request(ADDED, &name, 0, 3, &[]));
+    until_ready(&mut sup, "uio0", "served");
     let first = sup.device_by_uio("uio0").unwrap().id;
 
     // Outside allow_paths: refused, nothing happens.
@@ -846,11 +701,10 @@ fn dev_config_change_reopens_the_device() {
         ),
     );
     // The kernel's later requests still find the device (same minor and kernel id).
-    let (_, status, _) = k.request(
+    k.accepted(
         &mut sup,
         &tcmu_request(REMOVED, &format!("tcm-user/1/disk/{new_cfg}"), 0, 3, &[]),
     );
-    assert_eq!(status, 0);
     until(&mut sup, "released", |s| s.device_by_uio("uio0").is_none());
 }
 
@@ -858,12 +712,10 @@ fn reload_applies_to_new_workers_only() {
     let f = Fixture::new();
     f.device("uio0", 2, "first", "ram/");
     let (mut sup, k) = f.start("echo", "[handler.ram]\n");
-    until(&mut sup, "served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "served");
     harness::take_logs();
     // New worker executable, a new handler, and a daemon key that needs a restart.
-    let text = f.config_text("alt", &f.handlers(None)).replace(
+    let text = f.ops_config("alt", &f.handlers(None)).replace(
         "drain_timeout = 20",
         "drain_timeout = 20\nuevent_source = 'kernel'",
     );
@@ -886,9 +738,7 @@ fn reload_applies_to_new_workers_only() {
     let img = f.backing("d.img");
     f.device("uio1", 1, "disk", &format!("file/{}", img.display()));
     k.uevent("add", "uio1");
-    until(&mut sup, "the new device is served", |s| {
-        phase_of(s, "uio1") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio1", "the new device is served");
     assert_contains(&f.log("alt"), "hello worker=file");
     assert!(
         !f.log("alt").contains("worker=ram"),
@@ -1090,7 +940,7 @@ fn binary_sighup_reloads_and_reports_changes() {
         r.devices.first().is_some_and(|x| x.state == "ready")
     });
     assert_eq!(r.policy.served, vec!["ram"]);
-    fs::write(&config, f.config_text("echo", &f.handlers(Some("2GiB")))).unwrap();
+    fs::write(&config, f.ops_config("echo", &f.handlers(Some("2GiB")))).unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
     let r = d.status_until(&f, "reloaded", |r| r.daemon.config_generation == 2);
     assert_eq!(r.policy.served, vec!["file", "ram"]);
@@ -1235,117 +1085,72 @@ mod fake_worker {
     use super::*;
 
     pub fn main() -> ExitCode {
-        let argv0 = PathBuf::from(std::env::args_os().next().unwrap_or_default());
-        let log_path = PathBuf::from(format!("{}.log", argv0.display()));
-        let mode = argv0
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // bin/<mode> → the fixture root's sys/.
-        let sysfs = argv0
-            .parent()
-            .and_then(Path::parent)
-            .map(|r| r.join("sys"))
-            .unwrap_or_default();
-        let log = |line: String| {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .unwrap();
-            f.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let fake = FakeWorker::from_env();
+        let (mode, sysfs) = (fake.mode.as_str(), fake.sysfs());
+        let Some((worker, subtypes)) = fake.hello() else {
+            return ExitCode::from(4);
         };
-        let raw: i32 = std::env::var("TCMU_WARDEN_FD").unwrap().parse().unwrap();
-        // SAFETY: the supervisor installed this descriptor for us; nothing else owns it.
-        let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(raw) });
-        let (worker, subtypes) = match chan.recv::<ToWorker>() {
-            Ok((ToWorker::Hello { worker, subtypes }, _)) => (worker, subtypes),
-            other => {
-                log(format!("expected Hello, got {other:?}"));
-                return ExitCode::from(4);
-            }
-        };
-        log(format!("hello worker={worker} subtypes={subtypes:?}"));
-        send(
-            &chan,
-            FromWorker::Hello {
-                pid: std::process::id(),
-                subtypes,
-            },
-        );
+        fake.log(format!("hello worker={worker} subtypes={subtypes:?}"));
+        fake.send(FromWorker::Hello {
+            pid: std::process::id(),
+            subtypes,
+        });
         // id → (hba, name) of the devices held.
         let mut held: Vec<(u64, u32, String, Vec<OwnedFd>)> = Vec::new();
         loop {
-            let (msg, fds) = match chan.recv::<ToWorker>() {
+            let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
                 Err(ProtoError::Closed) => return ExitCode::SUCCESS,
                 Err(e) => {
-                    log(format!("recv error {e}"));
+                    fake.log(format!("recv error {e}"));
                     return ExitCode::from(2);
                 }
             };
             match msg {
                 ToWorker::AddDevice(spec) => {
-                    let backing = fds.get(1).map(|fd| {
-                        let file = fs::File::from(fd.try_clone().unwrap());
-                        let mut buf = vec![0u8; 64];
-                        let n = std::os::unix::fs::FileExt::read_at(&file, &mut buf, 0).unwrap();
-                        String::from_utf8_lossy(&buf[..n]).into_owned()
-                    });
-                    log(format!(
+                    let backing = fds.get(1).map(read_all);
+                    fake.log(format!(
                         "add worker={worker} id={} uio={} backing={backing:?} dev_size={} write_cache={}",
                         spec.id, spec.uio, spec.dev_size, spec.write_cache
                     ));
                     held.push((spec.id, spec.hba, spec.name.clone(), fds));
-                    send(&chan, FromWorker::DeviceReady { id: spec.id });
+                    fake.send(FromWorker::DeviceReady { id: spec.id });
                 }
                 ToWorker::RemoveDevice { id } => {
                     if mode == "failonremove" {
-                        send(
-                            &chan,
-                            FromWorker::DeviceFailed {
-                                id,
-                                reason: "event I/O: device event channel closed".into(),
-                            },
-                        );
+                        fake.send(FromWorker::DeviceFailed {
+                            id,
+                            reason: "event I/O: device event channel closed".into(),
+                        });
                     }
                     held.retain(|(h, ..)| *h != id);
-                    log(format!("remove worker={worker} id={id}"));
-                    send(&chan, FromWorker::DeviceRemoved { id });
+                    fake.log(format!("remove worker={worker} id={id}"));
+                    fake.send(FromWorker::DeviceRemoved { id });
                 }
                 ToWorker::Reconfig {
                     id,
                     dev_size,
                     write_cache,
                 } => {
-                    log(format!(
+                    fake.log(format!(
                         "reconfig worker={worker} id={id} dev_size={dev_size:?} write_cache={write_cache:?}"
                     ));
                     if mode == "failreconfig" {
-                        send(
-                            &chan,
-                            FromWorker::DeviceFailed {
-                                id,
-                                reason: "ring broke".into(),
-                            },
-                        );
-                        send(
-                            &chan,
-                            FromWorker::ReconfigFailed {
-                                id,
-                                reason: "device failed".into(),
-                            },
-                        );
+                        fake.send(FromWorker::DeviceFailed {
+                            id,
+                            reason: "ring broke".into(),
+                        });
+                        fake.send(FromWorker::ReconfigFailed {
+                            id,
+                            reason: "device failed".into(),
+                        });
                     } else if mode == "noreconfig" {
-                        send(
-                            &chan,
-                            FromWorker::ReconfigFailed {
-                                id,
-                                reason: "cannot grow".into(),
-                            },
-                        );
+                        fake.send(FromWorker::ReconfigFailed {
+                            id,
+                            reason: "cannot grow".into(),
+                        });
                     } else {
-                        send(&chan, FromWorker::Reconfigured { id });
+                        fake.send(FromWorker::Reconfigured { id });
                     }
                 }
                 ToWorker::Ping { seq } => {
@@ -1359,7 +1164,7 @@ mod fake_worker {
                             bytes_written: 1024,
                         })
                         .collect();
-                    send(&chan, FromWorker::Pong { seq, stats });
+                    fake.send(FromWorker::Pong { seq, stats });
                 }
                 ToWorker::Shutdown => {
                     let blocked: Vec<String> = held
@@ -1373,103 +1178,11 @@ mod fake_worker {
                             fs::read_to_string(p).unwrap_or_default()
                         })
                         .collect();
-                    log(format!("shutdown worker={worker} block_dev={blocked:?}"));
+                    fake.log(format!("shutdown worker={worker} block_dev={blocked:?}"));
                     return ExitCode::SUCCESS;
                 }
                 ToWorker::Hello { .. } => return ExitCode::from(4),
             }
-        }
-    }
-
-    fn send(chan: &Channel, msg: FromWorker) {
-        chan.send(&msg, &[]).unwrap();
-    }
-}
-
-// ---- the test runner --------------------------------------------------------------------------
-
-mod harness {
-    use super::*;
-    use std::panic::{AssertUnwindSafe, catch_unwind};
-
-    static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-    struct Capture;
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if std::env::var_os("WARDEN_TEST_LOG").is_some() {
-                std::io::stderr().write_all(buf)?;
-            }
-            LOGS.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// The supervisor's log lines since the last call.
-    pub fn take_logs() -> String {
-        String::from_utf8_lossy(&std::mem::take(&mut *LOGS.lock().unwrap())).into_owned()
-    }
-
-    /// Runs the tests named on the command line (substring match; all without arguments).
-    pub fn run(tests: &[(&str, fn())]) -> ExitCode {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        if args.iter().any(|a| a == "--list") {
-            for (name, _) in tests {
-                println!("{name}: test");
-            }
-            return ExitCode::SUCCESS;
-        }
-        let exact = args.iter().any(|a| a == "--exact");
-        let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-            .with_ansi(false)
-            .with_writer(|| Capture)
-            .init();
-        let selected: Vec<&(&str, fn())> = tests
-            .iter()
-            .filter(|(name, _)| {
-                filters.is_empty()
-                    || filters.iter().any(|f| {
-                        if exact {
-                            name == f
-                        } else {
-                            name.contains(f.as_str())
-                        }
-                    })
-            })
-            .collect();
-        println!("\nrunning {} tests", selected.len());
-        let mut failed = Vec::new();
-        for (name, test) in &selected {
-            match catch_unwind(AssertUnwindSafe(test)) {
-                Ok(()) => println!("test {name} ... ok"),
-                Err(_) => {
-                    println!("test {name} ... FAILED");
-                    failed.push(*name);
-                }
-            }
-        }
-        let passed = selected.len() - failed.len();
-        let filtered = tests.len() - selected.len();
-        if failed.is_empty() {
-            println!("\ntest result: ok. {passed} passed; 0 failed; {filtered} filtered out\n");
-            ExitCode::SUCCESS
-        } else {
-            println!("\nfailures:");
-            for name in &failed {
-                println!("    {name}");
-            }
-            println!(
-                "\ntest result: FAILED. {passed} passed; {} failed; {filtered} filtered out\n",
-                failed.len()
-            );
-            ExitCode::from(101)
         }
     }
 }

@@ -15,170 +15,74 @@
 // here is a failed test, caught and reported by the runner below.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod common;
+
+use std::ffi::OsStr;
 use std::fmt::Debug;
 use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, symlink};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tcmu_warden_policy::Config;
-use tcmu_warden_proto::{Channel, FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
+use tcmu_warden_proto::{FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 
+use common::{
+    FakeWorker, Fixture, assert_contains, harness, phase_of, read_all, until, until_ready,
+};
+
 fn main() -> ExitCode {
-    if std::env::var_os("TCMU_WARDEN_FD").is_some() {
-        return fake_worker::main();
-    }
-    harness::run(&[
-        (
-            "handshake_and_add_device_carry_the_right_fds",
+    harness::main(
+        fake_worker::main,
+        common::tests![
             handshake_and_add_device_carry_the_right_fds,
-        ),
-        (
-            "worker_gets_a_scrubbed_environment_and_only_its_fds",
             worker_gets_a_scrubbed_environment_and_only_its_fds,
-        ),
-        (
-            "refused_devices_are_logged_and_still_served",
             refused_devices_are_logged_and_still_served,
-        ),
-        (
-            "garbage_kills_only_that_worker",
             garbage_kills_only_that_worker,
-        ),
-        (
-            "reply_for_a_foreign_device_kills_the_worker",
             reply_for_a_foreign_device_kills_the_worker,
-        ),
-        (
-            "message_before_hello_kills_the_worker",
             message_before_hello_kills_the_worker,
-        ),
-        (
-            "silent_worker_is_killed_at_the_handshake_deadline",
             silent_worker_is_killed_at_the_handshake_deadline,
-        ),
-        (
-            "crashing_worker_is_reaped_and_its_devices_kept",
             crashing_worker_is_reaped_and_its_devices_kept,
-        ),
-        (
-            "worker_closing_its_channel_is_killed_after_grace",
             worker_closing_its_channel_is_killed_after_grace,
-        ),
-        (
-            "worker_without_the_subtype_gets_refusals",
             worker_without_the_subtype_gets_refusals,
-        ),
-        (
-            "device_failure_is_recorded_and_logged_escaped",
             device_failure_is_recorded_and_logged_escaped,
-        ),
-        (
-            "remove_device_round_trip_closes_the_uio_fd",
             remove_device_round_trip_closes_the_uio_fd,
-        ),
-        (
-            "device_isolation_gives_each_device_a_worker",
             device_isolation_gives_each_device_a_worker,
-        ),
-        (
-            "orderly_shutdown_reaps_every_worker",
             orderly_shutdown_reaps_every_worker,
-        ),
-        (
-            "stubborn_worker_is_killed_at_the_shutdown_deadline",
             stubborn_worker_is_killed_at_the_shutdown_deadline,
-        ),
-        (
-            "heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers",
             heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers,
-        ),
-        (
-            "crash_is_restarted_with_backoff_then_quarantined",
             crash_is_restarted_with_backoff_then_quarantined,
-        ),
-        (
-            "sigsys_is_reported_as_a_sandbox_violation",
             sigsys_is_reported_as_a_sandbox_violation,
-        ),
-        (
-            "restarted_supervisor_recovers_devices_from_their_journals",
             restarted_supervisor_recovers_devices_from_their_journals,
-        ),
-        (
-            "inconsistent_journal_falls_back_to_a_ring_reset",
             inconsistent_journal_falls_back_to_a_ring_reset,
-        ),
-        (
-            "busy_ring_without_a_journal_is_reset_before_it_is_served",
             busy_ring_without_a_journal_is_reset_before_it_is_served,
-        ),
-        (
-            "recovery_failed_after_a_reset_kills_the_worker",
             recovery_failed_after_a_reset_kills_the_worker,
-        ),
-        (
-            "heartbeats_carry_the_device_counters",
             heartbeats_carry_the_device_counters,
-        ),
-        (
-            "oversized_and_out_of_order_messages_kill_and_restart",
             oversized_and_out_of_order_messages_kill_and_restart,
-        ),
-        (
-            "workers_are_jailed_and_the_jail_is_verified",
             workers_are_jailed_and_the_jail_is_verified,
-        ),
-        (
-            "an_unenforceable_jail_keeps_the_worker_from_starting",
             an_unenforceable_jail_keeps_the_worker_from_starting,
-        ),
-        (
-            "no_jail_switch_starts_workers_unconfined",
             no_jail_switch_starts_workers_unconfined,
-        ),
-        ("binary_check_config", binary_check_config),
-        ("binary_policy_check", binary_policy_check),
-        (
-            "binary_runs_and_stops_on_sigterm",
+            binary_check_config,
+            binary_policy_check,
             binary_runs_and_stops_on_sigterm,
-        ),
-    ])
+        ],
+    )
 }
 
 // ---- fixture ----------------------------------------------------------------------------------
 
-/// A fake sysfs tree, fake uio nodes, backing files and fake-worker symlinks in a tempdir.
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    sysfs: PathBuf,
-    dev: PathBuf,
-    data: PathBuf,
-    bin: PathBuf,
-}
-
+/// The workers tests' additions: plain devices, journals, `action/` files, and an in-process
+/// supervisor with tweakable options.
 impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().canonicalize().unwrap();
-        let f = Fixture {
-            sysfs: root.join("sys"),
-            dev: root.join("dev"),
-            data: root.join("data"),
-            bin: root.join("bin"),
-            _tmp: tmp,
-        };
-        for d in [&f.sysfs, &f.dev, &f.data, &f.bin] {
-            fs::create_dir_all(d).unwrap();
-        }
+    /// A fixture holding one `ram` device: `uio0`, backstore `user_2/scratch`.
+    fn with_scratch_ram() -> Fixture {
+        let f = Fixture::new();
+        f.device("uio0", 2, "scratch", Some("ram/"));
         f
     }
 
@@ -190,47 +94,10 @@ impl Fixture {
         fs::write(self.dev.join(uio), format!("UIO:{uio}")).unwrap();
     }
 
-    /// A backing file in the allowed directory; returns its path.
-    fn backing(&self, name: &str) -> PathBuf {
-        let path = self.data.join(name);
-        fs::write(&path, format!("BACKING:{name}")).unwrap();
-        path
-    }
-
     /// A `file` device backed by `data/<name>.img`.
     fn file_device(&self, uio: &str, name: &str) {
         let path = self.backing(&format!("{name}.img"));
         self.device(uio, 1, name, Some(&format!("file/{}", path.display())));
-    }
-
-    /// The fake worker executable for `mode`.
-    fn exe(&self, mode: &str) -> PathBuf {
-        let link = self.bin.join(mode);
-        if !link.exists() {
-            symlink(std::env::current_exe().unwrap(), &link).unwrap();
-        }
-        link
-    }
-
-    /// The configuration: the fake worker for `mode`, this tree, and a jail that lets the fake
-    /// workers write their logs in `bin/` and read the fake sysfs (to report whether the
-    /// supervisor had blocked a device when it handed it over), and nothing else.
-    fn config_text(&self, mode: &str, handlers: &str) -> String {
-        format!(
-            "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\njournal_dir = {:?}\n\
-             [jail]\nwrite_paths = [{:?}]\nread_paths = [{:?}]\n{handlers}",
-            self.exe(mode).display().to_string(),
-            self.sysfs.display().to_string(),
-            self.dev.display().to_string(),
-            self.journals().display().to_string(),
-            self.bin.display().to_string(),
-            self.sysfs.display().to_string(),
-        )
-    }
-
-    /// The journal directory.
-    fn journals(&self) -> PathBuf {
-        self.dev.parent().unwrap().join("journal")
     }
 
     /// The journal file of backstore `user_<hba>/<name>`.
@@ -249,16 +116,9 @@ impl Fixture {
         .unwrap()
     }
 
-    fn file_and_ram(&self) -> String {
-        format!(
-            "[handler.file]\nallow_paths = [{:?}]\n[handler.ram]\n",
-            self.data.display().to_string()
-        )
-    }
-
     /// A supervisor that has scanned the tree, with the given fake-worker mode and handlers.
     fn start(&self, mode: &str, handlers: &str, tweak: impl FnOnce(&mut Options)) -> Supervisor {
-        let text = self.config_text(mode, handlers);
+        let text = self.config_text(mode, "", handlers);
         let config = Config::from_toml_str(&text, Path::new("test.toml")).unwrap();
         let mut opts = Options::from_config(&config).unwrap();
         opts.handshake_timeout = Duration::from_secs(20);
@@ -270,33 +130,25 @@ impl Fixture {
         sup.start().unwrap();
         sup
     }
-
-    /// What the fake workers of `mode` logged.
-    fn log(&self, mode: &str) -> String {
-        fs::read_to_string(self.bin.join(format!("{mode}.log"))).unwrap_or_default()
-    }
-}
-
-/// Turns the event loop until `pred` holds (deadline: 60 s, then fails with the state).
-fn until(sup: &mut Supervisor, what: &str, pred: impl Fn(&Supervisor) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pred(sup) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}\ndevices: {:#?}\nworkers: {:#?}",
-            sup.devices(),
-            sup.workers()
-        );
-        sup.poll_once(Duration::from_millis(100)).unwrap();
-    }
-}
-
-fn phase_of(sup: &Supervisor, uio: &str) -> Option<DevicePhase> {
-    sup.device_by_uio(uio).map(|d| d.phase)
 }
 
 fn worker_phase(sup: &Supervisor, name: &str) -> Option<WorkerPhase> {
     sup.worker(name).map(|w| w.phase)
+}
+
+/// Turns the event loop until worker `name` has exited and been reaped.
+fn until_exited(sup: &mut Supervisor, name: &str, what: &str) {
+    until(sup, what, |s| {
+        worker_phase(s, name) == Some(WorkerPhase::Exited)
+    });
+}
+
+fn assert_quarantined(sup: &Supervisor, uio: &str) {
+    let phase = phase_of(sup, uio);
+    assert!(
+        matches!(phase, Some(DevicePhase::Quarantined(_))),
+        "{uio} is {phase:?}"
+    );
 }
 
 /// Where an open descriptor of this process points.
@@ -312,13 +164,6 @@ fn process_has_open(path: &Path) -> bool {
         .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
 }
 
-fn assert_contains(haystack: &str, needle: &str) {
-    assert!(
-        haystack.contains(needle),
-        "expected to find {needle:?} in:\n{haystack}"
-    );
-}
-
 fn assert_some_line<T: Debug>(text: &str, parts: &[&str], ctx: T) {
     assert!(
         text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
@@ -332,7 +177,7 @@ fn handshake_and_add_device_carry_the_right_fds() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -404,10 +249,9 @@ fn handshake_and_add_device_carry_the_right_fds() {
 }
 
 fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     f.file_device("uio1", "disk0");
-    let mut sup = f.start("echo", &f.file_and_ram(), |o| {
+    let mut sup = f.start("echo", &f.handlers(None), |o| {
         o.worker_log_format = Some(tcmu_warden_policy::LogFormat::Json);
     });
     until(&mut sup, "both devices are served", |s| {
@@ -466,7 +310,7 @@ fn refused_devices_are_logged_and_still_served() {
     let escape = format!("{}/../elsewhere/secret.img", f.data.display());
     f.device("uio3", 1, "dotdot", Some(&format!("file/{escape}")));
     harness::take_logs();
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "all four devices are served", |s| {
         ["uio0", "uio1", "uio2", "uio3"]
             .iter()
@@ -537,7 +381,7 @@ fn garbage_kills_only_that_worker() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("garbage@file", &f.file_and_ram(), |o| {
+    let mut sup = f.start("garbage@file", &f.handlers(None), |o| {
         o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
         o.lifecycle.quarantine_after = 2;
     });
@@ -558,10 +402,7 @@ fn garbage_kills_only_that_worker() {
     );
     assert_eq!(file.exit.unwrap().signal(), Some(libc::SIGKILL));
     assert_eq!((file.total_crashes, file.restarts), (2, 1));
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
     assert_eq!(
         f.log("garbage@file")
             .lines()
@@ -583,31 +424,22 @@ fn garbage_kills_only_that_worker() {
 }
 
 fn reply_for_a_foreign_device_kills_the_worker() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("impostor", &f.file_and_ram(), |o| {
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("impostor", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the impostor is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the impostor is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "does not own");
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
 }
 
 fn message_before_hello_kills_the_worker() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("early", &f.file_and_ram(), |o| {
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("early", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the early talker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the early talker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(
         w.kill_reason.as_deref().unwrap(),
@@ -617,34 +449,26 @@ fn message_before_hello_kills_the_worker() {
 }
 
 fn silent_worker_is_killed_at_the_handshake_deadline() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("silent", &f.file_and_ram(), |o| {
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("silent", &f.handlers(None), |o| {
         o.handshake_timeout = Duration::from_millis(300);
         o.lifecycle.quarantine_after = 1;
     });
     assert_eq!(worker_phase(&sup, "ram"), Some(WorkerPhase::Handshaking));
     assert_eq!(phase_of(&sup, "uio0"), Some(DevicePhase::Queued));
-    until(&mut sup, "the silent worker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the silent worker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "no answer to Hello");
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
 }
 
 fn crashing_worker_is_reaped_and_its_devices_kept() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
-    let mut sup = f.start("crash", &f.file_and_ram(), |o| {
+    let mut sup = f.start("crash", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the crashed worker is reaped", |s| {
-        worker_phase(s, "file") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "file", "the crashed worker is reaped");
     let w = sup.worker("file").unwrap();
     assert_eq!(w.exit.unwrap().code(), Some(3));
     assert_eq!(w.kill_reason, None);
@@ -658,32 +482,24 @@ fn crashing_worker_is_reaped_and_its_devices_kept() {
 }
 
 fn worker_closing_its_channel_is_killed_after_grace() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("hangup", &f.file_and_ram(), |o| {
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("hangup", &f.handlers(None), |o| {
         o.exit_grace = Duration::from_millis(300);
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the hung-up worker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the hung-up worker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_contains(w.kill_reason.as_deref().unwrap(), "closed its channel");
     assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGKILL));
     assert_some_line(&f.log("hangup"), &["hangup worker=ram"], ());
-    assert!(matches!(
-        phase_of(&sup, "uio0"),
-        Some(DevicePhase::Quarantined(_))
-    ));
+    assert_quarantined(&sup, "uio0");
 }
 
 fn worker_without_the_subtype_gets_refusals() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
-    let mut sup = f.start("nofile", &f.file_and_ram(), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    let mut sup = f.start("nofile", &f.handlers(None), |_| {});
+    until_ready(&mut sup, "uio0", "the device is served");
     let d = sup.device_by_uio("uio0").unwrap();
     assert_contains(
         d.refusal.as_deref().unwrap(),
@@ -703,10 +519,9 @@ fn worker_without_the_subtype_gets_refusals() {
 }
 
 fn device_failure_is_recorded_and_logged_escaped() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
-    let mut sup = f.start("failing", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("failing", &f.handlers(None), |_| {});
     until(&mut sup, "the device failed", |s| {
         matches!(phase_of(s, "uio0"), Some(DevicePhase::Failed(_)))
     });
@@ -728,12 +543,9 @@ fn device_failure_is_recorded_and_logged_escaped() {
 }
 
 fn remove_device_round_trip_closes_the_uio_fd() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
+    until_ready(&mut sup, "uio0", "the device is served");
     let node = f.dev.join("uio0");
     assert!(process_has_open(&node));
     let id = sup.device_by_uio("uio0").unwrap().id;
@@ -789,7 +601,7 @@ fn orderly_shutdown_reaps_every_worker() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -808,14 +620,11 @@ fn orderly_shutdown_reaps_every_worker() {
 }
 
 fn stubborn_worker_is_killed_at_the_shutdown_deadline() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("stubborn", &f.file_and_ram(), |o| {
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("stubborn", &f.handlers(None), |o| {
         o.shutdown_timeout = Duration::from_millis(300);
     });
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the device is served");
     sup.begin_shutdown();
     until(&mut sup, "the shutdown completes", Supervisor::is_finished);
     let w = sup.worker("ram").unwrap();
@@ -832,10 +641,9 @@ fn add_lines<'a>(log: &'a str, uio: &str) -> Vec<&'a str> {
 }
 
 fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
-    let mut sup = f.start("hangonce", &f.file_and_ram(), |o| {
+    let mut sup = f.start("hangonce", &f.handlers(None), |o| {
         o.lifecycle.heartbeat_interval = Duration::from_millis(50);
         o.lifecycle.heartbeat_timeout = Duration::from_millis(300);
         o.lifecycle.restart_backoff_initial = Duration::from_millis(20);
@@ -843,9 +651,7 @@ fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
     until(&mut sup, "the hung worker is killed and replaced", |s| {
         s.worker("ram").is_some_and(|w| w.restarts == 1)
     });
-    until(&mut sup, "the successor serves the device", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    until_ready(&mut sup, "uio0", "the successor serves the device");
     let w = sup.worker("ram").unwrap();
     assert_eq!(w.total_crashes, 1);
     assert_contains(w.last_crash.as_deref().unwrap(), "no answer to heartbeat");
@@ -881,7 +687,7 @@ fn heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers() {
 fn crash_is_restarted_with_backoff_then_quarantined() {
     let f = Fixture::new();
     f.file_device("uio0", "disk0");
-    let mut sup = f.start("crash", &f.file_and_ram(), |o| {
+    let mut sup = f.start("crash", &f.handlers(None), |o| {
         o.lifecycle.restart_backoff_initial = Duration::from_millis(20);
         o.lifecycle.restart_backoff_max = Duration::from_millis(80);
         o.lifecycle.quarantine_after = 3;
@@ -929,15 +735,12 @@ fn crash_is_restarted_with_backoff_then_quarantined() {
 }
 
 fn sigsys_is_reported_as_a_sandbox_violation() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
-    let mut sup = f.start("sigsys", &f.file_and_ram(), |o| {
+    let mut sup = f.start("sigsys", &f.handlers(None), |o| {
         o.lifecycle.quarantine_after = 1;
     });
-    until(&mut sup, "the worker is reaped", |s| {
-        worker_phase(s, "ram") == Some(WorkerPhase::Exited)
-    });
+    until_exited(&mut sup, "ram", "the worker is reaped");
     let w = sup.worker("ram").unwrap();
     assert_eq!(w.exit.unwrap().signal(), Some(libc::SIGSYS));
     assert_contains(w.last_crash.as_deref().unwrap(), "sandbox violation");
@@ -954,8 +757,7 @@ fn sigsys_is_reported_as_a_sandbox_violation() {
 }
 
 fn restarted_supervisor_recovers_devices_from_their_journals() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     f.file_device("uio1", "disk1");
     // A previous supervisor's journal for uio0 (its content is the worker's business), and a
     // stale one for a backstore that no longer exists.
@@ -965,7 +767,7 @@ fn restarted_supervisor_recovers_devices_from_their_journals() {
     let stale = f.journal(9, "gone");
     fs::create_dir_all(stale.parent().unwrap()).unwrap();
     fs::write(&stale, b"old").unwrap();
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -994,59 +796,59 @@ fn restarted_supervisor_recovers_devices_from_their_journals() {
 }
 
 fn inconsistent_journal_falls_back_to_a_ring_reset() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     let journal = f.journal(2, "scratch");
     fs::create_dir_all(journal.parent().unwrap()).unwrap();
     fs::write(&journal, vec![0xee; JOURNAL_BYTES as usize]).unwrap();
     harness::take_logs();
-    let mut sup = f.start("needsreset", &f.file_and_ram(), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
-    let log = f.log("needsreset");
-    let adds = add_lines(&log, "uio0");
-    assert_eq!(adds.len(), 2, "{log}");
-    assert_contains(adds[0], "journal=Recover");
-    assert_contains(adds[1], "journal=Fresh");
-    assert_contains(adds[1], "blocked=\"1\"");
-    assert_eq!(f.action(2, "scratch", "reset_ring"), "1");
-    assert_eq!(f.action(2, "scratch", "block_dev"), "0");
-    let content = fs::read(&journal).unwrap();
-    assert_eq!(content.len() as u64, JOURNAL_BYTES);
-    assert!(content.iter().all(|b| *b == 0), "the journal is cleared");
-    let d = sup.device_by_uio("uio0").unwrap();
-    assert_eq!((d.resets, d.recoveries, d.blocked), (1, 0, false));
-    assert_eq!(sup.worker("ram").unwrap().total_crashes, 0);
-    let logs = harness::take_logs();
-    assert_some_line(
-        &logs,
+    let mut sup = f.start("needsreset", &f.handlers(None), |_| {});
+    until_ready(&mut sup, "uio0", "the device is served");
+    let first_add = served_after_one_ring_reset(
+        &f,
+        &sup,
+        "needsreset",
         &[
             "falling back to a ring reset",
             "device=uio0",
             "fetch position outside the ring",
         ],
-        (),
     );
-    assert_some_line(&logs, &["ring reset", "device=uio0"], ());
+    assert_contains(&first_add, "journal=Recover");
+    let content = fs::read(&journal).unwrap();
+    assert_eq!(content.len() as u64, JOURNAL_BYTES);
+    assert!(content.iter().all(|b| *b == 0), "the journal is cleared");
 }
 
 /// A device adopted with no journal (none existed: a first start, a lost `/run`, another TCMU
 /// daemon before us) whose ring already holds commands: the worker refuses to serve it from the
 /// tail, and the supervisor resets the ring (blocked first) and hands it over again.
 fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
-    let mut sup = f.start("dirtyring", &f.file_and_ram(), |_| {});
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
-    let log = f.log("dirtyring");
+    let mut sup = f.start("dirtyring", &f.handlers(None), |_| {});
+    until_ready(&mut sup, "uio0", "the device is served");
+    let first_add = served_after_one_ring_reset(
+        &f,
+        &sup,
+        "dirtyring",
+        &[
+            "holds commands no journal accounts for",
+            "device=uio0",
+            "3 commands wait in the ring",
+        ],
+    );
+    assert_contains(&first_add, "journal=Fresh");
+    assert_contains(&first_add, "blocked=\"\"");
+}
+
+/// What the ring-reset tests share: the fake worker of `mode` was handed device `uio0`
+/// (`user_2/scratch`) twice, the second time blocked and with a fresh journal; the supervisor
+/// reset the ring once, unblocked the device, killed no worker, and logged a line with all of
+/// `why` and the reset itself. Returns the first hand-over's log line.
+fn served_after_one_ring_reset(f: &Fixture, sup: &Supervisor, mode: &str, why: &[&str]) -> String {
+    let log = f.log(mode);
     let adds = add_lines(&log, "uio0");
     assert_eq!(adds.len(), 2, "{log}");
-    assert_contains(adds[0], "journal=Fresh");
-    assert_contains(adds[0], "blocked=\"\"");
     assert_contains(adds[1], "journal=Fresh");
     assert_contains(adds[1], "blocked=\"1\"");
     assert_eq!(f.action(2, "scratch", "reset_ring"), "1");
@@ -1055,24 +857,16 @@ fn busy_ring_without_a_journal_is_reset_before_it_is_served() {
     assert_eq!((d.resets, d.recoveries, d.blocked), (1, 0, false));
     assert_eq!(sup.worker("ram").unwrap().total_crashes, 0);
     let logs = harness::take_logs();
-    assert_some_line(
-        &logs,
-        &[
-            "holds commands no journal accounts for",
-            "device=uio0",
-            "3 commands wait in the ring",
-        ],
-        (),
-    );
+    assert_some_line(&logs, why, ());
     assert_some_line(&logs, &["ring reset", "device=uio0"], ());
+    adds[0].to_owned()
 }
 
 /// A ring just reset (and blocked) holds no commands: a worker that still answers
 /// `RecoveryFailed` is lying, and would make the supervisor reset the ring forever.
 fn recovery_failed_after_a_reset_kills_the_worker() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("liar", &f.file_and_ram(), |o| {
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("liar", &f.handlers(None), |o| {
         o.lifecycle.restart_backoff_initial = Duration::from_secs(60);
     });
     until(&mut sup, "the worker is killed", |s| {
@@ -1090,9 +884,8 @@ fn recovery_failed_after_a_reset_kills_the_worker() {
 }
 
 fn heartbeats_carry_the_device_counters() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
-    let mut sup = f.start("echo", &f.file_and_ram(), |o| {
+    let f = Fixture::with_scratch_ram();
+    let mut sup = f.start("echo", &f.handlers(None), |o| {
         o.lifecycle.heartbeat_interval = Duration::from_millis(20);
         o.lifecycle.heartbeat_timeout = Duration::from_secs(20);
     });
@@ -1120,7 +913,7 @@ fn oversized_and_out_of_order_messages_kill_and_restart() {
     ] {
         let f = Fixture::new();
         f.device("uio0", 2, "scratch", Some("ram/"));
-        let mut sup = f.start(mode, &f.file_and_ram(), |o| {
+        let mut sup = f.start(mode, &f.handlers(None), |o| {
             o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
             o.lifecycle.quarantine_after = 2;
         });
@@ -1141,7 +934,7 @@ fn workers_are_jailed_and_the_jail_is_verified() {
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
     harness::take_logs();
-    let mut sup = f.start("echo", &f.file_and_ram(), |_| {});
+    let mut sup = f.start("echo", &f.handlers(None), |_| {});
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
             && phase_of(s, "uio1") == Some(DevicePhase::Ready)
@@ -1194,8 +987,7 @@ fn workers_are_jailed_and_the_jail_is_verified() {
 }
 
 fn an_unenforceable_jail_keeps_the_worker_from_starting() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
     // A read path that does not exist cannot be granted: the worker is not started unconfined,
     // it is not started at all, and the log says why.
@@ -1218,13 +1010,10 @@ fn an_unenforceable_jail_keeps_the_worker_from_starting() {
 }
 
 fn no_jail_switch_starts_workers_unconfined() {
-    let f = Fixture::new();
-    f.device("uio0", 2, "scratch", Some("ram/"));
+    let f = Fixture::with_scratch_ram();
     harness::take_logs();
-    let mut sup = f.start("echo", &f.file_and_ram(), |o| o.unconfined = true);
-    until(&mut sup, "the device is served", |s| {
-        phase_of(s, "uio0") == Some(DevicePhase::Ready)
-    });
+    let mut sup = f.start("echo", &f.handlers(None), |o| o.unconfined = true);
+    until_ready(&mut sup, "uio0", "the device is served");
     let w = sup.worker("ram").unwrap();
     assert!(w.jail.is_none());
     let status = fs::read_to_string(format!("/proc/{}/status", w.pid)).unwrap();
@@ -1238,47 +1027,57 @@ fn no_jail_switch_starts_workers_unconfined() {
     );
 }
 
-fn binary_policy_check() {
-    let exe = env!("CARGO_BIN_EXE_tcmu-warden");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
-    let out = std::process::Command::new(exe)
-        .args(["policy", "check"])
-        .arg(&example)
+/// Runs `tcmu-warden <args>` to completion; returns its exit code, stdout and stderr.
+fn cli(args: &[&OsStr]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
+        .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A configuration file checked by `tcmu-warden <command>`: the shipped example passes, with
+/// the returned stdout; `bad` (written to a file) fails, and the returned stderr names the file
+/// and `bad_line`.
+fn check_files(command: &[&str], bad: &str, bad_line: usize) -> (String, String) {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
+    let mut args: Vec<&OsStr> = command.iter().map(OsStr::new).collect();
+    args.push(example.as_os_str());
+    let (code, stdout, stderr) = cli(&args);
+    assert_eq!(code, Some(0), "{stderr}");
     assert_contains(&stdout, "valid");
+
+    let f = Fixture::new();
+    let path = f.data.join("bad.toml");
+    fs::write(&path, bad).unwrap();
+    args.pop();
+    args.push(path.as_os_str());
+    let (code, _, stderr) = cli(&args);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_contains(&stderr, &format!("{}:{bad_line}:", path.display()));
+    (stdout, stderr)
+}
+
+fn binary_policy_check() {
+    let (stdout, stderr) =
+        check_files(&["policy", "check"], "[jail]\n\nsyscalls = ['ptrace']\n", 3);
     assert_contains(&stdout, "[handler.file]");
     assert_contains(&stdout, "[handler.ram]");
     assert_contains(&stdout, "stage one denies:");
     assert_contains(&stdout, "landlock on this kernel:");
-
-    let f = Fixture::new();
-    let bad = f.data.join("bad.toml");
-    fs::write(&bad, "[jail]\n\nsyscalls = ['ptrace']\n").unwrap();
-    let out = std::process::Command::new(exe)
-        .args(["policy", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_contains(&stderr, &format!("{}:3:", bad.display()));
     assert_contains(&stderr, "denied to every worker");
 }
 
 fn binary_check_config() {
-    let exe = env!("CARGO_BIN_EXE_tcmu-warden");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/tcmu-warden.example.toml");
-    let out = std::process::Command::new(exe)
-        .arg("check-config")
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_contains(&stdout, "valid");
+    let (stdout, stderr) = check_files(
+        &["check-config"],
+        "[daemon]\n\n[handler.file]\nallow_paths = ['relative']\n",
+        4,
+    );
     assert_contains(&stdout, "file  isolation = subtype");
     assert_contains(&stdout, "allow /var/lib/tcmu");
     assert_contains(&stdout, "ram   max_size = 64GiB");
@@ -1287,33 +1086,11 @@ fn binary_check_config() {
         &stdout,
         "restarts after 100ms doubling to 30s; quarantine after 5 crashes within 10m",
     );
-
-    let f = Fixture::new();
-    let bad = f.data.join("bad.toml");
-    fs::write(
-        &bad,
-        "[daemon]\n\n[handler.file]\nallow_paths = ['relative']\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(exe)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_contains(&stderr, &format!("{}:4:", bad.display()));
     assert_contains(&stderr, "not an absolute path");
 
-    let out = std::process::Command::new(exe)
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert_contains(
-        &String::from_utf8(out.stdout).unwrap(),
-        env!("CARGO_PKG_VERSION"),
-    );
+    let (code, stdout, _) = cli(&[OsStr::new("--version")]);
+    assert_eq!(code, Some(0));
+    assert_contains(&stdout, env!("CARGO_PKG_VERSION"));
 }
 
 fn binary_runs_and_stops_on_sigterm() {
@@ -1321,7 +1098,7 @@ fn binary_runs_and_stops_on_sigterm() {
     f.file_device("uio0", "disk0");
     f.device("uio1", 2, "scratch", Some("ram/"));
     let config = f.data.join("warden.toml");
-    fs::write(&config, f.config_text("echo", &f.file_and_ram())).unwrap();
+    fs::write(&config, f.config_text("echo", "", &f.handlers(None))).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
         .args(["run", "--foreground", "--config"])
         .arg(&config)
@@ -1377,25 +1154,6 @@ mod fake_worker {
 
     /// Runs as a worker. The file name we were started as selects the behaviour.
     pub fn main() -> ExitCode {
-        let argv0 = PathBuf::from(std::env::args_os().next().unwrap_or_default());
-        let log_path = PathBuf::from(format!("{}.log", argv0.display()));
-        let mode_name = argv0
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let (mode, target) = match mode_name.split_once('@') {
-            Some((m, t)) => (m.to_owned(), Some(t.to_owned())),
-            None => (mode_name.clone(), None),
-        };
-        let log = |line: String| {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .unwrap();
-            f.write_all(format!("{line}\n").as_bytes()).unwrap();
-        };
-
         // What we were started with, before opening anything ourselves.
         let fds = open_fds();
         // The worker's jail keeps /proc out of reach, so the descriptor is inspected directly.
@@ -1411,23 +1169,20 @@ mod fake_worker {
             .collect();
         env.sort();
 
-        let raw: i32 = std::env::var("TCMU_WARDEN_FD").unwrap().parse().unwrap();
-        // SAFETY: the supervisor installed this descriptor for us; nothing else owns it.
-        let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(raw) });
-
-        let (worker, subtypes) = match chan.recv::<ToWorker>() {
-            Ok((ToWorker::Hello { worker, subtypes }, _)) => (worker, subtypes),
-            other => {
-                log(format!("expected Hello, got {other:?}"));
-                return ExitCode::from(4);
-            }
+        let fake = FakeWorker::from_env();
+        let (mode, target) = match fake.mode.split_once('@') {
+            Some((m, t)) => (m.to_owned(), Some(t.to_owned())),
+            None => (fake.mode.clone(), None),
+        };
+        let Some((worker, subtypes)) = fake.hello() else {
+            return ExitCode::from(4);
         };
         let kind = if fd3.starts_with("socket:") {
             "socket"
         } else {
             "other"
         };
-        log(format!(
+        fake.log(format!(
             "hello worker={worker} subtypes={subtypes:?} env={env:?} fds={fds:?} fd3={kind}"
         ));
         let active = target.as_deref().is_none_or(|t| t == worker);
@@ -1436,10 +1191,10 @@ mod fake_worker {
         match mode {
             "silent" => {
                 // Never answer; leave when the supervisor closes its end or kills us.
-                while chan.recv::<ToWorker>().is_ok() {}
+                while fake.chan.recv::<ToWorker>().is_ok() {}
                 return ExitCode::SUCCESS;
             }
-            "early" => send(&chan, FromWorker::DeviceReady { id: 1 }),
+            "early" => fake.send(FromWorker::DeviceReady { id: 1 }),
             _ => {}
         }
         let offered = if mode == "nofile" {
@@ -1447,18 +1202,15 @@ mod fake_worker {
         } else {
             subtypes.clone()
         };
-        send(
-            &chan,
-            FromWorker::Hello {
-                pid: std::process::id(),
-                subtypes: offered,
-            },
-        );
+        fake.send(FromWorker::Hello {
+            pid: std::process::id(),
+            subtypes: offered,
+        });
         if mode == "hangup" {
             // Take the first device, then close the channel but keep running until killed.
-            let _first = chan.recv::<ToWorker>();
-            log(format!("hangup worker={worker}"));
-            drop(chan);
+            let _first = fake.chan.recv::<ToWorker>();
+            fake.log(format!("hangup worker={worker}"));
+            drop(fake);
             loop {
                 std::thread::park();
             }
@@ -1466,11 +1218,11 @@ mod fake_worker {
 
         let mut held: Vec<(u64, Vec<OwnedFd>)> = Vec::new();
         loop {
-            let (msg, fds) = match chan.recv::<ToWorker>() {
+            let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
                 Err(ProtoError::Closed) => return ExitCode::SUCCESS,
                 Err(e) => {
-                    log(format!("recv error {e}"));
+                    fake.log(format!("recv error {e}"));
                     return ExitCode::from(2);
                 }
             };
@@ -1492,7 +1244,7 @@ mod fake_worker {
                         })
                         .flatten();
                     // What the supervisor had written to block_dev when it handed us the device.
-                    let sysfs = argv0.parent().unwrap().parent().unwrap().join("sys");
+                    let sysfs = fake.sysfs();
                     let blocked = fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
                         &sysfs,
                         spec.hba,
@@ -1500,7 +1252,7 @@ mod fake_worker {
                         "block_dev",
                     ))
                     .unwrap_or_default();
-                    log(format!(
+                    fake.log(format!(
                         "add worker={worker} id={} uio={} nfds={} uio_content={:?} backing={:?} \
                          refusal={:?} hba={} name={} map_size={} dev_size={} block_size={} \
                          serial={} journal={:?} journal_len={journal_len:?} blocked={blocked:?}",
@@ -1520,7 +1272,7 @@ mod fake_worker {
                     ));
                     held.push((spec.id, fds));
                     // `...once` modes misbehave only in the first process of the test.
-                    let once_marker = PathBuf::from(format!("{}.once", argv0.display()));
+                    let once_marker = PathBuf::from(format!("{}.once", fake.argv0.display()));
                     let first = mode.ends_with("once")
                         && OpenOptions::new()
                             .write(true)
@@ -1535,21 +1287,21 @@ mod fake_worker {
                     };
                     match mode {
                         "garbage" => {
-                            let dup = nix::unistd::dup(chan.fd()).unwrap();
+                            let dup = nix::unistd::dup(fake.chan.fd()).unwrap();
                             let raw = UnixDatagram::from(dup);
                             raw.send(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]).unwrap();
                         }
                         "oversized" => {
-                            let dup = nix::unistd::dup(chan.fd()).unwrap();
+                            let dup = nix::unistd::dup(fake.chan.fd()).unwrap();
                             let raw = UnixDatagram::from(dup);
                             let frame = vec![0u8; tcmu_warden_proto::MAX_MESSAGE_BYTES + 100];
                             raw.send(&frame).unwrap();
                         }
                         "twice" => {
-                            send(&chan, FromWorker::DeviceReady { id: spec.id });
-                            send(&chan, FromWorker::DeviceReady { id: spec.id });
+                            fake.send(FromWorker::DeviceReady { id: spec.id });
+                            fake.send(FromWorker::DeviceReady { id: spec.id });
                         }
-                        "impostor" => send(&chan, FromWorker::DeviceReady { id: spec.id + 1000 }),
+                        "impostor" => fake.send(FromWorker::DeviceReady { id: spec.id + 1000 }),
                         "crash" => std::process::exit(3),
                         "sigsys" => {
                             // What the seccomp filter does to a forbidden system call.
@@ -1558,97 +1310,71 @@ mod fake_worker {
                             std::process::exit(9);
                         }
                         "hang" => {
-                            send(&chan, FromWorker::DeviceReady { id: spec.id });
-                            log(format!("hang worker={worker}"));
+                            fake.send(FromWorker::DeviceReady { id: spec.id });
+                            fake.log(format!("hang worker={worker}"));
                             // Alive, but never reads (or answers) anything again.
                             loop {
                                 std::thread::park();
                             }
                         }
-                        "needsreset" if spec.journal == JournalMode::Recover => send(
-                            &chan,
-                            FromWorker::RecoveryFailed {
+                        "needsreset" if spec.journal == JournalMode::Recover => {
+                            fake.send(FromWorker::RecoveryFailed {
                                 id: spec.id,
                                 reason: "fetch position outside the ring".into(),
-                            },
-                        ),
+                            })
+                        }
                         // Commands wait in the ring until the supervisor resets it (which it
                         // does with the device blocked).
                         "dirtyring" if spec.journal != JournalMode::Recover && blocked != "1" => {
-                            send(
-                                &chan,
-                                FromWorker::RecoveryFailed {
-                                    id: spec.id,
-                                    reason: "3 commands wait in the ring (cmd_tail 0, cmd_head \
+                            fake.send(FromWorker::RecoveryFailed {
+                                id: spec.id,
+                                reason: "3 commands wait in the ring (cmd_tail 0, cmd_head \
                                              384) and no journal records which of them are \
                                              still outstanding"
-                                        .into(),
-                                },
-                            )
+                                    .into(),
+                            })
                         }
-                        "liar" => send(
-                            &chan,
-                            FromWorker::RecoveryFailed {
-                                id: spec.id,
-                                reason: "commands wait in the ring".into(),
-                            },
-                        ),
-                        "failing" => send(
-                            &chan,
-                            FromWorker::DeviceFailed {
-                                id: spec.id,
-                                reason: "backing store\nis on fire".into(),
-                            },
-                        ),
-                        _ => send(&chan, FromWorker::DeviceReady { id: spec.id }),
+                        "liar" => fake.send(FromWorker::RecoveryFailed {
+                            id: spec.id,
+                            reason: "commands wait in the ring".into(),
+                        }),
+                        "failing" => fake.send(FromWorker::DeviceFailed {
+                            id: spec.id,
+                            reason: "backing store\nis on fire".into(),
+                        }),
+                        _ => fake.send(FromWorker::DeviceReady { id: spec.id }),
                     }
                 }
                 ToWorker::RemoveDevice { id } => {
                     held.retain(|(held_id, _)| *held_id != id);
-                    log(format!("remove worker={worker} id={id}"));
-                    send(&chan, FromWorker::DeviceRemoved { id });
+                    fake.log(format!("remove worker={worker} id={id}"));
+                    fake.send(FromWorker::DeviceRemoved { id });
                 }
-                ToWorker::Reconfig { id, .. } => send(&chan, FromWorker::Reconfigured { id }),
-                ToWorker::Ping { seq } => send(
-                    &chan,
-                    FromWorker::Pong {
-                        seq,
-                        // Made-up counters the test can recognise.
-                        stats: held
-                            .iter()
-                            .map(|(id, _)| tcmu_warden_proto::DeviceStats {
-                                id: *id,
-                                commands: 1000 + seq,
-                                ..Default::default()
-                            })
-                            .collect(),
-                    },
-                ),
+                ToWorker::Reconfig { id, .. } => fake.send(FromWorker::Reconfigured { id }),
+                ToWorker::Ping { seq } => fake.send(FromWorker::Pong {
+                    seq,
+                    // Made-up counters the test can recognise.
+                    stats: held
+                        .iter()
+                        .map(|(id, _)| tcmu_warden_proto::DeviceStats {
+                            id: *id,
+                            commands: 1000 + seq,
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
                 ToWorker::Shutdown => {
-                    log(format!("shutdown worker={worker}"));
+                    fake.log(format!("shutdown worker={worker}"));
                     if mode != "stubborn" {
                         return ExitCode::SUCCESS;
                     }
                 }
                 ToWorker::Hello { .. } => {
-                    log("second Hello".into());
+                    fake.log("second Hello".into());
                     return ExitCode::from(4);
                 }
             }
         }
-    }
-
-    fn send(chan: &Channel, msg: FromWorker) {
-        chan.send(&msg, &[]).unwrap();
-    }
-
-    fn read_all(fd: &OwnedFd) -> String {
-        let file = fs::File::from(fd.try_clone().unwrap());
-        let mut buf = vec![0u8; 256];
-        // Positional read: the offset is shared with the supervisor's descriptor.
-        let n = file.read_at(&mut buf, 0).unwrap();
-        buf.truncate(n);
-        String::from_utf8_lossy(&buf).into_owned()
     }
 
     /// Descriptor numbers open in this process. Probed one by one (`/proc/self/fd` is out of
@@ -1667,98 +1393,5 @@ mod fake_worker {
         // SAFETY: as above.
         let rc = unsafe { libc::fstat(fd, &mut st) };
         rc == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
-    }
-}
-
-// ---- the test runner --------------------------------------------------------------------------
-
-mod harness {
-    use super::*;
-    use std::panic::{AssertUnwindSafe, catch_unwind};
-
-    static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-    struct Capture;
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if std::env::var_os("WARDEN_TEST_LOG").is_some() {
-                std::io::stderr().write_all(buf)?;
-            }
-            LOGS.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// The supervisor's log lines since the last call.
-    pub fn take_logs() -> String {
-        String::from_utf8_lossy(&std::mem::take(&mut *LOGS.lock().unwrap())).into_owned()
-    }
-
-    /// Runs the tests named on the command line (substring match; all without arguments).
-    pub fn run(tests: &[(&str, fn())]) -> ExitCode {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        if args.iter().any(|a| a == "--list") {
-            for (name, _) in tests {
-                println!("{name}: test");
-            }
-            return ExitCode::SUCCESS;
-        }
-        let exact = args.iter().any(|a| a == "--exact");
-        let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-            .with_ansi(false)
-            .with_writer(|| Capture)
-            .init();
-
-        let selected: Vec<&(&str, fn())> = tests
-            .iter()
-            .filter(|(name, _)| {
-                filters.is_empty()
-                    || filters.iter().any(|f| {
-                        if exact {
-                            name == f
-                        } else {
-                            name.contains(f.as_str())
-                        }
-                    })
-            })
-            .collect();
-        println!("\nrunning {} tests", selected.len());
-        let mut failed = Vec::new();
-        for (name, test) in &selected {
-            let result = catch_unwind(AssertUnwindSafe(test));
-            match result {
-                Ok(()) => println!("test {name} ... ok"),
-                Err(_) => {
-                    println!("test {name} ... FAILED");
-                    failed.push(*name);
-                }
-            }
-        }
-        let passed = selected.len() - failed.len();
-        if failed.is_empty() {
-            println!(
-                "\ntest result: ok. {passed} passed; 0 failed; {} filtered out\n",
-                tests.len() - selected.len()
-            );
-            ExitCode::SUCCESS
-        } else {
-            println!("\nfailures:");
-            for name in &failed {
-                println!("    {name}");
-            }
-            println!(
-                "\ntest result: FAILED. {passed} passed; {} failed; {} filtered out\n",
-                failed.len(),
-                tests.len() - selected.len()
-            );
-            ExitCode::from(101)
-        }
     }
 }

@@ -12,16 +12,12 @@
 )]
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use tcmu_warden_tests::{Completed, KernelSim, SimConfig};
+use tcmu_warden_tests::{Completed, Rig, SimConfig, sense_triple};
 use tcmu_warden_worker::handler::ram::RamHandler;
 use tcmu_warden_worker::handler::{DeviceConfig, Handler};
-use tcmu_warden_worker::ring::{Mapping, Ring};
-use tcmu_warden_worker::runtime::{DeviceOptions, DeviceRunner, apply_reconfig};
-use tcmu_warden_worker::scsi::Emulator;
+use tcmu_warden_worker::runtime::apply_reconfig;
 
 const BS: u64 = 512;
 
@@ -38,96 +34,34 @@ fn cfg(blocks: u64) -> DeviceConfig {
     }
 }
 
-struct Rig {
-    sim: KernelSim,
-    emu: Arc<Emulator>,
-    runner: Option<DeviceRunner>,
+/// A device of `blocks` blocks served through `handler` by a runtime with two I/O threads.
+fn rig(blocks: u64, handler: Arc<dyn Handler>) -> Rig {
+    Rig::new(&cfg(blocks), handler, SimConfig::default(), 2)
 }
 
-impl Rig {
-    fn new(blocks: u64, handler: Arc<dyn Handler>) -> Rig {
-        let (sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
-        let map = Mapping::map(dev.map_fd.as_fd(), dev.map_len).unwrap();
-        let ring = Ring::new(map).unwrap();
-        let emu = Arc::new(Emulator::new(&cfg(blocks), handler));
-        let runner = DeviceRunner::start(
-            "reconfig".into(),
-            ring,
-            dev.event_fd,
-            emu.clone(),
-            DeviceOptions { io_threads: 2 },
-            Box::new(|r| assert!(r.is_ok(), "device ended with {r:?}")),
-        )
-        .unwrap();
-        Rig {
-            sim,
-            emu,
-            runner: Some(runner),
-        }
-    }
-
-    fn one(&mut self, cdb: &[u8], out: &[u8], in_len: usize) -> Completed {
-        let id = self.sim.submit(cdb, out, in_len).unwrap();
-        self.sim.kick().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            assert!(Instant::now() < deadline, "command did not complete");
-            self.sim.wait_notified(Duration::from_millis(200)).unwrap();
-            if let Some(c) = self
-                .sim
-                .reap()
-                .unwrap()
-                .into_iter()
-                .find(|c| c.cmd_id == id)
-            {
-                return c;
-            }
-        }
-    }
-
-    fn capacity(&mut self) -> Completed {
-        self.one(
-            &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
-            &[],
-            32,
-        )
-    }
-
-    fn last_lba(&mut self) -> u64 {
-        let c = self.capacity();
-        assert_eq!(c.status, 0, "READ CAPACITY failed: {:?}", c.sense);
-        u64::from_be_bytes(c.data_in[0..8].try_into().unwrap())
-    }
-
-    fn wce(&mut self) -> bool {
-        // MODE SENSE(6), DBD, caching page.
-        let c = self.one(&[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
-        assert_eq!(c.status, 0);
-        assert_eq!(c.data_in[4] & 0x3f, 0x08, "caching page");
-        c.data_in[6] & 0x04 != 0
-    }
+/// READ CAPACITY(16).
+fn capacity(rig: &mut Rig) -> Completed {
+    rig.one(
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        &[],
+        32,
+    )
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(r) = self.runner.take() {
-            r.stop().unwrap();
-        }
-    }
+/// The last LBA READ CAPACITY(16) reports.
+fn last_lba(rig: &mut Rig) -> u64 {
+    let c = capacity(rig);
+    assert_eq!(c.status, 0, "READ CAPACITY failed: {:?}", c.sense);
+    u64::from_be_bytes(c.data_in[0..8].try_into().unwrap())
 }
 
-fn sense_triple(c: &Completed) -> (u8, u8, u8) {
-    assert_eq!(
-        c.status, 0x02,
-        "expected CHECK CONDITION, got {:#x}",
-        c.status
-    );
-    let s = &c.sense;
-    match s[0] & 0x7f {
-        0x70 | 0x71 => (s[2] & 0x0f, s[12], s[13]),
-        0x72 | 0x73 => (s[1] & 0x0f, s[2], s[3]),
-        other => panic!("bad sense response code {other:#x}"),
-    }
+/// The write-cache-enable bit of the caching mode page.
+fn wce(rig: &mut Rig) -> bool {
+    // MODE SENSE(6), DBD, caching page.
+    let c = rig.one(&[0x1a, 0x08, 0x08, 0, 64, 0], &[], 64);
+    assert_eq!(c.status, 0);
+    assert_eq!(c.data_in[4] & 0x3f, 0x08, "caching page");
+    c.data_in[6] & 0x04 != 0
 }
 
 fn write16(lba: u64, blocks: u32) -> Vec<u8> {
@@ -145,17 +79,17 @@ fn read16(lba: u64, blocks: u32) -> Vec<u8> {
 
 #[test]
 fn growing_reports_the_new_capacity_after_a_unit_attention() {
-    let mut rig = Rig::new(2048, Arc::new(RamHandler::new(2048 * BS)));
-    assert_eq!(rig.last_lba(), 2047);
+    let mut rig = rig(2048, Arc::new(RamHandler::new(2048 * BS)));
+    assert_eq!(last_lba(&mut rig), 2047);
     // Beyond the end: refused before the resize.
     let w = rig.one(&write16(3000, 1), &[0xab; 512], 0);
     assert_eq!(sense_triple(&w), (0x05, 0x21, 0x00), "LBA out of range");
 
     apply_reconfig(&rig.emu, Some(4096 * BS), None).unwrap();
     // The next command reports CAPACITY DATA HAS CHANGED once.
-    let ua = rig.capacity();
+    let ua = capacity(&mut rig);
     assert_eq!(sense_triple(&ua), (0x06, 0x2a, 0x09));
-    assert_eq!(rig.last_lba(), 4095);
+    assert_eq!(last_lba(&mut rig), 4095);
     // The grown area is usable.
     let w = rig.one(&write16(3000, 1), &[0xab; 512], 0);
     assert_eq!(w.status, 0);
@@ -165,8 +99,8 @@ fn growing_reports_the_new_capacity_after_a_unit_attention() {
 
     // Shrinking works the same way.
     apply_reconfig(&rig.emu, Some(1024 * BS), None).unwrap();
-    assert_eq!(sense_triple(&rig.capacity()), (0x06, 0x2a, 0x09));
-    assert_eq!(rig.last_lba(), 1023);
+    assert_eq!(sense_triple(&capacity(&mut rig)), (0x06, 0x2a, 0x09));
+    assert_eq!(last_lba(&mut rig), 1023);
     assert_eq!(
         sense_triple(&rig.one(&read16(3000, 1), &[], 512)),
         (0x05, 0x21, 0x00)
@@ -175,12 +109,12 @@ fn growing_reports_the_new_capacity_after_a_unit_attention() {
 
 #[test]
 fn write_cache_changes_show_in_the_caching_page() {
-    let mut rig = Rig::new(2048, Arc::new(RamHandler::new(2048 * BS)));
-    assert!(!rig.wce());
+    let mut rig = rig(2048, Arc::new(RamHandler::new(2048 * BS)));
+    assert!(!wce(&mut rig));
     apply_reconfig(&rig.emu, None, Some(true)).unwrap();
-    assert!(rig.wce());
+    assert!(wce(&mut rig));
     apply_reconfig(&rig.emu, None, Some(false)).unwrap();
-    assert!(!rig.wce());
+    assert!(!wce(&mut rig));
 }
 
 /// A ram handler whose store cannot grow.
@@ -203,12 +137,12 @@ impl Handler for NoResize {
 
 #[test]
 fn a_failed_resize_changes_nothing() {
-    let mut rig = Rig::new(2048, Arc::new(NoResize(RamHandler::new(2048 * BS))));
+    let mut rig = rig(2048, Arc::new(NoResize(RamHandler::new(2048 * BS))));
     let err = apply_reconfig(&rig.emu, Some(4096 * BS), None).unwrap_err();
     assert!(err.contains("cannot grow"), "{err}");
     // No unit attention, old size.
-    assert_eq!(rig.last_lba(), 2047);
+    assert_eq!(last_lba(&mut rig), 2047);
     let err = apply_reconfig(&rig.emu, Some(100), None).unwrap_err();
     assert!(err.contains("no whole"), "{err}");
-    assert_eq!(rig.last_lba(), 2047);
+    assert_eq!(last_lba(&mut rig), 2047);
 }

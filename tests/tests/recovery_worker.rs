@@ -12,7 +12,7 @@
     clippy::panic
 )]
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -52,70 +52,6 @@ fn spec(id: u64, map_size: usize, journal: JournalMode) -> DeviceSpec {
     }
 }
 
-#[test]
-fn unusable_journals_are_reported_not_served() {
-    let (_sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
-    let (sup, wk) = Channel::pair().unwrap();
-    let worker = std::thread::spawn(move || Worker::new(wk, builtin_factories()).serve());
-    sup.send(
-        &ToWorker::Hello {
-            worker: "t".into(),
-            subtypes: vec!["ram".into()],
-        },
-        &[],
-    )
-    .unwrap();
-    let (hello, _) = sup.recv::<FromWorker>().unwrap();
-    assert!(matches!(hello, FromWorker::Hello { .. }));
-
-    // A journal full of garbage, sent for recovery: the worker asks for a ring reset.
-    let garbage = memfd(JOURNAL_BYTES, 0x6b);
-    sup.send(
-        &ToWorker::AddDevice(spec(1, dev.map_len, JournalMode::Recover)),
-        &[dev.map_fd.as_fd(), garbage.as_fd()],
-    )
-    .unwrap();
-    match sup.recv::<FromWorker>().unwrap().0 {
-        FromWorker::RecoveryFailed { id: 1, reason } => {
-            assert!(reason.contains("magic"), "{reason}");
-        }
-        other => panic!("expected RecoveryFailed, got {other:?}"),
-    }
-    // An all-zero journal (a worker that died before initialising it) is no better.
-    let zeros = memfd(JOURNAL_BYTES, 0);
-    sup.send(
-        &ToWorker::AddDevice(spec(2, dev.map_len, JournalMode::Recover)),
-        &[dev.map_fd.as_fd(), zeros.as_fd()],
-    )
-    .unwrap();
-    assert!(matches!(
-        sup.recv::<FromWorker>().unwrap().0,
-        FromWorker::RecoveryFailed { id: 2, .. }
-    ));
-    // A journal of the wrong size is refused before anything is mapped.
-    let small = memfd(4096, 0);
-    sup.send(
-        &ToWorker::AddDevice(spec(3, dev.map_len, JournalMode::Fresh)),
-        &[dev.map_fd.as_fd(), small.as_fd()],
-    )
-    .unwrap();
-    match sup.recv::<FromWorker>().unwrap().0 {
-        FromWorker::DeviceFailed { id: 3, reason } => {
-            assert!(reason.contains("4096 bytes"), "{reason}");
-        }
-        other => panic!("expected DeviceFailed, got {other:?}"),
-    }
-    // Nothing was served: the journals are untouched.
-    let mut head = [0u8; 16];
-    std::fs::File::from(garbage.try_clone().unwrap())
-        .read_exact_at(&mut head, 0)
-        .unwrap();
-    assert_eq!(head, [0x6b; 16]);
-
-    sup.send(&ToWorker::Shutdown, &[]).unwrap();
-    worker.join().unwrap().unwrap();
-}
-
 /// Starts a worker on one end of a socket pair and answers its handshake.
 fn worker() -> (
     Channel,
@@ -136,6 +72,67 @@ fn worker() -> (
     (sup, worker)
 }
 
+/// Hands the worker a device and returns its answer.
+fn add_device(sup: &Channel, spec: DeviceSpec, fds: &[BorrowedFd<'_>]) -> FromWorker {
+    sup.send(&ToWorker::AddDevice(spec), fds).unwrap();
+    sup.recv::<FromWorker>().unwrap().0
+}
+
+/// The first `N` bytes of a journal.
+fn head<const N: usize>(journal: &OwnedFd) -> [u8; N] {
+    let mut head = [0u8; N];
+    std::fs::File::from(journal.try_clone().unwrap())
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    head
+}
+
+#[test]
+fn unusable_journals_are_reported_not_served() {
+    let (_sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
+    let (sup, worker) = worker();
+
+    // A journal full of garbage, sent for recovery: the worker asks for a ring reset.
+    let garbage = memfd(JOURNAL_BYTES, 0x6b);
+    match add_device(
+        &sup,
+        spec(1, dev.map_len, JournalMode::Recover),
+        &[dev.map_fd.as_fd(), garbage.as_fd()],
+    ) {
+        FromWorker::RecoveryFailed { id: 1, reason } => {
+            assert!(reason.contains("magic"), "{reason}");
+        }
+        other => panic!("expected RecoveryFailed, got {other:?}"),
+    }
+    // An all-zero journal (a worker that died before initialising it) is no better.
+    let zeros = memfd(JOURNAL_BYTES, 0);
+    assert!(matches!(
+        add_device(
+            &sup,
+            spec(2, dev.map_len, JournalMode::Recover),
+            &[dev.map_fd.as_fd(), zeros.as_fd()]
+        ),
+        FromWorker::RecoveryFailed { id: 2, .. }
+    ));
+    // A journal of the wrong size is refused before anything is mapped.
+    let small = memfd(4096, 0);
+    match add_device(
+        &sup,
+        spec(3, dev.map_len, JournalMode::Fresh),
+        &[dev.map_fd.as_fd(), small.as_fd()],
+    ) {
+        FromWorker::DeviceFailed { id: 3, reason } => {
+            assert!(reason.contains("4096 bytes"), "{reason}");
+        }
+        other => panic!("expected DeviceFailed, got {other:?}"),
+    }
+    // Nothing was served: the journals are untouched.
+    assert_eq!(head(&garbage), [0x6b; 16]);
+
+    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    worker.join().unwrap().unwrap();
+}
+
 #[test]
 fn a_busy_ring_without_a_journal_to_recover_from_is_not_served() {
     let (mut sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
@@ -145,25 +142,23 @@ fn a_busy_ring_without_a_journal_to_recover_from_is_not_served() {
 
     // A fresh journal: nothing says which of the two waiting commands were answered already.
     let journal = memfd(JOURNAL_BYTES, 0);
-    sup.send(
-        &ToWorker::AddDevice(spec(1, dev.map_len, JournalMode::Fresh)),
+    match add_device(
+        &sup,
+        spec(1, dev.map_len, JournalMode::Fresh),
         &[dev.map_fd.as_fd(), journal.as_fd()],
-    )
-    .unwrap();
-    match sup.recv::<FromWorker>().unwrap().0 {
+    ) {
         FromWorker::RecoveryFailed { id: 1, reason } => {
             assert!(reason.contains("2 commands wait in the ring"), "{reason}");
         }
         other => panic!("expected RecoveryFailed, got {other:?}"),
     }
     // No journal at all: the same.
-    sup.send(
-        &ToWorker::AddDevice(spec(2, dev.map_len, JournalMode::None)),
-        &[dev.map_fd.as_fd()],
-    )
-    .unwrap();
     assert!(matches!(
-        sup.recv::<FromWorker>().unwrap().0,
+        add_device(
+            &sup,
+            spec(2, dev.map_len, JournalMode::None),
+            &[dev.map_fd.as_fd()]
+        ),
         FromWorker::RecoveryFailed { id: 2, .. }
     ));
     sup.send(&ToWorker::Shutdown, &[]).unwrap();
@@ -173,11 +168,11 @@ fn a_busy_ring_without_a_journal_to_recover_from_is_not_served() {
     assert_eq!(sim.in_flight(), 2);
     assert_eq!(sim.cmd_tail(), 0);
     assert!(sim.reap().unwrap().is_empty());
-    let mut head = [1u8; 64];
-    std::fs::File::from(journal.try_clone().unwrap())
-        .read_exact_at(&mut head, 0)
-        .unwrap();
-    assert_eq!(head, [0; 64], "the fresh journal was not initialised");
+    assert_eq!(
+        head(&journal),
+        [0; 64],
+        "the fresh journal was not initialised"
+    );
 }
 
 /// Why a ring served before must not be served again from its tail without its journal: with

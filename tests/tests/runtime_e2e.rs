@@ -10,21 +10,16 @@
     clippy::panic
 )]
 
-use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use tcmu_warden_tests::{Completed, KernelSim, SimConfig, SimError};
+use tcmu_warden_tests::{Rig, SimConfig, sense_triple};
 use tcmu_warden_worker::handler::file::FileHandler;
 use tcmu_warden_worker::handler::ram::RamHandler;
 use tcmu_warden_worker::handler::{DeviceConfig, Handler};
-use tcmu_warden_worker::ring::{Mapping, Ring};
-use tcmu_warden_worker::runtime::{DeviceOptions, DeviceRunner};
-use tcmu_warden_worker::scsi::Emulator;
 
 const BS: u32 = 512;
 
@@ -38,97 +33,6 @@ fn cfg(blocks: u64, write_cache: bool) -> DeviceConfig {
         max_sectors: 128,
         write_cache,
         unit_serial: "e2e-serial-1".into(),
-    }
-}
-
-struct Rig {
-    sim: KernelSim,
-    runner: Option<DeviceRunner>,
-}
-
-impl Rig {
-    fn new(
-        cfg: &DeviceConfig,
-        handler: Arc<dyn Handler>,
-        sim_cfg: SimConfig,
-        io_threads: usize,
-    ) -> Rig {
-        let (sim, dev) = KernelSim::new(sim_cfg).unwrap();
-        let map = Mapping::map(dev.map_fd.as_fd(), dev.map_len).unwrap();
-        let ring = Ring::new(map).unwrap();
-        let emu = Arc::new(Emulator::new(cfg, handler));
-        let runner = DeviceRunner::start(
-            "e2e".into(),
-            ring,
-            dev.event_fd,
-            emu,
-            DeviceOptions { io_threads },
-            Box::new(|r| assert!(r.is_ok(), "device ended with {r:?}")),
-        )
-        .unwrap();
-        Rig {
-            sim,
-            runner: Some(runner),
-        }
-    }
-
-    /// Runs every command, keeping as many in flight as the ring allows, and returns their
-    /// completions in submission order.
-    fn run(&mut self, cmds: &[(Vec<u8>, Vec<u8>, usize)]) -> Vec<Completed> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut results: Vec<Option<Completed>> = vec![None; cmds.len()];
-        let mut by_id: HashMap<u16, usize> = HashMap::new();
-        let mut next = 0;
-        while results.iter().any(Option::is_none) {
-            assert!(
-                Instant::now() < deadline,
-                "commands did not complete in time"
-            );
-            let mut queued = false;
-            while next < cmds.len() {
-                let (cdb, out, in_len) = &cmds[next];
-                match self.sim.submit(cdb, out, *in_len) {
-                    Ok(id) => {
-                        assert!(
-                            by_id.insert(id, next).is_none(),
-                            "cmd_id {id} reused while in flight"
-                        );
-                        next += 1;
-                        queued = true;
-                    }
-                    Err(SimError::Full) => break,
-                    Err(e) => panic!("submit: {e}"),
-                }
-            }
-            if queued {
-                self.sim.kick().unwrap();
-            }
-            self.sim.wait_notified(Duration::from_millis(200)).unwrap();
-            for c in self.sim.reap().unwrap() {
-                let idx = by_id
-                    .remove(&c.cmd_id)
-                    .expect("completion for a command not in flight");
-                assert!(results[idx].is_none(), "command completed twice");
-                results[idx] = Some(c);
-            }
-        }
-        assert!(
-            self.sim.is_drained(),
-            "ring not drained after all completions"
-        );
-        results.into_iter().map(Option::unwrap).collect()
-    }
-
-    fn one(&mut self, cdb: &[u8], out: &[u8], in_len: usize) -> Completed {
-        self.run(&[(cdb.to_vec(), out.to_vec(), in_len)]).remove(0)
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(r) = self.runner.take() {
-            r.stop().unwrap();
-        }
     }
 }
 
@@ -146,20 +50,6 @@ fn write10(lba: u32, blocks: u16, fua: bool) -> Vec<u8> {
         c[1] |= 0x08;
     }
     c
-}
-
-fn sense_triple(c: &Completed) -> (u8, u8, u8) {
-    assert_eq!(
-        c.status, 0x02,
-        "expected CHECK CONDITION, got status {:#x}",
-        c.status
-    );
-    let s = &c.sense;
-    match s[0] & 0x7f {
-        0x70 | 0x71 => (s[2] & 0x0f, s[12], s[13]),
-        0x72 | 0x73 => (s[1] & 0x0f, s[2], s[3]),
-        other => panic!("bad sense response code {other:#x}"),
-    }
 }
 
 #[test]
@@ -469,7 +359,7 @@ fn stop_drains_in_flight_commands() {
         );
         std::thread::yield_now();
     }
-    let runner = rig.runner.take().unwrap();
+    let runner = rig.take_runner().unwrap();
     let stopper = std::thread::spawn(move || runner.stop());
     *gate.open.lock().unwrap() = true;
     gate.cv.notify_all();

@@ -364,6 +364,27 @@ fn extra_syscall_checks() {
 }
 
 #[test]
+fn syscall_table_names_follow_libc_constants() {
+    let table = syscalls::table();
+    // Names are the libc constants' without `SYS_`, sorted, each number named once.
+    assert!(table.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(table.iter().all(|(name, _)| !name.starts_with("SYS_")));
+    assert_eq!(syscalls::number_of("openat"), Some(libc::SYS_openat));
+    assert_eq!(
+        syscalls::number_of("rt_sigreturn"),
+        Some(libc::SYS_rt_sigreturn)
+    );
+    let mut numbers: Vec<i64> = table.iter().map(|(_, nr)| *nr).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    assert_eq!(numbers.len(), table.len());
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(syscalls::number_of("_sysctl"), Some(libc::SYS__sysctl));
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(syscalls::number_of("open"), None);
+}
+
+#[test]
 fn stage_one_marks_pid_slots_and_patches_them() {
     let mut one = seccomp::stage_one(&StageOneOptions {
         network: Network::None,

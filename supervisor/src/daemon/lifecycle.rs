@@ -126,12 +126,7 @@ impl Supervisor {
         h.total = h.total.saturating_add(1);
         h.last_cause = Some(cause.clone());
         let recent = h.crashes.len();
-        let ids: Vec<u64> = self
-            .devices
-            .iter()
-            .filter(|(_, d)| &d.worker == key)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids: Vec<u64> = self.device_ids_of(key);
         // Devices being released are done with; the rest wait for a successor.
         for &id in &ids {
             if self

@@ -947,13 +947,17 @@ impl Supervisor {
         }
     }
 
-    fn orphan_all(&mut self, key: &WorkerKey, why: &str) {
-        let ids: Vec<u64> = self
-            .devices
+    /// The ids of the devices assigned to worker `key`, in id order.
+    fn device_ids_of(&self, key: &WorkerKey) -> Vec<u64> {
+        self.devices
             .iter()
             .filter(|(_, d)| &d.worker == key)
             .map(|(id, _)| *id)
-            .collect();
+            .collect()
+    }
+
+    fn orphan_all(&mut self, key: &WorkerKey, why: &str) {
+        let ids: Vec<u64> = self.device_ids_of(key);
         for id in ids {
             self.orphan(id, why);
         }
@@ -1566,12 +1570,7 @@ impl Supervisor {
             phase: s.phase,
             subtypes: s.subtypes.clone(),
             supported: s.supported.clone(),
-            devices: self
-                .devices
-                .iter()
-                .filter(|(_, d)| &d.worker == key)
-                .map(|(id, _)| *id)
-                .collect(),
+            devices: self.device_ids_of(key),
             kill_reason: s.kill_reason.clone(),
             exit: s.process.exit_status(),
             crashes: h.map_or(0, |h| u32::try_from(h.crashes.len()).unwrap_or(u32::MAX)),

@@ -1299,12 +1299,7 @@ impl Supervisor {
                     pid: s.process.pid(),
                     state: worker_phase_name(s.phase).to_owned(),
                     subtypes: s.subtypes.clone(),
-                    devices: self
-                        .devices
-                        .iter()
-                        .filter(|(_, d)| &d.worker == key)
-                        .map(|(id, _)| *id)
-                        .collect(),
+                    devices: self.device_ids_of(key),
                     restarts: history.map_or(0, |h| h.restarts),
                     crashes: history.map_or(0, |h| h.total),
                     last_crash,

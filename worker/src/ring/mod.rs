@@ -529,15 +529,7 @@ impl Ring {
             let next = (pos + len) % self.cmdr_size;
 
             match op {
-                TCMU_OP_PAD => {
-                    self.slots.push_back(Slot {
-                        off: pos,
-                        len,
-                        cmd_id: None,
-                    });
-                    self.set_fetch_pos(next);
-                    self.retire()?;
-                }
+                TCMU_OP_PAD => self.pass_entry(pos, len, next)?,
                 TCMU_OP_TMR => {
                     let entry = self.copy_entry(pos, len, &hdr)?;
                     let (tmr_type, cmd_ids, clipped) = parse_tmr(&entry).ok_or_else(|| {
@@ -551,15 +543,9 @@ impl Ring {
                             "TMR entry claims more command ids than it holds; using those it holds"
                         );
                     }
-                    self.slots.push_back(Slot {
-                        off: pos,
-                        len,
-                        cmd_id: None,
-                    });
-                    self.set_fetch_pos(next);
                     // Nothing to answer: the tail passes the entry as soon as everything older
                     // is done (possibly right now).
-                    self.retire()?;
+                    self.pass_entry(pos, len, next)?;
                     return Ok(Some(Fetched::Tmr(TmrEntry { tmr_type, cmd_ids })));
                 }
                 TCMU_OP_CMD => {
@@ -676,13 +662,21 @@ impl Ring {
         self.complete(cmd_id, c)
     }
 
-    /// Moves the fetch position past a PAD or TMR entry (journaled before the tail can pass
-    /// the entry).
-    fn set_fetch_pos(&mut self, next: u32) {
+    /// Fetches past the PAD or TMR entry of `len` bytes at `pos` (the next entry being at
+    /// `next`), which needs no answer: records its slot, moves the fetch position (journaled
+    /// before the tail can pass the entry), and lets the tail pass it once everything older is
+    /// done.
+    fn pass_entry(&mut self, pos: u32, len: u32, next: u32) -> Result<(), RingError> {
+        self.slots.push_back(Slot {
+            off: pos,
+            len,
+            cmd_id: None,
+        });
         self.fetch_pos = next;
         if let Some(jr) = &self.journal {
             jr.j.set_fetch(next, None);
         }
+        self.retire()
     }
 
     /// Journals a fetched CMD entry at `pos` (the next entry being at `next`): pending marker,

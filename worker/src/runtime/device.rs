@@ -39,7 +39,7 @@ use tracing::{debug, error, info, warn};
 use crate::ring::{
     Completion, CrashPoint, Fetched, Recovered, Recovery, Ring, RingCommand, RingError,
 };
-use crate::scsi::{Command, CommandResult, Emulator, Sense, status};
+use crate::scsi::{Command, CommandResult, Emulator, MediumAccess, Sense, medium_access, status};
 
 use super::replay::is_replay_safe;
 
@@ -102,14 +102,6 @@ pub struct DeviceRunner {
     counters: Arc<Counters>,
     ring_thread: Option<JoinHandle<Result<(), DeviceError>>>,
     io_threads: Vec<JoinHandle<()>>,
-}
-
-/// Reads an opcode's data direction for the byte counters only.
-fn is_read(op: u8) -> bool {
-    matches!(op, 0x08 | 0x28 | 0xA8 | 0x88)
-}
-fn is_write(op: u8) -> bool {
-    matches!(op, 0x0A | 0x2A | 0xAA | 0x8A | 0x2E | 0xAE | 0x8E | 0x89)
 }
 
 impl DeviceRunner {
@@ -466,12 +458,18 @@ fn io_loop(
         counters.commands.fetch_add(1, Ordering::Relaxed);
         if result.status != status::GOOD {
             counters.errors.fetch_add(1, Ordering::Relaxed);
-        } else if is_read(op) {
-            counters
-                .bytes_read
-                .fetch_add(result.read_len.map_or(len, u64::from), Ordering::Relaxed);
-        } else if is_write(op) {
-            counters.bytes_written.fetch_add(len, Ordering::Relaxed);
+        } else {
+            match medium_access(op) {
+                MediumAccess::Read => {
+                    counters
+                        .bytes_read
+                        .fetch_add(result.read_len.map_or(len, u64::from), Ordering::Relaxed);
+                }
+                MediumAccess::Write => {
+                    counters.bytes_written.fetch_add(len, Ordering::Relaxed);
+                }
+                MediumAccess::None => {}
+            }
         }
         if done.send(Done { cmd_id, result }).is_err() {
             return;

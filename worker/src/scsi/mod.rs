@@ -50,7 +50,7 @@ pub use copy::CopyRegistry;
 pub use emulate::Emulator;
 pub use inquiry::naa_designator;
 pub use sense::Sense;
-pub use table::{DataDir, describe};
+pub use table::{DataDir, MediumAccess, describe, medium_access};
 
 /// SCSI status byte values (SAM-5).
 pub mod status {

@@ -34,6 +34,22 @@ struct State {
     entries: Vec<Entry>,
 }
 
+impl State {
+    /// Records a request for `[start, end)` after every earlier one; returns its id.
+    fn push(&mut self, start: u64, end: u64, exclusive: bool, waiting: bool) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.entries.push(Entry {
+            id,
+            start,
+            end,
+            exclusive,
+            waiting,
+        });
+        id
+    }
+}
+
 /// Shared/exclusive locks on half-open block ranges `[start, end)`.
 #[derive(Debug, Default)]
 pub struct RangeLock {
@@ -71,13 +87,22 @@ impl RangeLock {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Waits for a holder to release (same poisoning argument as [`RangeLock::state`]).
+    fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait(st)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A guard for request `id` (`None`: an empty range, which holds nothing).
+    fn guard(&self, id: Option<u64>) -> RangeGuard<'_> {
+        RangeGuard { lock: self, id }
+    }
+
     /// Locks `[start, end)` shared: waits for overlapping exclusive holders and waiters.
     pub fn shared(&self, start: u64, end: u64) -> RangeGuard<'_> {
         if start >= end {
-            return RangeGuard {
-                lock: self,
-                id: None,
-            };
+            return self.guard(None);
         }
         let mut st = self.state();
         while st
@@ -85,45 +110,20 @@ impl RangeLock {
             .iter()
             .any(|e| e.exclusive && e.overlaps(start, end))
         {
-            st = self
-                .changed
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+            st = self.wait(st);
         }
-        let id = st.next_id;
-        st.next_id = st.next_id.wrapping_add(1);
-        st.entries.push(Entry {
-            id,
-            start,
-            end,
-            exclusive: false,
-            waiting: false,
-        });
-        RangeGuard {
-            lock: self,
-            id: Some(id),
-        }
+        let id = st.push(start, end, false, false);
+        self.guard(Some(id))
     }
 
     /// Locks `[start, end)` exclusively: waits for every overlapping holder, and for overlapping
     /// exclusive requests that queued earlier.
     pub fn exclusive(&self, start: u64, end: u64) -> RangeGuard<'_> {
         if start >= end {
-            return RangeGuard {
-                lock: self,
-                id: None,
-            };
+            return self.guard(None);
         }
         let mut st = self.state();
-        let id = st.next_id;
-        st.next_id = st.next_id.wrapping_add(1);
-        st.entries.push(Entry {
-            id,
-            start,
-            end,
-            exclusive: true,
-            waiting: true,
-        });
+        let id = st.push(start, end, true, true);
         // Entries are kept in arrival order, so "queued earlier" is "appears before ours".
         loop {
             let blocked = st
@@ -140,18 +140,12 @@ impl RangeLock {
             if !blocked {
                 break;
             }
-            st = self
-                .changed
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+            st = self.wait(st);
         }
         if let Some(e) = st.entries.iter_mut().find(|e| e.id == id) {
             e.waiting = false;
         }
-        RangeGuard {
-            lock: self,
-            id: Some(id),
-        }
+        self.guard(Some(id))
     }
 }
 

@@ -5,9 +5,11 @@
 //! and the function that executes it. The same table drives
 //! - dispatch ([`lookup`]),
 //! - the generic reserved-bit check (a set bit outside the usage mask is INVALID FIELD IN CDB,
-//!   [`super::cdb::check_usage`]), and
+//!   [`super::cdb::check_usage`]),
 //! - REPORT SUPPORTED OPERATION CODES ([`report_supported_opcodes`]), which returns the very
-//!   same masks, so what we advertise and what we accept can never disagree.
+//!   same masks, so what we advertise and what we accept can never disagree, and
+//! - the runtime's byte counters ([`medium_access`]): which commands' data counts as read from
+//!   or written to the medium.
 //!
 //! Usage masks follow SPC-4 §6.35's rules: byte 0 is the opcode, the service action bits hold
 //! the service action, every other bit is 1 when the device uses it. Bits we accept but ignore
@@ -32,6 +34,19 @@ pub enum DataDir {
     In,
     /// Initiator to device.
     Out,
+}
+
+/// Whether a command's data is user data read from or written to the medium (what the device's
+/// `bytes_read`/`bytes_written` counters count), as opposed to parameter data, data only
+/// compared or verified, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediumAccess {
+    /// Not counted.
+    None,
+    /// Its data-in bytes were read from the medium.
+    Read,
+    /// Its data-out bytes were written to the medium.
+    Write,
 }
 
 /// When a command is offered.
@@ -65,6 +80,8 @@ pub struct OpDesc {
     pub avail: Avail,
     /// Served without a pending unit attention being reported, and by refused devices too.
     pub housekeeping: bool,
+    /// What its data counts as in the byte counters.
+    pub access: MediumAccess,
     /// The implementation.
     pub exec: ExecFn,
 }
@@ -93,6 +110,7 @@ const fn d(
         dir,
         avail: Avail::Always,
         housekeeping: false,
+        access: MediumAccess::None,
         exec,
     }
 }
@@ -110,6 +128,14 @@ impl OpDesc {
         self.housekeeping = true;
         self
     }
+    const fn reads_medium(mut self) -> OpDesc {
+        self.access = MediumAccess::Read;
+        self
+    }
+    const fn writes_medium(mut self) -> OpDesc {
+        self.access = MediumAccess::Write;
+        self
+    }
 }
 
 use DataDir::{In, None as NoData, Out};
@@ -124,8 +150,10 @@ pub static OPS: &[OpDesc] = &[
     d(op::REQUEST_SENSE, None, "REQUEST SENSE", &[0x03, 0x01, 0, 0, 0xFF, 0], In, misc::request_sense)
         .housekeeping(),
     d(op::FORMAT_UNIT, None, "FORMAT UNIT", &[0x04, 0x3F, 0, 0, 0, 0], Out, block::format_unit),
-    d(op::READ_6, None, "READ (6)", &[0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0], In, block::read),
-    d(op::WRITE_6, None, "WRITE (6)", &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0], Out, block::write),
+    d(op::READ_6, None, "READ (6)", &[0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0], In, block::read)
+        .reads_medium(),
+    d(op::WRITE_6, None, "WRITE (6)", &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0], Out, block::write)
+        .writes_medium(),
     d(op::INQUIRY, None, "INQUIRY", &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0], In, inquiry::inquiry)
         .split(&[(1, 0x02)]).housekeeping(),
     d(op::MODE_SELECT_6, None, "MODE SELECT (6)", &[0x15, 0x10, 0, 0, 0xFF, 0], Out, mode::mode_select)
@@ -138,11 +166,14 @@ pub static OPS: &[OpDesc] = &[
         &[0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0], In, block::read_capacity_10)
         .split(&[(1, 0x01)]),
     d(op::READ_10, None, "READ (10)",
-        &[0x28, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], In, block::read),
+        &[0x28, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], In, block::read)
+        .reads_medium(),
     d(op::WRITE_10, None, "WRITE (10)",
-        &[0x2A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write),
+        &[0x2A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write)
+        .writes_medium(),
     d(op::WRITE_VERIFY_10, None, "WRITE AND VERIFY (10)",
-        &[0x2E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_verify),
+        &[0x2E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_verify)
+        .writes_medium(),
     d(op::VERIFY_10, None, "VERIFY (10)",
         &[0x2F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::verify),
     d(op::PRE_FETCH_10, None, "PRE-FETCH (10)",
@@ -170,15 +201,19 @@ pub static OPS: &[OpDesc] = &[
         &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In,
         copy::receive_copy_operating_parameters),
     d(op::READ_16, None, "READ (16)",
-        &[0x88, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read),
+        &[0x88, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read)
+        .reads_medium(),
     d(op::COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
-        &[0x89, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, GROUP, 0], Out, block::compare_and_write),
+        &[0x89, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, GROUP, 0], Out, block::compare_and_write)
+        .writes_medium(),
     d(op::WRITE_16, None, "WRITE (16)",
-        &[0x8A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write),
+        &[0x8A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write)
+        .writes_medium(),
     d(op::ORWRITE_16, None, "ORWRITE (16)",
         &[0x8B, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::orwrite),
     d(op::WRITE_VERIFY_16, None, "WRITE AND VERIFY (16)",
-        &[0x8E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify),
+        &[0x8E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify)
+        .writes_medium(),
     d(op::VERIFY_16, None, "VERIFY (16)",
         &[0x8F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),
     d(op::PRE_FETCH_16, None, "PRE-FETCH (16)",
@@ -199,11 +234,14 @@ pub static OPS: &[OpDesc] = &[
     d(op::MAINTENANCE_IN, Some(op::SA_REPORT_SUPPORTED_OPCODES), "REPORT SUPPORTED OPERATION CODES",
         &[0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In, report_supported_opcodes),
     d(op::READ_12, None, "READ (12)",
-        &[0xA8, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read),
+        &[0xA8, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read)
+        .reads_medium(),
     d(op::WRITE_12, None, "WRITE (12)",
-        &[0xAA, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write),
+        &[0xAA, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write)
+        .writes_medium(),
     d(op::WRITE_VERIFY_12, None, "WRITE AND VERIFY (12)",
-        &[0xAE, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify),
+        &[0xAE, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify)
+        .writes_medium(),
     d(op::VERIFY_12, None, "VERIFY (12)",
         &[0xAF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),
     d(op::READ_DEFECT_DATA_12, None, "READ DEFECT DATA (12)",
@@ -217,6 +255,14 @@ pub fn describe(cdb: &[u8]) -> Option<(&'static str, DataDir)> {
     lookup(&Cdb::new(cdb), |_| true)
         .ok()
         .map(|o| (o.name, o.dir))
+}
+
+/// What the data of a command with operation code `opcode` counts as in the byte counters
+/// ([`MediumAccess::None`] for opcodes the table does not know).
+pub fn medium_access(opcode: u8) -> MediumAccess {
+    OPS.iter()
+        .find(|o| o.opcode == opcode)
+        .map_or(MediumAccess::None, |o| o.access)
 }
 
 /// Whether `opcode` is served without reporting a pending unit attention (INQUIRY, REPORT LUNS,

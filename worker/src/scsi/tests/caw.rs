@@ -52,12 +52,7 @@ fn compare_and_write_durability_follows_fua_and_wce() {
     let buf = vec![0u8; 2 * BS];
     assert_good(&d.run_out(&caw(0, 1, 0), &buf));
     assert_good(&d.run_out(&caw(0, 1, 0x08), &buf));
-    let durable: Vec<bool> =
-        d.h.write_calls()
-            .iter()
-            .map(|c| matches!(c, Call::Write { durable: true, .. }))
-            .collect();
-    assert_eq!(durable, [false, true]);
+    assert_eq!(d.h.write_durability(), [false, true]);
 }
 
 #[test]

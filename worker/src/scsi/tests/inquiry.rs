@@ -279,15 +279,7 @@ fn vpd_logical_block_provisioning() {
         d.data_in(&inquiry(true, 0xB2, 255), 255),
         vec![0, 0xB2, 0, 4, 0, 0xE4, 0x02, 0]
     );
-    let d = Dev::with(
-        cfg(64),
-        HandlerCaps {
-            unmap: true,
-            unmap_granularity: 0,
-            unmap_reads_zero: false,
-        },
-        |_| {},
-    );
+    let d = Dev::thin_unzeroed();
     assert_eq!(
         d.data_in(&inquiry(true, 0xB2, 255), 255),
         vec![0, 0xB2, 0, 4, 0, 0xE0, 0x02, 0]

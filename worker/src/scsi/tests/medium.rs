@@ -62,12 +62,7 @@ fn orwrite_durability_range_and_fields() {
     let buf = vec![0x11u8; BS];
     assert_good(&d.run_out(&orwrite(0, 1, 0), &buf));
     assert_good(&d.run_out(&orwrite(0, 1, 0x08), &buf));
-    let durable: Vec<bool> =
-        d.h.write_calls()
-            .iter()
-            .map(|c| matches!(c, Call::Write { durable: true, .. }))
-            .collect();
-    assert_eq!(durable, [false, true]);
+    assert_eq!(d.h.write_durability(), [false, true]);
     d.h.clear_calls();
     assert_good(&d.run_out(&orwrite(5, 0, 0), &[]));
     assert!(d.h.calls().is_empty());

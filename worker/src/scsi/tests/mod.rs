@@ -112,6 +112,14 @@ impl MemHandler {
             .filter(|c| matches!(c, Call::Write { .. }))
             .collect()
     }
+
+    /// For each write so far, in order, whether it was asked to be durable.
+    pub fn write_durability(&self) -> Vec<bool> {
+        self.write_calls()
+            .iter()
+            .map(|c| matches!(c, Call::Write { durable: true, .. }))
+            .collect()
+    }
 }
 
 impl Handler for MemHandler {
@@ -268,6 +276,20 @@ impl Dev {
                 unmap: true,
                 unmap_granularity: 8,
                 unmap_reads_zero: true,
+            },
+            |_| {},
+        )
+    }
+
+    /// A 64-block thin-provisioned device whose unmapped blocks do not read back as zeroes,
+    /// with no preferred unmap granularity.
+    pub fn thin_unzeroed() -> Dev {
+        Dev::with(
+            cfg(64),
+            HandlerCaps {
+                unmap: true,
+                unmap_granularity: 0,
+                unmap_reads_zero: false,
             },
             |_| {},
         )
