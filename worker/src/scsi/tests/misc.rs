@@ -329,9 +329,12 @@ fn medium_access_counts_reads_writes_and_compare_and_write() {
         .collect();
     // READ (6/10/16/12).
     assert_eq!(reads, [0x08, 0x28, 0x88, 0xA8]);
-    // WRITE (6/10/16/12), WRITE AND VERIFY (10/16/12), COMPARE AND WRITE. Not WRITE SAME, UNMAP,
-    // VERIFY or parameter data.
-    assert_eq!(writes, [0x0A, 0x2A, 0x2E, 0x89, 0x8A, 0x8E, 0xAA, 0xAE]);
+    // WRITE (6/10/16/12), WRITE AND VERIFY (10/16/12), COMPARE AND WRITE, ORWRITE (16). Not WRITE
+    // SAME, UNMAP, VERIFY or parameter data.
+    assert_eq!(
+        writes,
+        [0x0A, 0x2A, 0x2E, 0x89, 0x8A, 0x8B, 0x8E, 0xAA, 0xAE]
+    );
     assert_eq!(medium_access(0x93), MediumAccess::None);
     assert_eq!(medium_access(0xC0), MediumAccess::None);
 }
