@@ -19,15 +19,19 @@
 #   --daemon tcmu-runner  Debian's tcmu-runner; its qcow handler serves the `file` device
 #   --daemon kernel       no TCMU at all: the kernel's own fileio and rd_mcp backstores (validates
 #                         the harness, tcm_loop and the checks themselves)
-#   --no-build            do not run `cargo build --release --bins` first (warden mode only builds)
+#   --no-build            do not run `cargo build --release --bins` first (warden mode only builds;
+#                         the jail group's test binaries are still built, see VM_JAIL_TESTS)
 #   --timeout SECONDS     whole-VM deadline (default 1200; 3600 for the conformance suite)
 # Environment: VM_FIO_SIZE (default 64m), VM_RUST_LOG (daemon log filter, default info),
 #   VM_MEMORY_MB (default 3072), VM_CPUS (default 2), VM_BIN_DIR (take tcmu-warden and
 #   tcmu-warden-worker from there, no build), VM_READY_PATTERN / VM_REFUSE_PATTERN (the daemon log
 #   lines the guest waits for, see guest/suite.sh), VM_SUITE (another guest script, for debugging),
-#   VM_GROUPS (default "main hotplug recovery": which check groups run; hotplug and recovery are
-#   warden-only), VM_RECOVERY_FIO_SIZE (default 8m: the fio size per disk of one run in the
-#   recovery group), VM_CONF_TESTS (conformance: iscsi-test-cu's --test selection, default ALL).
+#   VM_GROUPS (default "main hotplug recovery jail": which check groups run; hotplug, recovery
+#   and jail are warden-only), VM_RECOVERY_FIO_SIZE (default 8m: the fio size per disk of one run
+#   in the recovery group), VM_JAIL_TESTS (the jail group's test binaries as `<target>=<path>`
+#   words; default: built here with `cargo test -p tcmu-warden-tests --test escape --test
+#   jail_runtime --no-run`), VM_JAIL_TEST_TIMEOUT (default 900: seconds per jail test),
+#   VM_CONF_TESTS (conformance: iscsi-test-cu's --test selection, default ALL).
 # Output: tests/vm/out/<daemon>/ (console.log, results.txt, daemon logs, per-check logs), or
 #   tests/vm/out/conformance-<daemon>/ (conformance.xml, tests.txt, diff-table.txt, ...).
 set -euo pipefail
@@ -64,6 +68,7 @@ case $suite in
     *) echo "run.sh: --suite must be main or conformance" >&2; exit 2 ;;
 esac
 
+groups=${VM_GROUPS:-main hotplug recovery jail}
 log() { printf 'vm: %s\n' "$*" >&2; }
 die() { log "error: $*"; echo "FAIL vm/setup: $*"; echo "vm: 0 passed, 1 failed"; exit 1; }
 
@@ -89,10 +94,21 @@ kver=$(printf '%s\n' "$setup_out" | sed -n 's/.* KERNEL_VERSION=//p' | tail -n1)
 kmoddir=$(cd "$kdir/modules" && pwd -P)
 
 # ---- 2. our binaries -----------------------------------------------------------------------------
+# The daemon serves devices in every group but `jail` (which runs test binaries only).
+want_daemon=0
+if [[ $daemon == warden ]]; then
+    if [[ $suite != main ]]; then
+        want_daemon=1
+    else
+        for g in main hotplug recovery; do
+            [[ " $groups " == *" $g "* ]] && want_daemon=1
+        done
+    fi
+fi
 bindir=""
-if [[ $daemon == warden && -n ${VM_BIN_DIR:-} ]]; then
+if (( want_daemon )) && [[ -n ${VM_BIN_DIR:-} ]]; then
     bindir=$(cd "$VM_BIN_DIR" && pwd) || die "VM_BIN_DIR=$VM_BIN_DIR is not a directory"
-elif [[ $daemon == warden ]]; then
+elif (( want_daemon )); then
     if (( build )); then
         log "cargo build --release --bins"
         (cd "$repo" && cargo build --release --bins) >&2 || die "cargo build --release --bins failed"
@@ -102,10 +118,35 @@ elif [[ $daemon == warden ]]; then
     [[ -n $target_dir ]] || target_dir=$repo/target
     bindir=$target_dir/release
 fi
-if [[ $daemon == warden ]]; then
+if (( want_daemon )); then
     for b in tcmu-warden tcmu-warden-worker; do
         [[ -x $bindir/$b ]] || die "$bindir/$b is missing (build first, or drop --no-build)"
     done
+fi
+
+# The jail group (tests/vm/guest/jail.sh) runs the jail's integration tests in the guest: the
+# debug test binaries, found in cargo's JSON messages (the executable of each `test` target).
+# They and the helper executables compiled into them (hostile-worker, jailed-runtime: absolute
+# paths under the target directory) reach the guest through the shared host root.
+jail_tests=""
+jail_dir=""
+if [[ $daemon == warden && $suite == main && " $groups " == *" jail "* ]]; then
+    if [[ -n ${VM_JAIL_TESTS:-} ]]; then
+        jail_tests=$VM_JAIL_TESTS
+    else
+        log "cargo test -p tcmu-warden-tests --test escape --test jail_runtime --no-run"
+        json=$(cd "$repo" && cargo test -p tcmu-warden-tests --test escape --test jail_runtime \
+                   --no-run --message-format=json) || die "building the jail group's tests failed"
+        jail_tests=$(printf '%s\n' "$json" | grep '"reason":"compiler-artifact"' |
+                     grep '"kind":\["test"\]' |
+                     sed -n 's/.*"target":{[^}]*"name":"\([^"]*\)".*"executable":"\([^"]*\)".*/\1=\2/p' |
+                     tr '\n' ' ' || true)
+    fi
+    for entry in $jail_tests; do
+        [[ -x ${entry#*=} ]] || die "jail test binary ${entry#*=} is missing"
+        jail_dir=$(dirname "${entry#*=}")
+    done
+    [[ -n $jail_dir ]] || die "no jail test binaries found"
 fi
 
 # ---- 3. initramfs --------------------------------------------------------------------------------
@@ -160,7 +201,10 @@ console=$res/console.log
     printf 'VM_RESULTS=/vmresults\n'
     printf 'VM_FIO_SIZE=%q\n' "${VM_FIO_SIZE:-64m}"
     printf 'VM_RUST_LOG=%q\n' "${VM_RUST_LOG:-info}"
-    printf 'VM_GROUPS=%q\n' "${VM_GROUPS:-main hotplug recovery}"
+    printf 'VM_GROUPS=%q\n' "$groups"
+    printf 'VM_JAIL_TESTS=%q\n' "$jail_tests"
+    printf 'VM_JAIL_DIR=%q\n' "$jail_dir"
+    printf 'VM_JAIL_TEST_TIMEOUT=%q\n' "${VM_JAIL_TEST_TIMEOUT:-900}"
     printf 'VM_RECOVERY_FIO_SIZE=%q\n' "${VM_RECOVERY_FIO_SIZE:-8m}"
     [[ -z ${VM_READY_PATTERN:-} ]] || printf 'VM_READY_PATTERN=%q\n' "$VM_READY_PATTERN"
     [[ -z ${VM_REFUSE_PATTERN:-} ]] || printf 'VM_REFUSE_PATTERN=%q\n' "$VM_REFUSE_PATTERN"
@@ -168,6 +212,7 @@ console=$res/console.log
     printf 'VM_CONF_TESTS=%q\n' "${VM_CONF_TESTS:-ALL}"
     printf 'VM_CONF_TIMEOUT=%q\n' "$(( timeout_s > 600 ? timeout_s - 300 : timeout_s / 2 ))"
     printf 'export VM_READY_PATTERN VM_REFUSE_PATTERN VM_CONF_TESTS VM_CONF_TIMEOUT VM_GROUPS VM_RECOVERY_FIO_SIZE\n'
+    printf 'export VM_JAIL_TESTS VM_JAIL_DIR VM_JAIL_TEST_TIMEOUT\n'
 } > "$res/params.env"
 
 # ---- 5. boot -------------------------------------------------------------------------------------

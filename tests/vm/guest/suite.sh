@@ -7,8 +7,11 @@
 #   VM_FIO_SIZE size of the fio verify run per device (e.g. 64m)
 #   VM_RUST_LOG the daemon's log filter (warden mode)
 #   VM_GROUPS   which groups of checks run: `main` (everything below), `hotplug` (warden only:
-#               configfs hot-plug, see guest/hotplug.sh) and/or `recovery` (warden only: crash
-#               recovery under fio, see guest/recovery.sh); default "main hotplug recovery"
+#               configfs hot-plug, see guest/hotplug.sh), `recovery` (warden only: crash
+#               recovery under fio, see guest/recovery.sh) and/or `jail` (warden only: the jail's
+#               escape and runtime tests on this kernel, see guest/jail.sh); default
+#               "main hotplug recovery jail"
+#   VM_JAIL_TESTS  (jail group) the test binaries, `<target>=<path>` words
 #
 # It creates LIO backstores, starts the daemon, exports every backstore through tcm_loop (a local
 # SCSI host: each LUN shows up as /dev/sdX), runs the checks, cleans up, and writes:
@@ -547,9 +550,13 @@ daemon_alive() {
 # shellcheck source=recovery.sh
 . "$(dirname "${BASH_SOURCE[0]}")/recovery.sh"
 
+# ---- the jail's tests (warden) --------------------------------------------------------------------
+# shellcheck source=jail.sh
+. "$(dirname "${BASH_SOURCE[0]}")/jail.sh"
+
 # ---- main ----------------------------------------------------------------------------------------
 say "daemon: $DAEMON, kernel $(uname -r)"
-GROUPS_RUN=${VM_GROUPS:-main hotplug recovery}
+GROUPS_RUN=${VM_GROUPS:-main hotplug recovery jail}
 want_group() { [[ " $GROUPS_RUN " == *" $1 "* ]]; }
 
 DEVICE_CHECKS=(sg_inq sg_vpd-naa sg_vpd-serial sg_readcap dd-direct ext4 fio-verify)
@@ -564,9 +571,16 @@ skip_device() { # skip_device NAME PREREQ
 # a finished run from an abandoned one, and only a finished run writes suite.done.
 MAIN_DONE=0
 main() {
-    if ! check setup/backing-fs prepare; then
-        MAIN_DONE=1
-        return
+    # The jail group first: it needs no LIO device and no backing filesystem.
+    if want_group jail && [[ $DAEMON == warden ]]; then
+        jail_main
+    fi
+    # The other groups serve LIO devices from files on a real filesystem.
+    if want_group main || want_group hotplug || want_group recovery; then
+        if ! check setup/backing-fs prepare; then
+            MAIN_DONE=1
+            return
+        fi
     fi
     if want_group main; then
         main_checks
