@@ -630,8 +630,32 @@ impl StageOne {
 /// `/dev/kmsg` needs `CAP_SYSLOG` when `dmesg_restrict` is set. So this works for a root
 /// supervisor without auditd, and returns `None` otherwise; then the record is in
 /// `/var/log/audit/audit.log` (`type=SECCOMP`).
-pub fn kernel_log_violation(pid: u32, since: SystemTime) -> Option<String> {
-    let path = CString::new(Path::new("/dev/kmsg").as_os_str().as_bytes()).ok()?;
+///
+/// Without an audit daemon the record is printed by the kernel's audit thread (`kauditd`), not
+/// by the dying task, so it can reach the log a moment after the worker has been reaped: the
+/// log is read again, every 20 ms, for up to `patience` (the caller's event loop waits that long
+/// at most, once per seccomp kill; restarts are rate-limited by backoff and quarantine).
+pub fn kernel_log_violation(pid: u32, since: SystemTime, patience: Duration) -> Option<String> {
+    let end = std::time::Instant::now() + patience;
+    let nr = loop {
+        match seccomp_record_in_kmsg(pid, since) {
+            Ok(Some(nr)) => break nr,
+            // The log cannot be read at all: waiting would not help.
+            Err(()) => return None,
+            Ok(None) if std::time::Instant::now() >= end => return None,
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    Some(match syscalls::name_of(nr) {
+        Some(name) => format!("{name} (nr {nr})"),
+        None => format!("system call nr {nr}"),
+    })
+}
+
+/// One pass over `/dev/kmsg`: the system call number of the newest matching seccomp record,
+/// `Ok(None)` if there is none yet, `Err(())` if the log cannot be opened.
+fn seccomp_record_in_kmsg(pid: u32, since: SystemTime) -> Result<Option<i64>, ()> {
+    let path = CString::new(Path::new("/dev/kmsg").as_os_str().as_bytes()).map_err(|_| ())?;
     // SAFETY: opening a device node read-only, non-blocking; the descriptor is owned at once.
     let raw = unsafe {
         libc::open(
@@ -640,7 +664,7 @@ pub fn kernel_log_violation(pid: u32, since: SystemTime) -> Option<String> {
         )
     };
     if raw < 0 {
-        return None;
+        return Err(());
     }
     // SAFETY: `raw` was just opened and is owned by nothing else.
     let fd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
@@ -672,11 +696,7 @@ pub fn kernel_log_violation(pid: u32, since: SystemTime) -> Option<String> {
             found = Some(nr);
         }
     }
-    let nr = found?;
-    Some(match syscalls::name_of(nr) {
-        Some(name) => format!("{name} (nr {nr})"),
-        None => format!("system call nr {nr}"),
-    })
+    Ok(found)
 }
 
 /// The system call number of a kernel-log line that is the audit record of a seccomp action

@@ -38,7 +38,7 @@ fn run_jailed(settings: &JailSettings) {
     if status.signal() == Some(libc::SIGSYS) {
         panic!(
             "the jailed runtime was killed by seccomp: {}",
-            jail::kernel_log_violation(pid, started)
+            jail::kernel_log_violation(pid, started, Duration::from_secs(1))
                 .unwrap_or_else(|| "system call not named".into())
         );
     }

@@ -98,6 +98,10 @@ const UIO_RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// Longest sleep of one loop turn when no deadline is nearer.
 pub const IDLE_TICK: Duration = Duration::from_secs(1);
 
+/// How long the supervisor waits for the kernel to log the audit record of a seccomp kill
+/// (printed asynchronously by the audit thread) before naming the system call "unknown".
+const KMSG_PATIENCE: Duration = Duration::from_millis(300);
+
 /// How long after SIGKILL at the end of a shutdown the daemon waits for reaping before it exits
 /// anyway (a process stuck in uninterruptible I/O cannot be reaped).
 const REAP_GRACE: Duration = Duration::from_secs(5);
@@ -1386,7 +1390,7 @@ impl Supervisor {
                     .jail
                     .as_ref()
                     .map_or(std::time::UNIX_EPOCH, |j| j.prepared_at);
-                let syscall = jail::kernel_log_violation(pid, since);
+                let syscall = jail::kernel_log_violation(pid, since, KMSG_PATIENCE);
                 error!(
                     worker = %slot.name,
                     pid,
