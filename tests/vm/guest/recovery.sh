@@ -451,6 +451,33 @@ r_setup() {
     echo "worker: $(worker_pid)"
 }
 
+# ---- what `tcmu-warden status --json` says -------------------------------------------------------
+# rstatus_check WHAT PYTHON_EXPR: polls (generous deadline: every status call is slow under TCG)
+# until the expression holds for the daemon's JSON report, with `r` the report, `devs` our devices'
+# entries and `w` the entry of the worker serving them (None if there is none); on timeout the
+# report is saved and the check fails saying WHAT.
+rstatus_check() {
+    local what=$1 expr=$2 end=$((SECONDS + 60)) out
+    while :; do
+        out=$("${VM_BIN_DIR}/tcmu-warden" status --json --config "$RCONFIG" 2>&1) &&
+            printf '%s' "$out" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+names = sys.argv[2].split()
+devs = [d for d in r["devices"] if d["backstore"].split("/")[-1] in names]
+ws = [x for x in r["workers"] if x["name"] == "file"]
+w = ws[0] if ws else None
+sys.exit(0 if len(devs) == len(names) and eval(sys.argv[1]) else 1)' "$expr" "${RDEVS[*]}" && {
+            echo "status: $what"; return 0; }
+        if (( SECONDS >= end )); then
+            printf '%s\n' "$out" > "$LOGS/recovery_status_${what// /_}.json"
+            why "status --json does not show $what (report in logs/)"
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
 r_fault_scenario() { # r_fault_scenario TAG FAULT COUNT WHAT MARK_RE
     local tag=$1 fault=$2 count=$3 what=$4 mark=$5 base dbase t0=$SECONDS
     base=$(rlog_lines); dbase=$(dmesg_lines)
@@ -465,6 +492,8 @@ r_fault_scenario() { # r_fault_scenario TAG FAULT COUNT WHAT MARK_RE
 
 c_worker_kill() {
     r_fault_scenario worker-kill fault_kill_worker "$RECOVERY_KILLS" kills "$CRASH_MARK" || return 1
+    rstatus_check "the kills (crashes, restarts, SIGKILL as the last cause, devices ready and recovered)" \
+        'w and w["crashes"] >= '"$FAULTS"' and w["restarts"] >= '"$FAULTS"' and "SIGKILL" in (w["last_crash"] or "") and w["state"] == "ready" and all(d["state"] == "ready" and not d["blocked"] and d["recoveries"] >= '"$FAULTS"' and d["resets"] == 0 and d["worker_pid"] == w["pid"] for d in devs)' || return 1
     (( CRASHES >= FAULTS )) || { why "$FAULTS kills but $CRASHES crashes logged"; return 1; }
     (( HB_KILLS == 0 )) || SCENARIO_NOTE+=", $HB_KILLS extra heartbeat kills"
     echo "note: $SCENARIO_NOTE"
@@ -489,6 +518,8 @@ c_worker_hang() {
     r_fault_scenario worker-hang fault_stop_worker "$RECOVERY_HANGS" hangs "$CRASH_MARK" || return 1
     (( HB_KILLS >= FAULTS )) ||
         { why "$FAULTS hung workers but $HB_KILLS heartbeat kills logged"; return 1; }
+    rstatus_check "the hangs (last cause: the heartbeat, devices ready)" \
+        'w and "heartbeat" in (w["last_crash"] or "") and w["state"] == "ready" and all(d["state"] == "ready" and not d["blocked"] for d in devs)' || return 1
     local p
     for p in "${STOPPED[@]}"; do
         if [[ -d /proc/$p ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$p/status" 2>/dev/null; then
@@ -508,6 +539,8 @@ c_supervisor_restart() {
     found=$(count_since "$base0" 'found the journal of a previous supervisor')
     (( found >= FAULTS * ${#RDEVS[@]} )) ||
         { why "$FAULTS supervisor restarts but $found found the journal"; return 1; }
+    rstatus_check "the restarted supervisor's recoveries (new daemon pid, devices recovered and ready)" \
+        'r["daemon"]["pid"] == '"$DPID"' and w and all(d["state"] == "ready" and d["recoveries"] >= 1 and d["resets"] == 0 for d in devs)' || return 1
     echo "note: $SCENARIO_NOTE"
 }
 
@@ -527,6 +560,8 @@ c_journal_lost() {
     (( EXPECT_RESETS > 0 )) || { why "no disk had commands in flight at a supervisor kill"; return 1; }
     (( RESETS >= EXPECT_RESETS )) ||
         { why "$EXPECT_RESETS busy rings without journals but only $RESETS ring resets"; return 1; }
+    rstatus_check "the restart without journals (no journal recoveries, devices ready)" \
+        'w and all(d["state"] == "ready" and d["recoveries"] == 0 for d in devs)' || return 1
     echo "note: $FAULTS supervisor kills with the worker frozen and the journals deleted, $RESETS ring resets for $EXPECT_RESETS busy rings, $FIO_RUNS fio runs x ${#RDEVS[@]} disks err=0, $((SECONDS - t0))s"
 }
 
@@ -566,6 +601,8 @@ c_quarantine() {
         echo "$d block_dev: $blocked"
         [[ $blocked == blocked ]] || { why "the quarantined device $d is not blocked ($blocked)"; return 1; }
     done
+    rstatus_check "the quarantine (worker quarantined, devices quarantined and blocked)" \
+        'w and w["quarantined"] and w["crashes"] >= '"$RECOVERY_QUARANTINE"' and all(d["state"] == "quarantined" and d["blocked"] for d in devs)' || return 1
     rlog_since "$base" | grep -E 'crashed|quarantine|blocked'
     echo "note: $RECOVERY_QUARANTINE crashes within 10m -> quarantined, ${#RDEVS[@]} devices blocked, no restart for 5s, $((SECONDS - t0))s"
 }
