@@ -2,6 +2,9 @@
 //! use is answered `RecoveryFailed` (so the supervisor resets the ring), never served; so is a
 //! device sent without a journal to recover from whose ring already holds commands (someone
 //! served it and its record is gone); a journal of the wrong size is a plain device failure.
+//! A device recovered from a usable journal reports a POWER ON, RESET unit attention (06/29/00)
+//! to the first new command, once: the state the previous worker kept for the initiator is gone,
+//! as after a power cycle; a device handed over fresh reports nothing.
 //! Driven through the real conversation ([`Worker::serve`]) over a socket pair, with the
 //! simulator's map standing in for `/dev/uioN`.
 
@@ -14,10 +17,11 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use tcmu_warden_proto::{Channel, DeviceSpec, FromWorker, JOURNAL_BYTES, JournalMode, ToWorker};
-use tcmu_warden_tests::{KernelSim, SimConfig};
+use tcmu_warden_tests::{CHECK_CONDITION, Completed, KernelSim, SimConfig};
 use tcmu_warden_worker::handler::builtin_factories;
 use tcmu_warden_worker::ring::{Completion, Fetched, Mapping, RecoverError, Ring};
 use tcmu_warden_worker::runtime::Worker;
@@ -233,4 +237,62 @@ fn a_ring_whose_journal_is_lost_must_be_reset() {
         [(x, 0x08)]
     );
     Ring::new(map).unwrap().check_unserved().unwrap();
+}
+
+/// Submits one command and waits (generously) for its completion.
+fn run(sim: &mut KernelSim, cdb: &[u8]) -> Completed {
+    let id = sim.submit(cdb, &[], 0).unwrap();
+    sim.kick().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(c) = sim.reap().unwrap().into_iter().find(|c| c.cmd_id == id) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "command {id} was never completed"
+        );
+        sim.wait_notified(Duration::from_millis(200)).unwrap();
+    }
+}
+
+#[test]
+fn a_restarted_worker_reports_a_power_on_reset_once() {
+    let (mut sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
+    let journal = memfd(JOURNAL_BYTES, 0);
+    let fds = [dev.map_fd.as_fd(), journal.as_fd()];
+
+    // The first worker gets the device fresh: no unit attention.
+    let (sup, worker1) = worker();
+    let ready = add_device(&sup, spec(1, dev.map_len, JournalMode::Fresh), &fds);
+    assert!(
+        matches!(ready, FromWorker::DeviceReady { id: 1 }),
+        "{ready:?}"
+    );
+    let c = run(&mut sim, &TEST_UNIT_READY);
+    assert_eq!(c.status, 0, "a fresh device is ready: {c:?}");
+    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    worker1.join().unwrap().unwrap();
+
+    // Its successor recovers the ring from the same journal.
+    let (sup, worker2) = worker();
+    let ready = add_device(&sup, spec(1, dev.map_len, JournalMode::Recover), &fds);
+    assert!(
+        matches!(ready, FromWorker::DeviceReady { id: 1 }),
+        "{ready:?}"
+    );
+    let c = run(&mut sim, &TEST_UNIT_READY);
+    assert_eq!(c.status, CHECK_CONDITION, "{c:?}");
+    assert_eq!(
+        (c.sense[2] & 0x0F, c.sense[12], c.sense[13]),
+        (0x06, 0x29, 0x00)
+    );
+    // Reported once: the next command is served normally.
+    let c = run(&mut sim, &TEST_UNIT_READY);
+    assert_eq!(c.status, 0, "{c:?}");
+    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    worker2.join().unwrap().unwrap();
+
+    assert_eq!(sim.in_flight(), 0);
+    assert!(sim.broken().is_none());
 }
