@@ -347,6 +347,14 @@ impl Harness {
     }
 }
 
+/// SplitMix64's finalizer: every output bit depends on every input bit.
+fn mix(x: u64) -> u32 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}
+
 fn run(s: Scenario) -> Result<(), TestCaseError> {
     let mut flags = CAP_TMR;
     if s.ooo {
@@ -381,15 +389,16 @@ fn run(s: Scenario) -> Result<(), TestCaseError> {
         next_tag: 1,
     };
     let mut next_op = 0;
-    // The generated choices, cycled and scrambled with the step number so that a short list
-    // still yields every kind of step.
+    // The generated choices, cycled and mixed with the step number so that a short list still
+    // yields every kind of step. The mix must reach the low bits (the step kind is `c % 8`): a
+    // plain `c ^ i * odd` left them periodic, and some lists then never submitted again.
     let mut choices = s
         .choices
         .iter()
         .copied()
         .cycle()
-        .zip(1u32..)
-        .map(|(c, i)| c ^ i.wrapping_mul(0x9e37_79b9));
+        .zip(1u64..)
+        .map(|(c, i)| mix(u64::from(c) << 32 | i));
     let mut steps = 0u32;
     while next_op < s.ops.len() {
         steps += 1;
