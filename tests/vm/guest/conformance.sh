@@ -21,13 +21,13 @@
 # source, which must find the destination by its NAA designator.
 #
 # Writes to the results share:
-#   results.txt                 `PASS <step>` / `FAIL <step>: <reason>` per step (the host counts
+#   results.txt                 `PASS <check>` / `FAIL <check>: <reason>` per check (the host counts
 #                               them like the main suite's checks)
 #   conformance.xml             iscsi-test-cu's CUnit results (CUnitAutomated-Results.xml)
 #   conformance-listing.xml     the tests it registered (CUnitAutomated-Listing.xml)
 #   conformance.log             iscsi-test-cu's own output
 #   conformance.seconds         how long iscsi-test-cu ran
-#   daemon.log, dmesg.txt, logs/<step>.log
+#   daemon.log, dmesg.txt, logs/<check>.log
 #   suite.done                  written last
 set -u
 shopt -s nullglob
@@ -51,37 +51,9 @@ WARDEN_CONFIG=/tmp/warden.toml
 mkdir -p "$LOGS"
 : > "$RESULTS"
 say() { echo "vm-conformance: $*"; }
-why() { echo "why: $*"; }
-
-pass() { printf 'PASS %s\n' "$1" >> "$RESULTS"; say "PASS $1"; }
-fail() { printf 'FAIL %s: %s\n' "$1" "${2:-failed}" >> "$RESULTS"; say "FAIL $1: ${2:-failed}"; }
-
-# step NAME FUNCTION [ARGS...]: run FUNCTION with its output in logs/NAME.log; PASS or FAIL with
-# the last `why:` line (or the last line of output) as the reason.
-step() {
-    local name=$1; shift
-    local logf=$LOGS/${name//\//_}.log reason
-    say "running $name"
-    if "$@" > "$logf" 2>&1; then pass "$name"; return 0; fi
-    reason=$(grep '^why: ' "$logf" | tail -n1 | sed 's/^why: //')
-    [[ -n $reason ]] || reason=$(grep -v '^[[:space:]]*$' "$logf" | tail -n1)
-    fail "$name" "${reason//$'\n'/ }"
-    return 1
-}
-
-wait_for() { # wait_for SECONDS WHAT FUNCTION [ARGS...]: poll until 0; 2 gives up
-    local limit=$1 what=$2; shift 2
-    local end=$((SECONDS + limit)) rc
-    while :; do
-        "$@"; rc=$?
-        (( rc == 0 )) && return 0
-        (( rc == 2 )) && { why "gave up waiting for $what"; return 1; }
-        (( SECONDS >= end )) && { why "timed out after ${limit}s waiting for $what"; return 1; }
-        sleep 0.2
-    done
-}
-
-write_attr() { printf '%s' "$2" > "$1" || { why "writing '$2' to $1 failed"; return 1; }; }
+# PASS/FAIL bookkeeping, check (run a function with its own log), wait_for, write_attr.
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BS_DIR=""
 XA_DIR=""
@@ -326,13 +298,13 @@ cleanup() {
 MAIN_DONE=0
 main() {
     say "daemon: $DAEMON, kernel $(uname -r), tests $TESTS"
-    if step setup/backing-fs prepare && step setup/backstore create_backstore &&
-       step daemon/start start_daemon && step setup/iscsi export_iscsi; then
-        step xcopy/two-luns xcopy_two_luns
-        step conformance/run run_tests
-        step daemon/alive daemon_alive
+    if check setup/backing-fs prepare && check setup/backstore create_backstore &&
+       check daemon/start start_daemon && check setup/iscsi export_iscsi; then
+        check xcopy/two-luns xcopy_two_luns
+        check conformance/run run_tests
+        check daemon/alive daemon_alive
     fi
-    step cleanup cleanup
+    check cleanup cleanup
     MAIN_DONE=1
 }
 main

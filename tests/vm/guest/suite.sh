@@ -50,69 +50,9 @@ mkdir -p "$LOGS"
 : > "$RESULTS"
 say() { echo "vm-suite: $*"; }
 
-# ---- result bookkeeping --------------------------------------------------------------------------
-declare -A STATUS=()    # check name -> pass | fail
-pass() { # pass NAME [NOTE]: NOTE (numbers worth seeing) goes in parentheses after the name
-    STATUS[$1]=pass
-    printf 'PASS %s%s\n' "$1" "${2:+ ($2)}" >> "$RESULTS"
-    say "PASS $1${2:+ ($2)}"
-}
-fail() {
-    local reason=${2//$'\n'/ }
-    STATUS[$1]=fail
-    printf 'FAIL %s: %s\n' "$1" "${reason:-failed}" >> "$RESULTS"
-    say "FAIL $1: ${reason:-failed}"
-}
-passed() { [[ ${STATUS[$1]:-} == pass ]]; }
-
-# Functions run by `check` explain a failure with a line `why: <reason>` on their output; the last
-# such line is the reason reported (otherwise the last line of output). On success, the last line
-# `note: <text>` is shown on the PASS line.
-why() { echo "why: $*"; }
-
-# check NAME FUNCTION [ARGS...]: run FUNCTION with its output in logs/NAME.log, report PASS/FAIL.
-check() {
-    local name=$1; shift
-    local logf=$LOGS/${name//\//_}.log
-    say "running $name"
-    if "$@" > "$logf" 2>&1; then
-        pass "$name" "$(grep '^note: ' "$logf" | tail -n1 | sed 's/^note: //')"
-        return 0
-    fi
-    local reason
-    reason=$(grep '^why: ' "$logf" | tail -n1 | sed 's/^why: //')
-    [[ -n $reason ]] || reason=$(grep -v '^[[:space:]]*$' "$logf" | tail -n1)
-    fail "$name" "$reason"
-    return 1
-}
-
-# skip NAME PREREQ: report a check that cannot run because PREREQ failed.
-skip() { fail "$1" "not run: $2 failed"; }
-
-# wait_for SECONDS WHAT FUNCTION [ARGS...]: poll FUNCTION until it succeeds (0), gives up (2) or the
-# deadline passes.
-wait_for() {
-    local limit=$1 what=$2; shift 2
-    local end=$((SECONDS + limit)) rc
-    while :; do
-        "$@"; rc=$?
-        (( rc == 0 )) && return 0
-        (( rc == 2 )) && { why "gave up waiting for $what"; return 1; }
-        (( SECONDS >= end )) && { why "timed out after ${limit}s waiting for $what"; return 1; }
-        sleep 0.2
-    done
-}
-
-# bg_wait SECONDS PID: wait for a background process to end within the deadline; its status is
-# returned, 124 on timeout (the process is left running).
-bg_wait() {
-    local end=$((SECONDS + $1)) pid=$2
-    while kill -0 "$pid" 2>/dev/null; do
-        (( SECONDS >= end )) && return 124
-        sleep 0.2
-    done
-    wait "$pid"
-}
+# ---- result bookkeeping, checks, waits: shared with conformance.sh ------------------------------
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---- devices -------------------------------------------------------------------------------------
 # DEVICES: the devices the checks run against; REFUSED: the one the policy must refuse (warden).
@@ -134,9 +74,6 @@ set_serial() { # set_serial NAME
     SERIAL[$1]=$serial
 }
 
-write_attr() { # write_attr FILE VALUE: configfs write with a readable error
-    printf '%s' "$2" > "$1" || { why "writing '$2' to $1 failed"; return 1; }
-}
 
 mk_user() { # mk_user NAME DEV_CONFIG BYTES [CONTROL...]: CONTROL options (k=v) before enable
     local name=$1 cfg=$2 bytes=$3 dir=$CFS/core/user_0/$1 opt
