@@ -74,7 +74,6 @@ set_serial() { # set_serial NAME
     SERIAL[$1]=$serial
 }
 
-
 mk_user() { # mk_user NAME DEV_CONFIG BYTES [CONTROL...]: CONTROL options (k=v) before enable
     local name=$1 cfg=$2 bytes=$3 dir=$CFS/core/user_0/$1 opt
     mkdir -p "$dir" || { why "mkdir $dir failed"; return 1; }
