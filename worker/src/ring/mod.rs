@@ -72,7 +72,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::sync::{Arc, Weak};
 
-use crate::iobuf::{BufOwner, DataBuf};
+use tcmu_warden_sdk::{BufOwner, DataBuf};
 #[cfg(any(test, feature = "crash-points"))]
 pub use crash::CrashPlan;
 pub use crash::CrashPoint;

@@ -7,7 +7,7 @@
 //! Rules every command here follows:
 //! - the transfer length is checked against the device's maximum transfer length
 //!   (`max_sectors` of the device configuration, see
-//!   [`MIN_MAX_TRANSFER_BYTES`](crate::handler::MIN_MAX_TRANSFER_BYTES); INVALID FIELD IN CDB
+//!   [`MIN_MAX_TRANSFER_BYTES`](crate::runtime::MIN_MAX_TRANSFER_BYTES); INVALID FIELD IN CDB
 //!   pointing at the length field), then the range
 //!   `[LBA, LBA + length)` against the capacity (LOGICAL BLOCK ADDRESS OUT OF RANGE, 05/21/00,
 //!   also when LBA + length overflows);
@@ -32,11 +32,11 @@
 
 use std::io::IoSliceMut;
 
-use super::Command;
+use tcmu_warden_sdk::Command;
 use super::cdb::{Cdb, RwLayout, block_range, op};
 use super::emulate::{Done, Emulator, IoKind, zero_tail};
-use super::sense::Sense;
-use crate::iobuf::DataBuf;
+use tcmu_warden_sdk::sense::Sense;
+use tcmu_warden_sdk::DataBuf;
 
 /// Largest buffer the emulation allocates for one step of WRITE SAME or VERIFY.
 pub const CHUNK: u64 = 1 << 20;
@@ -528,7 +528,7 @@ fn provisioning_run(emu: &Emulator, lba: u64, max_blocks: u64) -> Result<(bool, 
 
 /// GET LBA STATUS (9Eh/12h), offered with thin provisioning: LBA status descriptors from the
 /// STARTING LBA on, each a run of blocks that are mapped (status 0h) or deallocated (1h), as
-/// the handler's [`Handler::allocation`](crate::handler::Handler::allocation) tells; a handler
+/// the handler's [`Handler::allocation`](tcmu_warden_sdk::Handler::allocation) tells; a handler
 /// that cannot tell gets one "mapped" descriptor for the rest of the medium (SBC-3 lets "mapped"
 /// stand for "mapped or unknown"). As many descriptors as the allocation length holds, at most
 /// [`MAX_LBA_STATUS_DESCRIPTORS`], each at most 2^32 - 1 blocks.

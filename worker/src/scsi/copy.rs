@@ -38,11 +38,11 @@ use std::io::{IoSlice, IoSliceMut};
 use std::ops::Deref;
 use std::sync::{Arc, MutexGuard, PoisonError, RwLock, Weak};
 
-use super::Command;
+use tcmu_warden_sdk::Command;
 use super::block::CHUNK;
 use super::cdb::Cdb;
 use super::emulate::{Done, Emulator, IoKind, data_in};
-use super::sense::{Sense, key};
+use tcmu_warden_sdk::sense::{Sense, key};
 
 /// Length of the parameter list header.
 const HEADER_LEN: usize = 16;

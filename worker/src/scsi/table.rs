@@ -22,7 +22,7 @@
 
 use super::cdb::{Cdb, SA_MASK, op};
 use super::emulate::{Done, Emulator, data_in};
-use super::sense::Sense;
+use tcmu_warden_sdk::sense::Sense;
 use super::{Command, block, copy, inquiry, misc, mode};
 
 /// Which way a command moves data.

@@ -19,7 +19,7 @@ use std::thread::ThreadId;
 use super::sense::key;
 use super::{Command, CommandResult, Emulator, Sense, status};
 use crate::handler::{DeviceConfig, Handler, HandlerCaps};
-use crate::iobuf::DataBuf;
+use tcmu_warden_sdk::DataBuf;
 
 pub const BS: usize = 512;
 
