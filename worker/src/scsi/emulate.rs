@@ -29,7 +29,7 @@ use super::rangelock::RangeLock;
 use tcmu_warden_sdk::sense::Sense;
 use super::table::{self, Avail, OpDesc};
 use tcmu_warden_sdk::{Command, CommandResult};
-use tcmu_warden_sdk::{DeviceConfig, Handler, HandlerCaps};
+use tcmu_warden_sdk::{DeviceConfig, Handler, HandlerCaps, Pending};
 use tcmu_warden_sdk::DataBuf;
 
 /// How an emulated command finished successfully.
@@ -170,7 +170,9 @@ impl Emulator {
         e
     }
 
-    /// Executes one command. Safe to call concurrently from several threads.
+    /// Executes one command, blocking until it is done. Safe to call concurrently from several
+    /// threads. A command the handler implements itself runs through its blocking
+    /// [`Handler::execute`]; the runtime uses [`Emulator::submit`] instead.
     pub fn execute(&self, cmd: &mut Command<'_>) -> CommandResult {
         self.execute_inner(cmd, true)
     }
@@ -182,24 +184,50 @@ impl Emulator {
         self.execute_inner(cmd, false)
     }
 
+    /// Starts one command and answers it through its completion handle: a command the handler
+    /// implements goes to [`Handler::submit`] (which may answer later, from another thread);
+    /// every other one is emulated here, on the calling thread, and answered before this
+    /// returns. `replayed` as in [`Emulator::execute_replayed`].
+    pub fn submit(&self, mut cmd: Pending, replayed: bool) {
+        match self.admit(cmd.cdb(), !replayed) {
+            Err(r) => cmd.complete(r),
+            Ok(opcode) if self.handler_implements(opcode) => self.handler.submit(cmd),
+            Ok(_) => {
+                let r = self.emulate(&mut cmd.command());
+                cmd.complete(r);
+            }
+        }
+    }
+
     fn execute_inner(&self, cmd: &mut Command<'_>, report_ua: bool) -> CommandResult {
-        let bytes = cmd.cdb;
+        match self.admit(cmd.cdb, report_ua) {
+            Err(r) => r,
+            Ok(opcode) if self.handler_implements(opcode) => self.handler.execute(cmd),
+            Ok(_) => self.emulate(cmd),
+        }
+    }
+
+    /// What applies to every command before it reaches the handler or the emulation: the
+    /// opcode, or the answer that ends the command here (refused device, unit attention).
+    fn admit(&self, bytes: &[u8], report_ua: bool) -> Result<u8, CommandResult> {
         let Some(&opcode) = bytes.first() else {
-            return CommandResult::invalid_opcode();
+            return Err(CommandResult::invalid_opcode());
         };
-        let housekeeping = table::is_housekeeping(opcode);
-        if !housekeeping {
+        if !table::is_housekeeping(opcode) {
             if self.refusal.is_some() {
-                return CommandResult::check(Sense::not_ready_manual_intervention());
+                return Err(CommandResult::check(Sense::not_ready_manual_intervention()));
             }
             if let Some(ua) = report_ua.then(|| self.take_unit_attention()).flatten() {
                 tracing::debug!(device = %self.name, opcode, asc = ua.asc, ascq = ua.ascq, "reporting unit attention");
-                return CommandResult::check(ua);
+                return Err(CommandResult::check(ua));
             }
         }
-        if self.handler_implements(opcode) {
-            return self.handler.execute(cmd);
-        }
+        Ok(opcode)
+    }
+
+    /// Emulates a command the handler does not implement.
+    fn emulate(&self, cmd: &mut Command<'_>) -> CommandResult {
+        let bytes = cmd.cdb;
         let cdb = Cdb::new(bytes);
         let desc = match table::lookup(&cdb, |o| self.offers(o)) {
             Ok(d) => d,
