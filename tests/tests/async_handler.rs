@@ -299,8 +299,14 @@ fn a_blocked_device_fetches_nothing_new_until_the_handler_unblocks_it() {
     held.complete(CommandResult::busy());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut reaped = Vec::new();
-    while !reaped.iter().any(|c: &tcmu_warden_tests::Completed| c.cmd_id == first) {
-        assert!(Instant::now() < deadline, "the held command was not delivered");
+    while !reaped
+        .iter()
+        .any(|c: &tcmu_warden_tests::Completed| c.cmd_id == first)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the held command was not delivered"
+        );
         sim.wait_notified(Duration::from_millis(200)).unwrap();
         reaped.extend(sim.reap().unwrap());
     }
@@ -313,7 +319,10 @@ fn a_blocked_device_fetches_nothing_new_until_the_handler_unblocks_it() {
     block.unblock();
     let mut rest = Vec::new();
     while rest.len() < later.len() {
-        assert!(Instant::now() < deadline, "the waiting commands were not served");
+        assert!(
+            Instant::now() < deadline,
+            "the waiting commands were not served"
+        );
         sim.wait_notified(Duration::from_millis(200)).unwrap();
         rest.extend(sim.reap().unwrap());
     }

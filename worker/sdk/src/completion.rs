@@ -236,7 +236,10 @@ mod tests {
         p.complete(CommandResult::good());
         let l = log.lock().unwrap();
         assert_eq!(l.len(), 1);
-        assert_eq!((l[0].0.clone(), l[0].1), (CommandResult::good(), Answer::Completed));
+        assert_eq!(
+            (l[0].0.clone(), l[0].1),
+            (CommandResult::good(), Answer::Completed)
+        );
     }
 
     #[test]

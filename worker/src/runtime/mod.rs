@@ -36,12 +36,12 @@ use tcmu_warden_proto::{
 };
 use tracing::{error, info, warn};
 
-use tcmu_warden_sdk::{HandlerError, HandlerFactory};
 use crate::ring::journal::{Journal, JournalError};
 use crate::ring::{Mapping, RecoverError, Ring, RingError};
 use crate::scsi::{CopyRegistry, Emulator};
 pub use config::{MIN_MAX_TRANSFER_BYTES, device_config};
 pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
+use tcmu_warden_sdk::{HandlerError, HandlerFactory};
 
 /// Environment variable naming the inherited supervisor socket.
 pub const FD_ENV: &str = "TCMU_WARDEN_FD";

@@ -32,11 +32,11 @@
 
 use std::io::IoSliceMut;
 
-use tcmu_warden_sdk::Command;
 use super::cdb::{Cdb, RwLayout, block_range, op};
 use super::emulate::{Done, Emulator, IoKind, zero_tail};
-use tcmu_warden_sdk::sense::Sense;
+use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::DataBuf;
+use tcmu_warden_sdk::sense::Sense;
 
 /// Largest buffer the emulation allocates for one step of WRITE SAME or VERIFY.
 pub const CHUNK: u64 = 1 << 20;

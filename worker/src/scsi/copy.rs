@@ -38,10 +38,10 @@ use std::io::{IoSlice, IoSliceMut};
 use std::ops::Deref;
 use std::sync::{Arc, MutexGuard, PoisonError, RwLock, Weak};
 
-use tcmu_warden_sdk::Command;
 use super::block::CHUNK;
 use super::cdb::Cdb;
 use super::emulate::{Done, Emulator, IoKind, data_in};
+use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::{Sense, key};
 
 /// Length of the parameter list header.

@@ -26,11 +26,11 @@ use super::cdb::{Cdb, check_usage};
 use super::copy::{CopyBook, CopyRegistry};
 use super::inquiry;
 use super::rangelock::RangeLock;
-use tcmu_warden_sdk::sense::Sense;
 use super::table::{self, Avail, OpDesc};
+use tcmu_warden_sdk::DataBuf;
+use tcmu_warden_sdk::sense::Sense;
 use tcmu_warden_sdk::{Command, CommandResult};
 use tcmu_warden_sdk::{DeviceConfig, Handler, HandlerCaps, Pending};
-use tcmu_warden_sdk::DataBuf;
 
 /// How an emulated command finished successfully.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

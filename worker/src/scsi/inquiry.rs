@@ -20,12 +20,12 @@
 //!
 //! This module owns the content of those pages; it never reads device data.
 
-use tcmu_warden_sdk::Command;
 use super::block::{
     MAX_UNMAP_DESCRIPTORS, max_compare_write_blocks, max_unmap_blocks, max_write_same_blocks,
 };
 use super::cdb::Cdb;
 use super::emulate::{Done, Emulator, data_in};
+use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::Sense;
 
 /// T10 vendor identification of LIO-style targets.

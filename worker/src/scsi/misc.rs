@@ -8,9 +8,9 @@
 //!
 //! This module never touches the handler except for START STOP UNIT's flush.
 
-use tcmu_warden_sdk::Command;
 use super::cdb::Cdb;
 use super::emulate::{Done, Emulator, IoKind, data_in};
+use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::Sense;
 
 /// TEST UNIT READY: GOOD (refusal and unit attentions were handled by the dispatcher).

@@ -22,8 +22,8 @@
 
 use super::cdb::{Cdb, SA_MASK, op};
 use super::emulate::{Done, Emulator, data_in};
-use tcmu_warden_sdk::sense::Sense;
 use super::{Command, block, copy, inquiry, misc, mode};
+use tcmu_warden_sdk::sense::Sense;
 
 /// Which way a command moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
