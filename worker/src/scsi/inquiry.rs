@@ -24,7 +24,7 @@ use super::block::{
     MAX_UNMAP_DESCRIPTORS, max_compare_write_blocks, max_unmap_blocks, max_write_same_blocks,
 };
 use super::cdb::Cdb;
-use super::emulate::{Done, Emulator, data_in};
+use super::unit::{Done, Emulator, data_in};
 use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::Sense;
 

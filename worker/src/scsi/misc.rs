@@ -9,7 +9,7 @@
 //! This module never touches the handler except for START STOP UNIT's flush.
 
 use super::cdb::Cdb;
-use super::emulate::{Done, Emulator, IoKind, data_in};
+use super::unit::{Done, Emulator, IoKind, data_in};
 use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::Sense;
 

@@ -17,8 +17,11 @@
 //! - [`cdb`]: checked CDB field access, opcodes, the reserved-bit check, block-range decoding;
 //! - `table`: the command table that drives dispatch, reserved-bit checks and REPORT
 //!   SUPPORTED OPERATION CODES alike;
-//! - `emulate`: [`Emulator`], the dispatcher and the device state (write cache, capacity,
-//!   unit attentions);
+//! - `unit`: [`Emulator`]'s state, the logical unit's (write cache, capacity, unit attentions,
+//!   the handler, copy bookkeeping), and the helpers the command modules share; it imports no
+//!   other file of this module, and every other file may import it;
+//! - `emulate`: the dispatcher: building an [`Emulator`] and running a command through the
+//!   table, or handing it to the handler;
 //! - `inquiry`: standard INQUIRY data and VPD pages (vital product data);
 //! - `mode`: mode pages (caching, control) for MODE SENSE / MODE SELECT;
 //! - `block`: READ/WRITE/VERIFY/WRITE SAME/UNMAP/COMPARE AND WRITE/ORWRITE/SYNCHRONIZE CACHE/
@@ -41,13 +44,13 @@ mod misc;
 mod mode;
 mod rangelock;
 mod table;
+mod unit;
 
 #[cfg(test)]
 mod tests;
 
-pub use copy::CopyRegistry;
-pub use emulate::Emulator;
 pub use inquiry::naa_designator;
 pub use table::{DataDir, MediumAccess, describe, medium_access};
 pub use tcmu_warden_sdk::sense;
 pub use tcmu_warden_sdk::{Command, CommandResult, Sense, status};
+pub use unit::{CopyRegistry, Emulator};

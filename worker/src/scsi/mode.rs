@@ -27,7 +27,7 @@
 //! This module owns the page contents and their parsing; it never changes device state.
 
 use super::cdb::{Cdb, op};
-use super::emulate::{Done, Emulator, data_in};
+use super::unit::{Done, Emulator, data_in};
 use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::Sense;
 
