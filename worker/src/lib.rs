@@ -6,7 +6,7 @@
 //!
 //! Where things live:
 //! - [`ring`]: the kernel's shared-memory layout and the fetch/complete protocol.
-//! - [`scsi`]: CDB decoding, sense data, and emulation of every command a handler does not
+//! - [`scsi`]: CDB decoding and emulation of every command a handler does not
 //!   implement itself.
 //! - [`handler`]: the built-in `file` and `ram` handlers. The traits they implement, and the
 //!   command and sense types, are the handler SDK's (`tcmu_warden_sdk`, `worker/sdk/`), which

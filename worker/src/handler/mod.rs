@@ -4,8 +4,8 @@
 //! rules it follows, live in the handler SDK (`tcmu_warden_sdk`, `worker/sdk/`), which is all a
 //! third-party handler crate depends on; they are re-exported here for the worker's own code.
 //! This module holds the two handlers built into `tcmu-warden-worker`, both blocking ones (the
-//! SDK's read/write/flush shape): [`file`] (a file or block device opened by the supervisor) and
-//! [`ram`] (a sparse in-memory device).
+//! SDK's read/write/flush shape): [`file`](mod@file) (a file or block device opened by the
+//! supervisor) and [`ram`] (a sparse in-memory device).
 //!
 //! This module never decodes CDBs (that is [`crate::scsi`]) and never touches the ring.
 
