@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use tcmu_warden_worker::handler::DeviceConfig;
 use tcmu_warden_worker::handler::ram::RamHandler;
-use tcmu_warden_worker::iobuf::DataBuf;
+use tcmu_warden_worker::sdk::DataBuf;
 use tcmu_warden_worker::scsi::{Command, CopyRegistry, Emulator, status};
 
 struct Devices {

@@ -5,7 +5,7 @@
 //! the supervisor channel) and before any device is served, [`enter_stage_two`] adds a seccomp
 //! *allow-list* on every thread (`SECCOMP_FILTER_FLAG_TSYNC`): what the runtime needs
 //! ([`tcmu_warden_policy::jail::seccomp::RUNTIME_SYSCALLS`]), what each handler factory declares
-//! ([`crate::handler::HandlerFactory::syscalls`]), and the extras the policy lists (passed by the
+//! ([`tcmu_warden_sdk::HandlerFactory::syscalls`]), and the extras the policy lists (passed by the
 //! supervisor in `TCMU_WARDEN_JAIL`). Filters only ever add up, so stage one's denials still
 //! hold and the strictest answer wins.
 //!
@@ -24,7 +24,7 @@ use tcmu_warden_policy::jail::syscalls;
 use tcmu_warden_policy::jail::{STAGE_TWO_ENV, StageTwoRequest};
 use tracing::{info, warn};
 
-use crate::handler::HandlerFactory;
+use tcmu_warden_sdk::HandlerFactory;
 
 /// Why stage two could not be entered (the worker then exits: it never serves unconfined).
 #[derive(Debug, thiserror::Error)]

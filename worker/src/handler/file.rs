@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use super::{DeviceConfig, Handler, HandlerCaps, HandlerError, HandlerFactory};
+use tcmu_warden_sdk::{DeviceConfig, Handler, HandlerCaps, HandlerError, HandlerFactory};
 
 /// Builds `file` handlers from the descriptor the supervisor passes.
 pub struct FileFactory;

@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::{DeviceConfig, Handler, HandlerCaps, HandlerError, HandlerFactory};
+use tcmu_warden_sdk::{DeviceConfig, Handler, HandlerCaps, HandlerError, HandlerFactory};
 
 /// Bytes per allocation chunk.
 pub const CHUNK: u64 = 64 * 1024;

@@ -72,7 +72,6 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::sync::{Arc, Weak};
 
-use crate::iobuf::{BufOwner, DataBuf};
 #[cfg(any(test, feature = "crash-points"))]
 pub use crash::CrashPlan;
 pub use crash::CrashPoint;
@@ -80,6 +79,7 @@ use journal::{Journal, JournalRequest, RingIdent};
 use layout::*;
 pub use mapping::Mapping;
 pub use recover::{RecoverError, Recovered, Recovery, RecoveryReport};
+use tcmu_warden_sdk::{BufOwner, DataBuf};
 
 /// Errors of the ring engine.
 #[derive(Debug, thiserror::Error)]

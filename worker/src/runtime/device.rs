@@ -4,14 +4,22 @@
 //!
 //! ```text
 //!   kernel ──(cmd_head, uio event)──▶ ring thread ──jobs──▶ I/O threads ──▶ Emulator ──▶ Handler
-//!   kernel ◀──(cmd_tail, 4-byte write)── ring thread ◀──completions + eventfd wake──┘
+//!   kernel ◀──(cmd_tail, 4-byte write)── ring thread ◀──answers + eventfd wake──┘   (any thread)
 //! ```
 //!
-//! The ring thread is the only code that touches the ring: it waits for the kernel's event, fetches
-//! every new entry, hands commands to the pool, writes finished commands back (out of order, as they
-//! finish), and notifies the kernel once per batch. I/O threads only see a command's own CDB and data
-//! buffers. So many commands are in flight per device at once, and a slow command never holds back a
-//! fast one.
+//! The ring thread is the only code that touches the ring (and its in-flight journal): it waits
+//! for the kernel's event, fetches every new entry, hands commands to the pool, writes finished
+//! commands back (out of order, as they finish), and notifies the kernel once per batch. I/O
+//! threads only see a command's own CDB and data buffers: each wraps its command in the SDK's
+//! completion handle ([`Pending`]) and submits it to the emulator. The emulation answers on the
+//! I/O thread; a handler that implements an opcode itself may keep the handle and answer later
+//! from any thread of its own. Either way the answer goes through the same path: counted, sent
+//! on a channel to the ring thread, and the ring thread woken through an eventfd, so answers
+//! from foreign threads reach the ring (and the journal) only through the ring thread, in the
+//! order the ring thread receives them. A handle dropped unanswered answers its command with
+//! HARDWARE ERROR / INTERNAL TARGET FAILURE (04/44/00), so every command is answered exactly
+//! once. A handler can also block the device ([`DeviceBlock`]): the ring thread then fetches no
+//! new command until it is unblocked, and keeps delivering answers.
 //!
 //! A runner can also start from a [`Recovery`] (a ring rebuilt from a dead worker's journal):
 //! before fetching anything new, it re-executes the recovered commands that are safe to run twice
@@ -39,7 +47,8 @@ use tracing::{debug, error, info, warn};
 use crate::ring::{
     Completion, CrashPoint, Fetched, Recovered, Recovery, Ring, RingCommand, RingError,
 };
-use crate::scsi::{Command, CommandResult, Emulator, MediumAccess, Sense, medium_access, status};
+use crate::scsi::{CommandResult, Emulator, MediumAccess, Sense, medium_access, status};
+use tcmu_warden_sdk::{Answer, BlockSwitch, CompleteFn, DeviceBlock, Pending};
 
 use super::replay::is_replay_safe;
 
@@ -160,21 +169,29 @@ impl DeviceRunner {
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
 
+        let dev_name: Arc<str> = Arc::from(name.as_str());
+        let block = Arc::new(RingBlock {
+            dev: dev_name.clone(),
+            blocked: AtomicBool::new(false),
+            wake: wake.clone(),
+        });
+        let handle = DeviceBlock::new(block.clone());
         let mut io_threads = Vec::new();
         for i in 0..opts.io_threads.max(1) {
-            let (rx, tx, wake, emu, ctr, gone) = (
+            let (rx, tx, wake, emu, ctr, gone, handle) = (
                 job_rx.clone(),
                 done_tx.clone(),
                 wake.clone(),
                 emulator.clone(),
                 counters.clone(),
                 abandoned.clone(),
+                handle.clone(),
             );
-            let dev = name.clone();
+            let dev = dev_name.clone();
             io_threads.push(
                 std::thread::Builder::new()
                     .name(format!("io-{i}"))
-                    .spawn(move || io_loop(&dev, rx, tx, &wake, &emu, &ctr, &gone))?,
+                    .spawn(move || io_loop(&dev, rx, tx, &wake, &emu, &ctr, &gone, &handle))?,
             );
         }
         drop(done_tx);
@@ -183,7 +200,9 @@ impl DeviceRunner {
             std::thread::Builder::new()
                 .name("ring".into())
                 .spawn(move || {
-                    let r = ring_loop(&dev, ring, recovered, &event, &wake, &stop, job_tx, done_rx);
+                    let r = ring_loop(
+                        &dev, ring, recovered, &event, &wake, &stop, &block, job_tx, done_rx,
+                    );
                     match &r {
                         Ok(()) => info!(device = %dev, "device stopped"),
                         Err(e) => {
@@ -265,6 +284,7 @@ fn ring_loop(
     event: &OwnedFd,
     wake: &EventFd,
     stop: &AtomicBool,
+    block: &RingBlock,
     jobs: Sender<Job>,
     done: Receiver<Done>,
 ) -> Result<(), DeviceError> {
@@ -290,7 +310,7 @@ fn ring_loop(
             }
         }
         let stopping = stop.load(Ordering::Acquire);
-        if !stopping {
+        if !stopping && !block.is_blocked() {
             while let Some(entry) = ring.fetch()? {
                 match entry {
                     Fetched::Cmd(cmd) => {
@@ -396,7 +416,7 @@ fn finish_recovered(
 
 fn internal_error() -> CommandResult {
     // HARDWARE ERROR / INTERNAL TARGET FAILURE: the command itself was fine, our side was not.
-    CommandResult::check(Sense::new(0x04, 0x44, 0x00))
+    CommandResult::internal_error()
 }
 
 fn complete(ring: &mut Ring, cmd_id: u16, r: &CommandResult) -> Result<(), RingError> {
@@ -419,42 +439,57 @@ struct Job {
     replay: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn io_loop(
-    dev: &str,
+    dev: &Arc<str>,
     jobs: Receiver<Job>,
     done: Sender<Done>,
-    wake: &EventFd,
+    wake: &Arc<EventFd>,
     emulator: &Emulator,
-    counters: &Counters,
+    counters: &Arc<Counters>,
     abandoned: &AtomicBool,
+    block: &DeviceBlock,
 ) {
-    for Job { mut cmd, replay } in jobs {
+    for Job { cmd, replay } in jobs {
         if abandoned.load(Ordering::Acquire) {
             // The ring thread is gone: nobody could deliver the result.
             continue;
         }
-        let op = cmd.cdb.first().copied().unwrap_or(0);
-        let len = cmd.data.len() as u64;
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let mut c = Command {
-                cdb: &cmd.cdb,
-                data: &mut cmd.data,
-                bidi_in: cmd.bidi_in.as_mut(),
-            };
-            if replay {
-                emulator.execute_replayed(&mut c)
-            } else {
-                emulator.execute(&mut c)
-            }
-        }))
-        .unwrap_or_else(|_| {
+        let RingCommand {
+            cmd_id,
+            cdb,
+            data,
+            bidi_in,
+            ..
+        } = cmd;
+        let op = cdb.first().copied().unwrap_or(0);
+        let len = data.len() as u64;
+        let answer = answer_fn(dev, cmd_id, op, len, &done, wake, counters);
+        let pending = Pending::new(cdb, data, bidi_in, block.clone(), answer);
+        // A panic drops the command's handle on the way out, which answers it (04/44/00).
+        if catch_unwind(AssertUnwindSafe(|| emulator.submit(pending, replay))).is_err() {
             error!(device = %dev, opcode = op, "command handler panicked; failing the command");
-            internal_error()
-        });
-        let cmd_id = cmd.cmd_id;
-        // The data buffers point into pages the kernel reuses once the command completes: drop
-        // them before the completion can be written.
-        drop(cmd);
+        }
+    }
+}
+
+/// The completion of one command: counts it and hands its answer to the ring thread, from
+/// whichever thread answers it (an I/O thread, or a handler's own).
+fn answer_fn(
+    dev: &Arc<str>,
+    cmd_id: u16,
+    op: u8,
+    len: u64,
+    done: &Sender<Done>,
+    wake: &Arc<EventFd>,
+    counters: &Arc<Counters>,
+) -> CompleteFn {
+    let (dev, done, wake, counters) = (dev.clone(), done.clone(), wake.clone(), counters.clone());
+    Box::new(move |result: CommandResult, how: Answer| {
+        if how == Answer::Dropped {
+            warn!(device = %dev, cmd_id, opcode = op,
+                  "command dropped without an answer; failing it (HARDWARE ERROR, 04/44/00)");
+        }
         counters.commands.fetch_add(1, Ordering::Relaxed);
         if result.status != status::GOOD {
             counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -471,10 +506,35 @@ fn io_loop(
                 MediumAccess::None => {}
             }
         }
-        if done.send(Done { cmd_id, result }).is_err() {
-            return;
+        // The command's data buffers were released before this runs (see `Pending`).
+        if done.send(Done { cmd_id, result }).is_ok() {
+            let _ = wake.write(1);
         }
-        let _ = wake.write(1);
+    })
+}
+
+/// The ring thread's side of [`DeviceBlock`]: while set, it fetches no new command.
+struct RingBlock {
+    dev: Arc<str>,
+    blocked: AtomicBool,
+    wake: Arc<EventFd>,
+}
+
+impl BlockSwitch for RingBlock {
+    fn set_blocked(&self, blocked: bool) {
+        if self.blocked.swap(blocked, Ordering::AcqRel) != blocked {
+            if blocked {
+                warn!(device = %self.dev, "the handler blocked the device: no new commands are fetched");
+            } else {
+                info!(device = %self.dev, "the handler unblocked the device");
+            }
+            // Wake the ring thread to fetch what waited meanwhile.
+            let _ = self.wake.write(1);
+        }
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Acquire)
     }
 }
 

@@ -22,6 +22,7 @@
 //!
 //! This module never opens a path: every file it uses arrives as a descriptor from the supervisor.
 
+mod config;
 pub mod device;
 pub mod replay;
 
@@ -35,11 +36,12 @@ use tcmu_warden_proto::{
 };
 use tracing::{error, info, warn};
 
-use crate::handler::{DeviceConfig, HandlerFactory};
 use crate::ring::journal::{Journal, JournalError};
 use crate::ring::{Mapping, RecoverError, Ring, RingError};
 use crate::scsi::{CopyRegistry, Emulator};
+pub use config::{MIN_MAX_TRANSFER_BYTES, device_config};
 pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
+use tcmu_warden_sdk::{HandlerError, HandlerFactory};
 
 /// Environment variable naming the inherited supervisor socket.
 pub const FD_ENV: &str = "TCMU_WARDEN_FD";
@@ -66,7 +68,7 @@ enum AddError {
     #[error("no handler for subtype {0:?} in this worker")]
     UnknownSubtype(String),
     #[error("{0}")]
-    Handler(#[from] crate::handler::HandlerError),
+    Handler(#[from] HandlerError),
     #[error("{0}")]
     Ring(#[from] RingError),
     #[error("starting device threads: {0}")]
@@ -329,7 +331,7 @@ impl Worker {
                 Some(Journal::map(fd.as_fd())?)
             }
         };
-        let cfg = DeviceConfig::from(&spec);
+        let cfg = device_config(&spec);
         let emulator = match &spec.refusal {
             Some(why) => {
                 warn!(device = %spec.name, reason = %why, "serving refused device: every command fails NOT READY");

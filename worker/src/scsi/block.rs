@@ -7,7 +7,7 @@
 //! Rules every command here follows:
 //! - the transfer length is checked against the device's maximum transfer length
 //!   (`max_sectors` of the device configuration, see
-//!   [`MIN_MAX_TRANSFER_BYTES`](crate::handler::MIN_MAX_TRANSFER_BYTES); INVALID FIELD IN CDB
+//!   `runtime::MIN_MAX_TRANSFER_BYTES`; INVALID FIELD IN CDB
 //!   pointing at the length field), then the range
 //!   `[LBA, LBA + length)` against the capacity (LOGICAL BLOCK ADDRESS OUT OF RANGE, 05/21/00,
 //!   also when LBA + length overflows);
@@ -32,11 +32,11 @@
 
 use std::io::IoSliceMut;
 
-use super::Command;
 use super::cdb::{Cdb, RwLayout, block_range, op};
-use super::emulate::{Done, Emulator, IoKind, zero_tail};
-use super::sense::Sense;
-use crate::iobuf::DataBuf;
+use super::unit::{Done, Emulator, IoKind, zero_tail};
+use tcmu_warden_sdk::Command;
+use tcmu_warden_sdk::DataBuf;
+use tcmu_warden_sdk::sense::Sense;
 
 /// Largest buffer the emulation allocates for one step of WRITE SAME or VERIFY.
 pub const CHUNK: u64 = 1 << 20;
@@ -473,7 +473,7 @@ pub fn read_capacity_10(
     let mut resp = Vec::with_capacity(8);
     resp.extend_from_slice(&returned.to_be_bytes());
     resp.extend_from_slice(&emu.block_size().to_be_bytes());
-    Ok(super::emulate::data_in(cmd, &resp, 8))
+    Ok(super::unit::data_in(cmd, &resp, 8))
 }
 
 /// READ CAPACITY (16) (SERVICE ACTION IN 9Eh/10h): last LBA, block length, and LBPME (logical
@@ -503,7 +503,7 @@ pub fn read_capacity_16(
             }
         }
     }
-    Ok(super::emulate::data_in(cmd, &resp, alloc))
+    Ok(super::unit::data_in(cmd, &resp, alloc))
 }
 
 /// Most LBA status descriptors one GET LBA STATUS returns (each costs the handler a lookup).
@@ -528,7 +528,7 @@ fn provisioning_run(emu: &Emulator, lba: u64, max_blocks: u64) -> Result<(bool, 
 
 /// GET LBA STATUS (9Eh/12h), offered with thin provisioning: LBA status descriptors from the
 /// STARTING LBA on, each a run of blocks that are mapped (status 0h) or deallocated (1h), as
-/// the handler's [`Handler::allocation`](crate::handler::Handler::allocation) tells; a handler
+/// the handler's [`Handler::allocation`](tcmu_warden_sdk::Handler::allocation) tells; a handler
 /// that cannot tell gets one "mapped" descriptor for the rest of the medium (SBC-3 lets "mapped"
 /// stand for "mapped or unknown"). As many descriptors as the allocation length holds, at most
 /// [`MAX_LBA_STATUS_DESCRIPTORS`], each at most 2^32 - 1 blocks.
@@ -564,7 +564,7 @@ pub fn get_lba_status(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Re
         resp.push(if mapped { 0x00 } else { 0x01 });
         resp.extend_from_slice(&[0; 3]);
     }
-    Ok(super::emulate::data_in(cmd, &resp, alloc))
+    Ok(super::unit::data_in(cmd, &resp, alloc))
 }
 
 /// PRE-FETCH (10), (16): asks the device to read blocks into its cache ahead of use. We keep no
@@ -702,5 +702,5 @@ pub fn read_defect_data(
     } else {
         (vec![0, flags, 0, 0], usize::from(cdb.be16(7)))
     };
-    Ok(super::emulate::data_in(cmd, &resp, alloc))
+    Ok(super::unit::data_in(cmd, &resp, alloc))
 }

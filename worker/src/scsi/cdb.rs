@@ -14,7 +14,7 @@
 //! CODES returns), and decoding of the READ/WRITE-style families into typed values. It never
 //! executes anything and never panics, whatever the bytes.
 
-use super::sense::Sense;
+use tcmu_warden_sdk::sense::Sense;
 
 /// Opcodes the emulation knows (SPC-4, SBC-3).
 pub mod op {

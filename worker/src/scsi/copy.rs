@@ -33,16 +33,15 @@
 //! This module owns parameter-list parsing, the copy loop and the registry; it never touches the
 //! ring, and never reaches a device that is not registered (or is refused).
 
-use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
 use std::ops::Deref;
-use std::sync::{Arc, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, MutexGuard, PoisonError, Weak};
 
-use super::Command;
 use super::block::CHUNK;
 use super::cdb::Cdb;
-use super::emulate::{Done, Emulator, IoKind, data_in};
-use super::sense::{Sense, key};
+use super::unit::{CopyBook, CopyRegistry, Done, Emulator, Held, IoKind, data_in};
+use tcmu_warden_sdk::Command;
+use tcmu_warden_sdk::sense::{Sense, key};
 
 /// Length of the parameter list header.
 const HEADER_LEN: usize = 16;
@@ -67,17 +66,6 @@ pub const MAX_SEGMENT_BYTES: u32 = 256 << 20;
 const CONCURRENT_COPIES: u16 = 4;
 /// How many completed copies' status a device holds for RECEIVE COPY RESULTS.
 pub const MAX_HELD: usize = 16;
-
-/// Finds the emulators of the devices this process serves by their NAA designator, so that an
-/// EXTENDED COPY received by one device can read from or write to another.
-///
-/// It holds weak references: a device that stops serving (its emulator dropped) disappears from
-/// the registry by itself, and registering a device again (after a restart, with the same unit
-/// serial) replaces the old entry.
-#[derive(Debug, Default)]
-pub struct CopyRegistry {
-    devices: RwLock<HashMap<[u8; 16], Weak<Emulator>>>,
-}
 
 impl CopyRegistry {
     /// An empty registry, shared by the devices of one worker.
@@ -118,21 +106,6 @@ impl CopyRegistry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// The outcome of a completed copy, as COPY STATUS reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Held {
-    list_id: u8,
-    segments: u16,
-    bytes: u64,
-}
-
-/// Per-device bookkeeping of copies: list identifiers in use, and held results.
-#[derive(Debug, Default)]
-pub struct CopyBook {
-    running: Vec<u8>,
-    held: VecDeque<Held>,
 }
 
 /// Removes a running list identifier when the copy ends, however it ends.

@@ -20,13 +20,13 @@
 //!
 //! This module owns the content of those pages; it never reads device data.
 
-use super::Command;
 use super::block::{
     MAX_UNMAP_DESCRIPTORS, max_compare_write_blocks, max_unmap_blocks, max_write_same_blocks,
 };
 use super::cdb::Cdb;
-use super::emulate::{Done, Emulator, data_in};
-use super::sense::Sense;
+use super::unit::{Done, Emulator, data_in};
+use tcmu_warden_sdk::Command;
+use tcmu_warden_sdk::sense::Sense;
 
 /// T10 vendor identification of LIO-style targets.
 pub const VENDOR: &[u8; 8] = b"LIO-ORG ";

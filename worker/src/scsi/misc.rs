@@ -8,10 +8,10 @@
 //!
 //! This module never touches the handler except for START STOP UNIT's flush.
 
-use super::Command;
 use super::cdb::Cdb;
-use super::emulate::{Done, Emulator, IoKind, data_in};
-use super::sense::Sense;
+use super::unit::{Done, Emulator, IoKind, data_in};
+use tcmu_warden_sdk::Command;
+use tcmu_warden_sdk::sense::Sense;
 
 /// TEST UNIT READY: GOOD (refusal and unit attentions were handled by the dispatcher).
 pub fn test_unit_ready(

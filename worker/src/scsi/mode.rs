@@ -26,10 +26,10 @@
 //!
 //! This module owns the page contents and their parsing; it never changes device state.
 
-use super::Command;
 use super::cdb::{Cdb, op};
-use super::emulate::{Done, Emulator, data_in};
-use super::sense::Sense;
+use super::unit::{Done, Emulator, data_in};
+use tcmu_warden_sdk::Command;
+use tcmu_warden_sdk::sense::Sense;
 
 const PAGE_ERROR_RECOVERY: u8 = 0x01;
 const PAGE_CACHING: u8 = 0x08;

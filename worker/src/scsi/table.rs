@@ -21,9 +21,10 @@
 //! device I/O.
 
 use super::cdb::{Cdb, SA_MASK, op};
-use super::emulate::{Done, Emulator, data_in};
-use super::sense::Sense;
-use super::{Command, block, copy, inquiry, misc, mode};
+use super::unit::{Done, Emulator, data_in};
+use super::{block, copy, inquiry, misc, mode};
+use tcmu_warden_sdk::Command;
+use tcmu_warden_sdk::sense::Sense;
 
 /// Which way a command moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,4 +434,14 @@ pub fn report_supported_opcodes(
         _ => return Err(Sense::invalid_field_in_cdb(2, Some(2))),
     }
     Ok(data_in(cmd, &resp, alloc))
+}
+
+impl Emulator {
+    /// Whether the table entry is offered on this device.
+    pub(crate) fn offers(&self, o: &OpDesc) -> bool {
+        match o.avail {
+            Avail::Always => true,
+            Avail::Unmap => self.caps().unmap,
+        }
+    }
 }

@@ -18,8 +18,8 @@ use std::thread::ThreadId;
 
 use super::sense::key;
 use super::{Command, CommandResult, Emulator, Sense, status};
-use crate::handler::{DeviceConfig, Handler, HandlerCaps};
-use crate::iobuf::DataBuf;
+use tcmu_warden_sdk::DataBuf;
+use tcmu_warden_sdk::{DeviceConfig, Handler, HandlerCaps};
 
 pub const BS: usize = 512;
 

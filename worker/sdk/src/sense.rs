@@ -7,7 +7,7 @@
 //! - the **additional sense code** (ASC) and its **qualifier** (ASCQ): the precise reason, e.g.
 //!   ASC/ASCQ 24h/00h INVALID FIELD IN CDB, 21h/00h LOGICAL BLOCK ADDRESS OUT OF RANGE.
 //!
-//! Sense data is written as `key/ASC/ASCQ` in hex throughout this crate, e.g. `05/24/00`.
+//! Sense data is written as `key/ASC/ASCQ` in hex throughout tcmu-warden, e.g. `05/24/00`.
 //!
 //! Two optional parts matter to us:
 //! - the **information** field: for MISCOMPARE, the byte offset of the first difference;
