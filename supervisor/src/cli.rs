@@ -26,9 +26,10 @@ use std::fmt::Write as _;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use crate::config::{Config, KNOWN_SUBTYPES, format_duration};
 use clap::{Parser, Subcommand};
+use tcmu_warden_policy::format_size;
 use tcmu_warden_policy::jail::landlock::LandlockReport;
-use tcmu_warden_policy::{Config, JailSpec, KNOWN_SUBTYPES, format_duration, format_size};
 
 /// tcmu-warden: serves Linux SCSI disks from userspace through TCMU (LIO's `user` backstore).
 #[derive(Debug, Parser)]
@@ -110,7 +111,7 @@ pub fn describe_policy(config: &Config, worker_exe: &Path) -> String {
         }
     );
     let mut section = |title: String, subtype: Option<&str>, notes: String| {
-        let spec = JailSpec::for_worker(config, subtype, worker_exe);
+        let spec = config.jail_for(subtype, worker_exe);
         let report = LandlockReport::for_abi(abi, &spec.settings.network);
         let _ = writeln!(out);
         let _ = writeln!(out, "{title}{notes}");

@@ -13,7 +13,8 @@
 
 use std::fmt::Debug;
 
-use tcmu_warden_policy::{Config, format_size};
+use crate::config::Config;
+use tcmu_warden_policy::format_size;
 
 /// What a reload changes, as human-readable lines (`handler.ram.max_size: none -> 1GiB`), and
 /// the keys whose change needs a restart.

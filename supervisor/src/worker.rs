@@ -33,7 +33,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
-use tcmu_warden_policy::LogFormat;
+use crate::config::LogFormat;
 use tcmu_warden_policy::jail::STAGE_TWO_ENV;
 
 use crate::jail::StageOne;

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode};
 use std::time::{Duration, Instant};
 
-use tcmu_warden_policy::Config;
 use tcmu_warden_proto::{DeviceStats, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::control::{self, Request, StatusReport};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;

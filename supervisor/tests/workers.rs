@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tcmu_warden_policy::Config;
 use tcmu_warden_proto::{FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
+use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 
@@ -252,7 +252,7 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
     let f = Fixture::with_scratch_ram();
     f.file_device("uio1", "disk0");
     let mut sup = f.start("echo", &f.handlers(None), |o| {
-        o.worker_log_format = Some(tcmu_warden_policy::LogFormat::Json);
+        o.worker_log_format = Some(tcmu_warden_supervisor::config::LogFormat::Json);
     });
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)

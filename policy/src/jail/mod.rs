@@ -27,11 +27,10 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
 use crate::size::format_size;
 use landlock::{FsRule, Grant, LandlockReport};
 use seccomp::StageOneOptions;
-use settings::{Backing, JailSettings, LandlockMode, Network, SeccompMode};
+use settings::{JailSettings, LandlockMode, Network, SeccompMode};
 
 /// The environment variable that tells a worker how to build its stage-two filter
 /// ([`StageTwoRequest`]). Its absence means the supervisor runs without a jail (debugging only).
@@ -192,22 +191,6 @@ impl JailSpec {
                 syscalls: extra,
             },
             backing_paths: backing_paths.to_vec(),
-        }
-    }
-
-    /// The jail of the worker for `subtype` (`None`: the worker of refused devices, which gets
-    /// `[jail]` as is). `default_exe` is the daemon's worker executable.
-    pub fn for_worker(config: &Config, subtype: Option<&str>, default_exe: &Path) -> JailSpec {
-        match subtype.and_then(|s| config.handler(s)) {
-            Some(h) => {
-                let exe = h.exe.as_deref().unwrap_or(default_exe);
-                let backing: &[PathBuf] = match h.backing {
-                    Backing::Fd => &h.allow_paths,
-                    Backing::None => &[],
-                };
-                JailSpec::new(exe, &h.jail, backing)
-            }
-            None => JailSpec::new(default_exe, &config.jail, &[]),
         }
     }
 

@@ -53,7 +53,7 @@
 //! only pings; their answers carry the counters the status report shows.
 //!
 //! This module never parses sysfs (that is [`crate::discovery`]), never decides policy (that is
-//! the policy crate), and never spawns processes by hand (that is [`crate::worker`]).
+//! [`crate::config`]), and never spawns processes by hand (that is [`crate::worker`]).
 
 pub mod lifecycle;
 pub mod ops;
@@ -69,8 +69,8 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use crate::config::{Config, Isolation, Lifecycle, LogFormat, UeventSource};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tcmu_warden_policy::{Config, Isolation, JailSpec, Lifecycle, LogFormat, UeventSource};
 use tcmu_warden_proto::{
     DeviceSpec, DeviceStats, FromWorker, JournalMode, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError,
     ToWorker,
@@ -799,7 +799,7 @@ impl Supervisor {
                 WorkerKey::Subtype(s) | WorkerKey::Device { subtype: s, .. } => Some(s.as_str()),
                 WorkerKey::Refused => None,
             };
-            let spec = JailSpec::for_worker(&self.config, subtype, &self.opts.worker_exe);
+            let spec = self.config.jail_for(subtype, &self.opts.worker_exe);
             match jail::prepare(&spec) {
                 Ok(prepared) => (Some(prepared.stage_one), Some(prepared.status)),
                 Err(err) => {

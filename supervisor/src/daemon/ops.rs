@@ -55,7 +55,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use tcmu_warden_policy::{Config, PolicyError};
+use crate::config::{Config, PolicyError};
 use tcmu_warden_proto::{DeviceStats, ToWorker};
 use tracing::{debug, error, info, warn};
 

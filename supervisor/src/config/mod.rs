@@ -1,6 +1,6 @@
 //! # The configuration file
 //!
-//! Parses `tcmu-warden.toml` (schema in the [crate documentation](crate)) into a validated
+//! Parses `tcmu-warden.toml` (the schema is below) into a validated
 //! [`Config`]. Parsing is two-step: serde reads the text into private `Raw*` structs that keep
 //! each value's byte span, then [`Config::from_toml_str`] checks every value and builds the
 //! public, span-free types. Every error, syntactic or semantic, is a [`ConfigError`] that names
@@ -9,6 +9,102 @@
 //! This module owns the schema and its validation. It never touches the file system beyond
 //! reading the configuration file itself (whether an allowed path exists is checked when a
 //! device is admitted, not here, because storage may be mounted after the daemon starts).
+//!
+//! ## The configuration file
+//!
+//! A commented example lives in `docs/tcmu-warden.example.toml`. Unknown sections and keys are
+//! errors, so a typo never silently changes behaviour.
+//!
+//! ```toml
+//! [daemon]
+//! # The worker executable. Default: `tcmu-warden-worker` in the directory of the running
+//! # `tcmu-warden`. Must be absolute.
+//! worker_exe = "/usr/libexec/tcmu-warden/tcmu-warden-worker"
+//! # Where sysfs is mounted: `class/uio` and `kernel/config` (configfs) are looked up under it.
+//! # Default "/sys". Tests point it at a fake tree.
+//! sysfs_root = "/sys"
+//! # Where the `uioN` device nodes are. Default "/dev".
+//! dev_root = "/dev"
+//! # "text" (human-readable, stderr), "json" (one object per line, stderr) or "journald"
+//! # (native journal entries). Default: journald when JOURNAL_STREAM is set (started by
+//! # systemd with output to the journal), text otherwise.
+//! log_format = "text"
+//! # Where each device's in-flight journal lives (a tmpfs: it must survive a supervisor restart,
+//! # and need not survive a reboot). Default "/run/tcmu-warden/journal".
+//! journal_dir = "/run/tcmu-warden/journal"
+//! # Worker lifecycle. Durations take a unit: ms, s, m, h.
+//! heartbeat_interval = "5s"       # how often a serving worker is pinged
+//! heartbeat_timeout = "10s"       # a worker that does not answer a ping this long is killed
+//! restart_backoff_initial = "100ms" # delay before restarting a crashed worker, doubling...
+//! restart_backoff_max = "30s"     # ...up to this
+//! quarantine_after = 5            # this many crashes within quarantine_window: no more
+//! quarantine_window = "10m"       # restarts; the worker's devices stay blocked and failed
+//! # The control socket `tcmu-warden status` talks to (root only). Default
+//! # "/run/tcmu-warden/control.sock".
+//! control_socket = "/run/tcmu-warden/control.sock"
+//! # At shutdown, how long in-flight SCSI commands may take to finish before workers are
+//! # killed, in seconds (1..=3600). Default 30.
+//! drain_timeout = 30
+//! # Which copy of the kernel's device events to follow: "udev" (sent once udev created
+//! # /dev/uioN), "kernel", or "auto" (default: udev's when systemd-udevd runs).
+//! uevent_source = "auto"
+//!
+//! # Devices of subtype `file`: the cfgstring is an absolute path to a regular file or a block
+//! # device. Without this section every `file` device is refused.
+//! [handler.file]
+//! # Required, non-empty. Directories whose files (at any depth) may back devices, or paths
+//! # allowed exactly (typically a block device such as /dev/disk/by-id/wwn-0x5000c500a1b2c3d4).
+//! # Absolute, no `..`. Symlinks *inside* a directory may not lead out of it.
+//! allow_paths = ["/var/lib/tcmu", "/srv/disks"]
+//! # "subtype" (default): one worker process serves every `file` device.
+//! # "device": one worker process per device.
+//! isolation = "subtype"
+//!
+//! # Devices of subtype `ram`: volatile, held in the worker's memory. Without this section every
+//! # `ram` device is refused.
+//! [handler.ram]
+//! # Optional cap on a device's size: an integer (bytes) or a string such as "64GiB", "512MiB",
+//! # "10GB" (see [`tcmu_warden_policy::size`] for the units).
+//! max_size = "64GiB"
+//!
+//! # A third-party subtype: its own worker executable, built on the worker runtime.
+//! [handler.qcow]
+//! exe = "/usr/libexec/qcow-worker"    # required for a subtype the built-in worker lacks
+//! backing = "fd"                      # "fd": cfgstring is a path under allow_paths, opened by
+//! allow_paths = ["/srv/qcow"]         # the supervisor and passed; "none" (default): no backing
+//! ```
+//!
+//! ## The jail keys
+//! The `[jail]` section holds the defaults of every worker (and is exactly the jail of the
+//! worker that serves refused devices); each `[handler.<subtype>]` section may override any key
+//! (`rlimits` entry by entry). See [`jail`] and `docs/security.md`.
+//!
+//! ```toml
+//! [jail]
+//! user = "tcmu"                 # name or number; default: the supervisor's (root)
+//! group = "tcmu"                # default: the user's primary group
+//! read_paths = []               # read-only landlock grants
+//! write_paths = []              # read-write (never execute) landlock grants
+//! network = "none"              # or "tcp" with connect_ports = [3260]
+//! syscalls = []                 # extra names for the stage-two seccomp allow-list
+//! namespaces = ["ipc", "net", "uts"]   # default; "net" only without TCP; also "mount", "cgroup"
+//! landlock = "required"         # or "best-effort"
+//! seccomp_action = "kill"       # or "log": a debugging aid, NOT FOR PRODUCTION
+//! io_uring = false
+//! rlimits = { open_files = 4096, core_size = 0, address_space = "64GiB", processes = 256 }
+//! ```
+//!
+//! A device whose subtype has no section, whose cfgstring the rules refuse, or that has no
+//! subtype at all is *refused*. A device created while the daemon runs is refused to the kernel:
+//! the administrator's configfs `enable` write fails with an error, and the log says why. A
+//! device that already existed when the daemon started is still handed to a worker that
+//! answers every SCSI command with NOT READY, so initiators fail at once rather than time out.
+
+pub mod admit;
+pub mod duration;
+
+pub use admit::{Admission, PolicyError};
+pub use duration::{DurationError, HumanDuration, format_duration, parse_duration};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,11 +115,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::duration::HumanDuration;
-use crate::jail::settings::{
+use tcmu_warden_policy::JailSpec;
+use tcmu_warden_policy::jail::settings::{
     Backing, Id, JailSettings, LandlockMode, Namespace, Network, Rlimits, SeccompMode,
 };
-use crate::size::ByteSize;
+use tcmu_warden_policy::size::ByteSize;
 
 /// Handler subtypes this configuration schema knows.
 pub const KNOWN_SUBTYPES: &[&str] = &["file", "ram"];
@@ -609,7 +705,7 @@ impl Locator<'_> {
             let mut names = Vec::new();
             for entry in list.get_ref() {
                 let name = entry.get_ref();
-                if let Err(why) = crate::jail::seccomp::check_extra_syscall(name) {
+                if let Err(why) = tcmu_warden_policy::jail::seccomp::check_extra_syscall(name) {
                     return Err(self.error(Some(entry.span()), format!("{prefix}.syscalls: {why}")));
                 }
                 if !names.contains(name) {
@@ -719,8 +815,8 @@ impl Locator<'_> {
                     Some(v.span()),
                     format!(
                         "{prefix}.rlimits.address_space: {} is too small for a worker (at least {})",
-                        crate::size::format_size(bytes),
-                        crate::size::format_size(MIN_ADDRESS_SPACE)
+                        tcmu_warden_policy::size::format_size(bytes),
+                        tcmu_warden_policy::size::format_size(MIN_ADDRESS_SPACE)
                     ),
                 ));
             }
@@ -905,6 +1001,22 @@ pub(crate) fn normalize_absolute(text: &str) -> Result<PathBuf, String> {
 }
 
 impl Config {
+    /// The jail of the worker for `subtype` (`None`: the worker of refused devices, which gets
+    /// `[jail]` as is). `default_exe` is the daemon's worker executable.
+    pub fn jail_for(&self, subtype: Option<&str>, default_exe: &Path) -> JailSpec {
+        match subtype.and_then(|s| self.handler(s)) {
+            Some(h) => {
+                let exe = h.exe.as_deref().unwrap_or(default_exe);
+                let backing: &[PathBuf] = match h.backing {
+                    Backing::Fd => &h.allow_paths,
+                    Backing::None => &[],
+                };
+                JailSpec::new(exe, &h.jail, backing)
+            }
+            None => JailSpec::new(default_exe, &self.jail, &[]),
+        }
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1090,6 +1202,9 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod jail_tests;
 
 #[cfg(test)]
 mod tests {
