@@ -22,13 +22,18 @@ use std::os::unix::net::UnixDatagram;
 use sendfd::{RecvWithFd, SendWithFd};
 use serde::{Deserialize, Serialize};
 
+pub mod process;
+
+pub use process::{SeccompMode, StageTwoRequest};
+
 /// Version of this protocol. A worker built from another version is refused at the handshake.
 ///
 /// History: 1 = the first wire; 2 = the in-flight journal ([`DeviceSpec::journal`], its
 /// descriptor after the others), [`FromWorker::RecoveryFailed`], [`ToWorker::Reconfig`],
 /// [`FromWorker::Reconfigured`], [`FromWorker::ReconfigFailed`], and validated
-/// [`DeviceStats`] in [`FromWorker::Pong`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`DeviceStats`] in [`FromWorker::Pong`]; 3 = stage two of the jail in [`ToWorker::Hello`]
+/// ([`process::StageTwoRequest`]) instead of the `TCMU_WARDEN_JAIL` environment text.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest encoded frame either side accepts. Anything larger ends the conversation.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -240,6 +245,10 @@ pub enum ToWorker {
         worker: String,
         /// Subtypes this worker is to serve.
         subtypes: Vec<String>,
+        /// Stage two of the worker's jail, which it installs before it answers (and so before
+        /// any device is served). `None` only when the supervisor runs without jails
+        /// (`--no-jail`, a debugging aid).
+        jail: Option<StageTwoRequest>,
     },
     /// Serve a device. Carries [`DeviceSpec::fd_count`] descriptors: the UIO device, then the
     /// backing store if [`DeviceSpec::has_backing_fd`].
@@ -366,12 +375,19 @@ pub trait Message: Serialize + for<'de> Deserialize<'de> {
 impl Message for ToWorker {
     fn validate(&self) -> Result<(), ProtoError> {
         match self {
-            ToWorker::Hello { worker, subtypes } => {
+            ToWorker::Hello {
+                worker,
+                subtypes,
+                jail,
+            } => {
                 check_name("worker", worker)?;
                 if subtypes.len() > 64 {
                     return Err(invalid("subtypes", "more than 64".into()));
                 }
-                subtypes.iter().try_for_each(|s| check_name("subtypes", s))
+                subtypes
+                    .iter()
+                    .try_for_each(|s| check_name("subtypes", s))?;
+                jail.as_ref().map_or(Ok(()), StageTwoRequest::validate)
             }
             ToWorker::AddDevice(spec) => spec.validate(),
             ToWorker::Reconfig {
@@ -858,6 +874,41 @@ mod tests {
                 let _ = decode::<FromWorker>(&bytes);
             }
         }
+    }
+
+    #[test]
+    fn hello_carries_stage_two_and_refuses_a_bad_list() {
+        let (a, b) = Channel::pair().unwrap();
+        let hello = ToWorker::Hello {
+            worker: "file".into(),
+            subtypes: vec!["file".into()],
+            jail: Some(StageTwoRequest {
+                action: SeccompMode::Log,
+                syscalls: vec!["fsync".into()],
+            }),
+        };
+        a.send(&hello, &[]).unwrap();
+        assert_eq!(b.recv::<ToWorker>().unwrap().0, hello);
+        let bad = ToWorker::Hello {
+            worker: "file".into(),
+            subtypes: vec![],
+            jail: Some(StageTwoRequest {
+                action: SeccompMode::Kill,
+                syscalls: vec!["read;write".into()],
+            }),
+        };
+        let bytes = postcard::to_stdvec(&Frame {
+            version: PROTOCOL_VERSION,
+            body: bad,
+        })
+        .unwrap();
+        assert!(matches!(
+            decode::<ToWorker>(&bytes),
+            Err(ProtoError::Invalid {
+                field: "jail.syscalls",
+                ..
+            })
+        ));
     }
 
     #[test]

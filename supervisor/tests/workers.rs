@@ -268,8 +268,9 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
         assert_contains(line, "fd3=socket");
         assert_contains(line, "TCMU_WARDEN_FD=3");
         assert_contains(line, "TCMU_WARDEN_LOG_FORMAT=json");
-        // The worker's stage-two settings (the jail is on by default).
-        assert_contains(line, "TCMU_WARDEN_JAIL=seccomp=kill;syscalls=");
+        // The worker's stage-two settings (the jail is on by default) are not in the
+        // environment: they come in the Hello (checked below).
+        assert!(!line.contains("TCMU_WARDEN_JAIL"), "{line}");
         let env = line
             .split("env=[")
             .nth(1)
@@ -280,17 +281,13 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
         for var in env.split(", ").filter(|v| !v.is_empty()) {
             let key = var.trim_matches('"').split('=').next().unwrap();
             assert!(
-                [
-                    "TCMU_WARDEN_FD",
-                    "TCMU_WARDEN_LOG_FORMAT",
-                    "RUST_LOG",
-                    "TCMU_WARDEN_JAIL"
-                ]
-                .contains(&key),
+                ["TCMU_WARDEN_FD", "TCMU_WARDEN_LOG_FORMAT", "RUST_LOG"].contains(&key),
                 "unexpected variable {var} in {line}"
             );
         }
     }
+    assert_some_line(&log, &["stage two worker=ram jail=kill syscalls="], ());
+    assert_some_line(&log, &["stage two worker=file jail=kill syscalls="], ());
 }
 
 fn refused_devices_are_logged_and_still_served() {
@@ -964,6 +961,11 @@ fn workers_are_jailed_and_the_jail_is_verified() {
             assert_some_line(&status, &[set, "0000000000000000"], name);
         }
     }
+    // Stage two's request reached each worker in its Hello (the process contract), not in its
+    // environment.
+    let hellos = f.log("echo");
+    assert_some_line(&hellos, &["stage two worker=file jail=kill syscalls="], ());
+    assert_some_line(&hellos, &["stage two worker=ram jail=kill syscalls="], ());
     let logs = harness::take_logs();
     assert_some_line(
         &logs,
@@ -1020,6 +1022,7 @@ fn no_jail_switch_starts_workers_unconfined() {
     assert_some_line(&status, &["Seccomp:", "0"], ());
     let log = f.log("echo");
     assert!(!log.contains("TCMU_WARDEN_JAIL"), "{log}");
+    assert_some_line(&log, &["stage two worker=ram jail=none"], ());
     assert_some_line(
         &harness::take_logs(),
         &["WARN", "WITHOUT ITS JAIL", "NOT FOR PRODUCTION"],

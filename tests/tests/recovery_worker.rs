@@ -67,6 +67,7 @@ fn worker() -> (
         &ToWorker::Hello {
             worker: "t".into(),
             subtypes: vec!["ram".into()],
+            jail: None,
         },
         &[],
     )

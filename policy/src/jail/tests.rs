@@ -9,22 +9,6 @@ use super::settings::Network;
 use super::*;
 
 #[test]
-fn stage_two_request_round_trips() {
-    let req = StageTwoRequest {
-        action: SeccompMode::Log,
-        syscalls: vec!["fsync".into(), "sync_file_range".into()],
-    };
-    assert_eq!(req.to_env(), "seccomp=log;syscalls=fsync,sync_file_range");
-    assert_eq!(StageTwoRequest::from_env(&req.to_env()).unwrap(), req);
-    let bare = StageTwoRequest::from_env("seccomp=kill;syscalls=").unwrap();
-    assert_eq!(bare.action, SeccompMode::Kill);
-    assert!(bare.syscalls.is_empty());
-    assert!(StageTwoRequest::from_env("syscalls=a").is_err());
-    assert!(StageTwoRequest::from_env("seccomp=kill;frob=1").is_err());
-    assert!(StageTwoRequest::from_env("seccomp=maybe").is_err());
-}
-
-#[test]
 fn spec_grants_exe_loader_libraries_and_configured_paths_only() {
     let exe = std::env::current_exe().unwrap();
     let settings = JailSettings {

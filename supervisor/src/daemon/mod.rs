@@ -71,10 +71,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, Isolation, Lifecycle, LogFormat, UeventSource};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tcmu_warden_proto::{
-    DeviceSpec, DeviceStats, FromWorker, JournalMode, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError,
-    ToWorker,
-};
+use tcmu_warden_proto::process::{fit_name, fit_reason};
+use tcmu_warden_proto::{DeviceSpec, DeviceStats, FromWorker, JournalMode, ProtoError, ToWorker};
 use tracing::{debug, error, info, warn};
 
 use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
@@ -243,9 +241,7 @@ impl WorkerKey {
         match self {
             WorkerKey::Subtype(s) => s.clone(),
             WorkerKey::Device { subtype, hba, name } => {
-                let mut full = format!("{subtype}:user_{hba}/{name}");
-                cut_at_boundary(&mut full, MAX_NAME_LEN);
-                full
+                fit_name(format!("{subtype}:user_{hba}/{name}"))
             }
             WorkerKey::Refused => REFUSED_WORKER.to_owned(),
         }
@@ -594,7 +590,7 @@ impl Supervisor {
             {
                 Ok(admission) => (None, admission.into_backing()),
                 Err(err) => {
-                    let reason = truncate_reason(err.to_string());
+                    let reason = fit_reason(err.to_string());
                     warn!(
                         device = %dev.uio,
                         backstore = %dev.label(),
@@ -791,9 +787,9 @@ impl Supervisor {
     fn start_worker(&mut self, key: &WorkerKey) {
         let name = key.name();
         let exe = self.exe_for(key);
-        let (stage_one, jail) = if self.opts.unconfined {
+        let (stage_one, stage_two, jail) = if self.opts.unconfined {
             warn!(worker = %name, "starting the worker WITHOUT ITS JAIL (--no-jail): a debugging aid, NOT FOR PRODUCTION");
-            (None, None)
+            (None, None, None)
         } else {
             let subtype = match key {
                 WorkerKey::Subtype(s) | WorkerKey::Device { subtype: s, .. } => Some(s.as_str()),
@@ -801,7 +797,11 @@ impl Supervisor {
             };
             let spec = self.config.jail_for(subtype, &self.opts.worker_exe);
             match jail::prepare(&spec) {
-                Ok(prepared) => (Some(prepared.stage_one), Some(prepared.status)),
+                Ok(prepared) => (
+                    Some(prepared.stage_one),
+                    Some(prepared.stage_two),
+                    Some(prepared.status),
+                ),
                 Err(err) => {
                     error!(worker = %name, exe = %exe.display(), reason = %err, "cannot start worker: its jail cannot be enforced");
                     return;
@@ -837,6 +837,7 @@ impl Supervisor {
         let hello = ToWorker::Hello {
             worker: name.clone(),
             subtypes: key.subtypes(),
+            jail: stage_two,
         };
         let sent = process.send(&hello, &[]);
         self.workers.insert(
@@ -1336,7 +1337,7 @@ impl Supervisor {
                 && dev.spec.refusal.is_none()
                 && missing.contains(&dev.spec.subtype)
             {
-                let reason = truncate_reason(format!(
+                let reason = fit_reason(format!(
                     "the worker executable {exe} has no handler for subtype {:?}",
                     dev.spec.subtype
                 ));
@@ -1631,26 +1632,6 @@ fn kind(msg: &FromWorker) -> &'static str {
     }
 }
 
-/// Cuts a refusal reason to the wire's limit, at a character boundary.
-fn truncate_reason(mut reason: String) -> String {
-    if reason.len() > MAX_REASON_LEN {
-        cut_at_boundary(&mut reason, MAX_REASON_LEN.saturating_sub(3));
-        reason.push_str("...");
-    }
-    reason
-}
-
-/// Truncates `s` to at most `max` bytes without splitting a character.
-fn cut_at_boundary(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut cut = max;
-        while cut > 0 && !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-}
-
 /// `poll` timeout in whole milliseconds, rounded up so a deadline is never missed by a spin.
 fn poll_timeout(d: Duration) -> PollTimeout {
     let millis = d.as_micros().div_ceil(1000);
@@ -1705,18 +1686,9 @@ mod tests {
             hba: 1,
             name: "ü".repeat(300),
         };
-        assert!(long.name().len() <= MAX_NAME_LEN);
+        assert!(long.name().len() <= tcmu_warden_proto::MAX_NAME_LEN);
         assert!(long.name().starts_with("file:user_1/ü"));
         assert!(WorkerKey::Refused.subtypes().is_empty());
-    }
-
-    #[test]
-    fn reasons_are_cut_to_the_wire_limit() {
-        let long = "é".repeat(MAX_REASON_LEN);
-        let cut = truncate_reason(long);
-        assert!(cut.len() <= MAX_REASON_LEN);
-        assert!(cut.ends_with("..."));
-        assert_eq!(truncate_reason("short".into()), "short");
     }
 
     #[test]

@@ -56,12 +56,13 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, PolicyError};
+use tcmu_warden_proto::process::fit_reason;
 use tcmu_warden_proto::{DeviceStats, ToWorker};
 use tracing::{debug, error, info, warn};
 
 use super::{
     AdoptError, DaemonError, Device, DevicePhase, Supervisor, WorkerKey, WorkerPhase,
-    default_worker_exe, truncate_reason,
+    default_worker_exe,
 };
 use crate::control::{
     ControlServer, DaemonReport, DeviceReport, FilePolicy, PolicyReport, RamPolicy, Request,
@@ -747,7 +748,7 @@ impl Supervisor {
         {
             Err(err) => {
                 let errno = refusal_errno(&err);
-                let reason = truncate_reason(err.to_string());
+                let reason = fit_reason(err.to_string());
                 warn!(
                     device = %uio,
                     backstore = %label,

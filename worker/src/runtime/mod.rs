@@ -41,10 +41,7 @@ use crate::ring::{Mapping, RecoverError, Ring, RingError};
 use crate::scsi::{CopyRegistry, Emulator};
 pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
 
-/// Environment variable naming the inherited supervisor socket.
-pub const FD_ENV: &str = "TCMU_WARDEN_FD";
-/// Environment variable selecting the log format (`text` or `json`).
-pub const LOG_FORMAT_ENV: &str = "TCMU_WARDEN_LOG_FORMAT";
+use tcmu_warden_proto::process::{CHANNEL_FD_ENV as FD_ENV, LOG_FORMAT_ENV, fit_reason};
 
 /// Errors that end a worker.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +55,9 @@ pub enum WorkerError {
     /// The inherited socket is missing or bad.
     #[error("no supervisor socket: {0}")]
     NoSocket(String),
+    /// Stage two of the jail could not be entered: the worker serves nothing unconfined.
+    #[error("{0}")]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// Why a device could not be served.
@@ -154,12 +154,19 @@ impl Worker {
     /// Runs the conversation until `Shutdown` or until the supervisor hangs up.
     pub fn serve(mut self) -> Result<(), WorkerError> {
         let (hello, fds) = self.chan.recv::<ToWorker>()?;
-        let ToWorker::Hello { worker, subtypes } = hello else {
+        let ToWorker::Hello {
+            worker,
+            subtypes,
+            jail,
+        } = hello
+        else {
             return Err(WorkerError::Protocol(format!(
                 "expected Hello, got {hello:?}"
             )));
         };
         drop(fds);
+        // Stage two of the jail, before answering and so before any device is served.
+        crate::jail::enter_stage_two(&self.factories, jail.as_ref())?;
         let missing: Vec<&String> = subtypes
             .iter()
             .filter(|s| self.factory(s).is_none())
@@ -210,15 +217,13 @@ impl Worker {
                         Err(AddError::Recover(e)) => {
                             warn!(device = %name, id, error = %e,
                                   "cannot serve the ring as it is; asking for a ring reset");
-                            let mut reason = e.to_string();
-                            truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
+                            let reason = fit_reason(e.to_string());
                             self.chan
                                 .send(&FromWorker::RecoveryFailed { id, reason }, &[])?;
                         }
                         Err(e) => {
                             error!(device = %name, id, error = %e, "device failed");
-                            let mut reason = e.to_string();
-                            truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
+                            let reason = fit_reason(e.to_string());
                             self.chan
                                 .send(&FromWorker::DeviceFailed { id, reason }, &[])?;
                         }
@@ -249,12 +254,9 @@ impl Worker {
                                 info!(id, ?dev_size, ?write_cache, "device reconfigured");
                                 FromWorker::Reconfigured { id }
                             }
-                            Err(mut reason) => {
+                            Err(reason) => {
                                 warn!(id, error = %reason, "reconfiguration failed");
-                                truncate_at_boundary(
-                                    &mut reason,
-                                    tcmu_warden_proto::MAX_REASON_LEN,
-                                );
+                                let reason = fit_reason(reason);
                                 FromWorker::ReconfigFailed { id, reason }
                             }
                         },
@@ -369,8 +371,7 @@ impl Worker {
         let id = spec.id;
         let on_exit = Box::new(move |r: &Result<(), DeviceError>| {
             if let Err(e) = r {
-                let mut reason = e.to_string();
-                truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
+                let reason = fit_reason(e.to_string());
                 let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
             }
         });
@@ -407,16 +408,6 @@ impl Worker {
 
 /// Cuts `s` to at most `max` bytes at a character boundary (`String::truncate` panics inside a
 /// character).
-fn truncate_at_boundary(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut cut = max;
-        while cut > 0 && !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-}
-
 /// Takes ownership of the supervisor socket named by `TCMU_WARDEN_FD`.
 pub fn channel_from_env() -> Result<Channel, WorkerError> {
     let raw =
@@ -465,8 +456,9 @@ fn init_logging() {
     };
 }
 
-/// The `main` of a worker executable: logging, the supervisor socket, stage two of the jail
-/// ([`crate::jail::enter_stage_two`]), then [`Worker::serve`].
+/// The `main` of a worker executable: logging, the supervisor socket, then [`Worker::serve`]
+/// (which enters stage two of the jail, [`crate::jail::enter_stage_two`], as the supervisor's
+/// `Hello` asks, before it serves anything).
 pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
     init_logging();
     let chan = match channel_from_env() {
@@ -476,13 +468,12 @@ pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Stage two of the jail, before any device is served (see `crate::jail`).
-    if let Err(e) = crate::jail::enter_stage_two(&factories) {
-        error!(error = %e, "cannot confine this worker; refusing to serve");
-        return ExitCode::from(3);
-    }
     match Worker::new(chan, factories).serve() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ WorkerError::Jail(_)) => {
+            error!(error = %e, "cannot confine this worker; refusing to serve");
+            ExitCode::from(3)
+        }
         Err(e) => {
             error!(error = %e, "worker ends");
             ExitCode::FAILURE
@@ -502,6 +493,7 @@ mod tests {
             &ToWorker::Hello {
                 worker: "t".into(),
                 subtypes: Vec::new(),
+                jail: None,
             },
             &[],
         )
@@ -536,13 +528,5 @@ mod tests {
         );
         sup.send(&ToWorker::Shutdown, &[]).unwrap();
         worker.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn reasons_are_cut_at_a_character_boundary() {
-        let mut r = "é".repeat(tcmu_warden_proto::MAX_REASON_LEN);
-        truncate_at_boundary(&mut r, tcmu_warden_proto::MAX_REASON_LEN);
-        assert!(r.len() <= tcmu_warden_proto::MAX_REASON_LEN);
-        assert!(r.chars().all(|c| c == 'é'));
     }
 }
