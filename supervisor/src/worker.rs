@@ -36,7 +36,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use crate::config::LogFormat;
 
 use crate::jail::StageOne;
-use tcmu_warden_proto::{Channel, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{Channel, DeviceFds, DeviceSpec, FromWorker, ProtoError, ToWorker};
 
 use tcmu_warden_proto::process::{CHANNEL_FD_ENV, LOG_FORMAT_ENV, WORKER_CHANNEL_FD};
 
@@ -174,10 +174,25 @@ impl WorkerProcess {
         self.exit
     }
 
-    /// Sends one message with its descriptors without blocking.
-    pub fn send(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<(), WorkerError> {
+    /// Sends one message that carries no descriptors, without blocking.
+    pub fn send(&self, msg: &ToWorker) -> Result<(), WorkerError> {
         let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
-        match channel.send(msg, fds) {
+        Self::sent(channel.send(msg))
+    }
+
+    /// Hands the worker a device with its descriptors, each by name (see
+    /// [`Channel::send_device`]).
+    pub fn send_device(
+        &self,
+        spec: &DeviceSpec,
+        fds: &DeviceFds<BorrowedFd<'_>>,
+    ) -> Result<(), WorkerError> {
+        let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
+        Self::sent(channel.send_device(spec, fds))
+    }
+
+    fn sent(result: Result<(), ProtoError>) -> Result<(), WorkerError> {
+        match result {
             Ok(()) => Ok(()),
             Err(ProtoError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 Err(WorkerError::Stuck)

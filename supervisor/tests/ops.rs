@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode};
 use std::time::{Duration, Instant};
 
-use tcmu_warden_proto::{DeviceStats, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{DeviceFds, DeviceStats, FromWorker, ProtoError, ToWorker};
 use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::control::{self, Request, StatusReport};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor};
@@ -1096,7 +1096,7 @@ mod fake_worker {
             subtypes,
         });
         // id → (hba, name) of the devices held.
-        let mut held: Vec<(u64, u32, String, Vec<OwnedFd>)> = Vec::new();
+        let mut held: Vec<(u64, u32, String, DeviceFds<OwnedFd>)> = Vec::new();
         loop {
             let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
@@ -1108,12 +1108,19 @@ mod fake_worker {
             };
             match msg {
                 ToWorker::AddDevice(spec) => {
-                    let backing = fds.get(1).map(read_all);
+                    let Ok(named) = DeviceFds::claim(&spec, fds) else {
+                        fake.log(format!(
+                            "add worker={worker} id={} bad descriptors",
+                            spec.id
+                        ));
+                        return ExitCode::from(2);
+                    };
+                    let backing = named.backing.as_ref().map(read_all);
                     fake.log(format!(
                         "add worker={worker} id={} uio={} backing={backing:?} dev_size={} write_cache={}",
                         spec.id, spec.uio, spec.dev_size, spec.write_cache
                     ));
-                    held.push((spec.id, spec.hba, spec.name.clone(), fds));
+                    held.push((spec.id, spec.hba, spec.name.clone(), named));
                     fake.send(FromWorker::DeviceReady { id: spec.id });
                 }
                 ToWorker::RemoveDevice { id } => {

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tcmu_warden_proto::{FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
+use tcmu_warden_proto::{DeviceFds, FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
 use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
@@ -1219,7 +1219,7 @@ mod fake_worker {
             }
         }
 
-        let mut held: Vec<(u64, Vec<OwnedFd>)> = Vec::new();
+        let mut held: Vec<(u64, DeviceFds<OwnedFd>)> = Vec::new();
         loop {
             let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
@@ -1231,21 +1231,22 @@ mod fake_worker {
             };
             match msg {
                 ToWorker::AddDevice(spec) => {
-                    let uio = fds.first().map(read_all);
-                    let backing = spec
-                        .has_backing_fd
-                        .then(|| fds.get(1).map(read_all))
-                        .flatten();
-                    let journal_len = (spec.journal != JournalMode::None)
-                        .then(|| {
-                            fds.last().map(|fd| {
-                                fs::File::from(fd.try_clone().unwrap())
-                                    .metadata()
-                                    .unwrap()
-                                    .len()
-                            })
-                        })
-                        .flatten();
+                    let nfds = fds.len();
+                    let Ok(named) = DeviceFds::claim(&spec, fds) else {
+                        fake.log(format!(
+                            "add worker={worker} id={} bad descriptors",
+                            spec.id
+                        ));
+                        return ExitCode::from(2);
+                    };
+                    let uio = Some(read_all(&named.uio));
+                    let backing = named.backing.as_ref().map(read_all);
+                    let journal_len = named.journal.as_ref().map(|fd| {
+                        fs::File::from(fd.try_clone().unwrap())
+                            .metadata()
+                            .unwrap()
+                            .len()
+                    });
                     // What the supervisor had written to block_dev when it handed us the device.
                     let sysfs = fake.sysfs();
                     let blocked = fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
@@ -1261,7 +1262,7 @@ mod fake_worker {
                          serial={} journal={:?} journal_len={journal_len:?} blocked={blocked:?}",
                         spec.id,
                         spec.uio,
-                        fds.len(),
+                        nfds,
                         uio.unwrap_or_default(),
                         backing,
                         spec.refusal,
@@ -1273,7 +1274,7 @@ mod fake_worker {
                         spec.unit_serial,
                         spec.journal,
                     ));
-                    held.push((spec.id, fds));
+                    held.push((spec.id, named));
                     // `...once` modes misbehave only in the first process of the test.
                     let once_marker = PathBuf::from(format!("{}.once", fake.argv0.display()));
                     let first = mode.ends_with("once")

@@ -25,14 +25,11 @@ fn run_jailed(settings: &JailSettings) {
     let mut worker =
         WorkerProcess::spawn(exe, "jailed-runtime", None, Some(prepared.stage_one)).unwrap();
     worker
-        .send(
-            &ToWorker::Hello {
-                worker: "jailed-runtime".into(),
-                subtypes: vec!["ram".into(), "file".into()],
-                jail: Some(prepared.stage_two),
-            },
-            &[],
-        )
+        .send(&ToWorker::Hello {
+            worker: "jailed-runtime".into(),
+            subtypes: vec!["ram".into(), "file".into()],
+            jail: Some(prepared.stage_two),
+        })
         .unwrap();
     let pid = worker.pid();
     let deadline = Instant::now() + Duration::from_secs(120);

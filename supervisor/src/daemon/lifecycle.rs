@@ -412,7 +412,7 @@ impl Supervisor {
                 (None, _, Some(due)) if due <= now => {
                     slot.ping_seq = slot.ping_seq.wrapping_add(1);
                     let seq = slot.ping_seq;
-                    match slot.process.send(&ToWorker::Ping { seq }, &[]) {
+                    match slot.process.send(&ToWorker::Ping { seq }) {
                         Ok(()) => {
                             slot.ping = Some(seq);
                             slot.ping_deadline = Some(now + lc.heartbeat_timeout);

@@ -72,7 +72,9 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, Isolation, Lifecycle, LogFormat, UeventSource};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tcmu_warden_proto::process::{fit_name, fit_reason};
-use tcmu_warden_proto::{DeviceSpec, DeviceStats, FromWorker, JournalMode, ProtoError, ToWorker};
+use tcmu_warden_proto::{
+    DeviceFds, DeviceSpec, DeviceStats, FromWorker, JournalMode, ProtoError, ToWorker,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
@@ -681,7 +683,7 @@ impl Supervisor {
         match (phase, live) {
             (DevicePhase::Sent | DevicePhase::Ready, Some(slot)) => {
                 let name = slot.name.clone();
-                match slot.process.send(&ToWorker::RemoveDevice { id }, &[]) {
+                match slot.process.send(&ToWorker::RemoveDevice { id }) {
                     Ok(()) => {
                         if let Some(dev) = self.devices.get_mut(&id) {
                             dev.phase = DevicePhase::Removing;
@@ -839,7 +841,7 @@ impl Supervisor {
             subtypes: key.subtypes(),
             jail: stage_two,
         };
-        let sent = process.send(&hello, &[]);
+        let sent = process.send(&hello);
         self.workers.insert(
             key.clone(),
             Slot {
@@ -888,20 +890,18 @@ impl Supervisor {
             };
             dev.spec.has_backing_fd = backing.is_some();
             dev.spec.journal = mode;
-            let mut fds: Vec<BorrowedFd<'_>> = vec![dev.uio_fd.as_fd()];
-            if let Some(b) = &backing {
-                fds.push(b.as_fd());
-            }
-            if let (Some(j), true) = (&dev.journal, mode != JournalMode::None) {
-                fds.push(j.file.as_fd());
-            }
-            let count = fds.len();
-            match slot
-                .process
-                .send(&ToWorker::AddDevice(dev.spec.clone()), &fds)
-            {
+            let fds = DeviceFds {
+                uio: dev.uio_fd.as_fd(),
+                backing: backing.as_ref().map(AsFd::as_fd),
+                journal: dev
+                    .journal
+                    .as_ref()
+                    .filter(|_| mode != JournalMode::None)
+                    .map(|j| j.file.as_fd()),
+            };
+            match slot.process.send_device(&dev.spec, &fds) {
                 Ok(()) => {
-                    debug!(device = %dev.dev.uio, worker = %slot.name, fds = count, journal = ?mode, "device sent to worker");
+                    debug!(device = %dev.dev.uio, worker = %slot.name, backing = fds.backing.is_some(), journal = ?mode, "device sent to worker");
                     dev.phase = DevicePhase::Sent;
                     dev.deadline = Some(Instant::now() + self.opts.reply_timeout);
                     dev.mode = mode;
@@ -1498,7 +1498,7 @@ impl Supervisor {
             if !matches!(slot.phase, WorkerPhase::Handshaking | WorkerPhase::Ready) {
                 continue;
             }
-            match slot.process.send(&ToWorker::Shutdown, &[]) {
+            match slot.process.send(&ToWorker::Shutdown) {
                 Ok(()) => {
                     slot.phase = WorkerPhase::ShuttingDown;
                     slot.deadline = Some(deadline);

@@ -972,7 +972,7 @@ impl Supervisor {
             dev_size,
             write_cache,
         };
-        let sent = self.workers.get(&key).map(|s| s.process.send(&msg, &[]));
+        let sent = self.workers.get(&key).map(|s| s.process.send(&msg));
         match sent {
             Some(Ok(())) => {
                 debug!(device = %uio, worker = %key.name(), "reconfiguration sent to the worker");

@@ -214,7 +214,7 @@ impl FakeWorker {
     }
 
     pub fn send(&self, msg: FromWorker) {
-        self.chan.send(&msg, &[]).unwrap();
+        self.chan.send(&msg).unwrap();
     }
 }
 

@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tcmu_warden_proto::{
-    Channel, DeviceSpec, DeviceStats, FromWorker, JournalMode, ProtoError, ToWorker,
+    Channel, DeviceFds, DeviceSpec, DeviceStats, Fds, FromWorker, JournalMode, ProtoError, ToWorker,
 };
 use tracing::{error, info, warn};
 
@@ -71,8 +71,8 @@ enum AddError {
     Ring(#[from] RingError),
     #[error("starting device threads: {0}")]
     Io(#[from] std::io::Error),
-    #[error("expected {expected} descriptors, got {got}")]
-    Fds { expected: usize, got: usize },
+    #[error("{0}")]
+    Fds(#[from] ProtoError),
     #[error("device id {0} is already served")]
     Duplicate(u64),
     #[error("map size {0} does not fit this machine's address space")]
@@ -183,13 +183,10 @@ impl Worker {
             .iter()
             .map(|f| f.subtype().to_owned())
             .collect();
-        self.chan.send(
-            &FromWorker::Hello {
-                pid: std::process::id(),
-                subtypes: mine,
-            },
-            &[],
-        )?;
+        self.chan.send(&FromWorker::Hello {
+            pid: std::process::id(),
+            subtypes: mine,
+        })?;
         info!(?subtypes, "worker ready");
         loop {
             let (msg, fds) = match self.chan.recv::<ToWorker>() {
@@ -212,20 +209,18 @@ impl Worker {
                     match self.add_device(spec, fds) {
                         Ok(()) => {
                             info!(device = %name, id, "device ready");
-                            self.chan.send(&FromWorker::DeviceReady { id }, &[])?;
+                            self.chan.send(&FromWorker::DeviceReady { id })?;
                         }
                         Err(AddError::Recover(e)) => {
                             warn!(device = %name, id, error = %e,
                                   "cannot serve the ring as it is; asking for a ring reset");
                             let reason = fit_reason(e.to_string());
-                            self.chan
-                                .send(&FromWorker::RecoveryFailed { id, reason }, &[])?;
+                            self.chan.send(&FromWorker::RecoveryFailed { id, reason })?;
                         }
                         Err(e) => {
                             error!(device = %name, id, error = %e, "device failed");
                             let reason = fit_reason(e.to_string());
-                            self.chan
-                                .send(&FromWorker::DeviceFailed { id, reason }, &[])?;
+                            self.chan.send(&FromWorker::DeviceFailed { id, reason })?;
                         }
                     }
                 }
@@ -234,7 +229,7 @@ impl Worker {
                         if let Err(e) = dev.runner.stop() {
                             warn!(id, error = %e, "device did not stop cleanly");
                         }
-                        self.chan.send(&FromWorker::DeviceRemoved { id }, &[])?;
+                        self.chan.send(&FromWorker::DeviceRemoved { id })?;
                     } else {
                         warn!(id, "asked to remove a device this worker does not serve");
                     }
@@ -261,11 +256,11 @@ impl Worker {
                             }
                         },
                     };
-                    self.chan.send(&reply, &[])?;
+                    self.chan.send(&reply)?;
                 }
                 ToWorker::Ping { seq } => {
                     let stats = self.stats();
-                    self.chan.send(&FromWorker::Pong { seq, stats }, &[])?;
+                    self.chan.send(&FromWorker::Pong { seq, stats })?;
                 }
                 ToWorker::Shutdown => {
                     info!("shutdown requested");
@@ -306,30 +301,18 @@ impl Worker {
         }
     }
 
-    fn add_device(&mut self, spec: DeviceSpec, fds: Vec<OwnedFd>) -> Result<(), AddError> {
+    fn add_device(&mut self, spec: DeviceSpec, fds: Fds) -> Result<(), AddError> {
         if self.devices.contains_key(&spec.id) {
             return Err(AddError::Duplicate(spec.id));
         }
-        let expected = spec.fd_count();
-        if fds.len() != expected {
-            return Err(AddError::Fds {
-                expected,
-                got: fds.len(),
-            });
-        }
-        let mut fds = fds.into_iter();
-        let uio = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
-        let backing = if spec.has_backing_fd {
-            fds.next()
-        } else {
-            None
-        };
-        let journal = match spec.journal {
-            JournalMode::None => None,
-            JournalMode::Fresh | JournalMode::Recover => {
-                let fd = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
-                Some(Journal::map(fd.as_fd())?)
-            }
+        let DeviceFds {
+            uio,
+            backing,
+            journal,
+        } = DeviceFds::claim(&spec, fds)?;
+        let journal = match journal {
+            Some(fd) => Some(Journal::map(fd.as_fd())?),
+            None => None,
         };
         let cfg = DeviceConfig::from(&spec);
         let emulator = match &spec.refusal {
@@ -372,7 +355,7 @@ impl Worker {
         let on_exit = Box::new(move |r: &Result<(), DeviceError>| {
             if let Err(e) = r {
                 let reason = fit_reason(e.to_string());
-                let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
+                let _ = chan.send(&FromWorker::DeviceFailed { id, reason });
             }
         });
         if spec.journal == JournalMode::Recover {
@@ -489,25 +472,19 @@ mod tests {
     fn reconfig_of_an_unknown_device_is_refused_and_the_worker_carries_on() {
         let (sup, ours) = Channel::pair().unwrap();
         let worker = std::thread::spawn(move || Worker::new(ours, Vec::new()).serve());
-        sup.send(
-            &ToWorker::Hello {
-                worker: "t".into(),
-                subtypes: Vec::new(),
-                jail: None,
-            },
-            &[],
-        )
+        sup.send(&ToWorker::Hello {
+            worker: "t".into(),
+            subtypes: Vec::new(),
+            jail: None,
+        })
         .unwrap();
         let (hello, _) = sup.recv::<FromWorker>().unwrap();
         assert!(matches!(hello, FromWorker::Hello { .. }));
-        sup.send(
-            &ToWorker::Reconfig {
-                id: 9,
-                dev_size: Some(1 << 20),
-                write_cache: Some(true),
-            },
-            &[],
-        )
+        sup.send(&ToWorker::Reconfig {
+            id: 9,
+            dev_size: Some(1 << 20),
+            write_cache: Some(true),
+        })
         .unwrap();
         let (reply, _) = sup.recv::<FromWorker>().unwrap();
         match reply {
@@ -517,7 +494,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        sup.send(&ToWorker::Ping { seq: 4 }, &[]).unwrap();
+        sup.send(&ToWorker::Ping { seq: 4 }).unwrap();
         let (pong, _) = sup.recv::<FromWorker>().unwrap();
         assert_eq!(
             pong,
@@ -526,7 +503,7 @@ mod tests {
                 stats: Vec::new()
             }
         );
-        sup.send(&ToWorker::Shutdown, &[]).unwrap();
+        sup.send(&ToWorker::Shutdown).unwrap();
         worker.join().unwrap().unwrap();
     }
 }
