@@ -1239,7 +1239,7 @@ mod fake_worker {
                         ));
                         return ExitCode::from(2);
                     };
-                    let uio = Some(read_all(&named.uio));
+                    let uio = read_all(&named.uio);
                     let backing = named.backing.as_ref().map(read_all);
                     let journal_len = named.journal.as_ref().map(|fd| {
                         fs::File::from(fd.try_clone().unwrap())
@@ -1263,7 +1263,7 @@ mod fake_worker {
                         spec.id,
                         spec.uio,
                         nfds,
-                        uio.unwrap_or_default(),
+                        uio,
                         backing,
                         spec.refusal,
                         spec.hba,
