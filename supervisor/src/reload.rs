@@ -52,8 +52,8 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     cmp(
         &mut c.applied,
         "daemon.drain_timeout",
-        &o.drain_timeout_secs,
-        &n.drain_timeout_secs,
+        &o.drain_timeout,
+        &n.drain_timeout,
     );
     cmp(
         &mut c.need_restart,

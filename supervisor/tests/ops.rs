@@ -122,7 +122,7 @@ impl Fixture {
     /// timeout.
     fn ops_config(&self, mode: &str, handlers: &str) -> String {
         let daemon = format!(
-            "control_socket = {:?}\ndrain_timeout = 20\n",
+            "control_socket = {:?}\ndrain_timeout = \"20s\"\n",
             self.socket_path().display().to_string()
         );
         self.config_text(mode, &daemon, handlers)
@@ -716,8 +716,8 @@ fn reload_applies_to_new_workers_only() {
     harness::take_logs();
     // New worker executable, a new handler, and a daemon key that needs a restart.
     let text = f.ops_config("alt", &f.handlers(None)).replace(
-        "drain_timeout = 20",
-        "drain_timeout = 20\nuevent_source = 'kernel'",
+        "drain_timeout = \"20s\"",
+        "drain_timeout = \"20s\"\nuevent_source = 'kernel'",
     );
     fs::write(f.root.join("warden.toml"), text).unwrap();
     sup.reload();

@@ -156,7 +156,7 @@ impl Options {
             worker_log_format: None,
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
-            shutdown_timeout: Duration::from_secs(config.daemon.drain_timeout_secs),
+            shutdown_timeout: config.daemon.drain_timeout,
             exit_grace: Duration::from_secs(2),
             lifecycle: config.daemon.lifecycle,
             journal_dir: config.daemon.journal_dir.clone(),
@@ -1650,6 +1650,9 @@ pub fn run(config: Config, opts: Options) -> Result<(), DaemonError> {
         sysfs_root = %opts.sysfs_root.display(),
         "tcmu-warden starting"
     );
+    for warning in config.warnings() {
+        warn!(config = %config.source.display(), "{warning}");
+    }
     let mut sup = Supervisor::new(config, opts)?;
     sup.handle_termination_signals()?;
     sup.handle_reload_signal()?;

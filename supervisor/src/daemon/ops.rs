@@ -1330,6 +1330,9 @@ impl Supervisor {
                 error!(config = %source.display(), error = %e, "configuration reload failed; the configuration in force stays");
             }
             Ok(new) => {
+                for warning in new.warnings() {
+                    warn!(config = %source.display(), "{warning}");
+                }
                 let changes = reload::changes(&self.config, &new);
                 let merged = reload::merge(&self.config, new);
                 let exe = match &merged.daemon.worker_exe {
@@ -1339,7 +1342,7 @@ impl Supervisor {
                 if let Some(exe) = exe {
                     self.opts.worker_exe = exe;
                 }
-                self.opts.shutdown_timeout = Duration::from_secs(merged.daemon.drain_timeout_secs);
+                self.opts.shutdown_timeout = merged.daemon.drain_timeout;
                 self.config = merged;
                 self.ops.generation += 1;
                 for line in &changes.applied {
