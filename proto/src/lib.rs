@@ -3,11 +3,15 @@
 //! The supervisor (privileged, trusted) and each worker (confined, *untrusted*) talk over one
 //! `SOCK_SEQPACKET` unix socket pair. Every datagram is one [`postcard`]-encoded [`Frame`]: a
 //! protocol version and one message. Open file descriptors (the `/dev/uioN` of a device, the
-//! backing file the supervisor opened on the worker's behalf) travel beside a message as
-//! `SCM_RIGHTS` ancillary data, and the message says how many to expect.
+//! backing file the supervisor opened on the worker's behalf, its journal) travel beside a
+//! message as `SCM_RIGHTS` ancillary data; the message declares which ones come, and both sides
+//! handle them by name ([`DeviceFds`]), never by position.
 //!
-//! This crate owns:
+//! This crate owns the whole contract between the supervisor and a worker process:
+//! - how a worker is started ([`process`]: its channel descriptor, its environment, stage two of
+//!   its jail),
 //! - the message types ([`ToWorker`], [`FromWorker`]) and their field limits,
+//! - the descriptors that travel with them, by name ([`DeviceFds`]),
 //! - [`validate`](ToWorker::validate)-ion of every decoded message,
 //! - [`Channel`], which sends and receives frames with their file descriptors.
 //!
@@ -22,13 +26,18 @@ use std::os::unix::net::UnixDatagram;
 use sendfd::{RecvWithFd, SendWithFd};
 use serde::{Deserialize, Serialize};
 
+pub mod process;
+
+pub use process::{SeccompMode, StageTwoRequest};
+
 /// Version of this protocol. A worker built from another version is refused at the handshake.
 ///
 /// History: 1 = the first wire; 2 = the in-flight journal ([`DeviceSpec::journal`], its
 /// descriptor after the others), [`FromWorker::RecoveryFailed`], [`ToWorker::Reconfig`],
 /// [`FromWorker::Reconfigured`], [`FromWorker::ReconfigFailed`], and validated
-/// [`DeviceStats`] in [`FromWorker::Pong`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`DeviceStats`] in [`FromWorker::Pong`]; 3 = stage two of the jail in [`ToWorker::Hello`]
+/// ([`process::StageTwoRequest`]) instead of the `TCMU_WARDEN_JAIL` environment text.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest encoded frame either side accepts. Anything larger ends the conversation.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -240,6 +249,10 @@ pub enum ToWorker {
         worker: String,
         /// Subtypes this worker is to serve.
         subtypes: Vec<String>,
+        /// Stage two of the worker's jail, which it installs before it answers (and so before
+        /// any device is served). `None` only when the supervisor runs without jails
+        /// (`--no-jail`, a debugging aid).
+        jail: Option<StageTwoRequest>,
     },
     /// Serve a device. Carries [`DeviceSpec::fd_count`] descriptors: the UIO device, then the
     /// backing store if [`DeviceSpec::has_backing_fd`].
@@ -366,12 +379,19 @@ pub trait Message: Serialize + for<'de> Deserialize<'de> {
 impl Message for ToWorker {
     fn validate(&self) -> Result<(), ProtoError> {
         match self {
-            ToWorker::Hello { worker, subtypes } => {
+            ToWorker::Hello {
+                worker,
+                subtypes,
+                jail,
+            } => {
                 check_name("worker", worker)?;
                 if subtypes.len() > 64 {
                     return Err(invalid("subtypes", "more than 64".into()));
                 }
-                subtypes.iter().try_for_each(|s| check_name("subtypes", s))
+                subtypes
+                    .iter()
+                    .try_for_each(|s| check_name("subtypes", s))?;
+                jail.as_ref().map_or(Ok(()), StageTwoRequest::validate)
             }
             ToWorker::AddDevice(spec) => spec.validate(),
             ToWorker::Reconfig {
@@ -533,8 +553,52 @@ impl Channel {
         self.sock.set_read_timeout(t)
     }
 
-    /// Sends one message with its descriptors. The count must match [`Message::fd_count`].
-    pub fn send<T: Message>(
+    /// Sends one message that carries no descriptors (every message but
+    /// [`ToWorker::AddDevice`], which goes with [`Channel::send_device`]).
+    pub fn send<T: Message>(&self, msg: &T) -> Result<(), ProtoError> {
+        self.send_with(msg, &[])
+    }
+
+    /// Sends [`ToWorker::AddDevice`] for `spec` with its descriptors, each named. They must be
+    /// the ones `spec` declares: a backing store exactly when [`DeviceSpec::has_backing_fd`], a
+    /// journal exactly when [`DeviceSpec::journal`] is not [`JournalMode::None`].
+    pub fn send_device(
+        &self,
+        spec: &DeviceSpec,
+        fds: &DeviceFds<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<(), ProtoError> {
+        if fds.backing.is_some() != spec.has_backing_fd {
+            return Err(invalid(
+                "has_backing_fd",
+                format!(
+                    "declares {}, a backing descriptor is {}",
+                    spec.has_backing_fd,
+                    if fds.backing.is_some() {
+                        "given"
+                    } else {
+                        "missing"
+                    }
+                ),
+            ));
+        }
+        if fds.journal.is_some() != (spec.journal != JournalMode::None) {
+            return Err(invalid(
+                "journal",
+                format!(
+                    "mode {:?}, a journal descriptor is {}",
+                    spec.journal,
+                    if fds.journal.is_some() {
+                        "given"
+                    } else {
+                        "missing"
+                    }
+                ),
+            ));
+        }
+        self.send_with(&ToWorker::AddDevice(spec.clone()), &fds.in_wire_order())
+    }
+
+    fn send_with<T: Message>(
         &self,
         msg: &T,
         fds: &[std::os::fd::BorrowedFd<'_>],
@@ -564,8 +628,9 @@ impl Channel {
     /// Receives one message and the descriptors that came with it, validated.
     ///
     /// Every descriptor is owned and made close-on-exec before anything else looks at the message,
-    /// so an error path never leaks one.
-    pub fn recv<T: Message>(&self) -> Result<(T, Vec<OwnedFd>), ProtoError> {
+    /// so an error path never leaks one. The descriptors come unnamed ([`Fds`]); the receiver of
+    /// an [`ToWorker::AddDevice`] names them with [`DeviceFds::claim`].
+    pub fn recv<T: Message>(&self) -> Result<(T, Fds), ProtoError> {
         let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
         let mut raw = [-1 as RawFd; MAX_FDS + 1];
         let (n, nfds) = self.sock.recv_with_fd(&mut buf, &mut raw)?;
@@ -591,7 +656,76 @@ impl Channel {
                 expected: msg.fd_count(),
             });
         }
-        Ok((msg, fds))
+        Ok((msg, Fds(fds)))
+    }
+}
+
+/// The descriptors that travel with [`ToWorker::AddDevice`], each by name. On the wire they are
+/// `SCM_RIGHTS` ancillary data in one fixed order, which only this type knows: nobody on either
+/// side picks "the second descriptor".
+#[derive(Debug)]
+pub struct DeviceFds<F> {
+    /// The device's `/dev/uioN`: the ring's mapping and its wake-ups.
+    pub uio: F,
+    /// The backing store the supervisor opened (subtypes with `backing = "fd"`), if any.
+    pub backing: Option<F>,
+    /// The in-flight journal (a file of exactly [`JOURNAL_BYTES`]), unless the spec's
+    /// [`DeviceSpec::journal`] is [`JournalMode::None`].
+    pub journal: Option<F>,
+}
+
+impl<'a> DeviceFds<std::os::fd::BorrowedFd<'a>> {
+    fn in_wire_order(&self) -> Vec<std::os::fd::BorrowedFd<'a>> {
+        std::iter::once(self.uio)
+            .chain(self.backing)
+            .chain(self.journal)
+            .collect()
+    }
+}
+
+impl DeviceFds<OwnedFd> {
+    /// Names the descriptors that came with `spec`'s [`ToWorker::AddDevice`], as the spec
+    /// declares them. A count that does not match is an error (and the descriptors are closed).
+    pub fn claim(spec: &DeviceSpec, fds: Fds) -> Result<DeviceFds<OwnedFd>, ProtoError> {
+        let expected = spec.fd_count();
+        let got = fds.len();
+        if got != expected {
+            return Err(ProtoError::FdCount { got, expected });
+        }
+        let mut it = fds.0.into_iter();
+        let uio = it.next().ok_or(ProtoError::FdCount { got, expected })?;
+        let backing = if spec.has_backing_fd {
+            Some(it.next().ok_or(ProtoError::FdCount { got, expected })?)
+        } else {
+            None
+        };
+        let journal = if spec.journal == JournalMode::None {
+            None
+        } else {
+            Some(it.next().ok_or(ProtoError::FdCount { got, expected })?)
+        };
+        Ok(DeviceFds {
+            uio,
+            backing,
+            journal,
+        })
+    }
+}
+
+/// Descriptors received with a message and not yet named. Dropping it closes them; only the
+/// message's own descriptor type ([`DeviceFds::claim`]) opens it.
+#[derive(Debug, Default)]
+pub struct Fds(Vec<OwnedFd>);
+
+impl Fds {
+    /// How many arrived.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none arrived.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -630,25 +764,88 @@ mod tests {
         }
     }
 
+    fn read_back(fd: OwnedFd) -> String {
+        let mut f = std::fs::File::from(fd);
+        f.rewind().unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        s
+    }
+
     #[test]
     fn roundtrip_with_descriptors() {
         let (a, b) = Channel::pair().unwrap();
         let mut f1 = tempfile::tempfile().unwrap();
-        let f2 = tempfile::tempfile().unwrap();
+        let mut f2 = tempfile::tempfile().unwrap();
         f1.write_all(b"hello").unwrap();
-        let msg = ToWorker::AddDevice(spec());
-        a.send(&msg, &[f1.as_fd(), f2.as_fd()]).unwrap();
+        f2.write_all(b"backing").unwrap();
+        let sp = spec();
+        a.send_device(
+            &sp,
+            &DeviceFds {
+                uio: f1.as_fd(),
+                backing: Some(f2.as_fd()),
+                journal: None,
+            },
+        )
+        .unwrap();
         let (got, fds): (ToWorker, _) = b.recv().unwrap();
-        assert_eq!(got, msg);
+        assert_eq!(got, ToWorker::AddDevice(sp.clone()));
         assert_eq!(fds.len(), 2);
-        let mut f = std::fs::File::from(fds.into_iter().next().unwrap());
-        f.rewind().unwrap();
-        let mut s = String::new();
-        f.read_to_string(&mut s).unwrap();
-        assert_eq!(s, "hello");
+        let named = DeviceFds::claim(&sp, fds).unwrap();
+        assert!(named.journal.is_none());
         // SAFETY: F_GETFD on an owned descriptor.
-        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) };
+        let flags = unsafe { libc::fcntl(named.uio.as_raw_fd(), libc::F_GETFD) };
         assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        assert_eq!(read_back(named.uio), "hello");
+        assert_eq!(read_back(named.backing.unwrap()), "backing");
+    }
+
+    #[test]
+    fn descriptors_must_match_what_the_spec_declares() {
+        let (a, _b) = Channel::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let sp = spec();
+        // The spec declares a backing store: sending without one is refused, and so is a
+        // journal the spec does not declare.
+        let missing = a.send_device(
+            &sp,
+            &DeviceFds {
+                uio: f.as_fd(),
+                backing: None,
+                journal: None,
+            },
+        );
+        assert!(matches!(
+            missing,
+            Err(ProtoError::Invalid {
+                field: "has_backing_fd",
+                ..
+            })
+        ));
+        let extra = a.send_device(
+            &sp,
+            &DeviceFds {
+                uio: f.as_fd(),
+                backing: Some(f.as_fd()),
+                journal: Some(f.as_fd()),
+            },
+        );
+        assert!(matches!(
+            extra,
+            Err(ProtoError::Invalid {
+                field: "journal",
+                ..
+            })
+        ));
+        // A message that declares descriptors cannot go without them.
+        assert!(matches!(
+            a.send(&ToWorker::AddDevice(sp)),
+            Err(ProtoError::FdCount {
+                got: 0,
+                expected: 2
+            })
+        ));
     }
 
     #[test]
@@ -783,15 +980,22 @@ mod tests {
         let mut journal = tempfile::tempfile().unwrap();
         uio.write_all(b"uio").unwrap();
         journal.write_all(b"journal").unwrap();
-        let msg = ToWorker::AddDevice(s);
-        a.send(&msg, &[uio.as_fd(), journal.as_fd()]).unwrap();
+        let msg = ToWorker::AddDevice(s.clone());
+        a.send_device(
+            &s,
+            &DeviceFds {
+                uio: uio.as_fd(),
+                backing: None,
+                journal: Some(journal.as_fd()),
+            },
+        )
+        .unwrap();
         let (got, fds): (ToWorker, _) = b.recv().unwrap();
         assert_eq!(got, msg);
-        let mut f = std::fs::File::from(fds.into_iter().nth(1).unwrap());
-        f.rewind().unwrap();
-        let mut text = String::new();
-        f.read_to_string(&mut text).unwrap();
-        assert_eq!(text, "journal");
+        let named = DeviceFds::claim(&s, fds).unwrap();
+        assert!(named.backing.is_none());
+        assert_eq!(read_back(named.uio), "uio");
+        assert_eq!(read_back(named.journal.unwrap()), "journal");
         // A journal-carrying spec sent with one descriptor too few is refused on receipt.
         let bytes = encode(&msg).unwrap();
         a.sock.send_with_fd(&bytes, &[uio.as_raw_fd()]).unwrap();
@@ -858,6 +1062,41 @@ mod tests {
                 let _ = decode::<FromWorker>(&bytes);
             }
         }
+    }
+
+    #[test]
+    fn hello_carries_stage_two_and_refuses_a_bad_list() {
+        let (a, b) = Channel::pair().unwrap();
+        let hello = ToWorker::Hello {
+            worker: "file".into(),
+            subtypes: vec!["file".into()],
+            jail: Some(StageTwoRequest {
+                action: SeccompMode::Log,
+                syscalls: vec!["fsync".into()],
+            }),
+        };
+        a.send(&hello).unwrap();
+        assert_eq!(b.recv::<ToWorker>().unwrap().0, hello);
+        let bad = ToWorker::Hello {
+            worker: "file".into(),
+            subtypes: vec![],
+            jail: Some(StageTwoRequest {
+                action: SeccompMode::Kill,
+                syscalls: vec!["read;write".into()],
+            }),
+        };
+        let bytes = postcard::to_stdvec(&Frame {
+            version: PROTOCOL_VERSION,
+            body: bad,
+        })
+        .unwrap();
+        assert!(matches!(
+            decode::<ToWorker>(&bytes),
+            Err(ProtoError::Invalid {
+                field: "jail.syscalls",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -26,9 +26,10 @@ use std::fmt::Write as _;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use crate::config::{Config, KNOWN_SUBTYPES, format_duration};
 use clap::{Parser, Subcommand};
+use tcmu_warden_policy::format_size;
 use tcmu_warden_policy::jail::landlock::LandlockReport;
-use tcmu_warden_policy::{Config, JailSpec, KNOWN_SUBTYPES, format_duration, format_size};
 
 /// tcmu-warden: serves Linux SCSI disks from userspace through TCMU (LIO's `user` backstore).
 #[derive(Debug, Parser)]
@@ -96,10 +97,31 @@ pub enum PolicyCommand {
 
 /// The effective jail of every worker `config` can start, for `tcmu-warden policy check`.
 /// `worker_exe` is the daemon's worker executable (the configured one or the default).
+/// `<file>: valid`, then one `warning:` line per [`Config::warnings`] entry.
+fn write_validity(out: &mut String, config: &Config) {
+    let warnings = config.warnings();
+    match warnings.len() {
+        0 => {
+            let _ = writeln!(out, "{}: valid", config.source.display());
+        }
+        n => {
+            let _ = writeln!(
+                out,
+                "{}: valid, with {n} warning{}",
+                config.source.display(),
+                if n == 1 { "" } else { "s" }
+            );
+            for w in warnings {
+                let _ = writeln!(out, "warning: {w}");
+            }
+        }
+    }
+}
+
 pub fn describe_policy(config: &Config, worker_exe: &Path) -> String {
     let mut out = String::new();
     let abi = tcmu_warden_policy::jail::landlock::abi();
-    let _ = writeln!(out, "{}: valid", config.source.display());
+    write_validity(&mut out, config);
     let _ = writeln!(
         out,
         "landlock on this kernel: {}",
@@ -110,7 +132,7 @@ pub fn describe_policy(config: &Config, worker_exe: &Path) -> String {
         }
     );
     let mut section = |title: String, subtype: Option<&str>, notes: String| {
-        let spec = JailSpec::for_worker(config, subtype, worker_exe);
+        let spec = config.jail_for(subtype, worker_exe);
         let report = LandlockReport::for_abi(abi, &spec.settings.network);
         let _ = writeln!(out);
         let _ = writeln!(out, "{title}{notes}");
@@ -149,7 +171,7 @@ pub fn describe_policy(config: &Config, worker_exe: &Path) -> String {
 pub fn describe_config(config: &Config, worker_exe: &Path) -> String {
     let mut out = String::new();
     let d = &config.daemon;
-    let _ = writeln!(out, "{}: valid", config.source.display());
+    write_validity(&mut out, config);
     let _ = writeln!(out);
     let _ = writeln!(out, "[daemon]");
     let exe_note = match (&d.worker_exe, worker_exe.is_file()) {
@@ -357,6 +379,13 @@ mod tests {
             out.contains("no handlers: every device is refused"),
             "{out}"
         );
+        // The warnings come first, after the file name, in both descriptions.
+        assert!(
+            out.starts_with("/etc/w.toml: valid, with 1 warning\nwarning: no [handler."),
+            "{out}"
+        );
+        let out = describe_policy(&cfg, Path::new("/nonexistent/worker"));
+        assert!(out.contains("warning: no [handler."), "{out}");
     }
 
     #[test]

@@ -39,6 +39,7 @@ use tcmu_warden_policy::jail::landlock::{self as ll, Enforcement, LandlockReport
 use tcmu_warden_policy::jail::seccomp::{self, FilterError, StageOneOptions};
 use tcmu_warden_policy::jail::syscalls;
 use tcmu_warden_policy::{JailSpec, LandlockMode, SeccompMode};
+use tcmu_warden_proto::StageTwoRequest;
 
 /// Errors preparing a jail: the worker is not started, and this says why.
 #[derive(Debug, thiserror::Error)]
@@ -296,8 +297,6 @@ pub struct StageOne {
     landlock: Option<OwnedFd>,
     seccomp: seccomp::StageOne,
     parent: libc::pid_t,
-    /// `TCMU_WARDEN_JAIL` for the worker's stage two.
-    env: String,
 }
 
 impl fmt::Debug for StageOne {
@@ -311,20 +310,15 @@ impl fmt::Debug for StageOne {
     }
 }
 
-/// A prepared jail: the child's part and the supervisor's record.
+/// A prepared jail: the child's part, what the worker is told, and the supervisor's record.
 #[derive(Debug)]
 pub struct Prepared {
     /// To hand to [`crate::worker::WorkerProcess::spawn`].
     pub stage_one: StageOne,
+    /// Stage two, for the worker's `Hello`.
+    pub stage_two: StageTwoRequest,
     /// To keep with the worker.
     pub status: JailStatus,
-}
-
-impl StageOne {
-    /// The value of the worker's `TCMU_WARDEN_JAIL` variable.
-    pub fn env_value(&self) -> &str {
-        &self.env
-    }
 }
 
 const CAP_SETGID: u32 = 6;
@@ -455,8 +449,8 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
             landlock,
             seccomp,
             parent: me,
-            env: spec.stage_two.to_env(),
         },
+        stage_two: spec.stage_two.clone(),
         status,
     })
 }
@@ -472,7 +466,7 @@ pub fn check_required(mode: LandlockMode, report: &LandlockReport) -> Result<(),
 /// Moves `fd` to a number above the ones the child rearranges (stdio and the channel), keeping
 /// it close-on-exec.
 fn above_low_numbers(fd: OwnedFd) -> io::Result<OwnedFd> {
-    let min = crate::worker::WORKER_CHANNEL_FD + 1;
+    let min = tcmu_warden_proto::process::WORKER_CHANNEL_FD + 1;
     if fd.as_raw_fd() >= min {
         return Ok(fd);
     }

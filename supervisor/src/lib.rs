@@ -31,6 +31,7 @@
 
 pub mod actions;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discovery;

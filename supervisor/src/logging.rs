@@ -13,7 +13,7 @@
 
 use std::io::IsTerminal as _;
 
-use tcmu_warden_policy::LogFormat;
+use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tcmu_warden_policy::{Config, DEFAULT_CONTROL_SOCKET, LogFormat};
 use tcmu_warden_supervisor::cli::{Cli, Command, PolicyCommand, describe_config, describe_policy};
+use tcmu_warden_supervisor::config::{Config, DEFAULT_CONTROL_SOCKET, LogFormat};
 use tcmu_warden_supervisor::control::{self, Request};
 use tcmu_warden_supervisor::daemon::ops::status_json;
 use tcmu_warden_supervisor::daemon::{self, Options};

@@ -13,7 +13,8 @@
 
 use std::fmt::Debug;
 
-use tcmu_warden_policy::{Config, format_size};
+use crate::config::Config;
+use tcmu_warden_policy::format_size;
 
 /// What a reload changes, as human-readable lines (`handler.ram.max_size: none -> 1GiB`), and
 /// the keys whose change needs a restart.
@@ -51,8 +52,8 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     cmp(
         &mut c.applied,
         "daemon.drain_timeout",
-        &o.drain_timeout_secs,
-        &n.drain_timeout_secs,
+        &o.drain_timeout,
+        &n.drain_timeout,
     );
     cmp(
         &mut c.need_restart,

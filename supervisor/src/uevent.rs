@@ -39,7 +39,7 @@ pub const GROUP_KERNEL: u32 = 1;
 /// udev's re-broadcast multicast group.
 pub const GROUP_UDEV: u32 = 2;
 
-pub use tcmu_warden_policy::UeventSource;
+pub use crate::config::UeventSource;
 
 /// The group to join for `source`: [`GROUP_UDEV`] or [`GROUP_KERNEL`]. `Auto` picks udev's
 /// when `udev_control` (normally `/run/udev/control`) exists, i.e. systemd-udevd runs.

@@ -11,8 +11,9 @@
 //!   `exec`: the supervisor's own are close-on-exec anyway, and any it inherited without the
 //!   flag are marked close-on-exec in the child.
 //! - An empty environment except `TCMU_WARDEN_FD=3`, `RUST_LOG` (if the supervisor has it),
-//!   `TCMU_WARDEN_LOG_FORMAT` (the supervisor's log format, or its own variable if it has one)
-//!   and `TCMU_WARDEN_JAIL` (the settings of its stage-two filter).
+//!   and `TCMU_WARDEN_LOG_FORMAT` (the supervisor's log format, or its own variable if it has
+//!   one): the process contract in `tcmu_warden_proto::process`. Stage two's settings travel in
+//!   the worker's `Hello`, not in the environment.
 //! - Its own session (`setsid`), so a Ctrl-C on the supervisor's terminal reaches only the
 //!   supervisor, which then shuts the workers down in order.
 //! - Stage one of its jail (see [`crate::jail`]), applied last before `exec`.
@@ -28,25 +29,17 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
-use tcmu_warden_policy::LogFormat;
-use tcmu_warden_policy::jail::STAGE_TWO_ENV;
+use crate::config::LogFormat;
 
 use crate::jail::StageOne;
-use tcmu_warden_proto::{Channel, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{Channel, DeviceFds, DeviceSpec, FromWorker, ProtoError, ToWorker};
 
-/// The descriptor number the worker finds its channel on.
-pub const WORKER_CHANNEL_FD: RawFd = 3;
-
-/// Environment variable telling the worker where its channel is.
-pub const FD_ENV: &str = "TCMU_WARDEN_FD";
-
-/// Environment variable telling the worker which log format to use.
-pub const LOG_FORMAT_ENV: &str = "TCMU_WARDEN_LOG_FORMAT";
+use tcmu_warden_proto::process::{CHANNEL_FD_ENV, LOG_FORMAT_ENV, WORKER_CHANNEL_FD};
 
 /// Errors of one worker process.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +100,7 @@ impl WorkerProcess {
 
         let mut cmd = Command::new(exe);
         cmd.env_clear();
-        for (key, value) in worker_environment(log_format, jail.as_ref().map(StageOne::env_value)) {
+        for (key, value) in worker_environment(log_format) {
             cmd.env(key, value);
         }
         cmd.stdin(Stdio::null())
@@ -182,10 +175,25 @@ impl WorkerProcess {
         self.exit
     }
 
-    /// Sends one message with its descriptors without blocking.
-    pub fn send(&self, msg: &ToWorker, fds: &[BorrowedFd<'_>]) -> Result<(), WorkerError> {
+    /// Sends one message that carries no descriptors, without blocking.
+    pub fn send(&self, msg: &ToWorker) -> Result<(), WorkerError> {
         let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
-        match channel.send(msg, fds) {
+        Self::sent(channel.send(msg))
+    }
+
+    /// Hands the worker a device with its descriptors, each by name (see
+    /// [`Channel::send_device`]).
+    pub fn send_device(
+        &self,
+        spec: &DeviceSpec,
+        fds: &DeviceFds<BorrowedFd<'_>>,
+    ) -> Result<(), WorkerError> {
+        let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
+        Self::sent(channel.send_device(spec, fds))
+    }
+
+    fn sent(result: Result<(), ProtoError>) -> Result<(), WorkerError> {
+        match result {
             Ok(()) => Ok(()),
             Err(ProtoError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 Err(WorkerError::Stuck)
@@ -282,13 +290,14 @@ fn close_inherited_descriptors() {
     }
 }
 
-/// The complete environment of a worker. `jail`: the value of `TCMU_WARDEN_JAIL` (stage two's
-/// settings), absent when the worker runs unconfined.
-fn worker_environment(
-    log_format: Option<LogFormat>,
-    jail: Option<&str>,
-) -> Vec<(&'static str, OsString)> {
-    let mut env = vec![(FD_ENV, OsString::from(WORKER_CHANNEL_FD.to_string()))];
+/// The complete environment of a worker (the process contract in `tcmu_warden_proto::process`):
+/// where its channel is, its log format, and `RUST_LOG` if the supervisor has one. Stage two of
+/// the jail is not here: it travels in the worker's `Hello`.
+fn worker_environment(log_format: Option<LogFormat>) -> Vec<(&'static str, OsString)> {
+    let mut env = vec![(
+        CHANNEL_FD_ENV,
+        OsString::from(WORKER_CHANNEL_FD.to_string()),
+    )];
     if let Some(v) = std::env::var_os("RUST_LOG") {
         env.push(("RUST_LOG", v));
     }
@@ -299,9 +308,6 @@ fn worker_environment(
                 env.push((LOG_FORMAT_ENV, v));
             }
         }
-    }
-    if let Some(value) = jail {
-        env.push((STAGE_TWO_ENV, OsString::from(value)));
     }
     env
 }
@@ -385,15 +391,14 @@ mod tests {
 
     #[test]
     fn environment_has_only_the_allowed_keys() {
-        let env = worker_environment(Some(LogFormat::Json), Some("seccomp=kill;syscalls="));
-        assert!(env.contains(&(STAGE_TWO_ENV, OsString::from("seccomp=kill;syscalls="))));
+        let env = worker_environment(Some(LogFormat::Json));
         for (k, _) in &env {
             assert!(
-                [FD_ENV, "RUST_LOG", LOG_FORMAT_ENV, STAGE_TWO_ENV].contains(k),
+                [CHANNEL_FD_ENV, "RUST_LOG", LOG_FORMAT_ENV].contains(k),
                 "unexpected {k}"
             );
         }
-        assert!(env.contains(&(FD_ENV, OsString::from("3"))));
+        assert!(env.contains(&(CHANNEL_FD_ENV, OsString::from("3"))));
         assert!(env.contains(&(LOG_FORMAT_ENV, OsString::from("json"))));
     }
 

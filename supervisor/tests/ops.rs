@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode};
 use std::time::{Duration, Instant};
 
-use tcmu_warden_policy::Config;
-use tcmu_warden_proto::{DeviceStats, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_proto::{DeviceFds, DeviceStats, FromWorker, ProtoError, ToWorker};
+use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::control::{self, Request, StatusReport};
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
@@ -122,7 +122,7 @@ impl Fixture {
     /// timeout.
     fn ops_config(&self, mode: &str, handlers: &str) -> String {
         let daemon = format!(
-            "control_socket = {:?}\ndrain_timeout = 20\n",
+            "control_socket = {:?}\ndrain_timeout = \"20s\"\n",
             self.socket_path().display().to_string()
         );
         self.config_text(mode, &daemon, handlers)
@@ -716,8 +716,8 @@ fn reload_applies_to_new_workers_only() {
     harness::take_logs();
     // New worker executable, a new handler, and a daemon key that needs a restart.
     let text = f.ops_config("alt", &f.handlers(None)).replace(
-        "drain_timeout = 20",
-        "drain_timeout = 20\nuevent_source = 'kernel'",
+        "drain_timeout = \"20s\"",
+        "drain_timeout = \"20s\"\nuevent_source = 'kernel'",
     );
     fs::write(f.root.join("warden.toml"), text).unwrap();
     sup.reload();
@@ -1096,7 +1096,7 @@ mod fake_worker {
             subtypes,
         });
         // id → (hba, name) of the devices held.
-        let mut held: Vec<(u64, u32, String, Vec<OwnedFd>)> = Vec::new();
+        let mut held: Vec<(u64, u32, String, DeviceFds<OwnedFd>)> = Vec::new();
         loop {
             let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
@@ -1108,12 +1108,19 @@ mod fake_worker {
             };
             match msg {
                 ToWorker::AddDevice(spec) => {
-                    let backing = fds.get(1).map(read_all);
+                    let Ok(named) = DeviceFds::claim(&spec, fds) else {
+                        fake.log(format!(
+                            "add worker={worker} id={} bad descriptors",
+                            spec.id
+                        ));
+                        return ExitCode::from(2);
+                    };
+                    let backing = named.backing.as_ref().map(read_all);
                     fake.log(format!(
                         "add worker={worker} id={} uio={} backing={backing:?} dev_size={} write_cache={}",
                         spec.id, spec.uio, spec.dev_size, spec.write_cache
                     ));
-                    held.push((spec.id, spec.hba, spec.name.clone(), fds));
+                    held.push((spec.id, spec.hba, spec.name.clone(), named));
                     fake.send(FromWorker::DeviceReady { id: spec.id });
                 }
                 ToWorker::RemoveDevice { id } => {

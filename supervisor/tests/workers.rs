@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tcmu_warden_policy::Config;
-use tcmu_warden_proto::{FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
+use tcmu_warden_proto::{DeviceFds, FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
+use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 
@@ -252,7 +252,7 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
     let f = Fixture::with_scratch_ram();
     f.file_device("uio1", "disk0");
     let mut sup = f.start("echo", &f.handlers(None), |o| {
-        o.worker_log_format = Some(tcmu_warden_policy::LogFormat::Json);
+        o.worker_log_format = Some(tcmu_warden_supervisor::config::LogFormat::Json);
     });
     until(&mut sup, "both devices are served", |s| {
         phase_of(s, "uio0") == Some(DevicePhase::Ready)
@@ -268,8 +268,9 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
         assert_contains(line, "fd3=socket");
         assert_contains(line, "TCMU_WARDEN_FD=3");
         assert_contains(line, "TCMU_WARDEN_LOG_FORMAT=json");
-        // The worker's stage-two settings (the jail is on by default).
-        assert_contains(line, "TCMU_WARDEN_JAIL=seccomp=kill;syscalls=");
+        // The worker's stage-two settings (the jail is on by default) are not in the
+        // environment: they come in the Hello (checked below).
+        assert!(!line.contains("TCMU_WARDEN_JAIL"), "{line}");
         let env = line
             .split("env=[")
             .nth(1)
@@ -280,17 +281,13 @@ fn worker_gets_a_scrubbed_environment_and_only_its_fds() {
         for var in env.split(", ").filter(|v| !v.is_empty()) {
             let key = var.trim_matches('"').split('=').next().unwrap();
             assert!(
-                [
-                    "TCMU_WARDEN_FD",
-                    "TCMU_WARDEN_LOG_FORMAT",
-                    "RUST_LOG",
-                    "TCMU_WARDEN_JAIL"
-                ]
-                .contains(&key),
+                ["TCMU_WARDEN_FD", "TCMU_WARDEN_LOG_FORMAT", "RUST_LOG"].contains(&key),
                 "unexpected variable {var} in {line}"
             );
         }
     }
+    assert_some_line(&log, &["stage two worker=ram jail=kill syscalls="], ());
+    assert_some_line(&log, &["stage two worker=file jail=kill syscalls="], ());
 }
 
 fn refused_devices_are_logged_and_still_served() {
@@ -964,6 +961,11 @@ fn workers_are_jailed_and_the_jail_is_verified() {
             assert_some_line(&status, &[set, "0000000000000000"], name);
         }
     }
+    // Stage two's request reached each worker in its Hello (the process contract), not in its
+    // environment.
+    let hellos = f.log("echo");
+    assert_some_line(&hellos, &["stage two worker=file jail=kill syscalls="], ());
+    assert_some_line(&hellos, &["stage two worker=ram jail=kill syscalls="], ());
     let logs = harness::take_logs();
     assert_some_line(
         &logs,
@@ -1020,6 +1022,7 @@ fn no_jail_switch_starts_workers_unconfined() {
     assert_some_line(&status, &["Seccomp:", "0"], ());
     let log = f.log("echo");
     assert!(!log.contains("TCMU_WARDEN_JAIL"), "{log}");
+    assert_some_line(&log, &["stage two worker=ram jail=none"], ());
     assert_some_line(
         &harness::take_logs(),
         &["WARN", "WITHOUT ITS JAIL", "NOT FOR PRODUCTION"],
@@ -1216,7 +1219,7 @@ mod fake_worker {
             }
         }
 
-        let mut held: Vec<(u64, Vec<OwnedFd>)> = Vec::new();
+        let mut held: Vec<(u64, DeviceFds<OwnedFd>)> = Vec::new();
         loop {
             let (msg, fds) = match fake.chan.recv::<ToWorker>() {
                 Ok(m) => m,
@@ -1228,21 +1231,22 @@ mod fake_worker {
             };
             match msg {
                 ToWorker::AddDevice(spec) => {
-                    let uio = fds.first().map(read_all);
-                    let backing = spec
-                        .has_backing_fd
-                        .then(|| fds.get(1).map(read_all))
-                        .flatten();
-                    let journal_len = (spec.journal != JournalMode::None)
-                        .then(|| {
-                            fds.last().map(|fd| {
-                                fs::File::from(fd.try_clone().unwrap())
-                                    .metadata()
-                                    .unwrap()
-                                    .len()
-                            })
-                        })
-                        .flatten();
+                    let nfds = fds.len();
+                    let Ok(named) = DeviceFds::claim(&spec, fds) else {
+                        fake.log(format!(
+                            "add worker={worker} id={} bad descriptors",
+                            spec.id
+                        ));
+                        return ExitCode::from(2);
+                    };
+                    let uio = read_all(&named.uio);
+                    let backing = named.backing.as_ref().map(read_all);
+                    let journal_len = named.journal.as_ref().map(|fd| {
+                        fs::File::from(fd.try_clone().unwrap())
+                            .metadata()
+                            .unwrap()
+                            .len()
+                    });
                     // What the supervisor had written to block_dev when it handed us the device.
                     let sysfs = fake.sysfs();
                     let blocked = fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
@@ -1258,8 +1262,8 @@ mod fake_worker {
                          serial={} journal={:?} journal_len={journal_len:?} blocked={blocked:?}",
                         spec.id,
                         spec.uio,
-                        fds.len(),
-                        uio.unwrap_or_default(),
+                        nfds,
+                        uio,
                         backing,
                         spec.refusal,
                         spec.hba,
@@ -1270,7 +1274,7 @@ mod fake_worker {
                         spec.unit_serial,
                         spec.journal,
                     ));
-                    held.push((spec.id, fds));
+                    held.push((spec.id, named));
                     // `...once` modes misbehave only in the first process of the test.
                     let once_marker = PathBuf::from(format!("{}.once", fake.argv0.display()));
                     let first = mode.ends_with("once")

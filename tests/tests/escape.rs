@@ -28,7 +28,7 @@ use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tcmu_warden_policy::Config;
+use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 
@@ -514,7 +514,7 @@ fn tcp_ports_unenforceable(abi: u32, extra: &str, other_port: u16) -> Vec<String
     let mut f = Fixture::new();
     f.attempt("tcp", &format!("port={other_port}"));
     let config = f.config(extra);
-    let spec = tcmu_warden_policy::JailSpec::for_worker(&config, Some("file"), Path::new(HOSTILE));
+    let spec = config.jail_for(Some("file"), Path::new(HOSTILE));
     let refusal = match tcmu_warden_supervisor::jail::prepare(&spec) {
         Ok(_) => {
             panic!("landlock ABI {abi}: a TCP policy was prepared under landlock = \"required\"")

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tcmu_warden_policy::jail::JailSpec;
 use tcmu_warden_policy::{JailSettings, SeccompMode};
+use tcmu_warden_proto::ToWorker;
 use tcmu_warden_supervisor::jail;
 use tcmu_warden_supervisor::worker::{WorkerProcess, describe_exit};
 
@@ -23,6 +24,13 @@ fn run_jailed(settings: &JailSettings) {
     let started = prepared.status.prepared_at;
     let mut worker =
         WorkerProcess::spawn(exe, "jailed-runtime", None, Some(prepared.stage_one)).unwrap();
+    worker
+        .send(&ToWorker::Hello {
+            worker: "jailed-runtime".into(),
+            subtypes: vec!["ram".into(), "file".into()],
+            jail: Some(prepared.stage_two),
+        })
+        .unwrap();
     let pid = worker.pid();
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {

@@ -20,7 +20,9 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use tcmu_warden_proto::{Channel, DeviceSpec, FromWorker, JOURNAL_BYTES, JournalMode, ToWorker};
+use tcmu_warden_proto::{
+    Channel, DeviceFds, DeviceSpec, FromWorker, JOURNAL_BYTES, JournalMode, ToWorker,
+};
 use tcmu_warden_tests::{CHECK_CONDITION, Completed, KernelSim, SimConfig};
 use tcmu_warden_worker::handler::builtin_factories;
 use tcmu_warden_worker::ring::{Completion, Fetched, Mapping, RecoverError, Ring};
@@ -63,13 +65,11 @@ fn worker() -> (
 ) {
     let (sup, wk) = Channel::pair().unwrap();
     let worker = std::thread::spawn(move || Worker::new(wk, builtin_factories()).serve());
-    sup.send(
-        &ToWorker::Hello {
-            worker: "t".into(),
-            subtypes: vec!["ram".into()],
-        },
-        &[],
-    )
+    sup.send(&ToWorker::Hello {
+        worker: "t".into(),
+        subtypes: vec!["ram".into()],
+        jail: None,
+    })
     .unwrap();
     let (hello, _) = sup.recv::<FromWorker>().unwrap();
     assert!(matches!(hello, FromWorker::Hello { .. }));
@@ -77,8 +77,18 @@ fn worker() -> (
 }
 
 /// Hands the worker a device and returns its answer.
-fn add_device(sup: &Channel, spec: DeviceSpec, fds: &[BorrowedFd<'_>]) -> FromWorker {
-    sup.send(&ToWorker::AddDevice(spec), fds).unwrap();
+fn add_device(
+    sup: &Channel,
+    spec: DeviceSpec,
+    uio: BorrowedFd<'_>,
+    journal: Option<BorrowedFd<'_>>,
+) -> FromWorker {
+    let fds = DeviceFds {
+        uio,
+        backing: None,
+        journal,
+    };
+    sup.send_device(&spec, &fds).unwrap();
     sup.recv::<FromWorker>().unwrap().0
 }
 
@@ -101,7 +111,8 @@ fn unusable_journals_are_reported_not_served() {
     match add_device(
         &sup,
         spec(1, dev.map_len, JournalMode::Recover),
-        &[dev.map_fd.as_fd(), garbage.as_fd()],
+        dev.map_fd.as_fd(),
+        Some(garbage.as_fd()),
     ) {
         FromWorker::RecoveryFailed { id: 1, reason } => {
             assert!(reason.contains("magic"), "{reason}");
@@ -114,7 +125,8 @@ fn unusable_journals_are_reported_not_served() {
         add_device(
             &sup,
             spec(2, dev.map_len, JournalMode::Recover),
-            &[dev.map_fd.as_fd(), zeros.as_fd()]
+            dev.map_fd.as_fd(),
+            Some(zeros.as_fd())
         ),
         FromWorker::RecoveryFailed { id: 2, .. }
     ));
@@ -123,7 +135,8 @@ fn unusable_journals_are_reported_not_served() {
     match add_device(
         &sup,
         spec(3, dev.map_len, JournalMode::Fresh),
-        &[dev.map_fd.as_fd(), small.as_fd()],
+        dev.map_fd.as_fd(),
+        Some(small.as_fd()),
     ) {
         FromWorker::DeviceFailed { id: 3, reason } => {
             assert!(reason.contains("4096 bytes"), "{reason}");
@@ -133,7 +146,7 @@ fn unusable_journals_are_reported_not_served() {
     // Nothing was served: the journals are untouched.
     assert_eq!(head(&garbage), [0x6b; 16]);
 
-    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    sup.send(&ToWorker::Shutdown).unwrap();
     worker.join().unwrap().unwrap();
 }
 
@@ -149,7 +162,8 @@ fn a_busy_ring_without_a_journal_to_recover_from_is_not_served() {
     match add_device(
         &sup,
         spec(1, dev.map_len, JournalMode::Fresh),
-        &[dev.map_fd.as_fd(), journal.as_fd()],
+        dev.map_fd.as_fd(),
+        Some(journal.as_fd()),
     ) {
         FromWorker::RecoveryFailed { id: 1, reason } => {
             assert!(reason.contains("2 commands wait in the ring"), "{reason}");
@@ -161,11 +175,12 @@ fn a_busy_ring_without_a_journal_to_recover_from_is_not_served() {
         add_device(
             &sup,
             spec(2, dev.map_len, JournalMode::None),
-            &[dev.map_fd.as_fd()]
+            dev.map_fd.as_fd(),
+            None
         ),
         FromWorker::RecoveryFailed { id: 2, .. }
     ));
-    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    sup.send(&ToWorker::Shutdown).unwrap();
     worker.join().unwrap().unwrap();
 
     // Nothing was fetched, answered or journaled.
@@ -260,23 +275,32 @@ fn run(sim: &mut KernelSim, cdb: &[u8]) -> Completed {
 fn a_restarted_worker_reports_a_power_on_reset_once() {
     let (mut sim, dev) = KernelSim::new(SimConfig::default()).unwrap();
     let journal = memfd(JOURNAL_BYTES, 0);
-    let fds = [dev.map_fd.as_fd(), journal.as_fd()];
 
     // The first worker gets the device fresh: no unit attention.
     let (sup, worker1) = worker();
-    let ready = add_device(&sup, spec(1, dev.map_len, JournalMode::Fresh), &fds);
+    let ready = add_device(
+        &sup,
+        spec(1, dev.map_len, JournalMode::Fresh),
+        dev.map_fd.as_fd(),
+        Some(journal.as_fd()),
+    );
     assert!(
         matches!(ready, FromWorker::DeviceReady { id: 1 }),
         "{ready:?}"
     );
     let c = run(&mut sim, &TEST_UNIT_READY);
     assert_eq!(c.status, 0, "a fresh device is ready: {c:?}");
-    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    sup.send(&ToWorker::Shutdown).unwrap();
     worker1.join().unwrap().unwrap();
 
     // Its successor recovers the ring from the same journal.
     let (sup, worker2) = worker();
-    let ready = add_device(&sup, spec(1, dev.map_len, JournalMode::Recover), &fds);
+    let ready = add_device(
+        &sup,
+        spec(1, dev.map_len, JournalMode::Recover),
+        dev.map_fd.as_fd(),
+        Some(journal.as_fd()),
+    );
     assert!(
         matches!(ready, FromWorker::DeviceReady { id: 1 }),
         "{ready:?}"
@@ -290,7 +314,7 @@ fn a_restarted_worker_reports_a_power_on_reset_once() {
     // Reported once: the next command is served normally.
     let c = run(&mut sim, &TEST_UNIT_READY);
     assert_eq!(c.status, 0, "{c:?}");
-    sup.send(&ToWorker::Shutdown, &[]).unwrap();
+    sup.send(&ToWorker::Shutdown).unwrap();
     worker2.join().unwrap().unwrap();
 
     assert_eq!(sim.in_flight(), 0);

@@ -5,9 +5,9 @@
 //! the supervisor channel) and before any device is served, [`enter_stage_two`] adds a seccomp
 //! *allow-list* on every thread (`SECCOMP_FILTER_FLAG_TSYNC`): what the runtime needs
 //! ([`tcmu_warden_policy::jail::seccomp::RUNTIME_SYSCALLS`]), what each handler factory declares
-//! ([`tcmu_warden_sdk::HandlerFactory::syscalls`]), and the extras the policy lists (passed by the
-//! supervisor in `TCMU_WARDEN_JAIL`). Filters only ever add up, so stage one's denials still
-//! hold and the strictest answer wins.
+//! ([`tcmu_warden_sdk::HandlerFactory::syscalls`]), and the extras the policy lists (the
+//! supervisor's [`StageTwoRequest`], which arrives in its `Hello`). Filters only ever add up, so
+//! stage one's denials still hold and the strictest answer wins.
 //!
 //! With `seccomp_action = "log"` (a debugging aid, not for production) a call outside the list
 //! raises SIGSYS instead of killing the process; [`on_sigsys`] writes one line naming the call
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tcmu_warden_policy::SeccompMode;
 use tcmu_warden_policy::jail::seccomp;
 use tcmu_warden_policy::jail::syscalls;
-use tcmu_warden_policy::jail::{STAGE_TWO_ENV, StageTwoRequest};
+use tcmu_warden_proto::StageTwoRequest;
 use tracing::{info, warn};
 
 use tcmu_warden_sdk::HandlerFactory;
@@ -29,9 +29,6 @@ use tcmu_warden_sdk::HandlerFactory;
 /// Why stage two could not be entered (the worker then exits: it never serves unconfined).
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    /// `TCMU_WARDEN_JAIL` is malformed.
-    #[error("{0}")]
-    Request(String),
     /// The filter could not be built.
     #[error("building the stage-two filter: {0}")]
     Filter(#[from] seccomp::FilterError),
@@ -83,19 +80,21 @@ pub fn allowed_extras(
     names
 }
 
-/// Installs the stage-two filter as `TCMU_WARDEN_JAIL` asks, on every thread. Call once the
-/// runtime is up and before serving any device.
-pub fn enter_stage_two(factories: &[Arc<dyn HandlerFactory>]) -> Result<StageTwo, JailError> {
-    let Some(value) = std::env::var_os(STAGE_TWO_ENV) else {
+/// Installs the stage-two filter as the supervisor's `request` asks, on every thread (`None`: the
+/// supervisor runs without jails, and nothing is installed). Call once the runtime is up and
+/// before serving any device.
+pub fn enter_stage_two(
+    factories: &[Arc<dyn HandlerFactory>],
+    request: Option<&StageTwoRequest>,
+) -> Result<StageTwo, JailError> {
+    let Some(request) = request else {
         warn!(
-            "{STAGE_TWO_ENV} is not set: the supervisor runs without jails (--no-jail); \
+            "the supervisor asked for no stage-two jail: it runs without jails (--no-jail); \
              NOT FOR PRODUCTION"
         );
         return Ok(StageTwo::NotRequested);
     };
-    let request =
-        StageTwoRequest::from_env(&value.to_string_lossy()).map_err(JailError::Request)?;
-    let extra = allowed_extras(factories, &request);
+    let extra = allowed_extras(factories, request);
     let pid = std::process::id();
     let programs = seccomp::stage_two(&extra, pid, request.action)?;
     match request.action {

@@ -27,15 +27,10 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
 use crate::size::format_size;
 use landlock::{FsRule, Grant, LandlockReport};
 use seccomp::StageOneOptions;
-use settings::{Backing, JailSettings, LandlockMode, Network, SeccompMode};
-
-/// The environment variable that tells a worker how to build its stage-two filter
-/// ([`StageTwoRequest`]). Its absence means the supervisor runs without a jail (debugging only).
-pub const STAGE_TWO_ENV: &str = "TCMU_WARDEN_JAIL";
+use settings::{JailSettings, LandlockMode, Network, SeccompMode};
 
 /// Where shared libraries and the dynamic loader's cache live: readable (never writable or
 /// executable) by every worker. Paths that do not exist are skipped.
@@ -59,57 +54,9 @@ const TCP_SYSCALLS: &[&str] = &[
     "shutdown",
 ];
 
-/// What the supervisor tells a worker about its stage two, through [`STAGE_TWO_ENV`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StageTwoRequest {
-    /// What a violation does.
-    pub action: SeccompMode,
-    /// Names to allow besides the runtime's and the handlers' own.
-    pub syscalls: Vec<String>,
-}
-
-impl StageTwoRequest {
-    /// The variable's value: `seccomp=kill;syscalls=a,b`.
-    pub fn to_env(&self) -> String {
-        format!(
-            "seccomp={};syscalls={}",
-            self.action.as_str(),
-            self.syscalls.join(",")
-        )
-    }
-
-    /// Parses [`StageTwoRequest::to_env`]'s output. Unknown keys are refused, so a supervisor
-    /// and a worker of different versions fail loudly.
-    pub fn from_env(value: &str) -> Result<StageTwoRequest, String> {
-        let mut action = None;
-        let mut syscalls = Vec::new();
-        for part in value.split(';').filter(|p| !p.is_empty()) {
-            let (key, val) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{STAGE_TWO_ENV}: {part:?} is not key=value"))?;
-            match key {
-                "seccomp" => {
-                    action = Some(
-                        SeccompMode::from_name(val)
-                            .ok_or_else(|| format!("{STAGE_TWO_ENV}: unknown seccomp={val:?}"))?,
-                    );
-                }
-                "syscalls" => {
-                    syscalls = val
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect();
-                }
-                other => return Err(format!("{STAGE_TWO_ENV}: unknown key {other:?}")),
-            }
-        }
-        Ok(StageTwoRequest {
-            action: action.ok_or_else(|| format!("{STAGE_TWO_ENV}: no seccomp= key"))?,
-            syscalls,
-        })
-    }
-}
+/// What the supervisor tells a worker about its stage two (in its `Hello`): part of the process
+/// contract, defined in the wire crate.
+pub use tcmu_warden_proto::StageTwoRequest;
 
 /// The effective jail of one worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,22 +139,6 @@ impl JailSpec {
                 syscalls: extra,
             },
             backing_paths: backing_paths.to_vec(),
-        }
-    }
-
-    /// The jail of the worker for `subtype` (`None`: the worker of refused devices, which gets
-    /// `[jail]` as is). `default_exe` is the daemon's worker executable.
-    pub fn for_worker(config: &Config, subtype: Option<&str>, default_exe: &Path) -> JailSpec {
-        match subtype.and_then(|s| config.handler(s)) {
-            Some(h) => {
-                let exe = h.exe.as_deref().unwrap_or(default_exe);
-                let backing: &[PathBuf] = match h.backing {
-                    Backing::Fd => &h.allow_paths,
-                    Backing::None => &[],
-                };
-                JailSpec::new(exe, &h.jail, backing)
-            }
-            None => JailSpec::new(default_exe, &config.jail, &[]),
         }
     }
 

@@ -43,36 +43,9 @@ impl LandlockMode {
     }
 }
 
-/// What the seccomp filters do with a system call they forbid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SeccompMode {
-    /// The kernel kills the whole worker with SIGSYS (the default).
-    #[default]
-    Kill,
-    /// DEBUGGING AID, NOT FOR PRODUCTION: a call missing from the stage-two allow-list fails with
-    /// `ENOSYS` and the worker logs its name, but keeps running. The stage-one deny-list still
-    /// kills.
-    Log,
-}
-
-impl SeccompMode {
-    /// The configuration-file spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SeccompMode::Kill => "kill",
-            SeccompMode::Log => "log",
-        }
-    }
-
-    /// Parses the configuration-file spelling.
-    pub fn from_name(name: &str) -> Option<SeccompMode> {
-        match name {
-            "kill" => Some(SeccompMode::Kill),
-            "log" => Some(SeccompMode::Log),
-            _ => None,
-        }
-    }
-}
+/// What the seccomp filters do with a system call they forbid: defined by the process contract
+/// (it travels to the worker in its stage-two request), configured here.
+pub use tcmu_warden_proto::SeccompMode;
 
 /// Network access of a worker.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -48,10 +48,11 @@ use std::time::{Duration, Instant};
 use tcmu_warden_proto::{FromWorker, JournalMode, ToWorker};
 use tracing::{error, info, warn};
 
-use super::{DevicePhase, Supervisor, WorkerKey, WorkerPhase, truncate_reason};
+use super::{DevicePhase, Supervisor, WorkerKey, WorkerPhase};
 use crate::actions;
 use crate::journal::JournalStore;
 use crate::worker::classify_exit;
+use tcmu_warden_proto::process::fit_reason;
 
 /// What the supervisor remembers of a worker key's crashes, across its successive processes.
 #[derive(Debug, Default)]
@@ -142,7 +143,7 @@ impl Supervisor {
             .filter(|id| self.devices.contains_key(id))
             .collect();
         if recent >= lc.quarantine_after as usize {
-            let reason = truncate_reason(format!(
+            let reason = fit_reason(format!(
                 "worker {name} crashed {recent} times within {:?} (last: {cause}); quarantined",
                 lc.quarantine_window
             ));
@@ -254,7 +255,7 @@ impl Supervisor {
         if let Err(err) = actions::reset_ring(&root, dev.dev.hba, &dev.dev.name) {
             error!(device = %dev.dev.uio, backstore = %dev.dev.label(), error = %err,
                    "cannot reset the ring; the device is not served");
-            dev.phase = DevicePhase::Failed(truncate_reason(format!("ring reset failed: {err}")));
+            dev.phase = DevicePhase::Failed(fit_reason(format!("ring reset failed: {err}")));
             dev.deadline = None;
             return Err(());
         }
@@ -326,7 +327,7 @@ impl Supervisor {
                 backing
             }
             Err(err) => {
-                let reason = truncate_reason(err.to_string());
+                let reason = fit_reason(err.to_string());
                 warn!(device = %dev.dev.uio, backstore = %dev.dev.label(), rule = %err.rule(),
                       reason = %reason, "device refused by policy on re-admission; it will answer NOT READY");
                 dev.spec.refusal = Some(reason);
@@ -411,7 +412,7 @@ impl Supervisor {
                 (None, _, Some(due)) if due <= now => {
                     slot.ping_seq = slot.ping_seq.wrapping_add(1);
                     let seq = slot.ping_seq;
-                    match slot.process.send(&ToWorker::Ping { seq }, &[]) {
+                    match slot.process.send(&ToWorker::Ping { seq }) {
                         Ok(()) => {
                             slot.ping = Some(seq);
                             slot.ping_deadline = Some(now + lc.heartbeat_timeout);

@@ -53,7 +53,7 @@
 //! only pings; their answers carry the counters the status report shows.
 //!
 //! This module never parses sysfs (that is [`crate::discovery`]), never decides policy (that is
-//! the policy crate), and never spawns processes by hand (that is [`crate::worker`]).
+//! [`crate::config`]), and never spawns processes by hand (that is [`crate::worker`]).
 
 pub mod lifecycle;
 pub mod ops;
@@ -69,11 +69,11 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use crate::config::{Config, Isolation, Lifecycle, LogFormat, UeventSource};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tcmu_warden_policy::{Config, Isolation, JailSpec, Lifecycle, LogFormat, UeventSource};
+use tcmu_warden_proto::process::{fit_name, fit_reason};
 use tcmu_warden_proto::{
-    DeviceSpec, DeviceStats, FromWorker, JournalMode, MAX_NAME_LEN, MAX_REASON_LEN, ProtoError,
-    ToWorker,
+    DeviceFds, DeviceSpec, DeviceStats, FromWorker, JournalMode, ProtoError, ToWorker,
 };
 use tracing::{debug, error, info, warn};
 
@@ -156,7 +156,7 @@ impl Options {
             worker_log_format: None,
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
-            shutdown_timeout: Duration::from_secs(config.daemon.drain_timeout_secs),
+            shutdown_timeout: config.daemon.drain_timeout,
             exit_grace: Duration::from_secs(2),
             lifecycle: config.daemon.lifecycle,
             journal_dir: config.daemon.journal_dir.clone(),
@@ -243,9 +243,7 @@ impl WorkerKey {
         match self {
             WorkerKey::Subtype(s) => s.clone(),
             WorkerKey::Device { subtype, hba, name } => {
-                let mut full = format!("{subtype}:user_{hba}/{name}");
-                cut_at_boundary(&mut full, MAX_NAME_LEN);
-                full
+                fit_name(format!("{subtype}:user_{hba}/{name}"))
             }
             WorkerKey::Refused => REFUSED_WORKER.to_owned(),
         }
@@ -594,7 +592,7 @@ impl Supervisor {
             {
                 Ok(admission) => (None, admission.into_backing()),
                 Err(err) => {
-                    let reason = truncate_reason(err.to_string());
+                    let reason = fit_reason(err.to_string());
                     warn!(
                         device = %dev.uio,
                         backstore = %dev.label(),
@@ -685,7 +683,7 @@ impl Supervisor {
         match (phase, live) {
             (DevicePhase::Sent | DevicePhase::Ready, Some(slot)) => {
                 let name = slot.name.clone();
-                match slot.process.send(&ToWorker::RemoveDevice { id }, &[]) {
+                match slot.process.send(&ToWorker::RemoveDevice { id }) {
                     Ok(()) => {
                         if let Some(dev) = self.devices.get_mut(&id) {
                             dev.phase = DevicePhase::Removing;
@@ -791,17 +789,21 @@ impl Supervisor {
     fn start_worker(&mut self, key: &WorkerKey) {
         let name = key.name();
         let exe = self.exe_for(key);
-        let (stage_one, jail) = if self.opts.unconfined {
+        let (stage_one, stage_two, jail) = if self.opts.unconfined {
             warn!(worker = %name, "starting the worker WITHOUT ITS JAIL (--no-jail): a debugging aid, NOT FOR PRODUCTION");
-            (None, None)
+            (None, None, None)
         } else {
             let subtype = match key {
                 WorkerKey::Subtype(s) | WorkerKey::Device { subtype: s, .. } => Some(s.as_str()),
                 WorkerKey::Refused => None,
             };
-            let spec = JailSpec::for_worker(&self.config, subtype, &self.opts.worker_exe);
+            let spec = self.config.jail_for(subtype, &self.opts.worker_exe);
             match jail::prepare(&spec) {
-                Ok(prepared) => (Some(prepared.stage_one), Some(prepared.status)),
+                Ok(prepared) => (
+                    Some(prepared.stage_one),
+                    Some(prepared.stage_two),
+                    Some(prepared.status),
+                ),
                 Err(err) => {
                     error!(worker = %name, exe = %exe.display(), reason = %err, "cannot start worker: its jail cannot be enforced");
                     return;
@@ -837,8 +839,9 @@ impl Supervisor {
         let hello = ToWorker::Hello {
             worker: name.clone(),
             subtypes: key.subtypes(),
+            jail: stage_two,
         };
-        let sent = process.send(&hello, &[]);
+        let sent = process.send(&hello);
         self.workers.insert(
             key.clone(),
             Slot {
@@ -887,20 +890,18 @@ impl Supervisor {
             };
             dev.spec.has_backing_fd = backing.is_some();
             dev.spec.journal = mode;
-            let mut fds: Vec<BorrowedFd<'_>> = vec![dev.uio_fd.as_fd()];
-            if let Some(b) = &backing {
-                fds.push(b.as_fd());
-            }
-            if let (Some(j), true) = (&dev.journal, mode != JournalMode::None) {
-                fds.push(j.file.as_fd());
-            }
-            let count = fds.len();
-            match slot
-                .process
-                .send(&ToWorker::AddDevice(dev.spec.clone()), &fds)
-            {
+            let fds = DeviceFds {
+                uio: dev.uio_fd.as_fd(),
+                backing: backing.as_ref().map(AsFd::as_fd),
+                journal: dev
+                    .journal
+                    .as_ref()
+                    .filter(|_| mode != JournalMode::None)
+                    .map(|j| j.file.as_fd()),
+            };
+            match slot.process.send_device(&dev.spec, &fds) {
                 Ok(()) => {
-                    debug!(device = %dev.dev.uio, worker = %slot.name, fds = count, journal = ?mode, "device sent to worker");
+                    debug!(device = %dev.dev.uio, worker = %slot.name, backing = fds.backing.is_some(), journal = ?mode, "device sent to worker");
                     dev.phase = DevicePhase::Sent;
                     dev.deadline = Some(Instant::now() + self.opts.reply_timeout);
                     dev.mode = mode;
@@ -1336,7 +1337,7 @@ impl Supervisor {
                 && dev.spec.refusal.is_none()
                 && missing.contains(&dev.spec.subtype)
             {
-                let reason = truncate_reason(format!(
+                let reason = fit_reason(format!(
                     "the worker executable {exe} has no handler for subtype {:?}",
                     dev.spec.subtype
                 ));
@@ -1497,7 +1498,7 @@ impl Supervisor {
             if !matches!(slot.phase, WorkerPhase::Handshaking | WorkerPhase::Ready) {
                 continue;
             }
-            match slot.process.send(&ToWorker::Shutdown, &[]) {
+            match slot.process.send(&ToWorker::Shutdown) {
                 Ok(()) => {
                     slot.phase = WorkerPhase::ShuttingDown;
                     slot.deadline = Some(deadline);
@@ -1631,26 +1632,6 @@ fn kind(msg: &FromWorker) -> &'static str {
     }
 }
 
-/// Cuts a refusal reason to the wire's limit, at a character boundary.
-fn truncate_reason(mut reason: String) -> String {
-    if reason.len() > MAX_REASON_LEN {
-        cut_at_boundary(&mut reason, MAX_REASON_LEN.saturating_sub(3));
-        reason.push_str("...");
-    }
-    reason
-}
-
-/// Truncates `s` to at most `max` bytes without splitting a character.
-fn cut_at_boundary(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut cut = max;
-        while cut > 0 && !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-}
-
 /// `poll` timeout in whole milliseconds, rounded up so a deadline is never missed by a spin.
 fn poll_timeout(d: Duration) -> PollTimeout {
     let millis = d.as_micros().div_ceil(1000);
@@ -1669,6 +1650,9 @@ pub fn run(config: Config, opts: Options) -> Result<(), DaemonError> {
         sysfs_root = %opts.sysfs_root.display(),
         "tcmu-warden starting"
     );
+    for warning in config.warnings() {
+        warn!(config = %config.source.display(), "{warning}");
+    }
     let mut sup = Supervisor::new(config, opts)?;
     sup.handle_termination_signals()?;
     sup.handle_reload_signal()?;
@@ -1705,18 +1689,9 @@ mod tests {
             hba: 1,
             name: "ü".repeat(300),
         };
-        assert!(long.name().len() <= MAX_NAME_LEN);
+        assert!(long.name().len() <= tcmu_warden_proto::MAX_NAME_LEN);
         assert!(long.name().starts_with("file:user_1/ü"));
         assert!(WorkerKey::Refused.subtypes().is_empty());
-    }
-
-    #[test]
-    fn reasons_are_cut_to_the_wire_limit() {
-        let long = "é".repeat(MAX_REASON_LEN);
-        let cut = truncate_reason(long);
-        assert!(cut.len() <= MAX_REASON_LEN);
-        assert!(cut.ends_with("..."));
-        assert_eq!(truncate_reason("short".into()), "short");
     }
 
     #[test]

@@ -55,13 +55,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use tcmu_warden_policy::{Config, PolicyError};
+use crate::config::{Config, PolicyError};
+use tcmu_warden_proto::process::fit_reason;
 use tcmu_warden_proto::{DeviceStats, ToWorker};
 use tracing::{debug, error, info, warn};
 
 use super::{
     AdoptError, DaemonError, Device, DevicePhase, Supervisor, WorkerKey, WorkerPhase,
-    default_worker_exe, truncate_reason,
+    default_worker_exe,
 };
 use crate::control::{
     ControlServer, DaemonReport, DeviceReport, FilePolicy, PolicyReport, RamPolicy, Request,
@@ -747,7 +748,7 @@ impl Supervisor {
         {
             Err(err) => {
                 let errno = refusal_errno(&err);
-                let reason = truncate_reason(err.to_string());
+                let reason = fit_reason(err.to_string());
                 warn!(
                     device = %uio,
                     backstore = %label,
@@ -971,7 +972,7 @@ impl Supervisor {
             dev_size,
             write_cache,
         };
-        let sent = self.workers.get(&key).map(|s| s.process.send(&msg, &[]));
+        let sent = self.workers.get(&key).map(|s| s.process.send(&msg));
         match sent {
             Some(Ok(())) => {
                 debug!(device = %uio, worker = %key.name(), "reconfiguration sent to the worker");
@@ -1329,6 +1330,9 @@ impl Supervisor {
                 error!(config = %source.display(), error = %e, "configuration reload failed; the configuration in force stays");
             }
             Ok(new) => {
+                for warning in new.warnings() {
+                    warn!(config = %source.display(), "{warning}");
+                }
                 let changes = reload::changes(&self.config, &new);
                 let merged = reload::merge(&self.config, new);
                 let exe = match &merged.daemon.worker_exe {
@@ -1338,7 +1342,7 @@ impl Supervisor {
                 if let Some(exe) = exe {
                     self.opts.worker_exe = exe;
                 }
-                self.opts.shutdown_timeout = Duration::from_secs(merged.daemon.drain_timeout_secs);
+                self.opts.shutdown_timeout = merged.daemon.drain_timeout;
                 self.config = merged;
                 self.ops.generation += 1;
                 for line in &changes.applied {

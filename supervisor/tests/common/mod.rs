@@ -188,10 +188,24 @@ impl FakeWorker {
     }
 
     /// Waits for the supervisor's `Hello`: the worker's name and subtypes (`None`, logged, when
-    /// something else came).
+    /// something else came). Logs the stage-two request it carries (`stage two worker=W jail=...`).
     pub fn hello(&self) -> Option<(String, Vec<String>)> {
         match self.chan.recv::<ToWorker>() {
-            Ok((ToWorker::Hello { worker, subtypes }, _)) => Some((worker, subtypes)),
+            Ok((
+                ToWorker::Hello {
+                    worker,
+                    subtypes,
+                    jail,
+                },
+                _,
+            )) => {
+                let jail = jail.map_or_else(
+                    || "none".to_owned(),
+                    |j| format!("{} syscalls={}", j.action.as_str(), j.syscalls.join(",")),
+                );
+                self.log(format!("stage two worker={worker} jail={jail}"));
+                Some((worker, subtypes))
+            }
             other => {
                 self.log(format!("expected Hello, got {other:?}"));
                 None
@@ -200,7 +214,7 @@ impl FakeWorker {
     }
 
     pub fn send(&self, msg: FromWorker) {
-        self.chan.send(&msg, &[]).unwrap();
+        self.chan.send(&msg).unwrap();
     }
 }
 

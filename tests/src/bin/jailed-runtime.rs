@@ -3,7 +3,8 @@
 //!
 //! Started by the supervisor's real spawn path (stage one applied before exec), it sets up two
 //! simulated TCMU devices (the kernel simulator's memfd rings and event sockets) and a memfd
-//! backing store, enters stage two exactly as `worker_main` does, and then serves SCSI commands
+//! backing store, enters stage two from the `Hello` its supervisor channel delivers, as every
+//! worker does, and then serves SCSI commands
 //! through the built-in `ram` and `file` handlers: thread creation, ring mapping, polling,
 //! durable writes, flushes, hole punching, reads. Any system call the allow-lists forgot kills it
 //! with SIGSYS, which the test reports.
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
+use tcmu_warden_proto::ToWorker;
 use tcmu_warden_tests::{KernelSim, SimConfig, SimDevice};
 use tcmu_warden_worker::handler::{DeviceConfig, builtin_factories};
 use tcmu_warden_worker::jail::{StageTwo, enter_stage_two};
@@ -59,8 +61,14 @@ fn run() -> Result<(), String> {
         memfd_create("jailed-backing", MFdFlags::MFD_CLOEXEC).map_err(|e| e.to_string())?;
     nix::unistd::ftruncate(backing.as_fd(), 1 << 20).map_err(|e| e.to_string())?;
 
+    // The first frame on the supervisor channel is the Hello, with stage two of the jail.
+    let chan = tcmu_warden_worker::runtime::channel_from_env().map_err(|e| e.to_string())?;
+    let jail = match chan.recv::<ToWorker>().map_err(|e| e.to_string())? {
+        (ToWorker::Hello { jail, .. }, _) => jail,
+        (other, _) => return Err(format!("expected Hello, got {other:?}")),
+    };
     let factories = builtin_factories();
-    match enter_stage_two(&factories).map_err(|e| e.to_string())? {
+    match enter_stage_two(&factories, jail.as_ref()).map_err(|e| e.to_string())? {
         StageTwo::Installed { .. } => {}
         StageTwo::NotRequested => return Err("started without a jail".into()),
     }

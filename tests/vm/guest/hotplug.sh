@@ -152,7 +152,7 @@ cat > "$WORK/warden.toml" <<TOML || exit 2
 worker_exe = "$WARDEN_WORKER"
 control_socket = "$SOCK"
 uevent_source = "kernel"
-drain_timeout = 20
+drain_timeout = "20s"
 log_format = "text"
 
 [handler.file]

@@ -32,7 +32,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tcmu_warden_proto::{
-    Channel, DeviceSpec, DeviceStats, FromWorker, JournalMode, ProtoError, ToWorker,
+    Channel, DeviceFds, DeviceSpec, DeviceStats, Fds, FromWorker, JournalMode, ProtoError, ToWorker,
 };
 use tracing::{error, info, warn};
 
@@ -43,10 +43,7 @@ pub use config::{MIN_MAX_TRANSFER_BYTES, device_config};
 pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
 use tcmu_warden_sdk::{HandlerError, HandlerFactory};
 
-/// Environment variable naming the inherited supervisor socket.
-pub const FD_ENV: &str = "TCMU_WARDEN_FD";
-/// Environment variable selecting the log format (`text` or `json`).
-pub const LOG_FORMAT_ENV: &str = "TCMU_WARDEN_LOG_FORMAT";
+use tcmu_warden_proto::process::{CHANNEL_FD_ENV as FD_ENV, LOG_FORMAT_ENV, fit_reason};
 
 /// Errors that end a worker.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +57,9 @@ pub enum WorkerError {
     /// The inherited socket is missing or bad.
     #[error("no supervisor socket: {0}")]
     NoSocket(String),
+    /// Stage two of the jail could not be entered: the worker serves nothing unconfined.
+    #[error("{0}")]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// Why a device could not be served.
@@ -73,8 +73,8 @@ enum AddError {
     Ring(#[from] RingError),
     #[error("starting device threads: {0}")]
     Io(#[from] std::io::Error),
-    #[error("expected {expected} descriptors, got {got}")]
-    Fds { expected: usize, got: usize },
+    #[error("{0}")]
+    Fds(#[from] ProtoError),
     #[error("device id {0} is already served")]
     Duplicate(u64),
     #[error("map size {0} does not fit this machine's address space")]
@@ -156,12 +156,19 @@ impl Worker {
     /// Runs the conversation until `Shutdown` or until the supervisor hangs up.
     pub fn serve(mut self) -> Result<(), WorkerError> {
         let (hello, fds) = self.chan.recv::<ToWorker>()?;
-        let ToWorker::Hello { worker, subtypes } = hello else {
+        let ToWorker::Hello {
+            worker,
+            subtypes,
+            jail,
+        } = hello
+        else {
             return Err(WorkerError::Protocol(format!(
                 "expected Hello, got {hello:?}"
             )));
         };
         drop(fds);
+        // Stage two of the jail, before answering and so before any device is served.
+        crate::jail::enter_stage_two(&self.factories, jail.as_ref())?;
         let missing: Vec<&String> = subtypes
             .iter()
             .filter(|s| self.factory(s).is_none())
@@ -178,13 +185,10 @@ impl Worker {
             .iter()
             .map(|f| f.subtype().to_owned())
             .collect();
-        self.chan.send(
-            &FromWorker::Hello {
-                pid: std::process::id(),
-                subtypes: mine,
-            },
-            &[],
-        )?;
+        self.chan.send(&FromWorker::Hello {
+            pid: std::process::id(),
+            subtypes: mine,
+        })?;
         info!(?subtypes, "worker ready");
         loop {
             let (msg, fds) = match self.chan.recv::<ToWorker>() {
@@ -207,22 +211,18 @@ impl Worker {
                     match self.add_device(spec, fds) {
                         Ok(()) => {
                             info!(device = %name, id, "device ready");
-                            self.chan.send(&FromWorker::DeviceReady { id }, &[])?;
+                            self.chan.send(&FromWorker::DeviceReady { id })?;
                         }
                         Err(AddError::Recover(e)) => {
                             warn!(device = %name, id, error = %e,
                                   "cannot serve the ring as it is; asking for a ring reset");
-                            let mut reason = e.to_string();
-                            truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
-                            self.chan
-                                .send(&FromWorker::RecoveryFailed { id, reason }, &[])?;
+                            let reason = fit_reason(e.to_string());
+                            self.chan.send(&FromWorker::RecoveryFailed { id, reason })?;
                         }
                         Err(e) => {
                             error!(device = %name, id, error = %e, "device failed");
-                            let mut reason = e.to_string();
-                            truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
-                            self.chan
-                                .send(&FromWorker::DeviceFailed { id, reason }, &[])?;
+                            let reason = fit_reason(e.to_string());
+                            self.chan.send(&FromWorker::DeviceFailed { id, reason })?;
                         }
                     }
                 }
@@ -231,7 +231,7 @@ impl Worker {
                         if let Err(e) = dev.runner.stop() {
                             warn!(id, error = %e, "device did not stop cleanly");
                         }
-                        self.chan.send(&FromWorker::DeviceRemoved { id }, &[])?;
+                        self.chan.send(&FromWorker::DeviceRemoved { id })?;
                     } else {
                         warn!(id, "asked to remove a device this worker does not serve");
                     }
@@ -251,21 +251,18 @@ impl Worker {
                                 info!(id, ?dev_size, ?write_cache, "device reconfigured");
                                 FromWorker::Reconfigured { id }
                             }
-                            Err(mut reason) => {
+                            Err(reason) => {
                                 warn!(id, error = %reason, "reconfiguration failed");
-                                truncate_at_boundary(
-                                    &mut reason,
-                                    tcmu_warden_proto::MAX_REASON_LEN,
-                                );
+                                let reason = fit_reason(reason);
                                 FromWorker::ReconfigFailed { id, reason }
                             }
                         },
                     };
-                    self.chan.send(&reply, &[])?;
+                    self.chan.send(&reply)?;
                 }
                 ToWorker::Ping { seq } => {
                     let stats = self.stats();
-                    self.chan.send(&FromWorker::Pong { seq, stats }, &[])?;
+                    self.chan.send(&FromWorker::Pong { seq, stats })?;
                 }
                 ToWorker::Shutdown => {
                     info!("shutdown requested");
@@ -306,30 +303,18 @@ impl Worker {
         }
     }
 
-    fn add_device(&mut self, spec: DeviceSpec, fds: Vec<OwnedFd>) -> Result<(), AddError> {
+    fn add_device(&mut self, spec: DeviceSpec, fds: Fds) -> Result<(), AddError> {
         if self.devices.contains_key(&spec.id) {
             return Err(AddError::Duplicate(spec.id));
         }
-        let expected = spec.fd_count();
-        if fds.len() != expected {
-            return Err(AddError::Fds {
-                expected,
-                got: fds.len(),
-            });
-        }
-        let mut fds = fds.into_iter();
-        let uio = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
-        let backing = if spec.has_backing_fd {
-            fds.next()
-        } else {
-            None
-        };
-        let journal = match spec.journal {
-            JournalMode::None => None,
-            JournalMode::Fresh | JournalMode::Recover => {
-                let fd = fds.next().ok_or(AddError::Fds { expected, got: 0 })?;
-                Some(Journal::map(fd.as_fd())?)
-            }
+        let DeviceFds {
+            uio,
+            backing,
+            journal,
+        } = DeviceFds::claim(&spec, fds)?;
+        let journal = match journal {
+            Some(fd) => Some(Journal::map(fd.as_fd())?),
+            None => None,
         };
         let cfg = device_config(&spec);
         let emulator = match &spec.refusal {
@@ -371,9 +356,8 @@ impl Worker {
         let id = spec.id;
         let on_exit = Box::new(move |r: &Result<(), DeviceError>| {
             if let Err(e) = r {
-                let mut reason = e.to_string();
-                truncate_at_boundary(&mut reason, tcmu_warden_proto::MAX_REASON_LEN);
-                let _ = chan.send(&FromWorker::DeviceFailed { id, reason }, &[]);
+                let reason = fit_reason(e.to_string());
+                let _ = chan.send(&FromWorker::DeviceFailed { id, reason });
             }
         });
         if spec.journal == JournalMode::Recover {
@@ -409,16 +393,6 @@ impl Worker {
 
 /// Cuts `s` to at most `max` bytes at a character boundary (`String::truncate` panics inside a
 /// character).
-fn truncate_at_boundary(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut cut = max;
-        while cut > 0 && !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-}
-
 /// Takes ownership of the supervisor socket named by `TCMU_WARDEN_FD`.
 pub fn channel_from_env() -> Result<Channel, WorkerError> {
     let raw =
@@ -467,8 +441,9 @@ fn init_logging() {
     };
 }
 
-/// The `main` of a worker executable: logging, the supervisor socket, stage two of the jail
-/// ([`crate::jail::enter_stage_two`]), then [`Worker::serve`].
+/// The `main` of a worker executable: logging, the supervisor socket, then [`Worker::serve`]
+/// (which enters stage two of the jail, [`crate::jail::enter_stage_two`], as the supervisor's
+/// `Hello` asks, before it serves anything).
 pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
     init_logging();
     let chan = match channel_from_env() {
@@ -478,13 +453,12 @@ pub fn worker_main(factories: Vec<Arc<dyn HandlerFactory>>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Stage two of the jail, before any device is served (see `crate::jail`).
-    if let Err(e) = crate::jail::enter_stage_two(&factories) {
-        error!(error = %e, "cannot confine this worker; refusing to serve");
-        return ExitCode::from(3);
-    }
     match Worker::new(chan, factories).serve() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ WorkerError::Jail(_)) => {
+            error!(error = %e, "cannot confine this worker; refusing to serve");
+            ExitCode::from(3)
+        }
         Err(e) => {
             error!(error = %e, "worker ends");
             ExitCode::FAILURE
@@ -500,24 +474,19 @@ mod tests {
     fn reconfig_of_an_unknown_device_is_refused_and_the_worker_carries_on() {
         let (sup, ours) = Channel::pair().unwrap();
         let worker = std::thread::spawn(move || Worker::new(ours, Vec::new()).serve());
-        sup.send(
-            &ToWorker::Hello {
-                worker: "t".into(),
-                subtypes: Vec::new(),
-            },
-            &[],
-        )
+        sup.send(&ToWorker::Hello {
+            worker: "t".into(),
+            subtypes: Vec::new(),
+            jail: None,
+        })
         .unwrap();
         let (hello, _) = sup.recv::<FromWorker>().unwrap();
         assert!(matches!(hello, FromWorker::Hello { .. }));
-        sup.send(
-            &ToWorker::Reconfig {
-                id: 9,
-                dev_size: Some(1 << 20),
-                write_cache: Some(true),
-            },
-            &[],
-        )
+        sup.send(&ToWorker::Reconfig {
+            id: 9,
+            dev_size: Some(1 << 20),
+            write_cache: Some(true),
+        })
         .unwrap();
         let (reply, _) = sup.recv::<FromWorker>().unwrap();
         match reply {
@@ -527,7 +496,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        sup.send(&ToWorker::Ping { seq: 4 }, &[]).unwrap();
+        sup.send(&ToWorker::Ping { seq: 4 }).unwrap();
         let (pong, _) = sup.recv::<FromWorker>().unwrap();
         assert_eq!(
             pong,
@@ -536,15 +505,7 @@ mod tests {
                 stats: Vec::new()
             }
         );
-        sup.send(&ToWorker::Shutdown, &[]).unwrap();
+        sup.send(&ToWorker::Shutdown).unwrap();
         worker.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn reasons_are_cut_at_a_character_boundary() {
-        let mut r = "é".repeat(tcmu_warden_proto::MAX_REASON_LEN);
-        truncate_at_boundary(&mut r, tcmu_warden_proto::MAX_REASON_LEN);
-        assert!(r.len() <= tcmu_warden_proto::MAX_REASON_LEN);
-        assert!(r.chars().all(|c| c == 'é'));
     }
 }

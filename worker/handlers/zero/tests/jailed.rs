@@ -32,9 +32,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use tcmu_warden_policy::JailSettings;
 use tcmu_warden_policy::jail::JailSpec;
-use tcmu_warden_policy::{Config, JailSettings};
-use tcmu_warden_proto::{DeviceSpec, FromWorker, JournalMode, ToWorker};
+use tcmu_warden_proto::{DeviceFds, DeviceSpec, FromWorker, JournalMode, ToWorker};
+use tcmu_warden_supervisor::config::Config;
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 use tcmu_warden_supervisor::jail;
@@ -163,13 +164,11 @@ fn the_example_handler_serves_scsi_under_the_default_jail() {
     let pid = worker.pid();
 
     worker
-        .send(
-            &ToWorker::Hello {
-                worker: "zero".into(),
-                subtypes: vec!["zero".into()],
-            },
-            &[],
-        )
+        .send(&ToWorker::Hello {
+            worker: "zero".into(),
+            subtypes: vec!["zero".into()],
+            jail: Some(prepared.stage_two.clone()),
+        })
         .unwrap();
     match recv(&worker) {
         FromWorker::Hello { subtypes, .. } => assert_eq!(subtypes, vec!["zero".to_owned()]),
@@ -180,9 +179,13 @@ fn the_example_handler_serves_scsi_under_the_default_jail() {
     let (mut asynchronous, async_dev) = KernelSim::new(SimConfig::default()).unwrap();
     for (id, cfgstring, dev) in [(1, "", &blocking_dev), (2, "async", &async_dev)] {
         worker
-            .send(
-                &ToWorker::AddDevice(spec(id, cfgstring, dev)),
-                &[dev.map_fd.as_fd()],
+            .send_device(
+                &spec(id, cfgstring, dev),
+                &DeviceFds {
+                    uio: dev.map_fd.as_fd(),
+                    backing: None,
+                    journal: None,
+                },
             )
             .unwrap();
         assert_eq!(recv(&worker), FromWorker::DeviceReady { id });
@@ -190,7 +193,7 @@ fn the_example_handler_serves_scsi_under_the_default_jail() {
     exercise(&mut blocking, "blocking");
     exercise(&mut asynchronous, "async");
 
-    worker.send(&ToWorker::Ping { seq: 1 }, &[]).unwrap();
+    worker.send(&ToWorker::Ping { seq: 1 }).unwrap();
     match recv(&worker) {
         FromWorker::Pong { seq: 1, stats } => {
             assert_eq!(stats.len(), 2);
@@ -201,11 +204,11 @@ fn the_example_handler_serves_scsi_under_the_default_jail() {
         other => panic!("expected Pong, got {other:?}"),
     }
     for id in [1, 2] {
-        worker.send(&ToWorker::RemoveDevice { id }, &[]).unwrap();
+        worker.send(&ToWorker::RemoveDevice { id }).unwrap();
         assert_eq!(recv(&worker), FromWorker::DeviceRemoved { id });
     }
     assert!(blocking.is_drained() && asynchronous.is_drained());
-    worker.send(&ToWorker::Shutdown, &[]).unwrap();
+    worker.send(&ToWorker::Shutdown).unwrap();
 
     let deadline = Instant::now() + DEADLINE;
     let status = loop {

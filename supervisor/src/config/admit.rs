@@ -38,8 +38,8 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 
 use crate::config::{Config, normalize_absolute};
-use crate::jail::settings::Backing;
-use crate::size::format_size;
+use tcmu_warden_policy::jail::settings::Backing;
+use tcmu_warden_policy::size::format_size;
 
 /// Why a device is refused.
 #[derive(Debug, thiserror::Error)]

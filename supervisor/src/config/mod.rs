@@ -1,6 +1,6 @@
 //! # The configuration file
 //!
-//! Parses `tcmu-warden.toml` (schema in the [crate documentation](crate)) into a validated
+//! Parses `tcmu-warden.toml` (the schema is below) into a validated
 //! [`Config`]. Parsing is two-step: serde reads the text into private `Raw*` structs that keep
 //! each value's byte span, then [`Config::from_toml_str`] checks every value and builds the
 //! public, span-free types. Every error, syntactic or semantic, is a [`ConfigError`] that names
@@ -9,6 +9,102 @@
 //! This module owns the schema and its validation. It never touches the file system beyond
 //! reading the configuration file itself (whether an allowed path exists is checked when a
 //! device is admitted, not here, because storage may be mounted after the daemon starts).
+//!
+//! ## The configuration file
+//!
+//! A commented example lives in `docs/tcmu-warden.example.toml`. Unknown sections and keys are
+//! errors, so a typo never silently changes behaviour.
+//!
+//! ```toml
+//! [daemon]
+//! # The worker executable. Default: `tcmu-warden-worker` in the directory of the running
+//! # `tcmu-warden`. Must be absolute.
+//! worker_exe = "/usr/libexec/tcmu-warden/tcmu-warden-worker"
+//! # Where sysfs is mounted: `class/uio` and `kernel/config` (configfs) are looked up under it.
+//! # Default "/sys". Tests point it at a fake tree.
+//! sysfs_root = "/sys"
+//! # Where the `uioN` device nodes are. Default "/dev".
+//! dev_root = "/dev"
+//! # "text" (human-readable, stderr), "json" (one object per line, stderr) or "journald"
+//! # (native journal entries). Default: journald when JOURNAL_STREAM is set (started by
+//! # systemd with output to the journal), text otherwise.
+//! log_format = "text"
+//! # Where each device's in-flight journal lives (a tmpfs: it must survive a supervisor restart,
+//! # and need not survive a reboot). Default "/run/tcmu-warden/journal".
+//! journal_dir = "/run/tcmu-warden/journal"
+//! # Worker lifecycle. Durations take a unit: ms, s, m, h.
+//! heartbeat_interval = "5s"       # how often a serving worker is pinged
+//! heartbeat_timeout = "10s"       # a worker that does not answer a ping this long is killed
+//! restart_backoff_initial = "100ms" # delay before restarting a crashed worker, doubling...
+//! restart_backoff_max = "30s"     # ...up to this
+//! quarantine_after = 5            # this many crashes within quarantine_window: no more
+//! quarantine_window = "10m"       # restarts; the worker's devices stay blocked and failed
+//! # The control socket `tcmu-warden status` talks to (root only). Default
+//! # "/run/tcmu-warden/control.sock".
+//! control_socket = "/run/tcmu-warden/control.sock"
+//! # At shutdown, how long in-flight SCSI commands may take to finish before workers are
+//! # killed (1s to 1h). Default "30s".
+//! drain_timeout = "30s"
+//! # Which copy of the kernel's device events to follow: "udev" (sent once udev created
+//! # /dev/uioN), "kernel", or "auto" (default: udev's when systemd-udevd runs).
+//! uevent_source = "auto"
+//!
+//! # Devices of subtype `file`: the cfgstring is an absolute path to a regular file or a block
+//! # device. Without this section every `file` device is refused.
+//! [handler.file]
+//! # Required, non-empty. Directories whose files (at any depth) may back devices, or paths
+//! # allowed exactly (typically a block device such as /dev/disk/by-id/wwn-0x5000c500a1b2c3d4).
+//! # Absolute, no `..`. Symlinks *inside* a directory may not lead out of it.
+//! allow_paths = ["/var/lib/tcmu", "/srv/disks"]
+//! # "subtype" (default): one worker process serves every `file` device.
+//! # "device": one worker process per device.
+//! isolation = "subtype"
+//!
+//! # Devices of subtype `ram`: volatile, held in the worker's memory. Without this section every
+//! # `ram` device is refused.
+//! [handler.ram]
+//! # Optional cap on a device's size: an integer (bytes) or a string such as "64GiB", "512MiB",
+//! # "10GB" (see [`tcmu_warden_policy::size`] for the units).
+//! max_size = "64GiB"
+//!
+//! # A third-party subtype: its own worker executable, built on the worker runtime.
+//! [handler.qcow]
+//! exe = "/usr/libexec/qcow-worker"    # required for a subtype the built-in worker lacks
+//! backing = "fd"                      # "fd": cfgstring is a path under allow_paths, opened by
+//! allow_paths = ["/srv/qcow"]         # the supervisor and passed; "none" (default): no backing
+//! ```
+//!
+//! ## The jail keys
+//! The `[jail]` section holds the defaults of every worker (and is exactly the jail of the
+//! worker that serves refused devices); each `[handler.<subtype>]` section may override any key
+//! (`rlimits` entry by entry). See [`jail`] and `docs/security.md`.
+//!
+//! ```toml
+//! [jail]
+//! user = "tcmu"                 # name or number; default: the supervisor's (root)
+//! group = "tcmu"                # default: the user's primary group
+//! read_paths = []               # read-only landlock grants
+//! write_paths = []              # read-write (never execute) landlock grants
+//! network = "none"              # or "tcp" with connect_ports = [3260]
+//! syscalls = []                 # extra names for the stage-two seccomp allow-list
+//! namespaces = ["ipc", "net", "uts"]   # default; "net" only without TCP; also "mount", "cgroup"
+//! landlock = "required"         # or "best-effort"
+//! seccomp_action = "kill"       # or "log": a debugging aid, NOT FOR PRODUCTION
+//! io_uring = false
+//! rlimits = { open_files = 4096, core_size = 0, address_space = "64GiB", processes = 256 }
+//! ```
+//!
+//! A device whose subtype has no section, whose cfgstring the rules refuse, or that has no
+//! subtype at all is *refused*. A device created while the daemon runs is refused to the kernel:
+//! the administrator's configfs `enable` write fails with an error, and the log says why. A
+//! device that already existed when the daemon started is still handed to a worker that
+//! answers every SCSI command with NOT READY, so initiators fail at once rather than time out.
+
+pub mod admit;
+pub mod duration;
+
+pub use admit::{Admission, PolicyError};
+pub use duration::{DurationError, HumanDuration, format_duration, parse_duration};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,11 +115,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::duration::HumanDuration;
-use crate::jail::settings::{
+use tcmu_warden_policy::JailSpec;
+use tcmu_warden_policy::jail::settings::{
     Backing, Id, JailSettings, LandlockMode, Namespace, Network, Rlimits, SeccompMode,
 };
-use crate::size::ByteSize;
+use tcmu_warden_policy::size::ByteSize;
 
 /// Handler subtypes this configuration schema knows.
 pub const KNOWN_SUBTYPES: &[&str] = &["file", "ram"];
@@ -116,8 +212,19 @@ impl UeventSource {
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tcmu-warden/control.sock";
 
-/// Default drain deadline at shutdown, in seconds.
-pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// Default drain deadline at shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Paths that `allow_paths` may name but almost certainly should not: the root and the trees
+/// holding the system itself, its secrets and its devices ([`Config::warnings`]).
+const SYSTEM_TREES: &[&str] = &[
+    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin",
+    "/sys", "/usr", "/var",
+];
+
+/// Largest configuration file accepted. A real one is a few KiB; this bounds what a mistake
+/// (a log file or an image named as the configuration) can cost.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// The `[daemon]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,9 +242,9 @@ pub struct DaemonConfig {
     /// The control socket `tcmu-warden status` talks to (default
     /// [`DEFAULT_CONTROL_SOCKET`]).
     pub control_socket: PathBuf,
-    /// How long a shutdown waits for in-flight commands before workers are killed, in seconds
-    /// (default [`DEFAULT_DRAIN_TIMEOUT_SECS`], 1..=3600).
-    pub drain_timeout_secs: u64,
+    /// How long a shutdown waits for in-flight commands before workers are killed (default
+    /// [`DEFAULT_DRAIN_TIMEOUT`], 1 s to 1 h).
+    pub drain_timeout: Duration,
     /// Which copy of the kernel's uevents to follow.
     pub uevent_source: UeventSource,
     /// Where the devices' in-flight journals live (default `/run/tcmu-warden/journal`). They
@@ -189,7 +296,7 @@ impl Default for DaemonConfig {
             dev_root: PathBuf::from("/dev"),
             log_format: None,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
-            drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             uevent_source: UeventSource::Auto,
             journal_dir: PathBuf::from("/run/tcmu-warden/journal"),
             lifecycle: Lifecycle::default(),
@@ -317,7 +424,7 @@ struct RawDaemon {
     dev_root: Option<Spanned<String>>,
     log_format: Option<LogFormat>,
     control_socket: Option<Spanned<String>>,
-    drain_timeout: Option<Spanned<i64>>,
+    drain_timeout: Option<Spanned<HumanDuration>>,
     uevent_source: Option<UeventSource>,
     journal_dir: Option<Spanned<String>>,
     heartbeat_interval: Option<Spanned<HumanDuration>>,
@@ -395,6 +502,42 @@ impl Locator<'_> {
         }
     }
 
+    /// A TOML syntax or schema error, located; a duplicate key or table is named (the parser
+    /// only says "duplicate key").
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().trim_end();
+        let named = e
+            .span()
+            .filter(|_| message.starts_with("duplicate key"))
+            .and_then(|span| {
+                let before = self.text.get(..span.start)?;
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                let line_end = self
+                    .text
+                    .get(span.start..)
+                    .and_then(|rest| rest.find('\n'))
+                    .map_or(self.text.len(), |i| span.start + i);
+                let line = self.text.get(line_start..line_end)?.trim();
+                let key = self.text.get(span)?.trim();
+                Some(if line.starts_with('[') {
+                    let table = line
+                        .split(']')
+                        .next()
+                        .unwrap_or(line)
+                        .trim_start_matches('[');
+                    format!(
+                        "duplicate table [{table}]: it is already defined above (merge the two)"
+                    )
+                } else {
+                    format!("duplicate key `{key}`: it is already set above in this table")
+                })
+            });
+        match named {
+            Some(m) => self.error(e.span(), m),
+            None => self.error(e.span(), message),
+        }
+    }
+
     fn line_col(&self, offset: usize) -> (usize, usize) {
         let before = self.text.get(..offset).unwrap_or(self.text);
         let line = before.matches('\n').count() + 1;
@@ -416,9 +559,10 @@ impl Locator<'_> {
         list: &SpannedList<String>,
     ) -> Result<Vec<PathBuf>, ConfigError> {
         let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
         for entry in list.get_ref() {
             let path = self.absolute_path(key, entry)?;
-            if !out.contains(&path) {
+            if seen.insert(path.clone()) {
                 out.push(path);
             }
         }
@@ -609,7 +753,7 @@ impl Locator<'_> {
             let mut names = Vec::new();
             for entry in list.get_ref() {
                 let name = entry.get_ref();
-                if let Err(why) = crate::jail::seccomp::check_extra_syscall(name) {
+                if let Err(why) = tcmu_warden_policy::jail::seccomp::check_extra_syscall(name) {
                     return Err(self.error(Some(entry.span()), format!("{prefix}.syscalls: {why}")));
                 }
                 if !names.contains(name) {
@@ -719,8 +863,8 @@ impl Locator<'_> {
                     Some(v.span()),
                     format!(
                         "{prefix}.rlimits.address_space: {} is too small for a worker (at least {})",
-                        crate::size::format_size(bytes),
-                        crate::size::format_size(MIN_ADDRESS_SPACE)
+                        tcmu_warden_policy::size::format_size(bytes),
+                        tcmu_warden_policy::size::format_size(MIN_ADDRESS_SPACE)
                     ),
                 ));
             }
@@ -905,20 +1049,51 @@ pub(crate) fn normalize_absolute(text: &str) -> Result<PathBuf, String> {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// The jail of the worker for `subtype` (`None`: the worker of refused devices, which gets
+    /// `[jail]` as is). `default_exe` is the daemon's worker executable.
+    pub fn jail_for(&self, subtype: Option<&str>, default_exe: &Path) -> JailSpec {
+        match subtype.and_then(|s| self.handler(s)) {
+            Some(h) => {
+                let exe = h.exe.as_deref().unwrap_or(default_exe);
+                let backing: &[PathBuf] = match h.backing {
+                    Backing::Fd => &h.allow_paths,
+                    Backing::None => &[],
+                };
+                JailSpec::new(exe, &h.jail, backing)
+            }
+            None => JailSpec::new(default_exe, &self.jail, &[]),
+        }
+    }
+
+    /// Reads and validates a configuration file of at most [`MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read as _;
+        let read_err = |source| ConfigError::Read {
             file: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let mut text = String::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                file: path.to_path_buf(),
+                line: None,
+                column: None,
+                message: format!(
+                    "larger than {MAX_CONFIG_BYTES} bytes: is this the configuration file?"
+                ),
+            });
+        }
         Config::from_toml_str(&text, path)
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let loc = Locator { file: origin, text };
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| loc.error(e.span(), e.message().trim_end()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| loc.toml_error(&e))?;
 
         let mut daemon = DaemonConfig::default();
         if let Some(exe) = &raw.daemon.worker_exe {
@@ -934,16 +1109,18 @@ impl Config {
         if let Some(sock) = &raw.daemon.control_socket {
             daemon.control_socket = loc.absolute_path("daemon.control_socket", sock)?;
         }
-        if let Some(secs) = &raw.daemon.drain_timeout {
-            daemon.drain_timeout_secs = u64::try_from(*secs.get_ref())
-                .ok()
-                .filter(|s| (1..=3600).contains(s))
-                .ok_or_else(|| {
-                    loc.error(
-                        Some(secs.span()),
-                        "daemon.drain_timeout must be a number of seconds in 1..=3600",
-                    )
-                })?;
+        if let Some(t) = &raw.daemon.drain_timeout {
+            let d = t.get_ref().0;
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) {
+                return Err(loc.error(
+                    Some(t.span()),
+                    format!(
+                        "daemon.drain_timeout must be between 1s and 1h (got {})",
+                        format_duration(d)
+                    ),
+                ));
+            }
+            daemon.drain_timeout = d;
         }
         if let Some(source) = raw.daemon.uevent_source {
             daemon.uevent_source = source;
@@ -1049,6 +1226,34 @@ impl Config {
         self.handlers.get(subtype)
     }
 
+    /// What is valid but probably not what the operator meant, one sentence each: a file that
+    /// serves no subtype (every device refused), or an `allow_paths` entry that opens the whole
+    /// host or one of its system trees to whoever creates backstores. The daemon logs these at
+    /// WARN when it loads or reloads the file; `tcmu-warden policy check` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.handlers.is_empty() {
+            out.push("no [handler.<subtype>] section: every device will be refused".into());
+        }
+        for (subtype, h) in &self.handlers {
+            for path in &h.allow_paths {
+                if let Some(tree) = SYSTEM_TREES.iter().find(|t| Path::new(t) == path) {
+                    let what = if *tree == "/" {
+                        "every file and block device on the host"
+                    } else {
+                        "a system directory"
+                    };
+                    out.push(format!(
+                        "handler.{subtype}.allow_paths contains {tree:?}: whoever creates a \
+                         {subtype} backstore may back it with {what} (list the directories that \
+                         hold disk images instead)"
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The subtypes that have a `[handler.*]` section: the built-in ones first (in
     /// [`KNOWN_SUBTYPES`] order), then third-party ones by name.
     pub fn served_subtypes(&self) -> Vec<&str> {
@@ -1090,6 +1295,9 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod jail_tests;
 
 #[cfg(test)]
 mod tests {
@@ -1188,19 +1396,25 @@ max_size = "64GiB"
     #[test]
     fn operations_keys() {
         let cfg = parse(
-            "[daemon]\ncontrol_socket = '/run/x//c.sock'\ndrain_timeout = 5\nuevent_source = 'kernel'\n",
+            "[daemon]\ncontrol_socket = '/run/x//c.sock'\ndrain_timeout = '5s'\nuevent_source = 'kernel'\n",
         )
         .unwrap();
         assert_eq!(cfg.daemon.control_socket, Path::new("/run/x/c.sock"));
-        assert_eq!(cfg.daemon.drain_timeout_secs, 5);
+        assert_eq!(cfg.daemon.drain_timeout, Duration::from_secs(5));
         assert_eq!(cfg.daemon.uevent_source, UeventSource::Kernel);
         let d = parse("").unwrap().daemon;
         assert_eq!(d.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
-        assert_eq!(d.drain_timeout_secs, DEFAULT_DRAIN_TIMEOUT_SECS);
+        assert_eq!(d.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(d.uevent_source, UeventSource::Auto);
-        let (line, _, msg) = error_at("[daemon]\n\ndrain_timeout = 0\n");
+        let (line, _, msg) = error_at("[daemon]\n\ndrain_timeout = '0s'\n");
         assert_eq!(line, 3);
         assert!(msg.contains("drain_timeout"), "{msg}");
+        // Like every other duration, it takes a unit: a bare number is refused, not guessed.
+        let (line, _, msg) = error_at("[daemon]\ndrain_timeout = 30\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("no unit") && msg.contains("\"30s\""), "{msg}");
+        let (_, _, msg) = error_at("[daemon]\ndrain_timeout = '2h'\n");
+        assert!(msg.contains("between 1s and 1h"), "{msg}");
         let (line, _, msg) = error_at("[daemon]\ncontrol_socket = 'rel.sock'\n");
         assert_eq!(line, 2);
         assert!(msg.contains("daemon.control_socket"), "{msg}");
@@ -1213,6 +1427,78 @@ max_size = "64GiB"
     fn integer_size() {
         let cfg = parse("[handler.ram]\nmax_size = 1048576\n").unwrap();
         assert_eq!(cfg.ram.unwrap().max_size, Some(1 << 20));
+    }
+
+    #[test]
+    fn suspicious_but_valid_files_are_warned_about() {
+        let empty = parse("").unwrap();
+        let w = empty.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("every device will be refused"), "{w:?}");
+        let root = parse("[handler.file]\nallow_paths = ['/']\n").unwrap();
+        let w = root.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("handler.file.allow_paths") && w[0].contains("every file"),
+            "{w:?}"
+        );
+        let etc = parse("[handler.file]\nallow_paths = ['/srv/disks', '/etc/']\n").unwrap();
+        let w = etc.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("\"/etc\"") && w[0].contains("system directory"),
+            "{w:?}"
+        );
+        let fine =
+            parse("[handler.file]\nallow_paths = ['/srv/disks', '/var/lib/tcmu']\n").unwrap();
+        assert!(fine.warnings().is_empty(), "{:?}", fine.warnings());
+    }
+
+    #[test]
+    fn duplicates_are_named() {
+        let (line, _, msg) = error_at(
+            "[handler.file]\nallow_paths = ['/a']\n[handler.file]\nallow_paths = ['/b']\n",
+        );
+        assert_eq!(line, 3);
+        assert!(msg.contains("duplicate table [handler.file]"), "{msg}");
+        let (line, _, msg) = error_at("[daemon]\nsysfs_root = '/sys'\nsysfs_root = '/x'\n");
+        assert_eq!(line, 3);
+        assert!(msg.contains("duplicate key `sysfs_root`"), "{msg}");
+    }
+
+    #[test]
+    fn many_allow_paths_are_deduplicated_in_order() {
+        // 40,000 entries with every path twice: kept once each, first occurrence first.
+        let mut text = String::from("[handler.file]\nallow_paths = [\n");
+        for round in 0..2 {
+            for i in 0..20_000 {
+                text.push_str(&format!(
+                    "  '/srv/d{i}{}',\n",
+                    if round == 0 { "" } else { "/" }
+                ));
+            }
+        }
+        text.push_str("]\n");
+        let cfg = parse(&text).unwrap();
+        let paths = &cfg.handler("file").unwrap().allow_paths;
+        assert_eq!(paths.len(), 20_000);
+        assert_eq!(paths[0], Path::new("/srv/d0"));
+        assert_eq!(paths[19_999], Path::new("/srv/d19999"));
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.toml");
+        let mut text = String::from("[handler.ram]\n");
+        while (text.len() as u64) <= MAX_CONFIG_BYTES {
+            text.push_str("# padding padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&path, &text).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
+        std::fs::write(&path, "[handler.ram]\n").unwrap();
+        assert!(Config::load(&path).is_ok());
     }
 
     fn error_at(text: &str) -> (usize, usize, String) {
