@@ -2,6 +2,8 @@
 //! nbdkit), both installed by `tests/vm/setup-host.sh`. A missing server is a failure, not a
 //! skip: these tests are the proof that the client speaks the protocol.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +17,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// A server process, killed when dropped.
 struct Server {
     child: Child,
-    target: Target,
     _dir: tempfile::TempDir,
 }
 
@@ -94,15 +95,7 @@ fn qemu_nbd(size: u64) -> (Server, Client, PathBuf) {
         export: "disk".into(),
     };
     let client = wait_for(&target, &mut child);
-    (
-        Server {
-            child,
-            target,
-            _dir: dir,
-        },
-        client,
-        img,
-    )
+    (Server { child, _dir: dir }, client, img)
 }
 
 fn nbdkit(args: &[&str]) -> (Server, Client) {
@@ -131,14 +124,7 @@ fn nbdkit(args: &[&str]) -> (Server, Client) {
         export: String::new(),
     };
     let client = wait_for(&target, &mut child);
-    (
-        Server {
-            child,
-            target,
-            _dir: dir,
-        },
-        client,
-    )
+    (Server { child, _dir: dir }, client)
 }
 
 /// Submits and waits for one request.
