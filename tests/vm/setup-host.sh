@@ -15,7 +15,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache="$here/cache"
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod fio sg3-utils e2fsprogs
-          iproute2 libiscsi-bin tcmu-runner inotify-tools util-linux coreutils python3)
+          iproute2 libiscsi-bin tcmu-runner inotify-tools util-linux coreutils python3
+          nbdkit)
 
 log() { printf 'setup-host: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
