@@ -6,6 +6,8 @@
 //! tcmu-warden policy check FILE                  validate it, print each worker's effective jail
 //! tcmu-warden status [--json] [--socket PATH | --config FILE]
 //!                                                ask the running daemon what it serves
+//! tcmu-warden quarantine lift WORKER [--socket PATH | --config FILE]
+//!                                                serve a quarantined worker's devices again
 //! tcmu-warden --version
 //! ```
 //!
@@ -14,6 +16,12 @@
 //! use) and prints each device (uio, backstore, subtype, cfgstring, size, worker pid, state,
 //! commands served, errors), each worker (pid, restarts, last crash) and the policy in force;
 //! `--json` prints the daemon's report as JSON instead (schema: [`crate::control::StatusReport`]).
+//!
+//! `quarantine lift WORKER` asks the daemon (same socket choice) to lift the quarantine of the
+//! worker named WORKER (as `status` names it: `file`, `file:user_1/disk0`, `refused`): a new
+//! worker is started and the devices the refusals worker answered for meanwhile are handed back
+//! to it ([`crate::daemon::quarantine`]). An unknown or unquarantined worker is an error (exit
+//! status 1).
 //!
 //! `run` never forks into the background: run it under a service manager (systemd
 //! `Type=notify`, see `dist/tcmu-warden.service`). `--foreground` is for running it by hand: logs go to stderr as text,
@@ -27,7 +35,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, KNOWN_SUBTYPES, format_duration};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tcmu_warden_policy::format_size;
 use tcmu_warden_policy::jail::landlock::LandlockReport;
 
@@ -67,18 +75,47 @@ pub enum Command {
         /// Print the daemon's report as JSON.
         #[arg(long)]
         json: bool,
-        /// The control socket (default: /run/tcmu-warden/control.sock).
-        #[arg(long, value_name = "PATH", conflicts_with = "config")]
-        socket: Option<PathBuf>,
-        /// Take the control socket from this configuration file.
-        #[arg(long, short, value_name = "FILE")]
-        config: Option<PathBuf>,
+        /// Where the daemon listens.
+        #[command(flatten)]
+        daemon: DaemonSocket,
+    },
+    /// Act on quarantined workers (workers that crashed too often and are not restarted).
+    Quarantine {
+        /// What to do.
+        #[command(subcommand)]
+        command: QuarantineCommand,
     },
     /// Inspect the workers' jail policy.
     Policy {
         /// What to do.
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+}
+
+/// Where the running daemon's control socket is.
+#[derive(Debug, Args)]
+pub struct DaemonSocket {
+    /// The control socket (default: /run/tcmu-warden/control.sock).
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    pub socket: Option<PathBuf>,
+    /// Take the control socket from this configuration file.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `tcmu-warden quarantine ...`.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// Lift a worker's quarantine: start it again and hand its devices back to it (they fail
+    /// fast with NOT READY while it is quarantined).
+    Lift {
+        /// The worker's name, as `tcmu-warden status` shows it (e.g. `file`).
+        #[arg(value_name = "WORKER")]
+        worker: String,
+        /// Where the daemon listens.
+        #[command(flatten)]
+        daemon: DaemonSocket,
     },
 }
 
@@ -309,19 +346,43 @@ mod tests {
             Cli::try_parse_from(["tcmu-warden", "status", "--json", "--socket", "/s"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Status { json: true, socket: Some(ref s), config: None } if s == Path::new("/s")
+            Command::Status { json: true, daemon: DaemonSocket { socket: Some(ref s), config: None } } if s == Path::new("/s")
         ));
         let cli = Cli::try_parse_from(["tcmu-warden", "status"]).unwrap();
         assert!(matches!(
             cli.command,
             Command::Status {
                 json: false,
-                socket: None,
-                config: None
+                daemon: DaemonSocket {
+                    socket: None,
+                    config: None
+                }
             }
         ));
         assert!(
             Cli::try_parse_from(["tcmu-warden", "status", "--socket", "/s", "-c", "/c"]).is_err()
+        );
+        let cli =
+            Cli::try_parse_from(["tcmu-warden", "quarantine", "lift", "file", "-c", "/c"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Quarantine {
+                command: QuarantineCommand::Lift { ref worker, daemon: DaemonSocket { socket: None, config: Some(ref c) } }
+            } if worker == "file" && c == Path::new("/c")
+        ));
+        assert!(Cli::try_parse_from(["tcmu-warden", "quarantine", "lift"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "tcmu-warden",
+                "quarantine",
+                "lift",
+                "file",
+                "--socket",
+                "/s",
+                "-c",
+                "/c"
+            ])
+            .is_err()
         );
         let cli = Cli::try_parse_from(["tcmu-warden", "check-config", "w.toml"]).unwrap();
         assert!(

@@ -13,9 +13,18 @@
 //! ← {"ok":true,"status":{"daemon":{...},"policy":{...},"devices":[...],"workers":[...]}}
 //! → {"request":"version"}
 //! ← {"ok":true,"version":"0.1.0"}
+//! → {"request":"lift_quarantine","worker":"file"}
+//! ← {"ok":true,"lift":{"worker":"file","devices":["uio0 (user_1/disk0)"]}}
+//! → {"request":"lift_quarantine","worker":"ram"}
+//! ← {"ok":false,"error":"worker \"ram\" is not quarantined"}
 //! → {"request":"reboot"}
-//! ← {"ok":false,"error":"unknown variant `reboot`, expected `status` or `version`"}
+//! ← {"ok":false,"error":"unknown variant `reboot`, expected one of `status`, `version`, `lift_quarantine`"}
 //! ```
+//!
+//! `lift_quarantine` (what `tcmu-warden quarantine lift <worker>` sends) lifts the quarantine of
+//! a worker that crashed too often (see [`crate::daemon::quarantine`]). Its `worker` field is
+//! required there and refused on the other requests; it must be a worker name as the status
+//! report shows it: 1 to [`MAX_NAME_LEN`] bytes, no control characters.
 //!
 //! Limits: a request line is at most [`MAX_REQUEST`] bytes (a longer one is answered with an
 //! error and the connection closed), at most [`MAX_CONNECTIONS`] connections are open at once,
@@ -39,6 +48,7 @@ use std::time::{Duration, Instant};
 use nix::poll::PollFlags;
 use serde::{Deserialize, Serialize};
 use tcmu_warden_policy::format_size;
+use tcmu_warden_proto::MAX_NAME_LEN;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
@@ -74,20 +84,86 @@ pub enum ControlError {
 }
 
 /// A request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// The full status report.
     Status,
     /// The daemon's version.
     Version,
+    /// Lift the quarantine of the worker with this name.
+    LiftQuarantine {
+        /// The worker's name, as the status report shows it.
+        worker: String,
+    },
 }
 
-/// A request line: `{"request": "<name>"}` and nothing else.
+/// What a request line names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Status,
+    Version,
+    LiftQuarantine,
+}
+
+/// A request line: `{"request": "<name>"}`, plus `"worker"` for `lift_quarantine`, and nothing
+/// else.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {
-    request: Request,
+    request: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    worker: Option<String>,
+}
+
+impl Envelope {
+    fn of(request: &Request) -> Envelope {
+        match request {
+            Request::Status => Envelope {
+                request: Kind::Status,
+                worker: None,
+            },
+            Request::Version => Envelope {
+                request: Kind::Version,
+                worker: None,
+            },
+            Request::LiftQuarantine { worker } => Envelope {
+                request: Kind::LiftQuarantine,
+                worker: Some(worker.clone()),
+            },
+        }
+    }
+
+    fn into_request(self) -> Result<Request, String> {
+        match (self.request, self.worker) {
+            (Kind::Status, None) => Ok(Request::Status),
+            (Kind::Version, None) => Ok(Request::Version),
+            (Kind::Status | Kind::Version, Some(_)) => {
+                Err("`worker` is only accepted with `lift_quarantine`".into())
+            }
+            (Kind::LiftQuarantine, None) => Err("`lift_quarantine` needs a `worker`".into()),
+            (Kind::LiftQuarantine, Some(worker)) => {
+                check_worker_name(&worker)?;
+                Ok(Request::LiftQuarantine { worker })
+            }
+        }
+    }
+}
+
+/// A worker name from a client: 1 to [`MAX_NAME_LEN`] bytes, no control characters.
+fn check_worker_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the worker name is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "the worker name is longer than {MAX_NAME_LEN} bytes"
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("the worker name holds control characters".into());
+    }
+    Ok(())
 }
 
 /// A response.
@@ -104,6 +180,18 @@ pub struct Response {
     /// The answer to `version`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The answer to `lift_quarantine`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lift: Option<LiftReport>,
+}
+
+/// What a lifted quarantine set in motion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiftReport {
+    /// The worker whose quarantine was lifted.
+    pub worker: String,
+    /// Its devices (`uioN (user_<hba>/<name>)`), handed back to a new worker of it.
+    pub devices: Vec<String>,
 }
 
 impl Response {
@@ -204,7 +292,9 @@ pub struct DeviceReport {
     /// Its worker's process id, while the worker runs.
     pub worker_pid: Option<u32>,
     /// `queued`, `sent`, `ready`, `failed`, `removing`, `orphaned`, `recovering` or
-    /// `quarantined`.
+    /// `quarantined`. A `quarantined` device that is not `blocked` is answered by the refusals
+    /// worker (`home_worker` names its own, quarantined worker): it fails fast with NOT READY;
+    /// one that is `blocked` has no worker answering for it, and its initiators wait.
     pub state: String,
     /// Whether the supervisor holds it blocked (`action/block_dev`), e.g. while its worker is
     /// restarted.
@@ -213,8 +303,11 @@ pub struct DeviceReport {
     pub recoveries: u32,
     /// How many times its ring had to be reset (in-flight commands answered BUSY).
     pub resets: u32,
-    /// Why the policy refused it (it then answers NOT READY).
+    /// Why it answers NOT READY: the policy refused it, or its worker is quarantined.
     pub refusal: Option<String>,
+    /// The quarantined worker it belongs to, while the refusals worker answers for it.
+    #[serde(default)]
+    pub home_worker: Option<String>,
     /// Why its worker could not serve it.
     pub failure: Option<String>,
     /// Commands completed (from the worker's last answer to a ping).
@@ -238,7 +331,8 @@ pub struct WorkerReport {
     pub state: String,
     /// Subtypes assigned.
     pub subtypes: Vec<String>,
-    /// Devices assigned, by id.
+    /// Devices assigned, by id (a quarantined worker's also while the refusals worker answers
+    /// for them).
     pub devices: Vec<u64>,
     /// How many times a worker under this name was started again after a crash.
     pub restarts: u32,
@@ -246,8 +340,12 @@ pub struct WorkerReport {
     pub crashes: u32,
     /// Why it was killed, or how it ended if that was not a clean exit.
     pub last_crash: Option<String>,
-    /// Why it is quarantined (crashed too often; no more restarts), if it is.
+    /// Why it is quarantined (crashed too often; not restarted until an operator lifts the
+    /// quarantine with `tcmu-warden quarantine lift <name>`), if it is.
     pub quarantined: Option<String>,
+    /// How many times an operator lifted its quarantine.
+    #[serde(default)]
+    pub lifts: u32,
     /// What its jail enforces (landlock ABI and coverage, seccomp mode, capabilities,
     /// no_new_privs, uid), or `None` for a worker started without one (`--no-jail`).
     pub jail: Option<String>,
@@ -259,13 +357,30 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         return Err(format!("request longer than {MAX_REQUEST} bytes"));
     }
     serde_json::from_slice::<Envelope>(line)
-        .map(|e| e.request)
         .map_err(|e| e.to_string())
+        .and_then(Envelope::into_request)
 }
 
-/// Fuzz entry point: decodes `data` as a request. Never panics.
+/// Fuzz entry point: decodes `data` as a request. Never panics on its own account; it panics
+/// (a fuzzing finding) only if a request decoded from `data` breaks the decoder's promises: a
+/// `lift_quarantine` with a worker name [`check_worker_name`] refuses, or a request that does not
+/// decode the same again once encoded.
 pub fn fuzz(data: &[u8]) {
-    let _ = parse_request(data);
+    let Ok(request) = parse_request(data) else {
+        return;
+    };
+    if let Request::LiftQuarantine { worker } = &request {
+        assert!(
+            check_worker_name(worker).is_ok(),
+            "accepted the worker name {worker:?}"
+        );
+    }
+    let line = serde_json::to_vec(&Envelope::of(&request)).unwrap_or_default();
+    assert_eq!(
+        parse_request(&line),
+        Ok(request),
+        "a decoded request does not survive encoding"
+    );
 }
 
 struct Conn {
@@ -562,7 +677,7 @@ pub fn query(path: &Path, request: Request, timeout: Duration) -> Result<Respons
     stream
         .set_write_timeout(Some(timeout))
         .map_err(io_err("configuring"))?;
-    let mut line = serde_json::to_vec(&Envelope { request })
+    let mut line = serde_json::to_vec(&Envelope::of(&request))
         .map_err(|e| ControlError::BadAnswer(e.to_string()))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err("writing to"))?;
@@ -651,6 +766,21 @@ pub fn render_status(r: &StatusReport) -> String {
         if !dev.cfgstring.is_empty() {
             let _ = writeln!(out, "          cfgstring {:?}", dev.cfgstring);
         }
+        match (&dev.home_worker, dev.state.as_str(), dev.blocked) {
+            (Some(home), "quarantined", false) => {
+                let _ = writeln!(
+                    out,
+                    "          quarantined with worker {home}: fails fast (NOT READY, 02/04/03) until `tcmu-warden quarantine lift {home}`"
+                );
+            }
+            (_, "quarantined", true) => {
+                let _ = writeln!(
+                    out,
+                    "          quarantined and BLOCKED: no worker answers for it now (the refusals worker has not taken it yet, or cannot); initiators wait"
+                );
+            }
+            _ => {}
+        }
         if let Some(why) = &dev.refusal {
             let _ = writeln!(out, "          refused: {why}");
         }
@@ -667,6 +797,20 @@ pub fn render_status(r: &StatusReport) -> String {
         );
         if let Some(why) = &w.last_crash {
             let _ = writeln!(out, "                   last crash: {why}");
+        }
+        if let Some(why) = &w.quarantined {
+            let _ = writeln!(
+                out,
+                "                   QUARANTINED: {why}; lift with `tcmu-warden quarantine lift {}`",
+                w.name
+            );
+        }
+        if w.lifts > 0 {
+            let _ = writeln!(
+                out,
+                "                   quarantine lifted {} times",
+                w.lifts
+            );
         }
     }
     out
@@ -693,6 +837,39 @@ mod tests {
                 .contains("reboot")
         );
         assert!(parse_request(br#"{"request":"status","x":1}"#).is_err());
+        assert_eq!(
+            parse_request(br#"{"request":"lift_quarantine","worker":"file:user_1/d0"}"#),
+            Ok(Request::LiftQuarantine {
+                worker: "file:user_1/d0".into()
+            })
+        );
+        let refused = |line: &[u8], why: &str| {
+            let err = parse_request(line).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        };
+        refused(br#"{"request":"lift_quarantine"}"#, "needs a `worker`");
+        refused(br#"{"request":"lift_quarantine","worker":""}"#, "empty");
+        refused(
+            br#"{"request":"lift_quarantine","worker":"a\nb"}"#,
+            "control characters",
+        );
+        refused(
+            format!(
+                r#"{{"request":"lift_quarantine","worker":"{}"}}"#,
+                "w".repeat(MAX_NAME_LEN + 1)
+            )
+            .as_bytes(),
+            "longer than",
+        );
+        refused(
+            br#"{"request":"lift_quarantine","worker":7}"#,
+            "invalid type",
+        );
+        refused(br#"{"request":"status","worker":"file"}"#, "only accepted");
+        refused(
+            br#"{"request":"lift_quarantine","worker":"f","x":1}"#,
+            "unknown field",
+        );
         assert!(parse_request(b"status").is_err());
         assert!(parse_request(&vec![b' '; MAX_REQUEST + 1]).is_err());
     }
@@ -718,6 +895,14 @@ mod tests {
                         ..Response::default()
                     },
                     Ok(Request::Status) => Response::error("no status here"),
+                    Ok(Request::LiftQuarantine { worker }) => Response {
+                        ok: true,
+                        lift: Some(LiftReport {
+                            worker: worker.clone(),
+                            devices: Vec::new(),
+                        }),
+                        ..Response::default()
+                    },
                     Err(e) => Response::error(e.clone()),
                 };
                 server.respond(id, &resp);
@@ -843,10 +1028,41 @@ mod tests {
         ));
     }
 
+    /// The committed fuzzing corpus (`fuzz/corpus/supervisor_control`) replays without a
+    /// finding, and holds decodable `lift_quarantine` requests.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/supervisor_control");
+        let mut lifts = 0;
+        for entry in fs::read_dir(&dir).unwrap() {
+            let data = fs::read(entry.unwrap().path()).unwrap();
+            fuzz(&data);
+            lifts += usize::from(matches!(
+                parse_request(&data),
+                Ok(Request::LiftQuarantine { .. })
+            ));
+        }
+        assert!(
+            lifts >= 2,
+            "{lifts} lift_quarantine requests in {}",
+            dir.display()
+        );
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             fuzz(&data);
+        }
+
+        #[test]
+        fn lift_requests_take_only_printable_bounded_names(worker in ".{0,300}") {
+            let line = serde_json::json!({"request": "lift_quarantine", "worker": worker}).to_string();
+            fuzz(line.as_bytes());
+            let valid = !worker.is_empty()
+                && worker.len() <= MAX_NAME_LEN
+                && !worker.chars().any(char::is_control);
+            prop_assert_eq!(parse_request(line.as_bytes()).is_ok(), valid, "{}", line);
         }
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tcmu_warden_supervisor::cli::{Cli, Command, PolicyCommand, describe_config, describe_policy};
+use tcmu_warden_supervisor::cli::{
+    Cli, Command, DaemonSocket, PolicyCommand, QuarantineCommand, describe_config, describe_policy,
+};
 use tcmu_warden_supervisor::config::{Config, DEFAULT_CONTROL_SOCKET, LogFormat};
 use tcmu_warden_supervisor::control::{self, Request};
 use tcmu_warden_supervisor::daemon::ops::status_json;
@@ -27,11 +29,10 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { file },
         } => policy_check(&file),
-        Command::Status {
-            json,
-            socket,
-            config,
-        } => status(json, socket, config),
+        Command::Status { json, daemon } => status(json, daemon),
+        Command::Quarantine {
+            command: QuarantineCommand::Lift { worker, daemon },
+        } => lift(&worker, daemon),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -56,8 +57,9 @@ fn run(path: &Path, foreground: bool, no_jail: bool) -> anyhow::Result<()> {
     daemon::run(config, opts).context("the daemon stopped on an error")
 }
 
-fn status(json: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<()> {
-    let socket = match (socket, config) {
+/// The control socket `daemon` names.
+fn socket_path(daemon: DaemonSocket) -> anyhow::Result<PathBuf> {
+    Ok(match (daemon.socket, daemon.config) {
         (Some(s), _) => s,
         (None, Some(c)) => {
             Config::load(&c)
@@ -66,7 +68,34 @@ fn status(json: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> anyho
                 .control_socket
         }
         (None, None) => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    })
+}
+
+fn lift(worker: &str, daemon: DaemonSocket) -> anyhow::Result<()> {
+    let socket = socket_path(daemon)?;
+    let request = Request::LiftQuarantine {
+        worker: worker.to_owned(),
     };
+    let response = control::query(&socket, request, Duration::from_secs(30))
+        .context("lifting the quarantine")?;
+    let lift = response
+        .lift
+        .context("the daemon's answer does not say what it lifted")?;
+    println!(
+        "quarantine of worker {} lifted; {} devices go back to it{}",
+        lift.worker,
+        lift.devices.len(),
+        if lift.devices.is_empty() { "" } else { ":" }
+    );
+    for dev in &lift.devices {
+        println!("  {dev}");
+    }
+    println!("(`tcmu-warden status` shows when they are served again)");
+    Ok(())
+}
+
+fn status(json: bool, daemon: DaemonSocket) -> anyhow::Result<()> {
+    let socket = socket_path(daemon)?;
     let response = control::query(&socket, Request::Status, Duration::from_secs(30))
         .context("asking the daemon")?;
     let report = response

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use tcmu_warden_proto::{DeviceFds, FromWorker, JOURNAL_BYTES, JournalMode, ProtoError, ToWorker};
 use tcmu_warden_supervisor::config::Config;
+use tcmu_warden_supervisor::control::{ControlServer, StatusReport, render_status};
+use tcmu_warden_supervisor::daemon::quarantine::LiftError;
 use tcmu_warden_supervisor::daemon::{DevicePhase, Options, Supervisor, WorkerPhase};
 use tcmu_warden_supervisor::discovery::fake::FakeDevice;
 
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
             stubborn_worker_is_killed_at_the_shutdown_deadline,
             heartbeat_timeout_kills_a_hung_worker_and_the_successor_recovers,
             crash_is_restarted_with_backoff_then_quarantined,
+            quarantined_devices_fail_fast_and_serve_again_once_lifted,
             sigsys_is_reported_as_a_sandbox_violation,
             restarted_supervisor_recovers_devices_from_their_journals,
             inconsistent_journal_falls_back_to_a_ring_reset,
@@ -470,12 +473,25 @@ fn crashing_worker_is_reaped_and_its_devices_kept() {
     assert_eq!(w.exit.unwrap().code(), Some(3));
     assert_eq!(w.kill_reason, None);
     assert_eq!(w.last_crash.as_deref(), Some("exit code 3"));
+    until(
+        &mut sup,
+        "the refusals worker crashes too and is quarantined",
+        |s| s.worker("refused").is_some_and(|w| w.quarantined.is_some()),
+    );
     let d = sup.device_by_uio("uio0").unwrap();
     assert!(matches!(d.phase, DevicePhase::Quarantined(_)), "{d:?}");
-    // Its ring is kept: the supervisor's descriptor stays open, the device stays blocked.
+    // The refusals worker (the same crashing fake here) was asked to answer for it, crashed
+    // too and is quarantined as well: nothing answers for the device, so it stays blocked,
+    // and its ring is kept (the supervisor's descriptor stays open).
+    assert_eq!(d.worker, "refused");
+    assert_eq!(d.home.as_deref(), Some("file"));
     assert!(d.blocked);
     assert_eq!(f.action(1, "disk0", "block_dev"), "1");
     assert_eq!(fd_target(sup.uio_fd(d.id).unwrap()), f.dev.join("uio0"));
+    let r = sup.status_report();
+    assert_eq!(r.devices[0].state, "quarantined");
+    assert!(r.devices[0].blocked);
+    assert_contains(&render_status(&r), "quarantined and BLOCKED");
 }
 
 fn worker_closing_its_channel_is_killed_after_grace() {
@@ -723,12 +739,243 @@ fn crash_is_restarted_with_backoff_then_quarantined() {
         assert_contains(add, "journal=Recover");
         assert_contains(add, "BACKING:disk0.img");
     }
-    // Quarantine is final: more turns start nothing.
+    // The quarantine holds: more turns start no file worker.
     let pid = w.pid;
     for _ in 0..5 {
         sup.poll_once(Duration::from_millis(20)).unwrap();
     }
     assert_eq!(sup.worker("file").unwrap().pid, pid);
+}
+
+/// Runs the `tcmu-warden` binary with `args` while turning the event loop (the binary talks to
+/// the supervisor's control socket), and returns what it did.
+fn cli_turning(sup: &mut Supervisor, args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let client = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tcmu-warden"))
+            .args(&args)
+            .output()
+            .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client.is_finished() {
+        assert!(Instant::now() < deadline, "the client did not finish");
+        sup.poll_once(Duration::from_millis(20)).unwrap();
+    }
+    client.join().unwrap()
+}
+
+fn quarantined_devices_fail_fast_and_serve_again_once_lifted() {
+    let f = Fixture::new();
+    f.file_device("uio0", "disk0");
+    f.device("uio1", 2, "scratch", Some("ram/"));
+    harness::take_logs();
+    let mut sup = f.start("crashuntil@file", &f.handlers(None), |o| {
+        o.lifecycle.restart_backoff_initial = Duration::from_millis(10);
+        o.lifecycle.quarantine_after = 2;
+    });
+    let socket = f.root.join("control.sock");
+    sup.attach_control(ControlServer::bind(&socket).unwrap());
+    let socket = socket.display().to_string();
+    until(
+        &mut sup,
+        "the file worker is quarantined and the refusals worker answers for uio0",
+        |s| {
+            s.worker("file").is_some_and(|w| w.quarantined.is_some())
+                && s.device_by_uio("uio0")
+                    .is_some_and(|d| d.phase == DevicePhase::Ready && d.worker == "refused")
+        },
+    );
+    // Answered by the refusals worker (NOT READY at once), so no longer blocked.
+    let d = sup.device_by_uio("uio0").unwrap();
+    let id = d.id;
+    assert!(!d.blocked, "{d:?}");
+    assert_eq!(f.action(1, "disk0", "block_dev"), "0");
+    assert_eq!(d.home.as_deref(), Some("file"));
+    assert!(!d.has_backing);
+    assert_eq!(d.journal, JournalMode::Recover);
+    let refusal = d.refusal.as_deref().unwrap();
+    assert_contains(refusal, "worker file crashed 2 times");
+    assert_contains(refusal, "`tcmu-warden quarantine lift file`");
+    // It got the device while it was blocked, with the journal the crashed worker left (so it
+    // finishes what was in flight, exactly once) and no backing store.
+    let log = f.log("crashuntil@file");
+    let adds = add_lines(&log, "uio0");
+    let refused = adds
+        .iter()
+        .find(|l| l.contains("worker=refused"))
+        .unwrap_or_else(|| panic!("{log}"));
+    for part in [
+        "nfds=2",
+        "backing=None",
+        "refusal=Some(\"worker file crashed 2 times",
+        "journal=Recover",
+        "blocked=\"1\"",
+    ] {
+        assert_contains(refused, part);
+    }
+    // The other worker is untouched.
+    until_ready(&mut sup, "uio1", "the ram worker serves uio1");
+    assert_eq!(sup.device_by_uio("uio1").unwrap().worker, "ram");
+    // A device of the quarantined worker that appears now fails fast from the start.
+    f.file_device("uio2", "disk1");
+    let dev = tcmu_warden_supervisor::discovery::read_device(&f.sysfs, "uio2")
+        .unwrap()
+        .unwrap();
+    let id2 = sup.adopt(dev).unwrap();
+    until_ready(&mut sup, "uio2", "the refusals worker answers for uio2");
+    let d2 = sup.device(id2).unwrap();
+    assert_eq!(
+        (d2.worker.as_str(), d2.home.as_deref(), d2.blocked),
+        ("refused", Some("file"), false)
+    );
+    assert_contains(d2.refusal.as_deref().unwrap(), "quarantine lift file");
+    let logs = harness::take_logs();
+    assert_some_line(
+        &logs,
+        &[
+            "worker quarantined",
+            "worker=file",
+            "fail fast with NOT READY",
+        ],
+        (),
+    );
+    assert_some_line(
+        &logs,
+        &["handed to the refusals worker", "device=uio0", "02/04/03"],
+        (),
+    );
+
+    // What `status --json` shows, through the control socket.
+    let out = cli_turning(&mut sup, &["status", "--json", "--socket", &socket]);
+    assert!(out.status.success(), "{out:?}");
+    let r: StatusReport = serde_json::from_slice(&out.stdout).unwrap();
+    let dev = r.devices.iter().find(|x| x.uio == "uio0").unwrap();
+    assert_eq!(
+        (dev.state.as_str(), dev.blocked, dev.worker.as_str()),
+        ("quarantined", false, "refused")
+    );
+    assert_eq!(dev.home_worker.as_deref(), Some("file"));
+    let w = r.workers.iter().find(|w| w.name == "file").unwrap();
+    assert_contains(w.quarantined.as_deref().unwrap(), "crashed 2 times");
+    assert_eq!(
+        (w.devices.clone(), w.lifts, w.state.as_str()),
+        (vec![id, id2], 0, "exited")
+    );
+    let text = render_status(&r);
+    assert_contains(
+        &text,
+        "quarantined with worker file: fails fast (NOT READY, 02/04/03) until `tcmu-warden quarantine lift file`",
+    );
+    assert_contains(&text, "QUARANTINED: worker file crashed 2 times");
+
+    // Wrong names are refused, with a non-zero exit status and a clear message.
+    let out = cli_turning(
+        &mut sup,
+        &["quarantine", "lift", "nosuch", "--socket", &socket],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_contains(
+        &stderr,
+        "no worker is named \"nosuch\" (workers: file, ram, refused)",
+    );
+    let out = cli_turning(
+        &mut sup,
+        &["quarantine", "lift", "ram", "--socket", &socket],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_contains(
+        &String::from_utf8_lossy(&out.stderr),
+        "worker \"ram\" is not quarantined",
+    );
+    assert!(matches!(
+        sup.lift_quarantine("refused"),
+        Err(LiftError::NotQuarantined(_))
+    ));
+
+    // The operator fixes the cause and lifts the quarantine: the device is blocked again,
+    // released by the refusals worker and handed, with its journal, to a new file worker.
+    fs::write(f.bin.join("crashuntil@file.heal"), "").unwrap();
+    let out = cli_turning(
+        &mut sup,
+        &["quarantine", "lift", "file", "--socket", &socket],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_contains(
+        &stdout,
+        "quarantine of worker file lifted; 2 devices go back to it:",
+    );
+    assert_contains(&stdout, "uio0 (user_1/disk0)");
+    assert_contains(&stdout, "uio2 (user_1/disk1)");
+    until(&mut sup, "a new file worker serves uio0 and uio2", |s| {
+        ["uio0", "uio2"].iter().all(|uio| {
+            s.device_by_uio(uio)
+                .is_some_and(|d| d.phase == DevicePhase::Ready && d.worker == "file" && !d.blocked)
+        })
+    });
+    let d2 = sup.device(id2).unwrap();
+    assert_eq!((d2.home.clone(), d2.refusal.clone()), (None, None));
+    assert_some_line(
+        &f.log("crashuntil@file"),
+        &["add worker=file", "uio=uio2 ", "BACKING:disk1.img"],
+        (),
+    );
+    let d = sup.device_by_uio("uio0").unwrap();
+    assert_eq!((d.id, d.home.clone(), d.refusal.clone()), (id, None, None));
+    assert!(d.has_backing);
+    assert_eq!(f.action(1, "disk0", "block_dev"), "0");
+    let w = sup.worker("file").unwrap();
+    assert_eq!(w.phase, WorkerPhase::Ready);
+    assert_eq!(
+        (w.quarantined.clone(), w.lifts, w.total_crashes),
+        (None, 1, 2)
+    );
+    let log = f.log("crashuntil@file");
+    let removed = log
+        .lines()
+        .position(|l| l == format!("remove worker=refused id={id}"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let lines: Vec<&str> = log.lines().collect();
+    let back = lines
+        .iter()
+        .rposition(|l| l.starts_with("add worker=file") && l.contains("uio=uio0 "))
+        .unwrap();
+    assert!(removed < back, "{log}");
+    let back = lines[back];
+    for part in [
+        "backing=Some(\"BACKING:disk0.img\")",
+        "refusal=None",
+        "journal=Recover",
+        "blocked=\"1\"",
+    ] {
+        assert_contains(back, part);
+    }
+    let r = sup.status_report();
+    let dev = r.devices.iter().find(|x| x.uio == "uio0").unwrap();
+    assert_eq!(
+        (dev.state.as_str(), dev.blocked, dev.home_worker.clone()),
+        ("ready", false, None)
+    );
+    let w = r.workers.iter().find(|w| w.name == "file").unwrap();
+    assert_eq!((w.quarantined.clone(), w.lifts), (None, 1));
+    assert_contains(&render_status(&r), "quarantine lifted 1 times");
+    // Lifted once; a second lift is an error.
+    let out = cli_turning(
+        &mut sup,
+        &["quarantine", "lift", "file", "--socket", &socket],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_contains(
+        &String::from_utf8_lossy(&out.stderr),
+        "worker \"file\" is not quarantined",
+    );
+    assert_some_line(
+        &harness::take_logs(),
+        &["quarantine lifted by the operator", "worker=file"],
+        (),
+    );
 }
 
 fn sigsys_is_reported_as_a_sandbox_violation() {
@@ -1283,9 +1530,13 @@ mod fake_worker {
                             .create_new(true)
                             .open(&once_marker)
                             .is_ok();
+                    // `crashuntil` crashes until the test "fixes" it (creates `<symlink>.heal`).
+                    let healed = PathBuf::from(format!("{}.heal", fake.argv0.display())).exists();
                     let mode = match mode {
                         "hangonce" if first => "hang",
                         "crashonce" if first => "crash",
+                        "crashuntil" if !healed => "crash",
+                        "crashuntil" => "echo",
                         m if m.ends_with("once") => "echo",
                         m => m,
                     };

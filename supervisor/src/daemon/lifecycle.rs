@@ -12,8 +12,9 @@
 //! initiators retry) and wait, in [`DevicePhase::Recovering`], for a successor started after an
 //! exponential backoff (`restart_backoff_initial`, doubling per crash inside the window, capped
 //! at `restart_backoff_max`). A worker that crashes `quarantine_after` times within
-//! `quarantine_window` is not restarted: its devices stay blocked and are reported
-//! [`DevicePhase::Quarantined`].
+//! `quarantine_window` is quarantined: not restarted, and its devices are handed to the refusals
+//! worker, which fails their commands at once with NOT READY until an operator lifts the
+//! quarantine ([`super::quarantine`]).
 //!
 //! **Recovery.** The successor receives each device with the supervisor's own (duplicated) uio
 //! descriptor, its backing store reopened through the policy, and its journal in
@@ -67,8 +68,10 @@ pub(super) struct CrashHistory {
     pub last_cause: Option<String>,
     /// When the next restart is due.
     pub restart_at: Option<Instant>,
-    /// Why it is quarantined (never restarted again), if it is.
+    /// Why it is quarantined (not restarted until an operator lifts the quarantine), if it is.
     pub quarantined: Option<String>,
+    /// How many times an operator lifted its quarantine.
+    pub lifts: u32,
 }
 
 /// The restart delay after the `n`-th crash inside the window (1-based).
@@ -101,7 +104,7 @@ impl Supervisor {
     }
 
     /// `uioN (user_<hba>/<name>)` of every device assigned to `key`.
-    fn device_labels(&self, key: &WorkerKey) -> Vec<String> {
+    pub(super) fn device_labels(&self, key: &WorkerKey) -> Vec<String> {
         self.devices
             .values()
             .filter(|d| &d.worker == key)
@@ -128,39 +131,32 @@ impl Supervisor {
         h.last_cause = Some(cause.clone());
         let recent = h.crashes.len();
         let ids: Vec<u64> = self.device_ids_of(key);
-        // Devices being released are done with; the rest wait for a successor.
+        // Devices being released are done with, and so are devices on their way to another
+        // worker (they go on to it: the dead worker cannot release them any more); the rest wait
+        // for a successor.
         for &id in &ids {
             if self
                 .devices
                 .get(&id)
-                .is_some_and(|d| d.phase == DevicePhase::Removing)
+                .is_some_and(|d| d.phase == DevicePhase::Removing || d.move_to.is_some())
             {
-                self.drop_device(id);
+                self.release_done(id);
             }
         }
         let ids: Vec<u64> = ids
             .into_iter()
-            .filter(|id| self.devices.contains_key(id))
+            .filter(|id| self.devices.get(id).is_some_and(|d| &d.worker == key))
             .collect();
         if recent >= lc.quarantine_after as usize {
             let reason = fit_reason(format!(
                 "worker {name} crashed {recent} times within {:?} (last: {cause}); quarantined",
                 lc.quarantine_window
             ));
-            error!(worker = %name, crashes = recent, window = ?lc.quarantine_window, last_cause = %cause,
-                   devices = ?self.device_labels(key),
-                   "worker quarantined: it will not be restarted; its devices stay blocked");
             if let Some(h) = self.history.get_mut(key) {
                 h.quarantined = Some(reason.clone());
                 h.restart_at = None;
             }
-            for id in ids {
-                self.block_device(id);
-                if let Some(dev) = self.devices.get_mut(&id) {
-                    dev.phase = DevicePhase::Quarantined(reason.clone());
-                    dev.deadline = None;
-                }
-            }
+            self.quarantine(key, &reason, ids, recent, &cause);
             return;
         }
         if ids.is_empty() {
@@ -295,7 +291,8 @@ impl Supervisor {
         self.send_add(key, id, backing);
     }
 
-    /// The device is served again: unblock it and count the recovery.
+    /// The device is served again: unblock it and count the recovery (or, if it is to move on
+    /// to another worker, have it released at once, still blocked).
     pub(super) fn on_device_ready(&mut self, id: u64) {
         let Some(dev) = self.devices.get_mut(&id) else {
             return;
@@ -304,6 +301,10 @@ impl Supervisor {
         if dev.mode == JournalMode::Recover {
             dev.recoveries = dev.recoveries.saturating_add(1);
             info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device recovered: the new worker finished what its predecessor left in flight");
+        }
+        if let Some(target) = dev.move_to.clone() {
+            self.release_to(id, target);
+            return;
         }
         self.unblock_device(id);
     }

@@ -16,7 +16,8 @@
 //! a worker, with [`DeviceSpec::refusal`] set and no backing store: the worker answers its SCSI
 //! commands with NOT READY, so initiators fail at once instead of timing out. Refused devices of
 //! a configured subtype stay with that subtype's worker (under `isolation = "subtype"`); the
-//! others go to a worker dedicated to refusals, which is given no subtypes.
+//! others go to a worker dedicated to refusals, which is given no subtypes. The refusals worker
+//! also answers, the same way, for the devices of a quarantined worker ([`quarantine`]).
 //!
 //! ## Workers
 //! One worker per [`WorkerKey`]: per subtype, per device (`isolation = "device"`), or the
@@ -29,7 +30,8 @@
 //!
 //! ## Crashes, restarts and recovery
 //! See [`lifecycle`]: heartbeats, crash classification, restart with exponential backoff,
-//! quarantine, and the hand-over of each device's in-flight journal (kept by [`JournalStore`]
+//! quarantine (what it does to devices, and the operator's lift: [`quarantine`]), and the
+//! hand-over of each device's in-flight journal (kept by [`JournalStore`]
 //! under `daemon.journal_dir`) so that a successor finishes exactly what a dead worker left in
 //! flight, with `block_dev` around the hand-over and `reset_ring` as the fallback.
 //!
@@ -57,6 +59,7 @@
 
 pub mod lifecycle;
 pub mod ops;
+pub mod quarantine;
 mod signals;
 
 use std::collections::BTreeMap;
@@ -307,6 +310,8 @@ pub struct WorkerStatus {
     pub restart_at: Option<Instant>,
     /// Why the key is quarantined (no more restarts), if it is.
     pub quarantined: Option<String>,
+    /// How many times an operator lifted its quarantine.
+    pub lifts: u32,
     /// The device counters of the last heartbeat answer.
     pub stats: Vec<DeviceStats>,
     /// When the last heartbeat was answered.
@@ -333,7 +338,9 @@ pub enum DevicePhase {
     Orphaned,
     /// Its worker went down; the device is blocked and waits for the successor.
     Recovering,
-    /// Its worker crashed too often and is not restarted; the device stays blocked.
+    /// Its worker crashed too often and is not restarted, and no worker answers for the device:
+    /// it stays blocked (initiators wait). Only while the hand-over to the refusals worker is
+    /// under way, or when the refusals worker itself is quarantined (see [`quarantine`]).
     Quarantined(String),
 }
 
@@ -368,6 +375,9 @@ pub struct DeviceStatus {
     pub recoveries: u32,
     /// Ring resets.
     pub resets: u32,
+    /// The quarantined worker it belongs to, while the refusals worker answers for it
+    /// (see [`quarantine`]).
+    pub home: Option<String>,
 }
 
 struct Slot {
@@ -418,6 +428,11 @@ struct Device {
     reset_for_handover: bool,
     recoveries: u32,
     resets: u32,
+    /// Parked with the refusals worker because its own worker is quarantined.
+    parked: Option<quarantine::Parked>,
+    /// Being released by its worker, to be handed to this one once released (a lifted
+    /// quarantine takes its devices back from the refusals worker this way).
+    move_to: Option<WorkerKey>,
 }
 
 struct Shutdown {
@@ -657,6 +672,8 @@ impl Supervisor {
                 reset_for_handover: false,
                 recoveries: 0,
                 resets: 0,
+                parked: None,
+                move_to: None,
             },
         );
         if ring_dirty {
@@ -697,7 +714,12 @@ impl Supervisor {
                     }
                 }
             }
-            (DevicePhase::Removing, _) => {}
+            (DevicePhase::Removing, _) => {
+                // The kernel deleted it: whatever its release was for, it ends here.
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.move_to = None;
+                }
+            }
             _ => {
                 if let Some(slot) = self.workers.get_mut(&key) {
                     slot.queue.retain(|(queued, _)| *queued != id);
@@ -744,6 +766,11 @@ impl Supervisor {
     fn assign(&mut self, key: &WorkerKey, id: u64, backing: Option<OwnedFd>) {
         if let Some(h) = self.history.get(key) {
             if let Some(reason) = h.quarantined.clone() {
+                if self.park(id, key, &reason) {
+                    // The refusals worker answers for it (NOT READY) until the lift.
+                    self.assign(&WorkerKey::Refused, id, None);
+                    return;
+                }
                 self.block_device(id);
                 if let Some(dev) = self.devices.get_mut(&id) {
                     dev.phase = DevicePhase::Quarantined(reason);
@@ -930,7 +957,7 @@ impl Supervisor {
     fn orphan(&mut self, id: u64, why: &str) {
         if let Some(dev) = self.devices.get_mut(&id) {
             if dev.phase == DevicePhase::Removing {
-                self.drop_device(id);
+                self.release_done(id);
                 return;
             }
             if matches!(dev.phase, DevicePhase::Failed(_) | DevicePhase::Orphaned) {
@@ -1215,7 +1242,7 @@ impl Supervisor {
                         dev.phase
                     ));
                 }
-                self.drop_device(id);
+                self.release_done(id);
                 Ok(())
             }
             (_, msg @ FromWorker::Pong { .. }) => {
@@ -1584,6 +1611,7 @@ impl Supervisor {
             last_crash: h.and_then(|h| h.last_cause.clone()),
             restart_at: h.and_then(|h| h.restart_at),
             quarantined: h.and_then(|h| h.quarantined.clone()),
+            lifts: h.map_or(0, |h| h.lifts),
             stats: s.stats.clone(),
             last_pong: s.last_pong,
             jail: s.jail.clone(),
@@ -1616,6 +1644,7 @@ fn status_of(id: u64, d: &Device) -> DeviceStatus {
         journal_path: d.journal.as_ref().map(|j| j.path.clone()),
         recoveries: d.recoveries,
         resets: d.resets,
+        home: d.parked.as_ref().map(|p| p.home.name()),
     }
 }
 

@@ -415,7 +415,8 @@ impl Supervisor {
         if !self.opts.kernel_events {
             return;
         }
-        if let Some(dev) = self.devices.get(&id) {
+        // One on its way to another worker stays blocked until that worker serves it.
+        if let Some(dev) = self.devices.get(&id).filter(|d| d.move_to.is_none()) {
             let dir = discovery::configfs_dir(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name);
             lio::device_action(&dir, &dev.dev.uio, "block_dev", "0");
         }
@@ -1203,6 +1204,17 @@ impl Supervisor {
                     version: Some(env!("CARGO_PKG_VERSION").to_owned()),
                     ..Response::default()
                 },
+                Ok(Request::LiftQuarantine { worker }) => match self.lift_quarantine(&worker) {
+                    Ok(lift) => Response {
+                        ok: true,
+                        lift: Some(lift),
+                        ..Response::default()
+                    },
+                    Err(e) => {
+                        warn!(worker = ?worker, error = %e, "quarantine lift refused");
+                        Response::error(e.to_string())
+                    }
+                },
                 Err(why) => Response::error(why),
             };
             if let Some(server) = &mut self.ops.control {
@@ -1258,6 +1270,9 @@ impl Supervisor {
                     .get(&d.worker)
                     .filter(|s| !matches!(s.phase, WorkerPhase::Exited | WorkerPhase::Killed))
                     .map(|s| s.process.pid());
+                // Parked with the refusals worker (failing fast, or blocked if nothing answers).
+                let quarantined = d.parked.is_some()
+                    && !matches!(d.phase, DevicePhase::Failed(_) | DevicePhase::Removing);
                 DeviceReport {
                     id: *id,
                     uio: d.dev.uio.clone(),
@@ -1269,11 +1284,17 @@ impl Supervisor {
                     write_cache: d.dev.write_cache,
                     worker: d.worker.name(),
                     worker_pid,
-                    state: phase_name(&d.phase).to_owned(),
+                    state: if quarantined {
+                        "quarantined"
+                    } else {
+                        phase_name(&d.phase)
+                    }
+                    .to_owned(),
                     blocked: d.blocked,
                     recoveries: d.recoveries,
                     resets: d.resets,
                     refusal: d.spec.refusal.clone(),
+                    home_worker: d.parked.as_ref().map(|p| p.home.name()),
                     failure: match &d.phase {
                         DevicePhase::Failed(why) => Some(why.clone()),
                         _ => None,
@@ -1295,16 +1316,27 @@ impl Supervisor {
                     .and_then(|h| h.last_cause.clone())
                     .or_else(|| s.kill_reason.clone())
                     .or_else(|| exit.filter(|e| !e.success()).map(describe_exit));
+                // A quarantined worker's devices stay its own while the refusals worker
+                // answers for them.
+                let devices = self
+                    .devices
+                    .iter()
+                    .filter(|(_, d)| {
+                        &d.worker == key || d.parked.as_ref().is_some_and(|p| &p.home == key)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
                 WorkerReport {
                     name: s.name.clone(),
                     pid: s.process.pid(),
                     state: worker_phase_name(s.phase).to_owned(),
                     subtypes: s.subtypes.clone(),
-                    devices: self.device_ids_of(key),
+                    devices,
                     restarts: history.map_or(0, |h| h.restarts),
                     crashes: history.map_or(0, |h| h.total),
                     last_crash,
                     quarantined: history.and_then(|h| h.quarantined.clone()),
+                    lifts: history.map_or(0, |h| h.lifts),
                     jail: s.jail.as_ref().map(ToString::to_string),
                 }
             })

@@ -23,7 +23,13 @@
 #   recovery/journal-lost-fio         the same, with the journals deleted before the new supervisor
 #                                     starts: it must reset the rings (BUSY, retried), not guess
 #   recovery/quarantine               a worker killed quarantine_after times within the window is
-#                                     not restarted; its device stays blocked
+#                                     not restarted; its devices are handed to the refusals worker
+#                                     and fail fast: the initiator's first I/O error comes seconds
+#                                     after the quarantine (NOT READY, 04/03 in the kernel log), not
+#                                     after its SCSI timeout
+#   recovery/quarantine-lift          `tcmu-warden quarantine lift file` (after an unknown and a
+#                                     wrong name are refused) starts the worker again; the devices
+#                                     serve I/O again (direct write, read back, compare)
 #
 # A fault is injected only while the disks have I/O in flight, and each waits for both devices
 # to be recovered from the previous one; fio runs are repeated until every fault of the scenario
@@ -565,46 +571,128 @@ c_journal_lost() {
     echo "note: $FAULTS supervisor kills with the worker frozen and the journals deleted, $RESETS ring resets for $EXPECT_RESETS busy rings, $FIO_RUNS fio runs x ${#RDEVS[@]} disks err=0, $((SECONDS - t0))s"
 }
 
-# No I/O here: a quarantined device stays blocked, and the kernel would retry commands BUSY until
-# the initiator gives up.
+# direct_read DEV: one 4 KiB O_DIRECT read of DEV, bounded far above any SCSI timeout of ours (a
+# read that never ends is a failure to fail fast, reported by the caller's timing).
+direct_read() { timeout 600 dd if="$1" of=/dev/null bs=4k count=1 iflag=direct status=none; }
+
+# first_error_ms DEV DEADLINE_S: O_DIRECT reads of DEV, one after the other, until one fails; prints
+# the millisecond clock when it failed. Nonzero if none failed within DEADLINE_S seconds.
+first_error_ms() {
+    local end=$((SECONDS + $2))
+    while (( SECONDS < end )); do
+        if ! direct_read "$1" 2>> "$LOGS/recovery_quarantine-dd.err"; then now_ms; return 0; fi
+        pause 0.2
+    done
+    return 1
+}
+
+# The time from quarantine to the initiator's first I/O error: the last kill quarantines the file
+# worker; its devices must be handed to the refusals worker and fail their reads with NOT READY
+# within seconds, not after the initiator's SCSI timeout (RECOVERY_CMD_TIME_OUT, 120 s here, and
+# Linux retries a command several times before it gives up).
+QUARANTINE_FAIL_FAST_MAX=30   # seconds, under TCG
 c_quarantine() {
-    local old=$DPID base t0=$SECONDS i p
+    local old=$DPID base dbase t0=$SECONDS i t_kill t_err d
     kill -TERM "$old"
     bg_wait 60 "$old" || { why "the supervisor did not stop on SIGTERM"; return 1; }
     write_recovery_config "$RECOVERY_QUARANTINE"
-    base=$(rlog_lines)
+    base=$(rlog_lines); dbase=$(dmesg_lines)
+    QBASE=$base
     start_rdaemon
     for (( i = 1; i <= RECOVERY_QUARANTINE; i++ )); do
         # The devices are served by worker i (the first one recovers what the stopped supervisor
         # left in the journals).
         wait_for "$RECOVERY_STEP_TIMEOUT" "worker $i to serve ${RDEVS[*]}" \
             ready_at_least "$base" $((i * ${#RDEVS[@]})) || return 1
+        t_kill=$(now_ms)
         fault_kill_worker || { why "no worker to kill (crash $i)"; return 1; }
         echo "crash $i at ${SECONDS}s: $LAST_FAULT"
     done
+    # The first read after the quarantining kill waits while the device is blocked for the
+    # hand-over, then fails.
+    t_err=$(first_error_ms "${SDEV[${RDEVS[0]}]}" 300) ||
+        { why "no I/O error on ${SDEV[${RDEVS[0]}]} within 300s of the quarantine"; return 1; }
+    FAIL_FAST_S=$(( (t_err - t_kill) / 1000 )).$(printf '%03d' $(( (t_err - t_kill) % 1000 )))
+    echo "first I/O error on ${SDEV[${RDEVS[0]}]} ${FAIL_FAST_S}s after the kill that quarantined the worker"
+    (( t_err - t_kill < QUARANTINE_FAIL_FAST_MAX * 1000 )) ||
+        { why "the first I/O error came ${FAIL_FAST_S}s after the quarantine (limit ${QUARANTINE_FAIL_FAST_MAX}s)"; return 1; }
+    # Every later command fails at once, on every device.
+    local t1 t2 slowest=0
+    for d in "${RDEVS[@]}"; do
+        t1=$(now_ms)
+        if direct_read "${SDEV[$d]}" 2>> "$LOGS/recovery_quarantine-dd.err"; then
+            why "a read of the quarantined device $d (${SDEV[$d]}) succeeded"; return 1
+        fi
+        t2=$(now_ms)
+        (( t2 - t1 > slowest )) && slowest=$((t2 - t1))
+        echo "$d: read failed after $((t2 - t1)) ms"
+    done
+    (( slowest < QUARANTINE_FAIL_FAST_MAX * 1000 )) ||
+        { why "a read of a quarantined device took ${slowest} ms to fail"; return 1; }
     # shellcheck disable=SC2317  # called through wait_for
     quarantined() { (( $(count_since "$base" 'worker quarantined') >= 1 )); }
     wait_for 60 "the quarantine" quarantined || { rlog_since "$base" | tail -n 20; return 1; }
-    # No successor, for long enough to have seen one after the longest backoff (1 s).
-    local until=$((SECONDS + 5))
-    while (( SECONDS < until )); do
-        if p=$(worker_pid); then why "a worker ($p) was started after the quarantine"; return 1; fi
-        sleep 0.5
-    done
-    local started
-    started=$(count_since "$base" 'worker started')
+    echo "kernel log:"
+    dmesg | tail -n +$((dbase + 1)) | grep -Ei 'sense|not ready|intervention|I/O error' | head -n 20
+    dmesg | tail -n +$((dbase + 1)) | grep -qi 'not ready, manual intervention required' ||
+        { why "the kernel did not log the NOT READY, MANUAL INTERVENTION REQUIRED sense"; return 1; }
+    # No successor of the file worker, for long enough to have seen one after the longest
+    # backoff (1 s); the refusals worker is the only one started since.
+    pause 5
+    local started refusals
+    started=$(count_since "$base" 'worker started.* worker=file( |$)')
+    refusals=$(count_since "$base" 'worker started.* worker=refused( |$)')
     (( started == RECOVERY_QUARANTINE )) ||
-        { why "$started workers started for $RECOVERY_QUARANTINE crashes"; return 1; }
-    local blocked d
+        { why "$started file workers started for $RECOVERY_QUARANTINE crashes"; return 1; }
+    (( refusals == 1 )) || { why "$refusals refusals workers started (expected 1)"; return 1; }
+    local blocked
     for d in "${RDEVS[@]}"; do
         blocked=$(cat "${BS[$d]}/action/block_dev" 2>/dev/null)
         echo "$d block_dev: $blocked"
-        [[ $blocked == blocked ]] || { why "the quarantined device $d is not blocked ($blocked)"; return 1; }
+        [[ $blocked != blocked ]] || { why "the quarantined device $d is still blocked"; return 1; }
     done
-    rstatus_check "the quarantine (worker quarantined, devices quarantined and blocked)" \
-        'w and w["quarantined"] and w["crashes"] >= '"$RECOVERY_QUARANTINE"' and all(d["state"] == "quarantined" and d["blocked"] for d in devs)' || return 1
-    rlog_since "$base" | grep -E 'crashed|quarantine|blocked'
-    echo "note: $RECOVERY_QUARANTINE crashes within 10m -> quarantined, ${#RDEVS[@]} devices blocked, no restart for 5s, $((SECONDS - t0))s"
+    rstatus_check "the quarantine (worker quarantined, devices quarantined, answered by the refusals worker, not blocked)" \
+        'w and w["quarantined"] and w["state"] == "exited" and w["crashes"] >= '"$RECOVERY_QUARANTINE"' and all(d["state"] == "quarantined" and not d["blocked"] and d["worker"] == "refused" and d["home_worker"] == "file" and "quarantine" in (d["refusal"] or "") and d["id"] in w["devices"] for d in devs)' || return 1
+    rlog_since "$base" | grep -E 'crashed|quarantine|blocked|refusals'
+    echo "note: $RECOVERY_QUARANTINE crashes within 10m -> quarantined; first I/O error ${FAIL_FAST_S}s after the quarantine (initiator timeout ${RECOVERY_CMD_TIME_OUT}s), later reads fail in <= ${slowest} ms with NOT READY 04/03, ${#RDEVS[@]} devices answered by the refusals worker, no restart, $((SECONDS - t0))s"
+}
+
+# The operator lifts the quarantine: wrong names are refused; the file worker is started again,
+# takes its devices back from the refusals worker, and they serve I/O again.
+c_quarantine_lift() {
+    local t0=$SECONDS out rc d blk i
+    out=$("${VM_BIN_DIR}/tcmu-warden" quarantine lift nosuch --config "$RCONFIG" 2>&1); rc=$?
+    echo "lift nosuch: rc=$rc: $out"
+    (( rc != 0 )) && [[ $out == *'no worker is named "nosuch"'* ]] ||
+        { why "lifting an unknown worker did not fail clearly (rc=$rc: $out)"; return 1; }
+    out=$("${VM_BIN_DIR}/tcmu-warden" quarantine lift file --config "$RCONFIG" 2>&1); rc=$?
+    echo "lift file: rc=$rc: $out"
+    (( rc == 0 )) && [[ $out == *'quarantine of worker file lifted'* ]] ||
+        { why "the lift failed (rc=$rc: $out)"; return 1; }
+    out=$("${VM_BIN_DIR}/tcmu-warden" quarantine lift file --config "$RCONFIG" 2>&1); rc=$?
+    echo "lift file again: rc=$rc: $out"
+    (( rc != 0 )) && [[ $out == *'is not quarantined'* ]] ||
+        { why "lifting a worker that is not quarantined did not fail clearly (rc=$rc: $out)"; return 1; }
+    rstatus_check "the lift (worker file ready, not quarantined, lifted once; devices ready, not blocked)" \
+        'w and not w["quarantined"] and w["lifts"] == 1 and w["state"] == "ready" and all(d["state"] == "ready" and not d["blocked"] and d["worker"] == "file" and d["home_worker"] is None and d["refusal"] is None and d["worker_pid"] == w["pid"] for d in devs)' || return 1
+    head -c $((1 * MIB)) /dev/urandom > /tmp/lift-pattern || return 1
+    for d in "${RDEVS[@]}"; do
+        blk=${SDEV[$d]}
+        # The first command after the hand-over may meet the POWER ON unit attention, which the
+        # kernel retries; direct I/O so the page cache proves nothing.
+        timeout 300 dd if=/tmp/lift-pattern of="$blk" bs=64k seek=16 oflag=direct conv=fsync status=none ||
+            { why "writing $d ($blk) after the lift failed"; return 1; }
+        timeout 300 dd if="$blk" of=/tmp/lift-back bs=64k skip=16 count=16 iflag=direct status=none ||
+            { why "reading $d ($blk) back after the lift failed"; return 1; }
+        cmp /tmp/lift-pattern /tmp/lift-back || { why "$d read back other data than was written"; return 1; }
+        echo "$d: 1 MiB written, read back and compared after the lift"
+    done
+    for d in "${RDEVS[@]}"; do
+        i=$(cat "${BS[$d]}/action/block_dev" 2>/dev/null)
+        [[ $i != blocked ]] || { why "$d is still blocked after the lift"; return 1; }
+    done
+    rlog_since "$QBASE" | grep -E 'lift|released|handing|recovered' | tail -n 20
+    echo "note: unknown and unquarantined names refused (exit 1); lifted; ${#RDEVS[@]} devices back with worker file, 1 MiB direct write + read back + cmp each, $((SECONDS - t0))s"
 }
 
 r_cleanup() {
@@ -622,7 +710,7 @@ r_cleanup() {
 }
 
 RECOVERY_CHECKS=(worker-kill-fio successor-kill-fio worker-hang-fio supervisor-restart-fio
-                 journal-lost-fio quarantine)
+                 journal-lost-fio quarantine quarantine-lift)
 
 recovery_main() {
     local c
@@ -645,9 +733,14 @@ recovery_main() {
     check recovery/journal-lost-fio c_journal_lost
     fio_stop
     if kill -0 "$DPID" 2>/dev/null; then
-        check recovery/quarantine c_quarantine
+        if check recovery/quarantine c_quarantine; then
+            check recovery/quarantine-lift c_quarantine_lift
+        else
+            skip recovery/quarantine-lift recovery/quarantine
+        fi
     else
         skip recovery/quarantine "a running supervisor"
+        skip recovery/quarantine-lift "a running supervisor"
     fi
     check recovery/cleanup r_cleanup
 }
