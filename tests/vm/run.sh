@@ -26,8 +26,8 @@
 #   VM_MEMORY_MB (default 3072), VM_CPUS (default 2), VM_BIN_DIR (take tcmu-warden and
 #   tcmu-warden-worker from there, no build), VM_READY_PATTERN / VM_REFUSE_PATTERN (the daemon log
 #   lines the guest waits for, see guest/suite.sh), VM_SUITE (another guest script, for debugging),
-#   VM_GROUPS (default "main hotplug recovery jail": which check groups run; hotplug, recovery
-#   and jail are warden-only), VM_RECOVERY_FIO_SIZE (default 8m: the fio size per disk of one run
+#   VM_GROUPS (default "main hotplug luns recovery jail": which check groups run; hotplug, luns,
+#   recovery and jail are warden-only), VM_RECOVERY_FIO_SIZE (default 8m: the fio size per disk of one run
 #   in the recovery group), VM_JAIL_TESTS (the jail group's test binaries as `<target>=<path>`
 #   words; default: built here with `cargo test -p tcmu-warden-tests --test escape --test
 #   jail_runtime --no-run`), VM_JAIL_TEST_TIMEOUT (default 900: seconds per jail test),
@@ -68,7 +68,7 @@ case $suite in
     *) echo "run.sh: --suite must be main or conformance" >&2; exit 2 ;;
 esac
 
-groups=${VM_GROUPS:-main hotplug recovery jail}
+groups=${VM_GROUPS:-main hotplug luns recovery jail}
 log() { printf 'vm: %s\n' "$*" >&2; }
 die() { log "error: $*"; echo "FAIL vm/setup: $*"; echo "vm: 0 passed, 1 failed"; exit 1; }
 
@@ -100,7 +100,7 @@ if [[ $daemon == warden ]]; then
     if [[ $suite != main ]]; then
         want_daemon=1
     else
-        for g in main hotplug recovery; do
+        for g in main hotplug luns recovery; do
             [[ " $groups " == *" $g "* ]] && want_daemon=1
         done
     fi

@@ -7,10 +7,11 @@
 #   VM_FIO_SIZE size of the fio verify run per device (e.g. 64m)
 #   VM_RUST_LOG the daemon's log filter (warden mode)
 #   VM_GROUPS   which groups of checks run: `main` (everything below), `hotplug` (warden only:
-#               configfs hot-plug, see guest/hotplug.sh), `recovery` (warden only: crash
+#               configfs hot-plug, see guest/hotplug.sh), `luns` (warden only: LUNs above 0 on
+#               targets without LUN 0, see guest/luns.sh), `recovery` (warden only: crash
 #               recovery under fio, see guest/recovery.sh) and/or `jail` (warden only: the jail's
 #               escape and runtime tests on this kernel, see guest/jail.sh); default
-#               "main hotplug recovery jail"
+#               "main hotplug luns recovery jail"
 #   VM_JAIL_TESTS  (jail group) the test binaries, `<target>=<path>` words
 #
 # It creates LIO backstores, starts the daemon, exports every backstore through tcm_loop (a local
@@ -482,6 +483,10 @@ daemon_alive() {
     wait "$DPID"; why "the daemon died (status $?)"; return 1
 }
 
+# ---- LUNs above 0 on targets without LUN 0 (warden) ---------------------------------------------
+# shellcheck source=luns.sh
+. "$(dirname "${BASH_SOURCE[0]}")/luns.sh"
+
 # ---- crash recovery (warden) ---------------------------------------------------------------------
 # shellcheck source=recovery.sh
 . "$(dirname "${BASH_SOURCE[0]}")/recovery.sh"
@@ -492,7 +497,7 @@ daemon_alive() {
 
 # ---- main ----------------------------------------------------------------------------------------
 say "daemon: $DAEMON, kernel $(uname -r)"
-GROUPS_RUN=${VM_GROUPS:-main hotplug recovery jail}
+GROUPS_RUN=${VM_GROUPS:-main hotplug luns recovery jail}
 want_group() { [[ " $GROUPS_RUN " == *" $1 "* ]]; }
 
 DEVICE_CHECKS=(sg_inq sg_vpd-naa sg_vpd-serial sg_readcap dd-direct ext4 fio-verify)
@@ -512,7 +517,7 @@ main() {
         jail_main
     fi
     # The other groups serve LIO devices from files on a real filesystem.
-    if want_group main || want_group hotplug || want_group recovery; then
+    if want_group main || want_group hotplug || want_group luns || want_group recovery; then
         if ! check setup/backing-fs prepare; then
             MAIN_DONE=1
             return
@@ -523,6 +528,9 @@ main() {
     fi
     if want_group hotplug && [[ $DAEMON == warden ]]; then
         run_hotplug
+    fi
+    if want_group luns && [[ $DAEMON == warden ]]; then
+        luns_main
     fi
     if want_group recovery && [[ $DAEMON == warden ]]; then
         recovery_main

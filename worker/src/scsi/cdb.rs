@@ -9,10 +9,11 @@
 //! Multi-byte fields are big-endian. Block commands address the medium in **logical blocks**
 //! (the device's block size, 512..=65536 bytes) by **LBA** (logical block address, 0-based).
 //!
-//! This module owns reading fields out of CDB bytes with checked access, the generic check that
-//! no bit is set outside a command's CDB usage mask (the same mask REPORT SUPPORTED OPERATION
-//! CODES returns), and decoding of the READ/WRITE-style families into typed values. It never
-//! executes anything and never panics, whatever the bytes.
+//! This module owns reading fields out of CDB bytes with checked access (including the view that
+//! ignores the former SCSI-2 LUN field, [`SCSI2_LUN_MASK`]), the generic check that no bit is set
+//! outside a command's CDB usage mask (the same mask REPORT SUPPORTED OPERATION CODES returns),
+//! and decoding of the READ/WRITE-style families into typed values. It never executes anything
+//! and never panics, whatever the bytes.
 
 use tcmu_warden_sdk::sense::Sense;
 
@@ -118,28 +119,54 @@ pub mod op {
 /// Mask of the service-action bits in CDB byte 1.
 pub const SA_MASK: u8 = 0x1F;
 
+/// Bits 7..5 of CDB byte 1: the **LUN field of SCSI-2** (the logical unit number, i.e. which disk
+/// behind the target the command is for), reserved since SCSI-3 moved the LUN into the transport.
+///
+/// Linux still writes the LUN there (`lun << 5 & 0xe0`, `scsi_dispatch_cmd()` in scsi_lib.c when
+/// `sdev->lun_in_cdb`, and `scsi_eh_prep_cmnd()` in scsi_error.c) for every command to a device
+/// whose SCSI level is SCSI-2 or lower. While it probes a LUN of a target it has not seen before,
+/// it assumes that level (`scsi_alloc_target()` starts `starget->scsi_level` at `SCSI_2`, and
+/// `scsi_sysfs_device_initialize()` sets `lun_in_cdb` from it) until its first INQUIRY answer says
+/// otherwise: the probe INQUIRY of LUN 1 carries 20h in byte 1, of LUN 5 A0h. The commands that
+/// ignore these bits are marked in the command table (see [`super::table`]); the dispatcher reads
+/// them through [`Cdb::ignoring_scsi2_lun`].
+pub const SCSI2_LUN_MASK: u8 = 0xE0;
+
 /// Read-only, checked view of a CDB's bytes. Bytes past the end read as zero; the dispatcher
 /// rejects CDBs shorter than the command's length before any command sees them, so that default
 /// is never observable.
 #[derive(Debug, Clone, Copy)]
 pub struct Cdb<'a> {
     bytes: &'a [u8],
+    /// Bits of byte 1 every reader sees as zero (the former SCSI-2 LUN field, for the commands
+    /// that ignore it).
+    ignored1: u8,
 }
 
 impl<'a> Cdb<'a> {
     /// A view of `bytes`.
     pub fn new(bytes: &'a [u8]) -> Cdb<'a> {
-        Cdb { bytes }
+        Cdb { bytes, ignored1: 0 }
     }
 
-    /// The raw bytes.
+    /// The same CDB with the former SCSI-2 LUN field ([`SCSI2_LUN_MASK`]) read as zero by every
+    /// accessor, so neither the reserved-bit check nor the command sees it.
+    pub fn ignoring_scsi2_lun(self) -> Cdb<'a> {
+        Cdb {
+            ignored1: SCSI2_LUN_MASK,
+            ..self
+        }
+    }
+
+    /// The raw bytes, as the initiator sent them (ignored bits included).
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
     }
 
-    /// Byte `i`.
+    /// Byte `i` (for byte 1, without the bits this view ignores).
     pub fn u8(&self, i: usize) -> u8 {
-        self.bytes.get(i).copied().unwrap_or(0)
+        let b = self.bytes.get(i).copied().unwrap_or(0);
+        if i == 1 { b & !self.ignored1 } else { b }
     }
 
     /// Bit `bit` of byte `i`.
@@ -353,6 +380,33 @@ mod tests {
         assert_eq!(
             check_usage(&vendor, &usage, false, &[]),
             Err(Sense::invalid_field_in_cdb(9, Some(7)))
+        );
+    }
+
+    #[test]
+    fn scsi2_lun_view_hides_only_byte_1_bits_7_to_5() {
+        // MODE SENSE (10) from LUN 5 of a SCSI-2 device: LLBAA, DBD and the LUN field set.
+        let raw = [0x5A, 0xB8, 0x3F, 0, 0, 0, 0, 0, 0xFC, 0];
+        let usage = [0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0];
+        let strict = Cdb::new(&raw);
+        let lenient = strict.ignoring_scsi2_lun();
+        assert_eq!(strict.u8(1), 0xB8);
+        assert_eq!(lenient.u8(1), 0x18);
+        assert!(lenient.bit(1, 4) && lenient.bit(1, 3) && !lenient.bit(1, 5));
+        assert_eq!(lenient.be16(0), 0x5A18);
+        assert_eq!(lenient.be(1, 2), 0x183F);
+        assert_eq!(lenient.u8(8), 0xFC);
+        assert_eq!(lenient.bytes(), &raw);
+        assert_eq!(
+            check_usage(&strict, &usage, false, &[]),
+            Err(Sense::invalid_field_in_cdb(1, Some(7)))
+        );
+        assert_eq!(check_usage(&lenient, &usage, false, &[]), Ok(()));
+        // Other reserved bits of byte 1 stay visible.
+        let low = [0x5A, 0xA1, 0x3F, 0, 0, 0, 0, 0, 0xFC, 0];
+        assert_eq!(
+            check_usage(&Cdb::new(&low).ignoring_scsi2_lun(), &usage, false, &[]),
+            Err(Sense::invalid_field_in_cdb(1, Some(2)))
         );
     }
 

@@ -154,6 +154,9 @@ impl Emulator {
             Ok(d) => d,
             Err(s) => return CommandResult::check(s),
         };
+        // From here on the command's own view: without the former SCSI-2 LUN field for the
+        // commands that ignore it (see the table's module docs).
+        let cdb = desc.view(cdb);
         if bytes.len() < desc.cdb_len() {
             return CommandResult::check(Sense::invalid_field_in_cdb(0, None));
         }

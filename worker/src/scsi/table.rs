@@ -17,6 +17,37 @@
 //! information, ANCHOR, power conditions, the CONTROL byte's NACA/link bits) are not, so setting
 //! them is rejected with a field pointer.
 //!
+//! ## The former SCSI-2 LUN field
+//!
+//! In SCSI-2 (ANSI X3.131-1994) every 6-, 10- and 12-byte CDB carried the **LUN** (logical unit
+//! number: which disk behind the target the command is for) in bits 7..5 of byte 1; SCSI-3 moved
+//! the LUN into the transport and SPC/SBC made those bits reserved, or gave them new fields. The
+//! Linux SCSI midlayer still writes the LUN there for devices it takes for SCSI-2, and it takes
+//! every LUN of a target it has not probed before for one until the LUN's first INQUIRY answer
+//! (see [`super::cdb::SCSI2_LUN_MASK`]). Checking those bits made the probe INQUIRY of a LUN
+//! above 0 on a target without LUN 0 fail with INVALID FIELD IN CDB, and the disk never appeared.
+//! SPC-4 lets a device server check reserved bits but does not require it; LIO's own emulation
+//! and tcmu-runner ignore them. So the dispatcher reads the CDB of a command whose
+//! `OpDesc::scsi2_lun` flag is set through [`Cdb::ignoring_scsi2_lun`] ([`OpDesc::view`]): for
+//! it, bits 7..5 are neither checked nor seen by the command. Their usage masks keep those bits
+//! 0, as SPC-4 §6.35.3 asks for bits the device server ignores.
+//!
+//! The flagged commands are exactly those that had the LUN field in SCSI-2 and whose bits 7..5
+//! are still reserved today: TEST UNIT READY, REQUEST SENSE, READ (6), WRITE (6), INQUIRY,
+//! MODE SELECT (6), MODE SENSE (6), START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, READ
+//! CAPACITY (10), PRE-FETCH (10), SYNCHRONIZE CACHE (10), READ DEFECT DATA (10), MODE SELECT
+//! (10), MODE SENSE (10) and READ DEFECT DATA (12). Not marked, and still checked:
+//! - the SCSI-2 commands whose bits 7..5 are fields now: RDPROTECT of READ (10)/(12), WRPROTECT
+//!   of WRITE (10)/(12), WRITE AND VERIFY (10)/(12) and WRITE SAME (10), VRPROTECT of VERIFY
+//!   (10)/(12), FMTPINFO and LONGLIST of FORMAT UNIT. A nonzero protection field asks for
+//!   protection information this device does not have, and SBC-3 has such a command rejected;
+//!   LIO does the same (`sbc_check_prot()`: INVALID FIELD IN CDB) and libiscsi's
+//!   `Read10.ReadProtect` and similar tests expect it. LONGLIST changes the parameter list's
+//!   layout, so it cannot be ignored either. Linux stops writing the LUN once INQUIRY has said
+//!   SPC-4, which it does before it sends any of these;
+//! - commands that never had a LUN field (16-byte CDBs, and commands newer than SCSI-2: UNMAP,
+//!   REPORT LUNS, the service-action commands, EXTENDED COPY, ...).
+//!
 //! This module owns the table and the REPORT SUPPORTED OPERATION CODES encoding; it never does
 //! device I/O.
 
@@ -83,6 +114,8 @@ pub struct OpDesc {
     pub housekeeping: bool,
     /// What its data counts as in the byte counters.
     pub access: MediumAccess,
+    /// CDB byte 1 bits 7..5 are the former SCSI-2 LUN field, ignored (see the module docs).
+    pub scsi2_lun: bool,
     /// The implementation.
     pub exec: ExecFn,
 }
@@ -112,6 +145,7 @@ const fn d(
         avail: Avail::Always,
         housekeeping: false,
         access: MediumAccess::None,
+        scsi2_lun: false,
         exec,
     }
 }
@@ -137,6 +171,19 @@ impl OpDesc {
         self.access = MediumAccess::Write;
         self
     }
+    const fn scsi2_lun(mut self) -> OpDesc {
+        self.scsi2_lun = true;
+        self
+    }
+
+    /// How the command reads `cdb`: without the former SCSI-2 LUN field if it ignores it.
+    pub fn view<'a>(&self, cdb: Cdb<'a>) -> Cdb<'a> {
+        if self.scsi2_lun {
+            cdb.ignoring_scsi2_lun()
+        } else {
+            cdb
+        }
+    }
 }
 
 use DataDir::{In, None as NoData, Out};
@@ -147,25 +194,28 @@ const GROUP: u8 = 0x1F;
 /// Every emulated command, ordered by opcode then service action.
 #[rustfmt::skip]
 pub static OPS: &[OpDesc] = &[
-    d(op::TEST_UNIT_READY, None, "TEST UNIT READY", &[0x00, 0, 0, 0, 0, 0], NoData, misc::test_unit_ready),
+    d(op::TEST_UNIT_READY, None, "TEST UNIT READY", &[0x00, 0, 0, 0, 0, 0], NoData, misc::test_unit_ready)
+        .scsi2_lun(),
     d(op::REQUEST_SENSE, None, "REQUEST SENSE", &[0x03, 0x01, 0, 0, 0xFF, 0], In, misc::request_sense)
-        .housekeeping(),
+        .housekeeping().scsi2_lun(),
     d(op::FORMAT_UNIT, None, "FORMAT UNIT", &[0x04, 0x3F, 0, 0, 0, 0], Out, block::format_unit),
     d(op::READ_6, None, "READ (6)", &[0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0], In, block::read)
-        .reads_medium(),
+        .reads_medium().scsi2_lun(),
     d(op::WRITE_6, None, "WRITE (6)", &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0], Out, block::write)
-        .writes_medium(),
+        .writes_medium().scsi2_lun(),
     d(op::INQUIRY, None, "INQUIRY", &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0], In, inquiry::inquiry)
-        .split(&[(1, 0x02)]).housekeeping(),
+        .split(&[(1, 0x02)]).housekeeping().scsi2_lun(),
     d(op::MODE_SELECT_6, None, "MODE SELECT (6)", &[0x15, 0x10, 0, 0, 0xFF, 0], Out, mode::mode_select)
-        .split(&[(1, 0x01)]),
-    d(op::MODE_SENSE_6, None, "MODE SENSE (6)", &[0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0], In, mode::mode_sense),
+        .split(&[(1, 0x01)]).scsi2_lun(),
+    d(op::MODE_SENSE_6, None, "MODE SENSE (6)", &[0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0], In, mode::mode_sense)
+        .scsi2_lun(),
     d(op::START_STOP_UNIT, None, "START STOP UNIT", &[0x1B, 0x01, 0, 0, 0x05, 0], NoData, misc::start_stop_unit)
-        .split(&[(3, 0x08), (4, 0x0A)]),
-    d(op::PREVENT_ALLOW_MEDIUM_REMOVAL, None, "PREVENT ALLOW MEDIUM REMOVAL", &[0x1E, 0, 0, 0, 0x03, 0], NoData, misc::prevent_allow),
+        .split(&[(3, 0x08), (4, 0x0A)]).scsi2_lun(),
+    d(op::PREVENT_ALLOW_MEDIUM_REMOVAL, None, "PREVENT ALLOW MEDIUM REMOVAL", &[0x1E, 0, 0, 0, 0x03, 0], NoData, misc::prevent_allow)
+        .scsi2_lun(),
     d(op::READ_CAPACITY_10, None, "READ CAPACITY (10)",
         &[0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0], In, block::read_capacity_10)
-        .split(&[(1, 0x01)]),
+        .split(&[(1, 0x01)]).scsi2_lun(),
     d(op::READ_10, None, "READ (10)",
         &[0x28, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], In, block::read)
         .reads_medium(),
@@ -178,11 +228,14 @@ pub static OPS: &[OpDesc] = &[
     d(op::VERIFY_10, None, "VERIFY (10)",
         &[0x2F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::verify),
     d(op::PRE_FETCH_10, None, "PRE-FETCH (10)",
-        &[0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::pre_fetch),
+        &[0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::pre_fetch)
+        .scsi2_lun(),
     d(op::SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE (10)",
-        &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::synchronize_cache),
+        &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::synchronize_cache)
+        .scsi2_lun(),
     d(op::READ_DEFECT_DATA_10, None, "READ DEFECT DATA (10)",
-        &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0], In, block::read_defect_data),
+        &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0], In, block::read_defect_data)
+        .scsi2_lun(),
     d(op::WRITE_SAME_10, None, "WRITE SAME (10)",
         &[0x41, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_same)
         .split(&[(1, 0x13)]),
@@ -191,9 +244,10 @@ pub static OPS: &[OpDesc] = &[
         .split(&[(1, 0x01)]).needs_unmap(),
     d(op::MODE_SELECT_10, None, "MODE SELECT (10)",
         &[0x55, 0x10, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0], Out, mode::mode_select)
-        .split(&[(1, 0x01)]),
+        .split(&[(1, 0x01)]).scsi2_lun(),
     d(op::MODE_SENSE_10, None, "MODE SENSE (10)",
-        &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0], In, mode::mode_sense),
+        &[0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0], In, mode::mode_sense)
+        .scsi2_lun(),
     d(op::EXTENDED_COPY, Some(op::SA_EXTENDED_COPY_LID1), "EXTENDED COPY (LID1)",
         &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], Out, copy::extended_copy),
     d(op::RECEIVE_COPY_RESULTS, Some(op::SA_COPY_STATUS_LID1), "RECEIVE COPY STATUS (LID1)",
@@ -247,7 +301,8 @@ pub static OPS: &[OpDesc] = &[
     d(op::VERIFY_12, None, "VERIFY (12)",
         &[0xAF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),
     d(op::READ_DEFECT_DATA_12, None, "READ DEFECT DATA (12)",
-        &[0xB7, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In, block::read_defect_data),
+        &[0xB7, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In, block::read_defect_data)
+        .scsi2_lun(),
 ];
 
 /// The name and data direction of the emulated command `cdb` starts, for logs and for callers

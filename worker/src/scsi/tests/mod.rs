@@ -9,6 +9,7 @@ mod misc;
 mod mode;
 mod prop;
 mod rsoc;
+mod scsi2_lun;
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
