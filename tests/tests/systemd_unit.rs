@@ -342,6 +342,36 @@ fn nothing_else_in_the_unit_loses_state_across_restarts() {
     );
 }
 
+/// The unit must not take away a system call the daemon cannot do without. Found with systemd
+/// as the VM's init (tests/vm/run.sh --suite systemd): `RestrictSUIDSGID=yes` makes every
+/// `openat2()` fail with ENOSYS (systemd cannot filter its mode, so it filters the call), and
+/// backing files are opened only through `openat2` (`policy/src/admit.rs`), so every `file`
+/// device was refused with "the kernel lacks openat2".
+#[test]
+fn the_unit_leaves_openat2_to_the_daemon() {
+    let unit = shipped_unit();
+    let on = |key: &str| {
+        unit.last("Service", key)
+            .and_then(systemd_bool)
+            .unwrap_or(false)
+    };
+    assert!(
+        !on("RestrictSUIDSGID"),
+        "RestrictSUIDSGID=yes blocks openat2, which admitting a backing file needs"
+    );
+    // DynamicUser=yes implies RestrictSUIDSGID=yes (and cannot open /dev/uioN anyway).
+    assert!(
+        !on("DynamicUser"),
+        "DynamicUser=yes implies RestrictSUIDSGID=yes"
+    );
+    for word in unit.words("Service", "SystemCallFilter") {
+        assert!(
+            !word.contains("openat2"),
+            "SystemCallFilter={word} touches openat2"
+        );
+    }
+}
+
 /// `systemd-analyze verify` accepts the unit: every directive is known to systemd and parses
 /// (a misspelt `RuntimeDirectoryPreserve=` would only be warned about and ignored at run time).
 #[test]
