@@ -6,13 +6,16 @@
 # check (`PASS <check>` / `FAIL <check>: <reason>`) and the summary line `vm: N passed, M failed`.
 # Exits nonzero on any failed check, on a boot failure, or on timeout.
 #
-# Usage: tests/vm/run.sh [--suite main|conformance] [--daemon warden|tcmu-runner|kernel] [--no-build]
+# Usage: tests/vm/run.sh [--suite main|conformance|systemd] [--daemon warden|tcmu-runner|kernel] [--no-build]
 #                        [--timeout SECONDS] [--update-baseline]
 #   --suite main          (default) the checks of guest/suite.sh
 #   --suite conformance   libiscsi's iscsi-test-cu (all 230 tests) against one LUN exported
 #                         through LIO's iSCSI target on the guest's loopback (guest/conformance.sh);
 #                         the host compares the results with conformance/baseline-*.txt and, for
 #                         warden, fails below the recorded figure (conformance/report.sh)
+#   --suite systemd       (warden only) systemd as the guest's init: the shipped unit
+#                         (dist/tcmu-warden.service) runs the daemon, whose supervisor is killed
+#                         under fio and restarted by systemd (guest/systemd.sh)
 #   --update-baseline     (conformance) record this run as the daemon's baseline
 #   --daemon warden       (default) our daemon, target/release/tcmu-warden, `file` and `ram` devices
 #                         plus one `file` device outside the allowed directory that must be refused
@@ -65,7 +68,9 @@ esac
 case $suite in
     main) default_guest=$here/guest/suite.sh; timeout_s=${timeout_s:-2400} ;;
     conformance) default_guest=$here/guest/conformance.sh; timeout_s=${timeout_s:-3600} ;;
-    *) echo "run.sh: --suite must be main or conformance" >&2; exit 2 ;;
+    systemd) default_guest=$here/guest/systemd.sh; timeout_s=${timeout_s:-1500}
+             [[ $daemon == warden ]] || { echo "run.sh: --suite systemd runs our daemon only" >&2; exit 2; } ;;
+    *) echo "run.sh: --suite must be main, conformance or systemd" >&2; exit 2 ;;
 esac
 
 groups=${VM_GROUPS:-main hotplug luns recovery jail}
@@ -188,7 +193,10 @@ build_initrd() {
 build_initrd
 
 # ---- 4. results share ----------------------------------------------------------------------------
-if [[ $suite == conformance ]]; then res=$out/conformance-$daemon; else res=$out/$daemon; fi
+case $suite in
+    main) res=$out/$daemon ;;
+    *) res=$out/$suite-$daemon ;;
+esac
 rm -rf "$res"
 mkdir -p "$res"
 console=$res/console.log
@@ -199,6 +207,7 @@ console=$res/console.log
     printf 'VM_BIN_DIR=%q\n' "$bindir"
     printf 'VM_KMODDIR=%q\n' "$kmoddir"
     printf 'VM_RESULTS=/vmresults\n'
+    [[ $suite != systemd ]] || printf 'VM_INIT=systemd\n'
     printf 'VM_FIO_SIZE=%q\n' "${VM_FIO_SIZE:-64m}"
     printf 'VM_RUST_LOG=%q\n' "${VM_RUST_LOG:-info}"
     printf 'VM_GROUPS=%q\n' "$groups"

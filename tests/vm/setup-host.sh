@@ -2,8 +2,10 @@
 # Prepare a machine to run the VM suite (tests/vm/run.sh). Idempotent: a second run on a prepared
 # machine touches neither apt nor the network.
 #
-#   1. Host packages: qemu (TCG), busybox-static + cpio + kmod for the initramfs, and the tools the
-#      guest runs from the shared host root (fio, sg3-utils, e2fsprogs, inotify-tools, tcmu-runner...).
+#   1. Host packages: qemu (TCG), busybox-static + cpio + kmod for the initramfs, the tools the
+#      guest runs from the shared host root (fio, sg3-utils, e2fsprogs, inotify-tools, tcmu-runner...),
+#      and systemd, whose systemd-analyze the workspace tests run on dist/tcmu-warden.service
+#      (tests/tests/systemd_unit.rs).
 #   2. Debian's distribution kernel (linux-image-6.1.x-amd64), unpacked into tests/vm/cache/ with
 #      modules.dep generated. The host kernel is never touched; the guest boots this one.
 #
@@ -15,7 +17,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache="$here/cache"
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod fio sg3-utils e2fsprogs
-          iproute2 libiscsi-bin tcmu-runner inotify-tools util-linux coreutils python3
+          iproute2 libiscsi-bin tcmu-runner inotify-tools util-linux coreutils python3 systemd
           nbdkit)
 
 log() { printf 'setup-host: %s\n' "$*" >&2; }
