@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tcmu_warden_policy::config::{DEFAULT_DRAIN_TIMEOUT_SECS, DaemonConfig};
+use tcmu_warden_supervisor::config::{DEFAULT_DRAIN_TIMEOUT, DaemonConfig};
 
 /// The unit file, as shipped.
 fn unit_path() -> PathBuf {
@@ -335,7 +335,7 @@ fn nothing_else_in_the_unit_loses_state_across_restarts() {
         .expect("TimeoutStopSec= is missing");
     let timeout =
         systemd_timespan(timeout).unwrap_or_else(|| panic!("TimeoutStopSec={timeout} unparsed"));
-    let drain = Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS);
+    let drain = DEFAULT_DRAIN_TIMEOUT;
     assert!(
         timeout >= drain + Duration::from_secs(10),
         "TimeoutStopSec {timeout:?} leaves no room for drain_timeout {drain:?} plus reaping"
