@@ -103,10 +103,14 @@ impl Fixture {
         self.attempts.push((attempt.to_owned(), uio));
     }
 
-    /// The configuration of [`Fixture::start`].
+    /// The configuration of [`Fixture::start`]. Each attempt is judged by its worker's first
+    /// death, so a dead worker is not restarted while the test watches (a restart, and after
+    /// repeated crashes the quarantine's hand-over to the refusals worker, which cannot map
+    /// these fake uio nodes, would replace what the test reads).
     fn config(&self, extra: &str) -> Config {
         let text = format!(
             "[daemon]\nworker_exe = {:?}\nsysfs_root = {:?}\ndev_root = {:?}\n\
+             restart_backoff_initial = '1h'\nrestart_backoff_max = '1h'\n\
              [handler.file]\nallow_paths = [{:?}]\nisolation = 'device'\n{extra}",
             HOSTILE,
             self.sysfs.display().to_string(),
