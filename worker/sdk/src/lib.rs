@@ -70,12 +70,14 @@
 //! This crate owns the handler-facing API; it never decodes CDBs on a handler's behalf, never
 //! touches the ring, and never links anything a handler does not need.
 
+pub mod block;
 pub mod buf;
 mod command;
 mod completion;
 mod handler;
 pub mod sense;
 
+pub use block::{BlockDoneFn, BlockOp, BlockRequest};
 pub use buf::{BufOwner, DataBuf};
 pub use command::{Command, CommandResult, status};
 pub use completion::{Answer, BlockSwitch, CompleteFn, DeviceBlock, Pending};

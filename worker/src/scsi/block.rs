@@ -30,8 +30,6 @@
 //! This module never reads CDB bytes without the checked accessors of [`Cdb`] and never
 //! allocates more than [`CHUNK`] bytes (or a COMPARE AND WRITE's bounded size) per command.
 
-use std::io::IoSliceMut;
-
 use super::cdb::{Cdb, RwLayout, block_range, op};
 use super::unit::{Done, Emulator, IoKind, zero_tail};
 use tcmu_warden_sdk::Command;
@@ -90,18 +88,16 @@ fn fua(cdb: &Cdb<'_>) -> bool {
 }
 
 fn flush(emu: &Emulator) -> Result<(), Sense> {
-    emu.handler()
-        .flush()
+    emu.io_flush()
         .map_err(|e| emu.io_sense(&e, IoKind::Write, "flush"))
 }
 
 /// Reads `len` bytes at device offset `off` into a new vector.
 fn read_vec(emu: &Emulator, off: u64, len: usize) -> Result<Vec<u8>, Sense> {
-    let mut v = vec![0u8; len];
-    emu.handler()
-        .read(off, &mut [IoSliceMut::new(&mut v)])
+    let mut buf = DataBuf::zeroed(&[len]);
+    emu.io_read(off, &mut buf, 0, len)
         .map_err(|e| emu.io_sense(&e, IoKind::Read, "read"))?;
-    Ok(v)
+    Ok(buf.to_vec())
 }
 
 /// Compares `len` bytes of `data` (from `data_off`) with the medium at `dev_off`, chunk by
@@ -138,9 +134,7 @@ pub fn read(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done,
     let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
     let n = to_usize(len).min(cmd.data.len());
     if n > 0 {
-        let mut slices = cmd.data.io_slices_mut(0, n);
-        emu.handler()
-            .read(off, &mut slices)
+        emu.io_read(off, cmd.data, 0, n)
             .map_err(|e| emu.io_sense(&e, IoKind::Read, "read"))?;
     }
     zero_tail(cmd.data, n);
@@ -154,7 +148,7 @@ pub fn read(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done,
 fn write_data(
     emu: &Emulator,
     off: u64,
-    data: &DataBuf,
+    data: &mut DataBuf,
     from: usize,
     n: usize,
     durable: bool,
@@ -162,9 +156,7 @@ fn write_data(
     if n == 0 {
         return Ok(());
     }
-    let slices = data.io_slices(from, n);
-    emu.handler()
-        .write(off, &slices, durable)
+    emu.io_write(off, data, from, n, durable)
         .map_err(|e| emu.io_sense(&e, IoKind::Write, "write"))
 }
 
@@ -304,8 +296,7 @@ pub fn write_same(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result
         .ranges()
         .shared(r.lba, r.lba.saturating_add(u64::from(r.blocks)));
     if unmap && caps.unmap && caps.unmap_reads_zero && block.iter().all(|&b| b == 0) {
-        emu.handler()
-            .unmap(off, len)
+        emu.io_unmap(off, len)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "unmap"))?;
         if !emu.write_cache() {
             flush(emu)?;
@@ -321,18 +312,12 @@ pub fn write_same(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result
         .cycle()
         .take(to_usize(chunk_blocks).saturating_mul(bs))
         .collect();
+    let mut pattern = DataBuf::from_segments(vec![pattern]);
     let mut done = 0u64;
     while done < u64::from(r.blocks) {
         let n = chunk_blocks.min(u64::from(r.blocks) - done);
-        let bytes = pattern
-            .get(..to_usize(n).saturating_mul(bs))
-            .unwrap_or(&pattern);
-        emu.handler()
-            .write(
-                off + done * bs as u64,
-                &[std::io::IoSlice::new(bytes)],
-                durable,
-            )
+        let bytes = to_usize(n).saturating_mul(bs);
+        emu.io_write(off + done * bs as u64, &mut pattern, 0, bytes, durable)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "write same"))?;
         done += n;
     }
@@ -396,8 +381,7 @@ pub fn unmap(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done
     for (lba, blocks) in ranges {
         let _g = emu.ranges().shared(lba, lba.saturating_add(blocks));
         let (off, len) = emu.byte_range(lba, blocks);
-        emu.handler()
-            .unmap(off, len)
+        emu.io_unmap(off, len)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "unmap"))?;
     }
     if total > 0 && !emu.write_cache() {
@@ -604,12 +588,8 @@ pub fn orwrite(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Do
         for (m, d) in medium.iter_mut().zip(&data) {
             *m |= d;
         }
-        emu.handler()
-            .write(
-                off + done as u64,
-                &[std::io::IoSlice::new(&medium)],
-                durable,
-            )
+        let mut merged = DataBuf::from_segments(vec![medium]);
+        emu.io_write(off + done as u64, &mut merged, 0, step, durable)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "orwrite"))?;
         done += step;
     }
@@ -669,8 +649,7 @@ pub fn format_unit(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Resul
         let nb = emu.num_blocks();
         let _g = emu.ranges().exclusive(0, nb);
         let (_, len) = emu.byte_range(0, nb);
-        emu.handler()
-            .unmap(0, len)
+        emu.io_unmap(0, len)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "format unit"))?;
     }
     flush(emu)?;

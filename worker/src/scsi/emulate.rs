@@ -59,7 +59,7 @@ impl Emulator {
         }
         let designator = inquiry::naa_designator(&inquiry::serial_of(&cfg.unit_serial, &cfg.name));
         Emulator {
-            name: cfg.name.clone(),
+            name: Arc::from(cfg.name.as_str()),
             subtype: cfg.subtype.clone(),
             serial: cfg.unit_serial.clone(),
             // Guard against a zero block size (the protocol validates it; the math must not
@@ -74,7 +74,7 @@ impl Emulator {
             dev_size: AtomicU64::new(cfg.dev_size),
             ua_pending: AtomicBool::new(false),
             unit_attentions: Mutex::new(Vec::new()),
-            ranges: RangeLock::new(),
+            ranges: Arc::new(RangeLock::new()),
             designator,
             copy_registry: OnceLock::new(),
             copy_book: Mutex::new(CopyBook::default()),
