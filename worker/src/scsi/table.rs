@@ -21,7 +21,7 @@
 //! device I/O.
 
 use super::cdb::{Cdb, SA_MASK, op};
-use super::unit::{Done, Emulator, data_in};
+use super::unit::{Done, Emulator, StartFn, data_in};
 use super::{block, copy, inquiry, misc, mode};
 use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::Sense;
@@ -83,8 +83,11 @@ pub struct OpDesc {
     pub housekeeping: bool,
     /// What its data counts as in the byte counters.
     pub access: MediumAccess,
-    /// The implementation.
+    /// The implementation (blocking; the unit tests' and fuzzers' `Emulator::execute` path).
     pub exec: ExecFn,
+    /// The runtime's start on the asynchronous block path, for the commands that have one
+    /// (see `block`); `None`: the runtime runs `exec` on an I/O thread.
+    pub start: Option<StartFn>,
 }
 
 impl OpDesc {
@@ -113,6 +116,7 @@ const fn d(
         housekeeping: false,
         access: MediumAccess::None,
         exec,
+        start: None,
     }
 }
 
@@ -137,6 +141,10 @@ impl OpDesc {
         self.access = MediumAccess::Write;
         self
     }
+    const fn starts(mut self, start: StartFn) -> OpDesc {
+        self.start = Some(start);
+        self
+    }
 }
 
 use DataDir::{In, None as NoData, Out};
@@ -152,8 +160,10 @@ pub static OPS: &[OpDesc] = &[
         .housekeeping(),
     d(op::FORMAT_UNIT, None, "FORMAT UNIT", &[0x04, 0x3F, 0, 0, 0, 0], Out, block::format_unit),
     d(op::READ_6, None, "READ (6)", &[0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0], In, block::read)
+        .starts(block::start_read)
         .reads_medium(),
     d(op::WRITE_6, None, "WRITE (6)", &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0], Out, block::write)
+        .starts(block::start_write)
         .writes_medium(),
     d(op::INQUIRY, None, "INQUIRY", &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0], In, inquiry::inquiry)
         .split(&[(1, 0x02)]).housekeeping(),
@@ -168,19 +178,23 @@ pub static OPS: &[OpDesc] = &[
         .split(&[(1, 0x01)]),
     d(op::READ_10, None, "READ (10)",
         &[0x28, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], In, block::read)
+        .starts(block::start_read)
         .reads_medium(),
     d(op::WRITE_10, None, "WRITE (10)",
         &[0x2A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write)
+        .starts(block::start_write)
         .writes_medium(),
     d(op::WRITE_VERIFY_10, None, "WRITE AND VERIFY (10)",
         &[0x2E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_verify)
+        .starts(block::start_write_verify)
         .writes_medium(),
     d(op::VERIFY_10, None, "VERIFY (10)",
         &[0x2F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::verify),
     d(op::PRE_FETCH_10, None, "PRE-FETCH (10)",
         &[0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::pre_fetch),
     d(op::SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE (10)",
-        &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::synchronize_cache),
+        &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::synchronize_cache)
+        .starts(block::start_synchronize_cache),
     d(op::READ_DEFECT_DATA_10, None, "READ DEFECT DATA (10)",
         &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0], In, block::read_defect_data),
     d(op::WRITE_SAME_10, None, "WRITE SAME (10)",
@@ -188,6 +202,7 @@ pub static OPS: &[OpDesc] = &[
         .split(&[(1, 0x13)]),
     d(op::UNMAP, None, "UNMAP",
         &[0x42, 0, 0, 0, 0, 0, GROUP, 0xFF, 0xFF, 0], Out, block::unmap)
+        .starts(block::start_unmap)
         .split(&[(1, 0x01)]).needs_unmap(),
     d(op::MODE_SELECT_10, None, "MODE SELECT (10)",
         &[0x55, 0x10, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0], Out, mode::mode_select)
@@ -203,25 +218,29 @@ pub static OPS: &[OpDesc] = &[
         copy::receive_copy_operating_parameters),
     d(op::READ_16, None, "READ (16)",
         &[0x88, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read)
+        .starts(block::start_read)
         .reads_medium(),
     d(op::COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
         &[0x89, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, GROUP, 0], Out, block::compare_and_write)
         .writes_medium(),
     d(op::WRITE_16, None, "WRITE (16)",
         &[0x8A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write)
+        .starts(block::start_write)
         .writes_medium(),
     d(op::ORWRITE_16, None, "ORWRITE (16)",
         &[0x8B, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::orwrite)
         .writes_medium(),
     d(op::WRITE_VERIFY_16, None, "WRITE AND VERIFY (16)",
         &[0x8E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify)
+        .starts(block::start_write_verify)
         .writes_medium(),
     d(op::VERIFY_16, None, "VERIFY (16)",
         &[0x8F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),
     d(op::PRE_FETCH_16, None, "PRE-FETCH (16)",
         &[0x90, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::pre_fetch),
     d(op::SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE (16)",
-        &[0x91, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::synchronize_cache),
+        &[0x91, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::synchronize_cache)
+        .starts(block::start_synchronize_cache),
     d(op::WRITE_SAME_16, None, "WRITE SAME (16)",
         &[0x93, 0x09, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_same)
         .split(&[(1, 0x12)]),
@@ -237,12 +256,15 @@ pub static OPS: &[OpDesc] = &[
         &[0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In, report_supported_opcodes),
     d(op::READ_12, None, "READ (12)",
         &[0xA8, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read)
+        .starts(block::start_read)
         .reads_medium(),
     d(op::WRITE_12, None, "WRITE (12)",
         &[0xAA, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write)
+        .starts(block::start_write)
         .writes_medium(),
     d(op::WRITE_VERIFY_12, None, "WRITE AND VERIFY (12)",
         &[0xAE, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify)
+        .starts(block::start_write_verify)
         .writes_medium(),
     d(op::VERIFY_12, None, "VERIFY (12)",
         &[0xAF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),

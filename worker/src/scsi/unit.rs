@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use super::rangelock::RangeLock;
 use tcmu_warden_sdk::sense::Sense;
 use tcmu_warden_sdk::{BlockDoneFn, BlockOp, BlockRequest};
-use tcmu_warden_sdk::{Command, DataBuf, Handler, HandlerCaps};
+use tcmu_warden_sdk::{Command, CommandResult, DataBuf, Handler, HandlerCaps, Pending};
 
 /// How an emulated command finished successfully.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,45 @@ pub enum Done {
         /// Bytes the command meant to transfer.
         expected: usize,
     },
+}
+
+/// Starts a command on the asynchronous block path and answers it through its handle, now or
+/// when its block requests complete; or gives the command back, untouched, when it must run
+/// blocking after all (see `block`). The name is the command's, for logs.
+pub type StartFn = fn(&Emulator, Pending, &'static str) -> Option<Pending>;
+
+/// The answer of an emulated command that ended with `r`; `data_len` is the size of its data
+/// buffer (for the residual of a short data-in). Errors are logged at debug level.
+pub(crate) fn command_result(
+    device: &str,
+    command: &'static str,
+    r: Result<Done, Sense>,
+    data_len: usize,
+) -> CommandResult {
+    match r {
+        Ok(Done::Good) => CommandResult::good(),
+        Err(s) => {
+            tracing::debug!(
+                device = %device,
+                command,
+                key = s.key,
+                asc = s.asc,
+                ascq = s.ascq,
+                "check condition"
+            );
+            CommandResult::check(s)
+        }
+        Ok(Done::DataIn {
+            transferred,
+            expected,
+        }) => {
+            let mut r = CommandResult::good();
+            if transferred < data_len || transferred < expected {
+                r.read_len = Some(u32::try_from(transferred).unwrap_or(u32::MAX));
+            }
+            r
+        }
+    }
 }
 
 /// Copies `resp`, truncated to `alloc` bytes (the CDB's allocation length), into the data-in
