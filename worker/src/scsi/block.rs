@@ -27,6 +27,21 @@
 //! - COMPARE AND WRITE and ORWRITE are atomic: they hold an exclusive lock on their block range
 //!   from reading to writing, and every other modifying command holds a shared lock on its range.
 //!
+//! - **how the I/O reaches the handler**: every block operation goes through
+//!   [`Handler::submit_io`] (read, write, flush, unmap; whose default runs the handler's blocking
+//!   methods). The runtime starts READ (6/10/12/16), WRITE (6/10/12/16), WRITE AND VERIFY
+//!   without BYTCHK, SYNCHRONIZE CACHE and UNMAP on the **asynchronous block path** (the
+//!   `start_*` functions at the end of this file): the command is checked here, its request
+//!   handed over, and the I/O thread returns; the request's continuation answers the command on
+//!   whichever thread completes it, and releases the command's range lock only then. A FUA READ
+//!   with WCE=1 waits for its flush on the I/O thread first. Every other command here runs on an
+//!   I/O thread and waits for each of its requests there (`Emulator::io_read` and friends):
+//!   COMPARE AND WRITE, ORWRITE and WRITE AND VERIFY with BYTCHK (a read-modify-write or
+//!   read-back under an exclusive lock), VERIFY, WRITE SAME (chunk by chunk), FORMAT UNIT;
+//!   GET LBA STATUS calls [`Handler::allocation`], which has no asynchronous form. The
+//!   blocking `exec` functions (`read`, `write`...) remain for `Emulator::execute`, the
+//!   synchronous path of the unit tests and fuzzers, and decide exactly as the `start_*` ones.
+//!
 //! This module never reads CDB bytes without the checked accessors of [`Cdb`] and never
 //! allocates more than [`CHUNK`] bytes (or a COMPARE AND WRITE's bounded size) per command.
 
