@@ -406,3 +406,124 @@ fn durability_reaches_the_handler_fua_and_wce_off_are_durable_and_sync_cache_flu
     assert_eq!(sense_triple(&c), (0x05, 0x21, 0x00));
     assert_eq!(handler.ops.lock().unwrap().len(), ops.len());
 }
+
+/// Keeps blocks in memory; holds the first write it gets (handing it to the test) and completes
+/// everything else at once, on the submitting thread. A write's data lands in memory when it
+/// completes. Records what it was asked, and any read that arrived while the held write was
+/// still in flight.
+#[derive(Default)]
+struct Gated {
+    memory: Mutex<HashMap<u64, Vec<u8>>>,
+    held: Mutex<Option<BlockRequest>>,
+    held_once: std::sync::atomic::AtomicBool,
+    reads_while_held: AtomicUsize,
+    ops: Mutex<Vec<BlockOp>>,
+}
+
+impl Gated {
+    fn apply(&self, req: &mut BlockRequest) {
+        let mut mem = self.memory.lock().unwrap();
+        match req.op() {
+            BlockOp::Read { offset } => {
+                let lba = offset / u64::from(BS);
+                let data = mem.get(&lba).cloned().unwrap_or(vec![0; BS as usize]);
+                req.copy_in(0, &data);
+            }
+            BlockOp::Write { offset, .. } => {
+                let mut data = vec![0u8; req.len()];
+                req.copy_out(0, &mut data);
+                mem.insert(offset / u64::from(BS), data);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Handler for Gated {
+    no_blocking_io!();
+
+    fn submit_io(&self, mut req: BlockRequest) {
+        self.ops.lock().unwrap().push(req.op());
+        match req.op() {
+            BlockOp::Write { .. } if !self.held_once.swap(true, Ordering::SeqCst) => {
+                *self.held.lock().unwrap() = Some(req);
+            }
+            op => {
+                if matches!(op, BlockOp::Read { .. }) && self.held.lock().unwrap().is_some() {
+                    self.reads_while_held.fetch_add(1, Ordering::SeqCst);
+                }
+                self.apply(&mut req);
+                req.complete(Ok(()));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_write_keeps_its_range_locked_until_its_block_request_completes() {
+    let handler = Arc::new(Gated::default());
+    let mut rig = Rig::new(&cfg(64, true), handler.clone(), SimConfig::default(), 4);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = write_bytes(5);
+    let second = read_bytes(5);
+
+    // A WRITE of block 5, held by the handler.
+    let write_id = rig
+        .sim
+        .submit(&rw10(WRITE10, 5, 1, false), &first, 0)
+        .unwrap();
+    rig.sim.kick().unwrap();
+    while handler.held.lock().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the write never reached the handler");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // COMPARE AND WRITE of block 5, expecting what the held write writes. It must wait for
+    // the write's range lock: had it read the block now, it would find zeros and miscompare.
+    let mut caw = vec![0x89, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0];
+    caw[2..10].copy_from_slice(&5u64.to_be_bytes());
+    let mut caw_data = first.clone();
+    caw_data.extend_from_slice(&second);
+    let caw_id = rig.sim.submit(&caw, &caw_data, 0).unwrap();
+    rig.sim.kick().unwrap();
+    // Give it ample opportunity to (wrongly) read the block while the write is in flight.
+    let watch = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch && handler.reads_while_held.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(handler.reads_while_held.load(Ordering::SeqCst), 0);
+    assert!(rig.sim.reap().unwrap().is_empty(), "answered before the write completed");
+
+    // The write completes (from this thread); then the COMPARE AND WRITE reads, matches and
+    // writes.
+    let mut held = handler.held.lock().unwrap().take().unwrap();
+    handler.apply(&mut held);
+    held.complete(Ok(()));
+    let mut reaped = Vec::new();
+    while reaped.len() < 2 {
+        assert!(Instant::now() < deadline, "commands not answered: {reaped:?}");
+        rig.sim.wait_notified(Duration::from_millis(200)).unwrap();
+        reaped.extend(rig.sim.reap().unwrap());
+    }
+    for c in &reaped {
+        assert!(c.cmd_id == write_id || c.cmd_id == caw_id);
+        assert_eq!(c.status, 0, "command {}: {:?}", c.cmd_id, c.sense);
+    }
+    assert_eq!(handler.memory.lock().unwrap().get(&5), Some(&second));
+    assert_eq!(
+        *handler.ops.lock().unwrap(),
+        vec![
+            BlockOp::Write {
+                offset: 5 * u64::from(BS),
+                durable: false
+            },
+            BlockOp::Read {
+                offset: 5 * u64::from(BS)
+            },
+            BlockOp::Write {
+                offset: 5 * u64::from(BS),
+                durable: false
+            },
+        ]
+    );
+}
