@@ -401,6 +401,31 @@ fn durability_reaches_the_handler_fua_and_wce_off_are_durable_and_sync_cache_flu
             BlockOp::Flush,
         ]
     );
+    // WRITE SAME with UNMAP and zeros deallocates (then flushes); with other data it writes
+    // the pattern, durably, through the same `submit_io` (blocking on its I/O thread).
+    let ws = |lba: u32, blocks: u16| {
+        let mut c = vec![0x41, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&blocks.to_be_bytes());
+        c
+    };
+    assert_eq!(rig.one(&ws(40, 3), &[0u8; BS as usize], 0).status, 0);
+    assert_eq!(rig.one(&ws(50, 2), &data, 0).status, 0);
+    let ops = handler.ops.lock().unwrap().clone();
+    assert_eq!(
+        ops[4..],
+        [
+            BlockOp::Unmap {
+                offset: off(40),
+                len: 3 * u64::from(BS)
+            },
+            BlockOp::Flush,
+            BlockOp::Write {
+                offset: off(50),
+                durable: true
+            },
+        ]
+    );
     // An out-of-range write is refused before it reaches the handler.
     let c = rig.one(&rw10(WRITE10, 64, 1, false), &data, 0);
     assert_eq!(sense_triple(&c), (0x05, 0x21, 0x00));
@@ -474,7 +499,10 @@ fn a_write_keeps_its_range_locked_until_its_block_request_completes() {
         .unwrap();
     rig.sim.kick().unwrap();
     while handler.held.lock().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the write never reached the handler");
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the handler"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 
@@ -492,7 +520,10 @@ fn a_write_keeps_its_range_locked_until_its_block_request_completes() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(handler.reads_while_held.load(Ordering::SeqCst), 0);
-    assert!(rig.sim.reap().unwrap().is_empty(), "answered before the write completed");
+    assert!(
+        rig.sim.reap().unwrap().is_empty(),
+        "answered before the write completed"
+    );
 
     // The write completes (from this thread); then the COMPARE AND WRITE reads, matches and
     // writes.
@@ -501,7 +532,10 @@ fn a_write_keeps_its_range_locked_until_its_block_request_completes() {
     held.complete(Ok(()));
     let mut reaped = Vec::new();
     while reaped.len() < 2 {
-        assert!(Instant::now() < deadline, "commands not answered: {reaped:?}");
+        assert!(
+            Instant::now() < deadline,
+            "commands not answered: {reaped:?}"
+        );
         rig.sim.wait_notified(Duration::from_millis(200)).unwrap();
         reaped.extend(rig.sim.reap().unwrap());
     }

@@ -30,14 +30,16 @@
 //! - **how the I/O reaches the handler**: every block operation goes through
 //!   [`Handler::submit_io`] (read, write, flush, unmap; whose default runs the handler's blocking
 //!   methods). The runtime starts READ (6/10/12/16), WRITE (6/10/12/16), WRITE AND VERIFY
-//!   without BYTCHK, SYNCHRONIZE CACHE and UNMAP on the **asynchronous block path** (the
+//!   without BYTCHK, SYNCHRONIZE CACHE, UNMAP and WRITE SAME when it deallocates on the
+//!   **asynchronous block path** (the
 //!   `start_*` functions at the end of this file): the command is checked here, its request
 //!   handed over, and the I/O thread returns; the request's continuation answers the command on
 //!   whichever thread completes it, and releases the command's range lock only then. A FUA READ
 //!   with WCE=1 waits for its flush on the I/O thread first. Every other command here runs on an
 //!   I/O thread and waits for each of its requests there (`Emulator::io_read` and friends):
 //!   COMPARE AND WRITE, ORWRITE and WRITE AND VERIFY with BYTCHK (a read-modify-write or
-//!   read-back under an exclusive lock), VERIFY, WRITE SAME (chunk by chunk), FORMAT UNIT;
+//!   read-back under an exclusive lock), VERIFY, WRITE SAME that writes (chunk by chunk, from
+//!   one pattern buffer), FORMAT UNIT;
 //!   GET LBA STATUS calls [`Handler::allocation`], which has no asynchronous form. The
 //!   blocking `exec` functions (`read`, `write`...) remain for `Emulator::execute`, the
 //!   synchronous path of the unit tests and fuzzers, and decide exactly as the `start_*` ones.
@@ -716,8 +718,8 @@ pub fn read_defect_data(
 
 // ---- the asynchronous block path ----
 //
-// The runtime executes READ, WRITE, WRITE AND VERIFY without BYTCHK, SYNCHRONIZE CACHE and
-// UNMAP through the `start_*` functions below (the table names them, see `table::OpDesc::start`):
+// The runtime executes READ, WRITE, WRITE AND VERIFY without BYTCHK, SYNCHRONIZE CACHE, UNMAP
+// and deallocating WRITE SAME through the `start_*` functions below (the table names them, see `table::OpDesc::start`):
 // each decodes and checks its CDB exactly as its blocking counterpart above, hands the block
 // request(s) to `Handler::submit_io` and returns, so the I/O thread is free at once; the
 // request's continuation, on whichever thread completes it, turns the outcome into the command's
@@ -920,6 +922,72 @@ pub fn start_synchronize_cache(emu: &Emulator, p: Pending, what: &'static str) -
         Ok(()) => submit_flush_answering(emu.handler(), emu.name_arc().clone(), what, p),
         Err(s) => answer(emu.name(), what, p, Err(s)),
     }
+    None
+}
+
+/// WRITE SAME (10), (16) on the asynchronous path when it deallocates (see [`write_same`]):
+/// UNMAP set, the handler's unmapped blocks read as zeros and the data is all zeros, so one
+/// unmap request (then a flush when WCE=0) does it. Otherwise the command is given back to run
+/// blocking: it writes the range chunk by chunk.
+pub fn start_write_same(emu: &Emulator, p: Pending, what: &'static str) -> Option<Pending> {
+    let checked = {
+        let cdb = Cdb::new(p.cdb());
+        let r = block_range(&cdb, false);
+        let unmap = cdb.bit(1, 3);
+        let ndob = cdb.u8(0) == op::WRITE_SAME_16 && cdb.bit(1, 0);
+        let bs = to_usize(u64::from(emu.block_size()));
+        let caps = emu.caps();
+        if !(unmap && caps.unmap && caps.unmap_reads_zero) {
+            None
+        } else if r.blocks == 0 || u64::from(r.blocks) > max_write_same_blocks(emu) {
+            Some(Err(Sense::invalid_field_in_cdb(r.len_byte, Some(7))))
+        } else if let Err(s) = emu.check_range(r.lba, u64::from(r.blocks)) {
+            Some(Err(s))
+        } else if !ndob && p.data().len() < bs {
+            Some(Err(Sense::invalid_field_in_cdb(r.len_byte, Some(7))))
+        } else {
+            let mut block = vec![0u8; if ndob { 0 } else { bs }];
+            p.data().copy_to(0, &mut block);
+            block
+                .iter()
+                .all(|&b| b == 0)
+                .then_some(Ok((r.lba, u64::from(r.blocks))))
+        }
+    };
+    let (lba, blocks) = match checked {
+        None => return Some(p),
+        Some(Err(s)) => {
+            answer(emu.name(), what, p, Err(s));
+            return None;
+        }
+        Some(Ok(range)) => range,
+    };
+    let guard = emu
+        .ranges_arc()
+        .shared_owned(lba, lba.saturating_add(blocks));
+    let (offset, len) = emu.byte_range(lba, blocks);
+    let flush_after = !emu.write_cache();
+    let handler = emu.handler_arc().clone();
+    let name = emu.name_arc().clone();
+    let done = Box::new(move |buf: DataBuf, r: io::Result<()>, how: Answer| {
+        drop(buf);
+        drop(guard);
+        match outcome(&name, r, how, IoKind::Write, "write same") {
+            Err(s) => answer(&name, what, p, Err(s)),
+            // As after UNMAP: the second step, from this thread.
+            Ok(()) if flush_after => {
+                submit_flush_answering(handler.as_ref(), name.clone(), what, p)
+            }
+            Ok(()) => answer(&name, what, p, Ok(Done::Good)),
+        }
+    });
+    emu.handler().submit_io(BlockRequest::new(
+        BlockOp::Unmap { offset, len },
+        DataBuf::empty(),
+        0,
+        0,
+        done,
+    ));
     None
 }
 

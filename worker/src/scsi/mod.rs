@@ -14,7 +14,7 @@
 //! handler; every other command is emulated here on top of the handler's block I/O
 //! ([`Handler::submit_io`](tcmu_warden_sdk::Handler::submit_io): read, write, flush, unmap,
 //! asynchronous, by default run on the blocking methods). [`Emulator::submit`] starts READ,
-//! WRITE, SYNCHRONIZE CACHE and UNMAP on the asynchronous block path (answered when the
+//! WRITE, SYNCHRONIZE CACHE, UNMAP and deallocating WRITE SAME on the asynchronous block path (answered when the
 //! handler completes their requests) and runs the rest on the calling thread; see `block`.
 //!
 //! Submodules:

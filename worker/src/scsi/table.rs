@@ -199,6 +199,7 @@ pub static OPS: &[OpDesc] = &[
         &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0], In, block::read_defect_data),
     d(op::WRITE_SAME_10, None, "WRITE SAME (10)",
         &[0x41, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_same)
+        .starts(block::start_write_same)
         .split(&[(1, 0x13)]),
     d(op::UNMAP, None, "UNMAP",
         &[0x42, 0, 0, 0, 0, 0, GROUP, 0xFF, 0xFF, 0], Out, block::unmap)
@@ -243,6 +244,7 @@ pub static OPS: &[OpDesc] = &[
         .starts(block::start_synchronize_cache),
     d(op::WRITE_SAME_16, None, "WRITE SAME (16)",
         &[0x93, 0x09, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_same)
+        .starts(block::start_write_same)
         .split(&[(1, 0x12)]),
     d(op::SERVICE_ACTION_IN_16, Some(op::SA_READ_CAPACITY_16), "READ CAPACITY (16)",
         &[0x9E, 0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01, 0], In, block::read_capacity_16),
