@@ -35,11 +35,11 @@
 //!   starts each, returns at once, and later calls [`BlockRequest::complete`] from any thread.
 //!   The default [`Handler::submit_io`] runs the blocking methods, so blocking handlers need
 //!   not know it exists. READ, WRITE, WRITE AND VERIFY without BYTCHK, SYNCHRONIZE CACHE,
-//!   UNMAP and a WRITE SAME that deallocates hold no I/O thread while their requests are in flight; the commands that read,
-//!   compare and write under one lock or step through a range (COMPARE AND WRITE, ORWRITE,
-//!   VERIFY, a WRITE SAME that writes, FORMAT UNIT, EXTENDED COPY) submit their requests from an I/O thread
-//!   and wait for each there. Only [`Handler::allocation`] (GET LBA STATUS) stays a blocking
-//!   call.
+//!   UNMAP and a WRITE SAME that deallocates hold no I/O thread while their requests are in
+//!   flight; the commands that read, compare and write under one lock or step through a range
+//!   (COMPARE AND WRITE, ORWRITE, VERIFY, a WRITE SAME that writes, FORMAT UNIT, EXTENDED
+//!   COPY) submit their requests from an I/O thread and wait for each there. Only
+//!   [`Handler::allocation`] (GET LBA STATUS) stays a blocking call.
 //!
 //! Why a completion handle and not a future: the backends this is for (librbd's `aio_*`
 //! callbacks, an NBD client's reply reader, io_uring completion queues) already signal
