@@ -719,8 +719,8 @@ pub fn read_defect_data(
 // ---- the asynchronous block path ----
 //
 // The runtime executes READ, WRITE, WRITE AND VERIFY without BYTCHK, SYNCHRONIZE CACHE, UNMAP
-// and deallocating WRITE SAME through the `start_*` functions below (the table names them, see `table::OpDesc::start`):
-// each decodes and checks its CDB exactly as its blocking counterpart above, hands the block
+// and deallocating WRITE SAME through the `start_*` functions below (the table names them, see
+// `table::OpDesc::start`): each decodes and checks its CDB exactly as its blocking counterpart above, hands the block
 // request(s) to `Handler::submit_io` and returns, so the I/O thread is free at once; the
 // request's continuation, on whichever thread completes it, turns the outcome into the command's
 // answer. The command's range lock is an owned guard moved into the continuation, released when
@@ -738,8 +738,11 @@ fn outcome(
 ) -> Result<(), Sense> {
     match (how, r) {
         (Answer::Dropped, _) => {
-            tracing::warn!(device = %name, op = what,
-                "block request dropped without completion; failing the command (HARDWARE ERROR, 04/44/00)");
+            tracing::warn!(
+                device = %name,
+                op = what,
+                "block request dropped without completion; failing the command (04/44/00)"
+            );
             Err(Sense::internal_target_failure())
         }
         (Answer::Completed, Ok(())) => Ok(()),

@@ -14,8 +14,9 @@
 //! handler; every other command is emulated here on top of the handler's block I/O
 //! ([`Handler::submit_io`](tcmu_warden_sdk::Handler::submit_io): read, write, flush, unmap,
 //! asynchronous, by default run on the blocking methods). [`Emulator::submit`] starts READ,
-//! WRITE, SYNCHRONIZE CACHE, UNMAP and deallocating WRITE SAME on the asynchronous block path (answered when the
-//! handler completes their requests) and runs the rest on the calling thread; see `block`.
+//! WRITE, SYNCHRONIZE CACHE, UNMAP and deallocating WRITE SAME on the asynchronous block path
+//! (answered when the handler completes their requests) and runs the rest on the calling
+//! thread; see `block`.
 //!
 //! Submodules:
 //! - [`cdb`]: checked CDB field access, opcodes, the reserved-bit check, block-range decoding;
