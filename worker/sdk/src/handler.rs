@@ -9,6 +9,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use crate::block::{BlockRequest, run_blocking};
 use crate::command::{Command, CommandResult};
 use crate::completion::Pending;
 
@@ -80,7 +81,8 @@ pub enum HandlerError {
 /// emulation calls them on one of the device's I/O threads and waits. The command methods
 /// ([`Handler::implemented_opcodes`], [`Handler::submit`], [`Handler::execute`]) let a handler
 /// answer whole SCSI commands itself, asynchronously through [`Handler::submit`] or blocking
-/// through [`Handler::execute`].
+/// through [`Handler::execute`]. Between the two sits [`Handler::submit_io`]: the emulation's
+/// block I/O, asynchronous, which by default runs the blocking block methods.
 pub trait Handler: Send + Sync {
     /// What the handler supports beyond read/write/flush.
     fn caps(&self) -> HandlerCaps {
@@ -108,6 +110,26 @@ pub trait Handler: Send + Sync {
     /// block is then reported as mapped). Only called when [`HandlerCaps::unmap`] is set.
     fn allocation(&self, _offset: u64, _len: u64) -> io::Result<Option<(bool, u64)>> {
         Ok(None)
+    }
+
+    /// Starts one block operation of the SCSI emulation (read, write, flush or unmap; see
+    /// [`BlockRequest`]) and completes it, now or later and from any thread, with
+    /// [`BlockRequest::complete`].
+    ///
+    /// Every block I/O of the emulation goes through here: READ, WRITE, SYNCHRONIZE CACHE and
+    /// UNMAP hand their request over and free the I/O thread at once, holding the command (and
+    /// its range lock) until the request completes; the commands the emulation runs blocking
+    /// (COMPARE AND WRITE, VERIFY, WRITE SAME...) submit here too and wait on their I/O thread.
+    ///
+    /// Called on one of the device's I/O threads, or (for the second step of a command, such
+    /// as the flush after an UNMAP on a device without a write cache) on the thread that
+    /// completed the command's previous request. It must return quickly and must never wait for
+    /// the handler's own completions. The default runs the request on [`Handler::read`],
+    /// [`Handler::write`], [`Handler::flush`] or [`Handler::unmap`] right here and completes it
+    /// before returning ([`crate::block::run_blocking`]): blocking handlers keep working
+    /// unchanged. A handler that overrides it may implement the blocking methods as errors.
+    fn submit_io(&self, req: BlockRequest) {
+        run_blocking(self, req);
     }
 
     /// The device was resized to `new_size` bytes.

@@ -6,13 +6,14 @@
 //! worker that serves that subtype, and the worker's runtime fetches the device's SCSI commands
 //! from the kernel's ring and executes them, with the handler holding the data. This crate
 //! holds the [`Handler`] and [`HandlerFactory`] traits, [`DeviceConfig`] and [`HandlerCaps`], the
-//! command types a handler sees ([`Command`], [`Pending`], [`CommandResult`], [`DataBuf`]), and
+//! command types a handler sees ([`Command`], [`Pending`], [`CommandResult`], [`DataBuf`]), the
+//! block requests of the asynchronous block I/O ([`BlockRequest`], [`BlockOp`]), and
 //! sense data ([`Sense`], with the constructors of every sense the tcmu-warden emulation uses).
 //! It depends on no configuration schema, no policy, no supervisor and no SCSI emulation: a
 //! handler crate depends on this one, and its binary on `tcmu-warden-worker` for `worker_main`
 //! alone. `docs/handlers.md` walks through an example handler step by step.
 //!
-//! ## Two shapes of handler
+//! ## Three shapes of handler
 //! - **Blocking** (`file`, `ram`): implement [`Handler::read`], [`Handler::write`] and
 //!   [`Handler::flush`] (and optionally [`Handler::unmap`], [`Handler::allocation`]). The
 //!   worker's SCSI emulation answers every command (READ, WRITE, INQUIRY, MODE SENSE, UNMAP,
@@ -26,6 +27,19 @@
 //!   A handler that answers some opcodes itself but blocks while doing it implements
 //!   [`Handler::execute`] instead: the default [`Handler::submit`] calls it and completes
 //!   (the blocking adapter).
+//! - **Asynchronous block I/O** (a network handler that wants the worker's SCSI emulation but
+//!   not a thread per request, as tcmu-runner's async read/write/flush/unmap): override
+//!   [`Handler::submit_io`]. The emulation decodes and checks every command (ranges, transfer
+//!   length, FUA, the write cache's durability, reserved bits) and hands the handler
+//!   [`BlockRequest`]s: read, write (with `durable`), flush, unmap ([`BlockOp`]). The handler
+//!   starts each, returns at once, and later calls [`BlockRequest::complete`] from any thread.
+//!   The default [`Handler::submit_io`] runs the blocking methods, so blocking handlers need
+//!   not know it exists. READ, WRITE, WRITE AND VERIFY without BYTCHK, SYNCHRONIZE CACHE,
+//!   UNMAP and a WRITE SAME that deallocates hold no I/O thread while their requests are in
+//!   flight; the commands that read, compare and write under one lock or step through a range
+//!   (COMPARE AND WRITE, ORWRITE, VERIFY, a WRITE SAME that writes, FORMAT UNIT, EXTENDED
+//!   COPY) submit their requests from an I/O thread and wait for each there. Only
+//!   [`Handler::allocation`] (GET LBA STATUS) stays a blocking call.
 //!
 //! Why a completion handle and not a future: the backends this is for (librbd's `aio_*`
 //! callbacks, an NBD client's reply reader, io_uring completion queues) already signal
@@ -39,20 +53,30 @@
 //! - **Threads.** Every [`Handler`] method may be called concurrently from several of the
 //!   device's I/O threads (use interior mutability); [`Handler::submit`] too. [`Pending`] is
 //!   `Send`: [`Pending::complete`] may be called on any thread, including one the handler made
-//!   or a library's callback thread, and never blocks for long. [`HandlerFactory::open`] is
-//!   called on the worker's main thread.
-//! - **Exactly one answer.** [`Pending::complete`] consumes the handle. A handle dropped
+//!   or a library's callback thread, and never blocks for long. [`Handler::submit_io`] is
+//!   called on an I/O thread, or, for a command's second step (the flush after an UNMAP on a
+//!   device without a write cache), on the thread that completed its previous request; it
+//!   returns quickly and never waits for the handler's own completions.
+//!   [`BlockRequest::complete`], like [`Pending::complete`], may be called on any thread; the
+//!   answer it produces reaches the kernel's ring only through the device's ring thread.
+//!   [`HandlerFactory::open`] is called on the worker's main thread.
+//! - **Exactly one answer.** [`Pending::complete`] consumes the handle (and
+//!   [`BlockRequest::complete`] its request: the same rules hold for block requests, a dropped
+//!   one failing its command with 04/44/00). A handle dropped
 //!   without an answer (forgotten, lost in a panic, or still queued when the handler itself is
 //!   dropped) completes its command with CHECK CONDITION, HARDWARE ERROR / INTERNAL TARGET
 //!   FAILURE (sense 04/44/00, [`CommandResult::internal_error`]) and the runtime logs it: the
 //!   initiator gets an error, never a hang. A panic in any handler method also ends its command
 //!   that way, and the device carries on.
 //! - **Data buffers** belong to the command until it is answered: fill a data-in buffer before
-//!   [`Pending::complete`]; after it, they are gone.
+//!   [`Pending::complete`]; after it, they are gone. A [`BlockRequest`]'s buffer likewise
+//!   belongs to the request until [`BlockRequest::complete`].
 //! - **Durability.** [`Handler::write`] with `durable == true` returns only once the data would
 //!   survive power loss (the device has no volatile write cache, or the initiator set FUA).
 //!   [`Handler::flush`] makes every completed write durable. A handler answering WRITEs itself
-//!   owes the same.
+//!   owes the same, and so does one answering [`BlockOp::Write`] requests with `durable` set:
+//!   it completes them only once durable; a [`BlockOp::Flush`] covers every write completed
+//!   before the flush was submitted.
 //! - [`Handler::read`] fills every byte it is asked for; reading beyond the end of a backing
 //!   store that is shorter than the device returns zeros.
 //! - **Never panic on command input**: errors are returned and become sense data
@@ -70,12 +94,14 @@
 //! This crate owns the handler-facing API; it never decodes CDBs on a handler's behalf, never
 //! touches the ring, and never links anything a handler does not need.
 
+pub mod block;
 pub mod buf;
 mod command;
 mod completion;
 mod handler;
 pub mod sense;
 
+pub use block::{BlockDoneFn, BlockOp, BlockRequest};
 pub use buf::{BufOwner, DataBuf};
 pub use command::{Command, CommandResult, status};
 pub use completion::{Answer, BlockSwitch, CompleteFn, DeviceBlock, Pending};

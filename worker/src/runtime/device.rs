@@ -13,7 +13,10 @@
 //! threads only see a command's own CDB and data buffers: each wraps its command in the SDK's
 //! completion handle ([`Pending`]) and submits it to the emulator. The emulation answers on the
 //! I/O thread; a handler that implements an opcode itself may keep the handle and answer later
-//! from any thread of its own. Either way the answer goes through the same path: counted, sent
+//! from any thread of its own, and so may the emulation itself: READ, WRITE, SYNCHRONIZE CACHE
+//! and UNMAP keep the handle in the continuation of their block requests
+//! ([`tcmu_warden_sdk::Handler::submit_io`]) and answer when the handler completes them, so an
+//! asynchronous handler holds many commands in flight without holding an I/O thread for each. Either way the answer goes through the same path: counted, sent
 //! on a channel to the ring thread, and the ring thread woken through an eventfd, so answers
 //! from foreign threads reach the ring (and the journal) only through the ring thread, in the
 //! order the ring thread receives them. A handle dropped unanswered answers its command with

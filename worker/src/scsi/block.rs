@@ -27,16 +27,35 @@
 //! - COMPARE AND WRITE and ORWRITE are atomic: they hold an exclusive lock on their block range
 //!   from reading to writing, and every other modifying command holds a shared lock on its range.
 //!
+//! - **how the I/O reaches the handler**: every block operation goes through
+//!   [`Handler::submit_io`] (read, write, flush, unmap; whose default runs the handler's blocking
+//!   methods). The runtime starts READ (6/10/12/16), WRITE (6/10/12/16), WRITE AND VERIFY
+//!   without BYTCHK, SYNCHRONIZE CACHE, UNMAP and WRITE SAME when it deallocates on the
+//!   **asynchronous block path** (the
+//!   `start_*` functions at the end of this file): the command is checked here, its request
+//!   handed over, and the I/O thread returns; the request's continuation answers the command on
+//!   whichever thread completes it, and releases the command's range lock only then. A FUA READ
+//!   with WCE=1 waits for its flush on the I/O thread first. Every other command here runs on an
+//!   I/O thread and waits for each of its requests there (`Emulator::io_read` and friends):
+//!   COMPARE AND WRITE, ORWRITE and WRITE AND VERIFY with BYTCHK (a read-modify-write or
+//!   read-back under an exclusive lock), VERIFY, WRITE SAME that writes (chunk by chunk, from
+//!   one pattern buffer), FORMAT UNIT;
+//!   GET LBA STATUS calls [`Handler::allocation`], which has no asynchronous form. The
+//!   blocking `exec` functions (`read`, `write`...) remain for `Emulator::execute`, the
+//!   synchronous path of the unit tests and fuzzers, and decide exactly as the `start_*` ones.
+//!
 //! This module never reads CDB bytes without the checked accessors of [`Cdb`] and never
 //! allocates more than [`CHUNK`] bytes (or a COMPARE AND WRITE's bounded size) per command.
 
-use std::io::IoSliceMut;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::cdb::{Cdb, RwLayout, block_range, op};
-use super::unit::{Done, Emulator, IoKind, zero_tail};
-use tcmu_warden_sdk::Command;
-use tcmu_warden_sdk::DataBuf;
+use super::rangelock::OwnedRangeGuard;
+use super::unit::{Done, Emulator, IoKind, command_result, io_sense, zero_tail};
 use tcmu_warden_sdk::sense::Sense;
+use tcmu_warden_sdk::{Answer, BlockOp, BlockRequest, Command, DataBuf, Handler, Pending};
 
 /// Largest buffer the emulation allocates for one step of WRITE SAME or VERIFY.
 pub const CHUNK: u64 = 1 << 20;
@@ -90,18 +109,16 @@ fn fua(cdb: &Cdb<'_>) -> bool {
 }
 
 fn flush(emu: &Emulator) -> Result<(), Sense> {
-    emu.handler()
-        .flush()
+    emu.io_flush()
         .map_err(|e| emu.io_sense(&e, IoKind::Write, "flush"))
 }
 
 /// Reads `len` bytes at device offset `off` into a new vector.
 fn read_vec(emu: &Emulator, off: u64, len: usize) -> Result<Vec<u8>, Sense> {
-    let mut v = vec![0u8; len];
-    emu.handler()
-        .read(off, &mut [IoSliceMut::new(&mut v)])
+    let mut buf = DataBuf::zeroed(&[len]);
+    emu.io_read(off, &mut buf, 0, len)
         .map_err(|e| emu.io_sense(&e, IoKind::Read, "read"))?;
-    Ok(v)
+    Ok(buf.to_vec())
 }
 
 /// Compares `len` bytes of `data` (from `data_off`) with the medium at `dev_off`, chunk by
@@ -138,9 +155,7 @@ pub fn read(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done,
     let (off, len) = emu.byte_range(r.lba, u64::from(r.blocks));
     let n = to_usize(len).min(cmd.data.len());
     if n > 0 {
-        let mut slices = cmd.data.io_slices_mut(0, n);
-        emu.handler()
-            .read(off, &mut slices)
+        emu.io_read(off, cmd.data, 0, n)
             .map_err(|e| emu.io_sense(&e, IoKind::Read, "read"))?;
     }
     zero_tail(cmd.data, n);
@@ -154,7 +169,7 @@ pub fn read(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done,
 fn write_data(
     emu: &Emulator,
     off: u64,
-    data: &DataBuf,
+    data: &mut DataBuf,
     from: usize,
     n: usize,
     durable: bool,
@@ -162,9 +177,7 @@ fn write_data(
     if n == 0 {
         return Ok(());
     }
-    let slices = data.io_slices(from, n);
-    emu.handler()
-        .write(off, &slices, durable)
+    emu.io_write(off, data, from, n, durable)
         .map_err(|e| emu.io_sense(&e, IoKind::Write, "write"))
 }
 
@@ -304,8 +317,7 @@ pub fn write_same(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result
         .ranges()
         .shared(r.lba, r.lba.saturating_add(u64::from(r.blocks)));
     if unmap && caps.unmap && caps.unmap_reads_zero && block.iter().all(|&b| b == 0) {
-        emu.handler()
-            .unmap(off, len)
+        emu.io_unmap(off, len)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "unmap"))?;
         if !emu.write_cache() {
             flush(emu)?;
@@ -321,18 +333,12 @@ pub fn write_same(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result
         .cycle()
         .take(to_usize(chunk_blocks).saturating_mul(bs))
         .collect();
+    let mut pattern = DataBuf::from_segments(vec![pattern]);
     let mut done = 0u64;
     while done < u64::from(r.blocks) {
         let n = chunk_blocks.min(u64::from(r.blocks) - done);
-        let bytes = pattern
-            .get(..to_usize(n).saturating_mul(bs))
-            .unwrap_or(&pattern);
-        emu.handler()
-            .write(
-                off + done * bs as u64,
-                &[std::io::IoSlice::new(bytes)],
-                durable,
-            )
+        let bytes = to_usize(n).saturating_mul(bs);
+        emu.io_write(off + done * bs as u64, &mut pattern, 0, bytes, durable)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "write same"))?;
         done += n;
     }
@@ -349,13 +355,33 @@ pub fn write_same(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result
 /// is INVALID FIELD IN PARAMETER LIST; a descriptor outside the medium is LBA OUT OF RANGE.
 /// A zero parameter list length and zero-block descriptors are no-ops.
 pub fn unmap(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done, Sense> {
+    let (ranges, total) = unmap_ranges(emu, cmd.data, &cdb)?;
+    for (lba, blocks) in ranges {
+        let _g = emu.ranges().shared(lba, lba.saturating_add(blocks));
+        let (off, len) = emu.byte_range(lba, blocks);
+        emu.io_unmap(off, len)
+            .map_err(|e| emu.io_sense(&e, IoKind::Write, "unmap"))?;
+    }
+    if total > 0 && !emu.write_cache() {
+        flush(emu)?;
+    }
+    Ok(Done::Good)
+}
+
+/// The checked block ranges of an UNMAP parameter list (zero-block descriptors left out), and
+/// their total in blocks. See [`unmap`] for the checks.
+fn unmap_ranges(
+    emu: &Emulator,
+    data: &DataBuf,
+    cdb: &Cdb<'_>,
+) -> Result<(Vec<(u64, u64)>, u64), Sense> {
     let param_len = usize::from(cdb.be16(7));
     if param_len == 0 {
-        return Ok(Done::Good);
+        return Ok((Vec::new(), 0));
     }
-    let avail = param_len.min(cmd.data.len());
+    let avail = param_len.min(data.len());
     let mut list = vec![0u8; avail];
-    cmd.data.copy_to(0, &mut list);
+    data.copy_to(0, &mut list);
     if avail < 8 {
         return Err(Sense::param_list_length_error());
     }
@@ -393,17 +419,7 @@ pub fn unmap(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Done
         emu.check_range(lba, blocks)?;
         ranges.push((lba, blocks));
     }
-    for (lba, blocks) in ranges {
-        let _g = emu.ranges().shared(lba, lba.saturating_add(blocks));
-        let (off, len) = emu.byte_range(lba, blocks);
-        emu.handler()
-            .unmap(off, len)
-            .map_err(|e| emu.io_sense(&e, IoKind::Write, "unmap"))?;
-    }
-    if total > 0 && !emu.write_cache() {
-        flush(emu)?;
-    }
-    Ok(Done::Good)
+    Ok((ranges, total))
 }
 
 /// COMPARE AND WRITE: the data-out holds N blocks to compare, then N blocks to write. Under an
@@ -604,12 +620,8 @@ pub fn orwrite(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Result<Do
         for (m, d) in medium.iter_mut().zip(&data) {
             *m |= d;
         }
-        emu.handler()
-            .write(
-                off + done as u64,
-                &[std::io::IoSlice::new(&medium)],
-                durable,
-            )
+        let mut merged = DataBuf::from_segments(vec![medium]);
+        emu.io_write(off + done as u64, &mut merged, 0, step, durable)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "orwrite"))?;
         done += step;
     }
@@ -669,8 +681,7 @@ pub fn format_unit(emu: &Emulator, cmd: &mut Command<'_>, cdb: Cdb<'_>) -> Resul
         let nb = emu.num_blocks();
         let _g = emu.ranges().exclusive(0, nb);
         let (_, len) = emu.byte_range(0, nb);
-        emu.handler()
-            .unmap(0, len)
+        emu.io_unmap(0, len)
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "format unit"))?;
     }
     flush(emu)?;
@@ -703,4 +714,377 @@ pub fn read_defect_data(
         (vec![0, flags, 0, 0], usize::from(cdb.be16(7)))
     };
     Ok(super::unit::data_in(cmd, &resp, alloc))
+}
+
+// ---- the asynchronous block path ----
+//
+// The runtime executes READ, WRITE, WRITE AND VERIFY without BYTCHK, SYNCHRONIZE CACHE, UNMAP
+// and deallocating WRITE SAME through the `start_*` functions below (the table names them, see
+// `table::OpDesc::start`): each decodes and checks its CDB exactly as its blocking counterpart above, hands the block
+// request(s) to `Handler::submit_io` and returns, so the I/O thread is free at once; the
+// request's continuation, on whichever thread completes it, turns the outcome into the command's
+// answer. The command's range lock is an owned guard moved into the continuation, released when
+// the request completes. A start function returns the command (before doing anything) when it
+// must run blocking instead.
+
+/// A block request's outcome as the command sees it: a dropped request is INTERNAL TARGET
+/// FAILURE, a handler error is mapped as [`Emulator::io_sense`] maps it.
+fn outcome(
+    name: &str,
+    r: io::Result<()>,
+    how: Answer,
+    kind: IoKind,
+    what: &'static str,
+) -> Result<(), Sense> {
+    match (how, r) {
+        (Answer::Dropped, _) => {
+            tracing::warn!(
+                device = %name,
+                op = what,
+                "block request dropped without completion; failing the command (04/44/00)"
+            );
+            Err(Sense::internal_target_failure())
+        }
+        (Answer::Completed, Ok(())) => Ok(()),
+        (Answer::Completed, Err(e)) => Err(io_sense(name, &e, kind, what)),
+    }
+}
+
+/// Answers a started command.
+fn answer(name: &str, what: &'static str, p: Pending, r: Result<Done, Sense>) {
+    let data_len = p.data().len();
+    p.complete(command_result(name, what, r, data_len));
+}
+
+/// READ (6), (10), (12), (16) on the asynchronous path (see [`read`] for the rules). A READ
+/// with FUA on a device with the write cache on waits for its flush on the I/O thread first.
+pub fn start_read(emu: &Emulator, mut p: Pending, what: &'static str) -> Option<Pending> {
+    let checked = {
+        let cdb = Cdb::new(p.cdb());
+        let r = block_range(&cdb, true);
+        check_max_transfer(emu, r.blocks, r.len_byte)
+            .and_then(|()| emu.check_range(r.lba, u64::from(r.blocks)))
+            .map(|()| (r.lba, r.blocks, fua(&cdb)))
+    };
+    let (lba, blocks, fua) = match checked {
+        Ok(c) => c,
+        Err(s) => {
+            answer(emu.name(), what, p, Err(s));
+            return None;
+        }
+    };
+    if fua && emu.write_cache() {
+        if let Err(s) = flush(emu) {
+            answer(emu.name(), what, p, Err(s));
+            return None;
+        }
+    }
+    let (off, len) = emu.byte_range(lba, u64::from(blocks));
+    let expected = to_usize(len);
+    let n = expected.min(p.data().len());
+    if n == 0 {
+        zero_tail(p.data_mut(), 0);
+        let done = Done::DataIn {
+            transferred: 0,
+            expected,
+        };
+        answer(emu.name(), what, p, Ok(done));
+        return None;
+    }
+    let buf = std::mem::replace(p.data_mut(), DataBuf::empty());
+    let name = emu.name_arc().clone();
+    let done = Box::new(move |mut buf: DataBuf, r: io::Result<()>, how: Answer| {
+        let r = outcome(&name, r, how, IoKind::Read, "read").map(|()| {
+            zero_tail(&mut buf, n);
+            Done::DataIn {
+                transferred: n,
+                expected,
+            }
+        });
+        let data_len = buf.len();
+        // The buffer may be ring memory the kernel reuses once it sees the answer.
+        drop(buf);
+        p.complete(command_result(&name, what, r, data_len));
+    });
+    emu.handler().submit_io(BlockRequest::new(
+        BlockOp::Read { offset: off },
+        buf,
+        0,
+        n,
+        done,
+    ));
+    None
+}
+
+/// Issues one write of a started command: `[lba, lba + blocks)` from its data-out, under an
+/// owned shared range lock released when the request completes.
+fn start_write_range(
+    emu: &Emulator,
+    mut p: Pending,
+    what: &'static str,
+    lba: u64,
+    blocks: u32,
+    durable: bool,
+) {
+    let (off, len) = emu.byte_range(lba, u64::from(blocks));
+    let n = to_usize(len).min(p.data().len());
+    if n == 0 {
+        answer(emu.name(), what, p, Ok(Done::Good));
+        return;
+    }
+    let guard: OwnedRangeGuard = emu
+        .ranges_arc()
+        .shared_owned(lba, lba.saturating_add(u64::from(blocks)));
+    let buf = std::mem::replace(p.data_mut(), DataBuf::empty());
+    let name = emu.name_arc().clone();
+    let done = Box::new(move |buf: DataBuf, r: io::Result<()>, how: Answer| {
+        let r = outcome(&name, r, how, IoKind::Write, "write").map(|()| Done::Good);
+        let data_len = buf.len();
+        drop(buf);
+        // The range stays locked until the handler has finished the write.
+        drop(guard);
+        p.complete(command_result(&name, what, r, data_len));
+    });
+    emu.handler().submit_io(BlockRequest::new(
+        BlockOp::Write {
+            offset: off,
+            durable,
+        },
+        buf,
+        0,
+        n,
+        done,
+    ));
+}
+
+/// WRITE (6), (10), (12), (16) on the asynchronous path (see [`write`]).
+pub fn start_write(emu: &Emulator, p: Pending, what: &'static str) -> Option<Pending> {
+    let checked = {
+        let cdb = Cdb::new(p.cdb());
+        let r = block_range(&cdb, true);
+        check_max_transfer(emu, r.blocks, r.len_byte)
+            .and_then(|()| emu.check_range(r.lba, u64::from(r.blocks)))
+            .map(|()| (r.lba, r.blocks, fua(&cdb) || !emu.write_cache()))
+    };
+    match checked {
+        Ok((lba, blocks, durable)) => start_write_range(emu, p, what, lba, blocks, durable),
+        Err(s) => answer(emu.name(), what, p, Err(s)),
+    }
+    None
+}
+
+/// WRITE AND VERIFY (10), (12), (16) with BYTCHK=0 on the asynchronous path: a durable write
+/// (see [`write_verify`]). With BYTCHK set the command needs a read-back under an exclusive
+/// lock and runs blocking.
+pub fn start_write_verify(emu: &Emulator, p: Pending, what: &'static str) -> Option<Pending> {
+    let checked = {
+        let cdb = Cdb::new(p.cdb());
+        if bytchk(&cdb) != 0 {
+            None
+        } else {
+            let r = block_range(&cdb, false);
+            Some(
+                check_max_transfer(emu, r.blocks, r.len_byte)
+                    .and_then(|()| emu.check_range(r.lba, u64::from(r.blocks)))
+                    .map(|()| (r.lba, r.blocks)),
+            )
+        }
+    };
+    match checked {
+        None => return Some(p),
+        Some(Ok((lba, blocks))) => start_write_range(emu, p, what, lba, blocks, true),
+        Some(Err(s)) => answer(emu.name(), what, p, Err(s)),
+    }
+    None
+}
+
+/// Submits a flush whose completion answers `p`.
+fn submit_flush_answering(handler: &dyn Handler, name: Arc<str>, what: &'static str, p: Pending) {
+    let done = Box::new(move |buf: DataBuf, r: io::Result<()>, how: Answer| {
+        drop(buf);
+        let r = outcome(&name, r, how, IoKind::Write, "flush").map(|()| Done::Good);
+        answer(&name, what, p, r);
+    });
+    handler.submit_io(BlockRequest::new(
+        BlockOp::Flush,
+        DataBuf::empty(),
+        0,
+        0,
+        done,
+    ));
+}
+
+/// SYNCHRONIZE CACHE (10), (16) on the asynchronous path (see [`synchronize_cache`]).
+pub fn start_synchronize_cache(emu: &Emulator, p: Pending, what: &'static str) -> Option<Pending> {
+    let checked = {
+        let cdb = Cdb::new(p.cdb());
+        let r = block_range(&cdb, false);
+        emu.check_range(r.lba, u64::from(r.blocks))
+    };
+    match checked {
+        Ok(()) => submit_flush_answering(emu.handler(), emu.name_arc().clone(), what, p),
+        Err(s) => answer(emu.name(), what, p, Err(s)),
+    }
+    None
+}
+
+/// WRITE SAME (10), (16) on the asynchronous path when it deallocates (see [`write_same`]):
+/// UNMAP set, the handler's unmapped blocks read as zeros and the data is all zeros, so one
+/// unmap request (then a flush when WCE=0) does it. Otherwise the command is given back to run
+/// blocking: it writes the range chunk by chunk.
+pub fn start_write_same(emu: &Emulator, p: Pending, what: &'static str) -> Option<Pending> {
+    let checked = {
+        let cdb = Cdb::new(p.cdb());
+        let r = block_range(&cdb, false);
+        let unmap = cdb.bit(1, 3);
+        let ndob = cdb.u8(0) == op::WRITE_SAME_16 && cdb.bit(1, 0);
+        let bs = to_usize(u64::from(emu.block_size()));
+        let caps = emu.caps();
+        if !(unmap && caps.unmap && caps.unmap_reads_zero) {
+            None
+        } else if r.blocks == 0 || u64::from(r.blocks) > max_write_same_blocks(emu) {
+            Some(Err(Sense::invalid_field_in_cdb(r.len_byte, Some(7))))
+        } else if let Err(s) = emu.check_range(r.lba, u64::from(r.blocks)) {
+            Some(Err(s))
+        } else if !ndob && p.data().len() < bs {
+            Some(Err(Sense::invalid_field_in_cdb(r.len_byte, Some(7))))
+        } else {
+            let mut block = vec![0u8; if ndob { 0 } else { bs }];
+            p.data().copy_to(0, &mut block);
+            block
+                .iter()
+                .all(|&b| b == 0)
+                .then_some(Ok((r.lba, u64::from(r.blocks))))
+        }
+    };
+    let (lba, blocks) = match checked {
+        None => return Some(p),
+        Some(Err(s)) => {
+            answer(emu.name(), what, p, Err(s));
+            return None;
+        }
+        Some(Ok(range)) => range,
+    };
+    let guard = emu
+        .ranges_arc()
+        .shared_owned(lba, lba.saturating_add(blocks));
+    let (offset, len) = emu.byte_range(lba, blocks);
+    let flush_after = !emu.write_cache();
+    let handler = emu.handler_arc().clone();
+    let name = emu.name_arc().clone();
+    let done = Box::new(move |buf: DataBuf, r: io::Result<()>, how: Answer| {
+        drop(buf);
+        drop(guard);
+        match outcome(&name, r, how, IoKind::Write, "write same") {
+            Err(s) => answer(&name, what, p, Err(s)),
+            // As after UNMAP: the second step, from this thread.
+            Ok(()) if flush_after => {
+                submit_flush_answering(handler.as_ref(), name.clone(), what, p)
+            }
+            Ok(()) => answer(&name, what, p, Ok(Done::Good)),
+        }
+    });
+    emu.handler().submit_io(BlockRequest::new(
+        BlockOp::Unmap { offset, len },
+        DataBuf::empty(),
+        0,
+        0,
+        done,
+    ));
+    None
+}
+
+/// The requests of one UNMAP in flight: the last to complete answers the command (after a
+/// flush on a device without a write cache).
+struct UnmapJoin {
+    left: AtomicUsize,
+    failed: Mutex<Option<Sense>>,
+    cmd: Mutex<Option<Pending>>,
+    flush_after: bool,
+    handler: Arc<dyn Handler>,
+    name: Arc<str>,
+    what: &'static str,
+}
+
+impl UnmapJoin {
+    fn one_done(&self, r: Result<(), Sense>) {
+        if let Err(s) = r {
+            let mut f = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+            f.get_or_insert(s);
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let Some(p) = self
+            .cmd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match failed {
+            Some(s) => answer(&self.name, self.what, p, Err(s)),
+            // Deallocated blocks must not come back with their old contents after a power
+            // loss: the flush is this command's second step, submitted from this thread.
+            None if self.flush_after => {
+                submit_flush_answering(self.handler.as_ref(), self.name.clone(), self.what, p)
+            }
+            None => answer(&self.name, self.what, p, Ok(Done::Good)),
+        }
+    }
+}
+
+/// UNMAP on the asynchronous path (see [`unmap`]): every descriptor's request in flight at
+/// once, each under its own owned shared range lock.
+pub fn start_unmap(emu: &Emulator, p: Pending, what: &'static str) -> Option<Pending> {
+    let checked = {
+        let cdb = Cdb::new(p.cdb());
+        unmap_ranges(emu, p.data(), &cdb)
+    };
+    let (ranges, total) = match checked {
+        Ok(r) => r,
+        Err(s) => {
+            answer(emu.name(), what, p, Err(s));
+            return None;
+        }
+    };
+    if ranges.is_empty() {
+        answer(emu.name(), what, p, Ok(Done::Good));
+        return None;
+    }
+    let join = Arc::new(UnmapJoin {
+        left: AtomicUsize::new(ranges.len()),
+        failed: Mutex::new(None),
+        cmd: Mutex::new(Some(p)),
+        flush_after: total > 0 && !emu.write_cache(),
+        handler: emu.handler_arc().clone(),
+        name: emu.name_arc().clone(),
+        what,
+    });
+    for (lba, blocks) in ranges {
+        let guard = emu
+            .ranges_arc()
+            .shared_owned(lba, lba.saturating_add(blocks));
+        let (offset, len) = emu.byte_range(lba, blocks);
+        let j = join.clone();
+        let done = Box::new(move |buf: DataBuf, r: io::Result<()>, how: Answer| {
+            drop(buf);
+            drop(guard);
+            j.one_done(outcome(&j.name, r, how, IoKind::Write, "unmap"));
+        });
+        emu.handler().submit_io(BlockRequest::new(
+            BlockOp::Unmap { offset, len },
+            DataBuf::empty(),
+            0,
+            0,
+            done,
+        ));
+    }
+    None
 }

@@ -33,15 +33,14 @@
 //! This module owns parameter-list parsing, the copy loop and the registry; it never touches the
 //! ring, and never reaches a device that is not registered (or is refused).
 
-use std::io::{IoSlice, IoSliceMut};
 use std::ops::Deref;
 use std::sync::{Arc, MutexGuard, PoisonError, Weak};
 
 use super::block::CHUNK;
 use super::cdb::Cdb;
 use super::unit::{CopyBook, CopyRegistry, Done, Emulator, Held, IoKind, data_in};
-use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::{Sense, key};
+use tcmu_warden_sdk::{Command, DataBuf};
 
 /// Length of the parameter list header.
 const HEADER_LEN: usize = 16;
@@ -381,23 +380,23 @@ fn copy_segment(emu: &Emulator, cscds: &[Cscd], s: &Segment) -> Result<u64, Sens
     // source from above.
     let backwards = same && s.dst_lba > s.src_lba && s.dst_lba < s.src_lba + s.blocks;
     let durable = !dst.write_cache();
-    let mut buf = vec![0u8; usize::try_from(step.min(s.blocks) * bs).unwrap_or(0)];
+    let mut buf = DataBuf::zeroed(&[usize::try_from(step.min(s.blocks) * bs).unwrap_or(0)]);
     let mut done = 0u64;
     while done < s.blocks {
         let n = step.min(s.blocks - done);
         let first = if backwards { s.blocks - done - n } else { done };
         let len = usize::try_from(n * bs).unwrap_or(0);
-        let chunk = buf.get_mut(..len).ok_or(Sense::internal_target_failure())?;
+        if len > buf.len() {
+            return Err(Sense::internal_target_failure());
+        }
         let (src_off, _) = src.byte_range(s.src_lba + first, n);
-        src.handler()
-            .read(src_off, &mut [IoSliceMut::new(chunk)])
+        src.io_read(src_off, &mut buf, 0, len)
             .map_err(|e| aborted(src.io_sense(&e, IoKind::Read, "copy read")))?;
         let dst_lba = s.dst_lba + first;
         let (dst_off, _) = dst.byte_range(dst_lba, n);
         {
             let _g = dst.ranges().shared(dst_lba, dst_lba + n);
-            dst.handler()
-                .write(dst_off, &[IoSlice::new(chunk)], durable)
+            dst.io_write(dst_off, &mut buf, 0, len, durable)
                 .map_err(|e| aborted(dst.io_sense(&e, IoKind::Write, "copy write")))?;
         }
         done += n;

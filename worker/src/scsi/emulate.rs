@@ -24,7 +24,7 @@ use super::cdb::{Cdb, check_usage};
 use super::inquiry;
 use super::rangelock::RangeLock;
 use super::table;
-use super::unit::{CopyBook, Done, Emulator};
+use super::unit::{CopyBook, Emulator, command_result};
 use tcmu_warden_sdk::sense::Sense;
 use tcmu_warden_sdk::{Command, CommandResult};
 use tcmu_warden_sdk::{DeviceConfig, Handler, Pending};
@@ -59,7 +59,7 @@ impl Emulator {
         }
         let designator = inquiry::naa_designator(&inquiry::serial_of(&cfg.unit_serial, &cfg.name));
         Emulator {
-            name: cfg.name.clone(),
+            name: Arc::from(cfg.name.as_str()),
             subtype: cfg.subtype.clone(),
             serial: cfg.unit_serial.clone(),
             // Guard against a zero block size (the protocol validates it; the math must not
@@ -74,7 +74,7 @@ impl Emulator {
             dev_size: AtomicU64::new(cfg.dev_size),
             ua_pending: AtomicBool::new(false),
             unit_attentions: Mutex::new(Vec::new()),
-            ranges: RangeLock::new(),
+            ranges: Arc::new(RangeLock::new()),
             designator,
             copy_registry: OnceLock::new(),
             copy_book: Mutex::new(CopyBook::default()),
@@ -109,14 +109,11 @@ impl Emulator {
     /// implements goes to [`Handler::submit`] (which may answer later, from another thread);
     /// every other one is emulated here, on the calling thread, and answered before this
     /// returns. `replayed` as in [`Emulator::execute_replayed`].
-    pub fn submit(&self, mut cmd: Pending, replayed: bool) {
+    pub fn submit(&self, cmd: Pending, replayed: bool) {
         match self.admit(cmd.cdb(), !replayed) {
             Err(r) => cmd.complete(r),
             Ok(opcode) if self.handler_implements(opcode) => self.handler.submit(cmd),
-            Ok(_) => {
-                let r = self.emulate(&mut cmd.command());
-                cmd.complete(r);
-            }
+            Ok(_) => self.emulate_pending(cmd),
         }
     }
 
@@ -146,46 +143,51 @@ impl Emulator {
         Ok(opcode)
     }
 
-    /// Emulates a command the handler does not implement.
-    fn emulate(&self, cmd: &mut Command<'_>) -> CommandResult {
-        let bytes = cmd.cdb;
+    /// Finds an emulated command in the table and checks its CDB against the usage mask.
+    fn decode(&self, bytes: &[u8]) -> Result<&'static table::OpDesc, CommandResult> {
         let cdb = Cdb::new(bytes);
-        let desc = match table::lookup(&cdb, |o| self.offers(o)) {
-            Ok(d) => d,
-            Err(s) => return CommandResult::check(s),
-        };
+        let desc = table::lookup(&cdb, |o| self.offers(o)).map_err(CommandResult::check)?;
         // From here on the command's own view: without the former SCSI-2 LUN field for the
-        // commands that ignore it (see the table's module docs).
+        // commands that ignore it (see the table's module docs). The asynchronous starts read
+        // none of those bits (READ/WRITE(6) take only the LBA bits 4..0 of byte 1).
         let cdb = desc.view(cdb);
         if bytes.len() < desc.cdb_len() {
-            return CommandResult::check(Sense::invalid_field_in_cdb(0, None));
+            return Err(CommandResult::check(Sense::invalid_field_in_cdb(0, None)));
         }
-        if let Err(s) = check_usage(&cdb, desc.usage, desc.sa.is_some(), desc.splits) {
-            return CommandResult::check(s);
+        check_usage(&cdb, desc.usage, desc.sa.is_some(), desc.splits)
+            .map_err(CommandResult::check)?;
+        Ok(desc)
+    }
+
+    /// Emulates a command the handler does not implement, blocking.
+    fn emulate(&self, cmd: &mut Command<'_>) -> CommandResult {
+        match self.decode(cmd.cdb) {
+            Ok(desc) => self.run(desc, cmd),
+            Err(r) => r,
         }
-        match (desc.exec)(self, cmd, cdb) {
-            Ok(Done::Good) => CommandResult::good(),
-            Err(s) => {
-                tracing::debug!(
-                    device = %self.name,
-                    command = desc.name,
-                    key = s.key,
-                    asc = s.asc,
-                    ascq = s.ascq,
-                    "check condition"
-                );
-                CommandResult::check(s)
-            }
-            Ok(Done::DataIn {
-                transferred,
-                expected,
-            }) => {
-                let mut r = CommandResult::good();
-                if transferred < cmd.data.len() || transferred < expected {
-                    r.read_len = Some(u32::try_from(transferred).unwrap_or(u32::MAX));
-                }
-                r
-            }
-        }
+    }
+
+    fn run(&self, desc: &'static table::OpDesc, cmd: &mut Command<'_>) -> CommandResult {
+        let r = (desc.exec)(self, cmd, desc.view(Cdb::new(cmd.cdb)));
+        command_result(&self.name, desc.name, r, cmd.data.len())
+    }
+
+    /// Emulates a command the handler does not implement and answers it: on the asynchronous
+    /// block path when the table has a start function for it (the command is then answered
+    /// when its block requests complete), else blocking, on this thread.
+    fn emulate_pending(&self, cmd: Pending) {
+        let desc = match self.decode(cmd.cdb()) {
+            Ok(d) => d,
+            Err(r) => return cmd.complete(r),
+        };
+        let mut cmd = match desc.start {
+            Some(start) => match start(self, cmd, desc.name) {
+                None => return,
+                Some(back) => back,
+            },
+            None => cmd,
+        };
+        let r = self.run(desc, &mut cmd.command());
+        cmd.complete(r);
     }
 }

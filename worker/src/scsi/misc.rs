@@ -50,8 +50,7 @@ pub fn start_stop_unit(
     let start = cdb.bit(4, 0);
     let no_flush = cdb.bit(4, 2);
     if !start && !no_flush {
-        emu.handler()
-            .flush()
+        emu.io_flush()
             .map_err(|e| emu.io_sense(&e, IoKind::Write, "flush"))?;
     }
     Ok(Done::Good)

@@ -11,7 +11,12 @@
 //! The kernel's TCMU backstore hands us every command for a device; this module executes them.
 //! [`Emulator`] is one device's executor. Commands whose opcode the handler lists in
 //! [`Handler::implemented_opcodes`](tcmu_warden_sdk::Handler::implemented_opcodes) go to the
-//! handler; every other command is emulated here on top of the handler's read/write/flush/unmap.
+//! handler; every other command is emulated here on top of the handler's block I/O
+//! ([`Handler::submit_io`](tcmu_warden_sdk::Handler::submit_io): read, write, flush, unmap,
+//! asynchronous, by default run on the blocking methods). [`Emulator::submit`] starts READ,
+//! WRITE, SYNCHRONIZE CACHE, UNMAP and deallocating WRITE SAME on the asynchronous block path
+//! (answered when the handler completes their requests) and runs the rest on the calling
+//! thread; see `block`.
 //!
 //! Submodules:
 //! - [`cdb`]: checked CDB field access, opcodes, the reserved-bit check, block-range decoding;
@@ -30,7 +35,8 @@
 //!   which a copy reaches the other devices this process serves;
 //! - `misc`: TEST UNIT READY, REQUEST SENSE, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL,
 //!   REPORT LUNS;
-//! - `rangelock`: the block-range lock that makes COMPARE AND WRITE atomic.
+//! - `rangelock`: the block-range lock that makes COMPARE AND WRITE atomic, with owned guards
+//!   held across an asynchronous completion.
 //!
 //! This module must never panic, whatever the CDB or data-out bytes: every field is read with
 //! checked access and every malformed command becomes sense data. It never touches the ring.

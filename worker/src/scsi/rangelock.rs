@@ -7,10 +7,16 @@
 //! between concurrent writes), COMPARE AND WRITE takes it *exclusive*. A waiting exclusive
 //! request holds back new overlapping shared requests, so a stream of writes cannot starve it.
 //!
+//! A command on the asynchronous block path keeps its lock after its I/O thread has moved on:
+//! it takes an [`OwnedRangeGuard`] (which holds the lock through an `Arc`), moves it into the
+//! block request's continuation, and releases it when the request completes (or is dropped),
+//! so the guarantees hold until the handler has really finished the I/O. Taking a lock may
+//! wait (on the I/O thread) for an overlapping exclusive holder; releasing never waits.
+//!
 //! This module owns only that bookkeeping; it never does I/O and never blocks non-overlapping
 //! ranges against each other.
 
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -67,10 +73,23 @@ pub struct RangeGuard<'a> {
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id {
-            let mut st = self.lock.state();
-            st.entries.retain(|e| e.id != id);
-            drop(st);
-            self.lock.changed.notify_all();
+            self.lock.release(id);
+        }
+    }
+}
+
+/// Holds a range until dropped, keeping the lock alive itself: for a lock held across an
+/// asynchronous completion on another thread.
+#[derive(Debug)]
+pub struct OwnedRangeGuard {
+    lock: Arc<RangeLock>,
+    id: Option<u64>,
+}
+
+impl Drop for OwnedRangeGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.lock.release(id);
         }
     }
 }
@@ -94,6 +113,13 @@ impl RangeLock {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn release(&self, id: u64) {
+        let mut st = self.state();
+        st.entries.retain(|e| e.id != id);
+        drop(st);
+        self.changed.notify_all();
+    }
+
     /// A guard for request `id` (`None`: an empty range, which holds nothing).
     fn guard(&self, id: Option<u64>) -> RangeGuard<'_> {
         RangeGuard { lock: self, id }
@@ -101,8 +127,21 @@ impl RangeLock {
 
     /// Locks `[start, end)` shared: waits for overlapping exclusive holders and waiters.
     pub fn shared(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        self.guard(self.lock_shared(start, end))
+    }
+
+    /// Locks `[start, end)` shared, as [`RangeLock::shared`], with a guard that owns a
+    /// reference to the lock.
+    pub fn shared_owned(self: &Arc<Self>, start: u64, end: u64) -> OwnedRangeGuard {
+        OwnedRangeGuard {
+            id: self.lock_shared(start, end),
+            lock: self.clone(),
+        }
+    }
+
+    fn lock_shared(&self, start: u64, end: u64) -> Option<u64> {
         if start >= end {
-            return self.guard(None);
+            return None;
         }
         let mut st = self.state();
         while st
@@ -112,8 +151,7 @@ impl RangeLock {
         {
             st = self.wait(st);
         }
-        let id = st.push(start, end, false, false);
-        self.guard(Some(id))
+        Some(st.push(start, end, false, false))
     }
 
     /// Locks `[start, end)` exclusively: waits for every overlapping holder, and for overlapping
@@ -207,6 +245,28 @@ mod tests {
         drop(held);
         t.join().unwrap();
         t2.join().unwrap();
+        assert!(l.state().entries.is_empty());
+    }
+
+    #[test]
+    fn an_owned_shared_guard_holds_off_exclusive_until_dropped_on_another_thread() {
+        let l = Arc::new(RangeLock::new());
+        let g = l.shared_owned(0, 8);
+        let got = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (l, got) = (l.clone(), got.clone());
+            std::thread::spawn(move || {
+                let _x = l.exclusive(4, 5);
+                got.store(true, Ordering::SeqCst);
+            })
+        };
+        wait_until("exclusive request queued", || {
+            l.state().entries.iter().any(|e| e.exclusive)
+        });
+        assert!(!got.load(Ordering::SeqCst));
+        std::thread::spawn(move || drop(g)).join().unwrap();
+        t.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
         assert!(l.state().entries.is_empty());
     }
 }

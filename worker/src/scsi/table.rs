@@ -52,7 +52,7 @@
 //! device I/O.
 
 use super::cdb::{Cdb, SA_MASK, op};
-use super::unit::{Done, Emulator, data_in};
+use super::unit::{Done, Emulator, StartFn, data_in};
 use super::{block, copy, inquiry, misc, mode};
 use tcmu_warden_sdk::Command;
 use tcmu_warden_sdk::sense::Sense;
@@ -116,8 +116,11 @@ pub struct OpDesc {
     pub access: MediumAccess,
     /// CDB byte 1 bits 7..5 are the former SCSI-2 LUN field, ignored (see the module docs).
     pub scsi2_lun: bool,
-    /// The implementation.
+    /// The implementation (blocking; the unit tests' and fuzzers' `Emulator::execute` path).
     pub exec: ExecFn,
+    /// The runtime's start on the asynchronous block path, for the commands that have one
+    /// (see `block`); `None`: the runtime runs `exec` on an I/O thread.
+    pub start: Option<StartFn>,
 }
 
 impl OpDesc {
@@ -147,6 +150,7 @@ const fn d(
         access: MediumAccess::None,
         scsi2_lun: false,
         exec,
+        start: None,
     }
 }
 
@@ -169,6 +173,10 @@ impl OpDesc {
     }
     const fn writes_medium(mut self) -> OpDesc {
         self.access = MediumAccess::Write;
+        self
+    }
+    const fn starts(mut self, start: StartFn) -> OpDesc {
+        self.start = Some(start);
         self
     }
     const fn scsi2_lun(mut self) -> OpDesc {
@@ -197,33 +205,45 @@ pub static OPS: &[OpDesc] = &[
     d(op::TEST_UNIT_READY, None, "TEST UNIT READY", &[0x00, 0, 0, 0, 0, 0], NoData, misc::test_unit_ready)
         .scsi2_lun(),
     d(op::REQUEST_SENSE, None, "REQUEST SENSE", &[0x03, 0x01, 0, 0, 0xFF, 0], In, misc::request_sense)
-        .housekeeping().scsi2_lun(),
+        .housekeeping()
+        .scsi2_lun(),
     d(op::FORMAT_UNIT, None, "FORMAT UNIT", &[0x04, 0x3F, 0, 0, 0, 0], Out, block::format_unit),
     d(op::READ_6, None, "READ (6)", &[0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0], In, block::read)
-        .reads_medium().scsi2_lun(),
+        .starts(block::start_read)
+        .reads_medium()
+        .scsi2_lun(),
     d(op::WRITE_6, None, "WRITE (6)", &[0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0], Out, block::write)
-        .writes_medium().scsi2_lun(),
+        .starts(block::start_write)
+        .writes_medium()
+        .scsi2_lun(),
     d(op::INQUIRY, None, "INQUIRY", &[0x12, 0x01, 0xFF, 0xFF, 0xFF, 0], In, inquiry::inquiry)
-        .split(&[(1, 0x02)]).housekeeping().scsi2_lun(),
+        .split(&[(1, 0x02)]).housekeeping()
+        .scsi2_lun(),
     d(op::MODE_SELECT_6, None, "MODE SELECT (6)", &[0x15, 0x10, 0, 0, 0xFF, 0], Out, mode::mode_select)
-        .split(&[(1, 0x01)]).scsi2_lun(),
+        .split(&[(1, 0x01)])
+        .scsi2_lun(),
     d(op::MODE_SENSE_6, None, "MODE SENSE (6)", &[0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0], In, mode::mode_sense)
         .scsi2_lun(),
     d(op::START_STOP_UNIT, None, "START STOP UNIT", &[0x1B, 0x01, 0, 0, 0x05, 0], NoData, misc::start_stop_unit)
-        .split(&[(3, 0x08), (4, 0x0A)]).scsi2_lun(),
+        .split(&[(3, 0x08), (4, 0x0A)])
+        .scsi2_lun(),
     d(op::PREVENT_ALLOW_MEDIUM_REMOVAL, None, "PREVENT ALLOW MEDIUM REMOVAL", &[0x1E, 0, 0, 0, 0x03, 0], NoData, misc::prevent_allow)
         .scsi2_lun(),
     d(op::READ_CAPACITY_10, None, "READ CAPACITY (10)",
         &[0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0], In, block::read_capacity_10)
-        .split(&[(1, 0x01)]).scsi2_lun(),
+        .split(&[(1, 0x01)])
+        .scsi2_lun(),
     d(op::READ_10, None, "READ (10)",
         &[0x28, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], In, block::read)
+        .starts(block::start_read)
         .reads_medium(),
     d(op::WRITE_10, None, "WRITE (10)",
         &[0x2A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write)
+        .starts(block::start_write)
         .writes_medium(),
     d(op::WRITE_VERIFY_10, None, "WRITE AND VERIFY (10)",
         &[0x2E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_verify)
+        .starts(block::start_write_verify)
         .writes_medium(),
     d(op::VERIFY_10, None, "VERIFY (10)",
         &[0x2F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::verify),
@@ -232,15 +252,18 @@ pub static OPS: &[OpDesc] = &[
         .scsi2_lun(),
     d(op::SYNCHRONIZE_CACHE_10, None, "SYNCHRONIZE CACHE (10)",
         &[0x35, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], NoData, block::synchronize_cache)
+        .starts(block::start_synchronize_cache)
         .scsi2_lun(),
     d(op::READ_DEFECT_DATA_10, None, "READ DEFECT DATA (10)",
         &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0], In, block::read_defect_data)
         .scsi2_lun(),
     d(op::WRITE_SAME_10, None, "WRITE SAME (10)",
         &[0x41, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0xFF, 0xFF, 0], Out, block::write_same)
+        .starts(block::start_write_same)
         .split(&[(1, 0x13)]),
     d(op::UNMAP, None, "UNMAP",
         &[0x42, 0, 0, 0, 0, 0, GROUP, 0xFF, 0xFF, 0], Out, block::unmap)
+        .starts(block::start_unmap)
         .split(&[(1, 0x01)]).needs_unmap(),
     d(op::MODE_SELECT_10, None, "MODE SELECT (10)",
         &[0x55, 0x10, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0], Out, mode::mode_select)
@@ -257,27 +280,32 @@ pub static OPS: &[OpDesc] = &[
         copy::receive_copy_operating_parameters),
     d(op::READ_16, None, "READ (16)",
         &[0x88, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read)
+        .starts(block::start_read)
         .reads_medium(),
     d(op::COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
         &[0x89, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, GROUP, 0], Out, block::compare_and_write)
         .writes_medium(),
     d(op::WRITE_16, None, "WRITE (16)",
         &[0x8A, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write)
+        .starts(block::start_write)
         .writes_medium(),
     d(op::ORWRITE_16, None, "ORWRITE (16)",
         &[0x8B, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::orwrite)
         .writes_medium(),
     d(op::WRITE_VERIFY_16, None, "WRITE AND VERIFY (16)",
         &[0x8E, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify)
+        .starts(block::start_write_verify)
         .writes_medium(),
     d(op::VERIFY_16, None, "VERIFY (16)",
         &[0x8F, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),
     d(op::PRE_FETCH_16, None, "PRE-FETCH (16)",
         &[0x90, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::pre_fetch),
     d(op::SYNCHRONIZE_CACHE_16, None, "SYNCHRONIZE CACHE (16)",
-        &[0x91, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::synchronize_cache),
+        &[0x91, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], NoData, block::synchronize_cache)
+        .starts(block::start_synchronize_cache),
     d(op::WRITE_SAME_16, None, "WRITE SAME (16)",
         &[0x93, 0x09, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_same)
+        .starts(block::start_write_same)
         .split(&[(1, 0x12)]),
     d(op::SERVICE_ACTION_IN_16, Some(op::SA_READ_CAPACITY_16), "READ CAPACITY (16)",
         &[0x9E, 0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01, 0], In, block::read_capacity_16),
@@ -291,12 +319,15 @@ pub static OPS: &[OpDesc] = &[
         &[0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0], In, report_supported_opcodes),
     d(op::READ_12, None, "READ (12)",
         &[0xA8, 0x1E, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], In, block::read)
+        .starts(block::start_read)
         .reads_medium(),
     d(op::WRITE_12, None, "WRITE (12)",
         &[0xAA, 0x1A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write)
+        .starts(block::start_write)
         .writes_medium(),
     d(op::WRITE_VERIFY_12, None, "WRITE AND VERIFY (12)",
         &[0xAE, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::write_verify)
+        .starts(block::start_write_verify)
         .writes_medium(),
     d(op::VERIFY_12, None, "VERIFY (12)",
         &[0xAF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, GROUP, 0], Out, block::verify),

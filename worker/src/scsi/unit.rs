@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 
 use super::rangelock::RangeLock;
 use tcmu_warden_sdk::sense::Sense;
-use tcmu_warden_sdk::{Command, DataBuf, Handler, HandlerCaps};
+use tcmu_warden_sdk::{BlockDoneFn, BlockOp, BlockRequest};
+use tcmu_warden_sdk::{Command, CommandResult, DataBuf, Handler, HandlerCaps, Pending};
 
 /// How an emulated command finished successfully.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,45 @@ pub enum Done {
         /// Bytes the command meant to transfer.
         expected: usize,
     },
+}
+
+/// Starts a command on the asynchronous block path and answers it through its handle, now or
+/// when its block requests complete; or gives the command back, untouched, when it must run
+/// blocking after all (see `block`). The name is the command's, for logs.
+pub type StartFn = fn(&Emulator, Pending, &'static str) -> Option<Pending>;
+
+/// The answer of an emulated command that ended with `r`; `data_len` is the size of its data
+/// buffer (for the residual of a short data-in). Errors are logged at debug level.
+pub(crate) fn command_result(
+    device: &str,
+    command: &'static str,
+    r: Result<Done, Sense>,
+    data_len: usize,
+) -> CommandResult {
+    match r {
+        Ok(Done::Good) => CommandResult::good(),
+        Err(s) => {
+            tracing::debug!(
+                device = %device,
+                command,
+                key = s.key,
+                asc = s.asc,
+                ascq = s.ascq,
+                "check condition"
+            );
+            CommandResult::check(s)
+        }
+        Ok(Done::DataIn {
+            transferred,
+            expected,
+        }) => {
+            let mut r = CommandResult::good();
+            if transferred < data_len || transferred < expected {
+                r.read_len = Some(u32::try_from(transferred).unwrap_or(u32::MAX));
+            }
+            r
+        }
+    }
 }
 
 /// Copies `resp`, truncated to `alloc` bytes (the CDB's allocation length), into the data-in
@@ -60,6 +100,14 @@ pub fn zero_tail(buf: &mut DataBuf, from: usize) {
     }
 }
 
+/// The error a dropped block request stands for: INTERNAL TARGET FAILURE once mapped.
+pub(crate) fn dropped_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "block request dropped without completion",
+    )
+}
+
 /// Which way an I/O went, for choosing its sense data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoKind {
@@ -71,7 +119,7 @@ pub enum IoKind {
 
 /// Executes SCSI commands for one device. See the module documentation.
 pub struct Emulator {
-    pub(super) name: String,
+    pub(super) name: Arc<str>,
     pub(super) subtype: String,
     pub(super) serial: String,
     pub(super) block_size: u32,
@@ -84,7 +132,7 @@ pub struct Emulator {
     pub(super) dev_size: AtomicU64,
     pub(super) ua_pending: AtomicBool,
     pub(super) unit_attentions: Mutex<Vec<Sense>>,
-    pub(super) ranges: RangeLock,
+    pub(super) ranges: Arc<RangeLock>,
     pub(super) designator: [u8; 16],
     pub(super) copy_registry: OnceLock<Weak<CopyRegistry>>,
     pub(super) copy_book: Mutex<CopyBook>,
@@ -215,6 +263,80 @@ impl Emulator {
         &self.ranges
     }
 
+    /// The range lock, for guards held across an asynchronous completion.
+    pub(crate) fn ranges_arc(&self) -> &Arc<RangeLock> {
+        &self.ranges
+    }
+
+    /// The handler, for continuations that submit a command's next block request.
+    pub(crate) fn handler_arc(&self) -> &Arc<dyn Handler> {
+        &self.handler
+    }
+
+    /// The device name, for continuations' logs.
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Runs one block operation through [`Handler::submit_io`] and waits for it on this
+    /// thread: the block I/O of the commands the emulation runs blocking (see `block`). The
+    /// data are `buf[from..from + len]`; the buffer is lent to the request and put back (reads
+    /// fill it). A dropped request is an error that [`Emulator::io_sense`] maps to INTERNAL
+    /// TARGET FAILURE.
+    fn wait_io(&self, op: BlockOp, buf: &mut DataBuf, from: usize, len: usize) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let done: BlockDoneFn = Box::new(move |buf, r, how| {
+            let r = match how {
+                tcmu_warden_sdk::Answer::Completed => r,
+                tcmu_warden_sdk::Answer::Dropped => Err(dropped_error()),
+            };
+            let _ = tx.send((buf, r));
+        });
+        let lent = std::mem::replace(buf, DataBuf::empty());
+        self.handler
+            .submit_io(BlockRequest::new(op, lent, from, len, done));
+        match rx.recv() {
+            Ok((back, r)) => {
+                *buf = back;
+                r
+            }
+            Err(_) => Err(dropped_error()),
+        }
+    }
+
+    /// Reads `buf[from..from + len]` from device byte `offset`, waiting (see `wait_io`).
+    pub(crate) fn io_read(
+        &self,
+        offset: u64,
+        buf: &mut DataBuf,
+        from: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.wait_io(BlockOp::Read { offset }, buf, from, len)
+    }
+
+    /// Writes `buf[from..from + len]` at device byte `offset`, waiting (see `wait_io`).
+    pub(crate) fn io_write(
+        &self,
+        offset: u64,
+        buf: &mut DataBuf,
+        from: usize,
+        len: usize,
+        durable: bool,
+    ) -> io::Result<()> {
+        self.wait_io(BlockOp::Write { offset, durable }, buf, from, len)
+    }
+
+    /// Flushes, waiting (see `wait_io`).
+    pub(crate) fn io_flush(&self) -> io::Result<()> {
+        self.wait_io(BlockOp::Flush, &mut DataBuf::empty(), 0, 0)
+    }
+
+    /// Unmaps `[offset, offset + len)`, waiting (see `wait_io`).
+    pub(crate) fn io_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.wait_io(BlockOp::Unmap { offset, len }, &mut DataBuf::empty(), 0, 0)
+    }
+
     /// The registry of the worker's devices this one joined (see [`CopyRegistry::register`]).
     pub(crate) fn copy_registry(&self) -> &OnceLock<Weak<CopyRegistry>> {
         &self.copy_registry
@@ -289,7 +411,14 @@ impl Emulator {
     /// - everything else (EIO and handler-specific errors): MEDIUM ERROR, UNRECOVERED READ ERROR
     ///   (03/11/00) on reads, WRITE ERROR (03/0C/00) on writes, flushes and unmaps.
     pub(crate) fn io_sense(&self, e: &io::Error, kind: IoKind, what: &'static str) -> Sense {
-        tracing::warn!(device = %self.name, op = what, error = %e, "handler I/O failed");
+        io_sense(&self.name, e, kind, what)
+    }
+}
+
+/// [`Emulator::io_sense`] for a continuation that holds only the device's name.
+pub(crate) fn io_sense(name: &str, e: &io::Error, kind: IoKind, what: &'static str) -> Sense {
+    {
+        tracing::warn!(device = %name, op = what, error = %e, "handler I/O failed");
         let errno = e.raw_os_error();
         match (errno, e.kind()) {
             (Some(libc::ENOSPC | libc::EDQUOT), _) | (_, io::ErrorKind::StorageFull) => {
