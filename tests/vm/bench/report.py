@@ -6,8 +6,9 @@ Usage: tests/vm/bench/report.py RESULTS_DIR   (tests/vm/out/bench, written by gu
 Reads RESULTS_DIR/fio/<round>_<target>_<mode>_<job>.json (fio's JSON output) and bench.env (the
 settings the guest used), and writes
   results.json  every run's figures and the per-(mode, job, target) medians
-  results.md    one table per mode: IOPS, MiB/s and completion-latency percentiles per target,
-                and the ratios tcmu-warden `file` / tcmu-runner and / fileio
+  results.md    per mode: a table of IOPS and MiB/s per target with the ratios tcmu-warden
+                `file` / tcmu-runner, `file` / fileio and `ram` / fileio; one of completion-latency
+                percentiles; one of each round's IOPS (the spread between rounds)
 and prints results.md. Exit status 1 when there is no fio output at all.
 
 Figures per run: IOPS and bandwidth are read + write. Latency is fio's completion latency
@@ -217,6 +218,23 @@ def main():
             for t in targets:
                 p = [get(mode, job, t, k) for k in ["p50_us", "p99_us", "p99.9_us"]]
                 cells.append(" / ".join(fmt(v) for v in p) if any(v is not None for v in p) else "-")
+            lines.append(f"| {job} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("IOPS of each round (round 1, 2, ...; the VM's drift and the host's load show here):")
+        lines.append("")
+        lines.append("| job | " + " | ".join(TARGET_NAMES[t] for t in targets) + " |")
+        lines.append("|---" * (1 + len(targets)) + "|")
+        for job in jobs_seen:
+            if job not in medians.get(mode, {}):
+                continue
+            cells = []
+            for t in targets:
+                sel = sorted(
+                    (r["round"], r["iops"])
+                    for r in runs
+                    if (r["mode"], r["job"], r["target"]) == (mode, job, t)
+                )
+                cells.append(", ".join(fmt(v) for _, v in sel) or "-")
             lines.append(f"| {job} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
 
