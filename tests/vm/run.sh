@@ -6,7 +6,7 @@
 # check (`PASS <check>` / `FAIL <check>: <reason>`) and the summary line `vm: N passed, M failed`.
 # Exits nonzero on any failed check, on a boot failure, or on timeout.
 #
-# Usage: tests/vm/run.sh [--suite main|conformance|systemd] [--daemon warden|tcmu-runner|kernel] [--no-build]
+# Usage: tests/vm/run.sh [--suite main|conformance|systemd|bench] [--daemon warden|tcmu-runner|kernel] [--no-build]
 #                        [--timeout SECONDS] [--update-baseline]
 #   --suite main          (default) the checks of guest/suite.sh
 #   --suite conformance   libiscsi's iscsi-test-cu (all 230 tests) against one LUN exported
@@ -16,6 +16,10 @@
 #   --suite systemd       (warden only) systemd as the guest's init: the shipped unit
 #                         (dist/tcmu-warden.service) runs the daemon, whose supervisor is killed
 #                         under fio and restarted by systemd (guest/systemd.sh)
+#   --suite bench         the benchmark suite (guest/bench.sh): the same fio jobs against the
+#                         kernel's fileio, tcmu-runner's file handler and tcmu-warden's file and
+#                         ram, WCE=1 and WCE=0, in alternating rounds; bench/report.py prints the
+#                         medians and ratios (--daemon is ignored: every target runs). Not in CI.
 #   --update-baseline     (conformance) record this run as the daemon's baseline
 #   --daemon warden       (default) our daemon, target/release/tcmu-warden, `file` and `ram` devices
 #                         plus one `file` device outside the allowed directory that must be refused
@@ -24,7 +28,8 @@
 #                         the harness, tcm_loop and the checks themselves)
 #   --no-build            do not run `cargo build --release --bins` first (warden mode only builds;
 #                         the jail group's test binaries are still built, see VM_JAIL_TESTS)
-#   --timeout SECONDS     whole-VM deadline (default 1200; 3600 for the conformance suite)
+#   --timeout SECONDS     whole-VM deadline (default 2400; 3600 for the conformance suite, 5400
+#                         for the bench)
 # Environment: VM_FIO_SIZE (default 64m), VM_RUST_LOG (daemon log filter, default info),
 #   VM_MEMORY_MB (default 3072), VM_CPUS (default 2), VM_BIN_DIR (take tcmu-warden and
 #   tcmu-warden-worker from there, no build), VM_READY_PATTERN / VM_REFUSE_PATTERN (the daemon log
@@ -34,9 +39,12 @@
 #   in the recovery group), VM_JAIL_TESTS (the jail group's test binaries as `<target>=<path>`
 #   words; default: built here with `cargo test -p tcmu-warden-tests --test escape --test
 #   jail_runtime --no-run`), VM_JAIL_TEST_TIMEOUT (default 900: seconds per jail test),
-#   VM_CONF_TESTS (conformance: iscsi-test-cu's --test selection, default ALL).
+#   VM_CONF_TESTS (conformance: iscsi-test-cu's --test selection, default ALL), VM_BENCH_*
+#   (the bench's rounds, job times, targets, modes, jobs and sizes: see guest/bench.sh and
+#   tests/vm/README.md).
 # Output: tests/vm/out/<daemon>/ (console.log, results.txt, daemon logs, per-check logs), or
-#   tests/vm/out/conformance-<daemon>/ (conformance.xml, tests.txt, diff-table.txt, ...).
+#   tests/vm/out/conformance-<daemon>/ (conformance.xml, tests.txt, diff-table.txt, ...), or
+#   tests/vm/out/bench/ (results.json, results.md, fio/*.json, commands.txt, ...).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -70,7 +78,8 @@ case $suite in
     conformance) default_guest=$here/guest/conformance.sh; timeout_s=${timeout_s:-3600} ;;
     systemd) default_guest=$here/guest/systemd.sh; timeout_s=${timeout_s:-1500}
              [[ $daemon == warden ]] || { echo "run.sh: --suite systemd runs our daemon only" >&2; exit 2; } ;;
-    *) echo "run.sh: --suite must be main, conformance or systemd" >&2; exit 2 ;;
+    bench) default_guest=$here/guest/bench.sh; timeout_s=${timeout_s:-5400} ;;
+    *) echo "run.sh: --suite must be main, conformance, systemd or bench" >&2; exit 2 ;;
 esac
 
 groups=${VM_GROUPS:-main hotplug luns recovery jail}
@@ -154,6 +163,16 @@ if [[ $daemon == warden && $suite == main && " $groups " == *" jail "* ]]; then
     [[ -n $jail_dir ]] || die "no jail test binaries found"
 fi
 
+# The bench's tcmu-runner target: Debian's tcmu-runner loads the upstream example file handler
+# from this folder (read-only, shared with the guest through the host root).
+bench_runner_dir=""
+if [[ $suite == bench && " ${VM_BENCH_TARGETS:-tcmu-runner} " == *" tcmu-runner "* ]]; then
+    bench_runner_dir=${VM_BENCH_RUNNER_DIR:-$repo/../shared/bench/tcmu-runner-file}
+    [[ -f $bench_runner_dir/handler_file.so ]] ||
+        die "no handler_file.so in $bench_runner_dir (set VM_BENCH_RUNNER_DIR, or leave tcmu-runner out of VM_BENCH_TARGETS)"
+    bench_runner_dir=$(cd "$bench_runner_dir" && pwd -P)
+fi
+
 # ---- 3. initramfs --------------------------------------------------------------------------------
 out=$here/out
 mkdir -p "$out"
@@ -195,6 +214,7 @@ build_initrd
 # ---- 4. results share ----------------------------------------------------------------------------
 case $suite in
     main) res=$out/$daemon ;;
+    bench) res=$out/bench ;;
     *) res=$out/$suite-$daemon ;;
 esac
 rm -rf "$res"
@@ -222,6 +242,12 @@ console=$res/console.log
     printf 'VM_CONF_TIMEOUT=%q\n' "$(( timeout_s > 600 ? timeout_s - 300 : timeout_s / 2 ))"
     printf 'export VM_READY_PATTERN VM_REFUSE_PATTERN VM_CONF_TESTS VM_CONF_TIMEOUT VM_GROUPS VM_RECOVERY_FIO_SIZE\n'
     printf 'export VM_JAIL_TESTS VM_JAIL_DIR VM_JAIL_TEST_TIMEOUT\n'
+    printf 'VM_BENCH_RUNNER_DIR=%q\nexport VM_BENCH_RUNNER_DIR\n' "$bench_runner_dir"
+    for v in VM_BENCH_QUICK VM_BENCH_ROUNDS VM_BENCH_RUNTIME VM_BENCH_RAMP VM_BENCH_TARGETS \
+             VM_BENCH_MODES VM_BENCH_JOBS VM_BENCH_WCE0_JOBS VM_BENCH_SIZE_MB VM_BENCH_MULTI_LUNS \
+             VM_BENCH_MULTI_SIZE_MB; do
+        [[ -z ${!v:-} ]] || printf '%s=%q\nexport %s\n' "$v" "${!v}" "$v"
+    done
 } > "$res/params.env"
 
 # ---- 5. boot -------------------------------------------------------------------------------------
@@ -300,6 +326,10 @@ if [[ $suite == conformance ]] && (( vm_ok )); then
             *) echo "$line" ;;
         esac
     done < <("$here/conformance/report.sh" "${report_args[@]}" || true)
+fi
+# The bench: medians over the rounds, the tables and the ratios (results.json, results.md).
+if [[ $suite == bench ]] && (( vm_ok )); then
+    python3 "$here/bench/report.py" "$res" || { echo "FAIL bench/report: see above"; failed=$((failed + 1)); }
 fi
 if (( failed > 0 )); then
     log "---- last lines of $console ----"
