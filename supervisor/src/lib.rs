@@ -16,20 +16,18 @@
 //! - [`daemon`]: the device table, the worker table and the event loop (worker lifecycle:
 //!   heartbeats, crash handling, restarts, quarantine, in `daemon::lifecycle`).
 //! - [`journal`]: the devices' in-flight journal files (what a crashed worker left running).
-//! - [`actions`]: the `block_dev` / `reset_ring` attributes of a backstore in configfs.
 //! - [`daemon`]: the device table, the worker table and the event loop; [`daemon::ops`] adds
 //!   hot-plug, kernel requests, reconfiguration, statistics, reload and draining.
 //! - [`uevent`] and [`netlink`]: the kernel's device events (uevents) and its `TCM-USER`
 //!   generic netlink requests, decoded with bounds checks.
 //! - [`control`]: the control socket and the `status` report; [`sdnotify`]: systemd
-//!   readiness and watchdog; [`reload`]: what a `SIGHUP` changes; [`lio`]: LIO's module
-//!   parameters and device actions.
+//!   readiness and watchdog; [`reload`]: what a `SIGHUP` changes; [`lio`]: the one writer of
+//!   LIO's knobs (module parameters, `block_dev`, `reset_ring`).
 //! - [`fuzz`]: entry points for fuzzing every decoder of untrusted input.
 //! - [`logging`]: text, JSON or journald output.
 //!
 //! The binary, `tcmu-warden`, is a thin layer over these (`src/main.rs`).
 
-pub mod actions;
 pub mod cli;
 pub mod config;
 pub mod control;

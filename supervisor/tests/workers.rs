@@ -110,7 +110,7 @@ impl Fixture {
 
     /// What the supervisor last wrote to `action/<attr>` of `user_<hba>/<name>`.
     fn action(&self, hba: u32, name: &str, attr: &str) -> String {
-        fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
+        fs::read_to_string(tcmu_warden_supervisor::lio::action_path(
             &self.sysfs,
             hba,
             name,
@@ -1496,7 +1496,7 @@ mod fake_worker {
                     });
                     // What the supervisor had written to block_dev when it handed us the device.
                     let sysfs = fake.sysfs();
-                    let blocked = fs::read_to_string(tcmu_warden_supervisor::actions::action_path(
+                    let blocked = fs::read_to_string(tcmu_warden_supervisor::lio::action_path(
                         &sysfs,
                         spec.hba,
                         &spec.name,

@@ -47,11 +47,11 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use tcmu_warden_proto::{FromWorker, JournalMode, ToWorker};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{DevicePhase, Supervisor, WorkerKey, WorkerPhase};
-use crate::actions;
 use crate::journal::JournalStore;
+use crate::lio;
 use crate::worker::classify_exit;
 use tcmu_warden_proto::process::fit_reason;
 
@@ -187,7 +187,7 @@ impl Supervisor {
         if dev.blocked {
             return;
         }
-        match actions::block_dev(&root, dev.dev.hba, &dev.dev.name, true) {
+        match lio::block_dev(&root, dev.dev.hba, &dev.dev.name, true) {
             Ok(()) => {
                 dev.blocked = true;
                 info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device blocked: new commands answer BUSY until it is served again");
@@ -198,16 +198,40 @@ impl Supervisor {
         }
     }
 
-    /// `block_dev = 0` if the supervisor blocked it.
+    /// Blocks a served device for the shutdown drain (`block_dev = 1`; its ring is reset once
+    /// its worker is gone, see `finish_operations`). Returns whether the device is blocked.
+    pub(super) fn block_for_drain(&mut self, id: u64) -> bool {
+        let root = self.opts.sysfs_root.clone();
+        let Some(dev) = self.devices.get_mut(&id) else {
+            return false;
+        };
+        match lio::block_dev(&root, dev.dev.hba, &dev.dev.name, true) {
+            Ok(()) => {
+                debug!(device = %dev.dev.uio, "device blocked for the drain");
+                dev.blocked = true;
+                dev.drained = true;
+            }
+            Err(err) if err.is_missing() => {
+                debug!(device = %dev.dev.uio, error = %err, "device has no block_dev action");
+            }
+            Err(err) => {
+                warn!(device = %dev.dev.uio, error = %err, "cannot block the device for the drain");
+            }
+        }
+        dev.drained
+    }
+
+    /// `block_dev = 0` if the supervisor blocked it (not a device blocked for the shutdown
+    /// drain: that stays blocked until the next daemon serves it).
     pub(super) fn unblock_device(&mut self, id: u64) {
         let root = self.opts.sysfs_root.clone();
         let Some(dev) = self.devices.get_mut(&id) else {
             return;
         };
-        if !dev.blocked {
+        if !dev.blocked || dev.drained {
             return;
         }
-        match actions::block_dev(&root, dev.dev.hba, &dev.dev.name, false) {
+        match lio::block_dev(&root, dev.dev.hba, &dev.dev.name, false) {
             Ok(()) => {
                 dev.blocked = false;
                 info!(device = %dev.dev.uio, backstore = %dev.dev.label(), "device unblocked");
@@ -248,7 +272,7 @@ impl Supervisor {
         let Some(dev) = self.devices.get_mut(&id) else {
             return Err(());
         };
-        if let Err(err) = actions::reset_ring(&root, dev.dev.hba, &dev.dev.name) {
+        if let Err(err) = lio::reset_ring(&root, dev.dev.hba, &dev.dev.name) {
             error!(device = %dev.dev.uio, backstore = %dev.dev.label(), error = %err,
                    "cannot reset the ring; the device is not served");
             dev.phase = DevicePhase::Failed(fit_reason(format!("ring reset failed: {err}")));

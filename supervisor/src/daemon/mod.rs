@@ -418,8 +418,12 @@ struct Device {
     /// A worker may have fetched from the ring since it was last fresh: the next worker must
     /// recover (or, without a journal, the ring must be reset first).
     ring_dirty: bool,
-    /// The supervisor wrote `block_dev = 1` and has not unblocked it since.
+    /// The supervisor wrote `block_dev = 1` and has not unblocked it since (the one record of
+    /// whether a device is blocked).
     blocked: bool,
+    /// Blocked for the shutdown drain: stays blocked, and its ring is reset once its worker is
+    /// gone.
+    drained: bool,
     /// Journal mode of the last `AddDevice`.
     mode: JournalMode,
     /// The ring was reset for the hand-over under way (cleared once the device is served or its
@@ -668,6 +672,7 @@ impl Supervisor {
                 journal,
                 ring_dirty,
                 blocked: false,
+                drained: false,
                 mode: JournalMode::None,
                 reset_for_handover: false,
                 recoveries: 0,

@@ -69,7 +69,7 @@ use crate::control::{
     Response, StatusReport, WorkerReport,
 };
 use crate::discovery::{self, TcmuDevice, parse_uio_name};
-use crate::lio;
+use crate::lio::{self, ModuleParam};
 use crate::netlink::{self, DeviceRef, Incoming, Reconfig, TcmuEvent, TcmuNetlink};
 use crate::reload;
 use crate::sdnotify::Notifier;
@@ -140,7 +140,6 @@ pub(super) struct Ops {
     reopen: BTreeMap<u64, TcmuDevice>,
     /// Released devices to adopt again, with the supervisor's uio descriptor kept open.
     readopt: Vec<(TcmuDevice, OwnedFd, Incarnation)>,
-    blocked: BTreeSet<u64>,
     started_at: Instant,
     generation: u32,
 }
@@ -162,7 +161,6 @@ impl Ops {
             abandoned: BTreeMap::new(),
             reopen: BTreeMap::new(),
             readopt: Vec::new(),
-            blocked: BTreeSet::new(),
             started_at: Instant::now(),
             generation: 1,
         }
@@ -257,8 +255,8 @@ impl Supervisor {
             self.attach_control(server);
         }
         let root = self.opts.sysfs_root.clone();
-        lio::set_module_param(&root, "block_netlink", "1");
-        lio::set_module_param(&root, "reset_netlink", "1");
+        lio::set_module_param(&root, ModuleParam::BlockNetlink, true);
+        lio::set_module_param(&root, ModuleParam::ResetNetlink, true);
         if self.opts.kernel_events {
             let group =
                 uevent::group_for(self.opts.uevent_source, std::path::Path::new(UDEV_CONTROL));
@@ -318,7 +316,7 @@ impl Supervisor {
     /// After the start-up scan: lets the kernel send netlink requests again and tells systemd
     /// the daemon is ready.
     pub fn operations_ready(&mut self) {
-        lio::set_module_param(&self.opts.sysfs_root.clone(), "block_netlink", "0");
+        lio::set_module_param(&self.opts.sysfs_root, ModuleParam::BlockNetlink, false);
         self.ops.notifier.notify(&format!(
             "READY=1\nSTATUS=serving {} devices with {} workers",
             self.devices.len(),
@@ -403,7 +401,6 @@ impl Supervisor {
     pub(super) fn on_device_dropped(&mut self, id: u64, dev: Device) {
         self.ops.stats.remove(&id);
         let inc = self.ops.incarnations.remove(&id).unwrap_or_default();
-        self.ops.blocked.remove(&id);
         self.answer_reconfigs(id, -libc::ENODEV, "the device was released");
         if let Some(new) = self.ops.reopen.remove(&id) {
             self.ops.readopt.push((new, dev.uio_fd, inc));
@@ -415,10 +412,22 @@ impl Supervisor {
         if !self.opts.kernel_events {
             return;
         }
-        // One on its way to another worker stays blocked until that worker serves it.
-        if let Some(dev) = self.devices.get(&id).filter(|d| d.move_to.is_none()) {
-            let dir = discovery::configfs_dir(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name);
-            lio::device_action(&dir, &dev.dev.uio, "block_dev", "0");
+        // One on its way to another worker stays blocked until that worker serves it; one the
+        // supervisor blocked itself is unblocked by `on_device_ready`.
+        if let Some(dev) = self
+            .devices
+            .get(&id)
+            .filter(|d| d.move_to.is_none() && !d.blocked)
+        {
+            match lio::block_dev(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name, false) {
+                Ok(()) => {
+                    debug!(device = %dev.dev.uio, "lifted a block a previous daemon may have left")
+                }
+                Err(e) if e.is_missing() => {
+                    debug!(device = %dev.dev.uio, error = %e, "device has no block_dev action");
+                }
+                Err(e) => warn!(device = %dev.dev.uio, error = %e, "cannot unblock the device"),
+            }
         }
     }
 
@@ -490,26 +499,18 @@ impl Supervisor {
     /// every served device so the kernel holds new commands while in-flight ones drain.
     pub(super) fn on_shutdown_begin(&mut self) {
         self.ops.notifier.notify("STOPPING=1\nSTATUS=draining");
-        lio::set_module_param(&self.opts.sysfs_root.clone(), "block_netlink", "1");
+        lio::set_module_param(&self.opts.sysfs_root, ModuleParam::BlockNetlink, true);
         let ids: Vec<u64> = self
             .devices
             .iter()
             .filter(|(_, d)| matches!(d.phase, DevicePhase::Ready | DevicePhase::Sent))
             .map(|(id, _)| *id)
             .collect();
-        for id in ids {
-            if let Some(dev) = self.devices.get(&id) {
-                let dir =
-                    discovery::configfs_dir(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name);
-                if lio::device_action(&dir, &dev.dev.uio, "block_dev", "1") {
-                    self.ops.blocked.insert(id);
-                }
-            }
-        }
-        info!(
-            blocked = self.ops.blocked.len(),
-            "devices blocked; in-flight commands are draining"
-        );
+        let blocked = ids
+            .into_iter()
+            .filter(|id| self.block_for_drain(*id))
+            .count();
+        info!(blocked, "devices blocked; in-flight commands are draining");
         let ids: Vec<u64> = self.ops.reconfigs.keys().copied().collect();
         for id in ids {
             self.answer_reconfigs(id, -libc::ESHUTDOWN, "the daemon is stopping");
@@ -522,9 +523,14 @@ impl Supervisor {
     /// kernel requests are failed, and the control socket is removed. Devices stay blocked, and
     /// netlink stays blocked, until the next daemon starts.
     pub fn finish_operations(&mut self) {
-        let blocked: Vec<u64> = self.ops.blocked.iter().copied().collect();
+        let drained: Vec<u64> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.drained)
+            .map(|(id, _)| *id)
+            .collect();
         let mut reset = 0usize;
-        for id in blocked {
+        for id in drained {
             let Some(dev) = self.devices.get(&id) else {
                 continue;
             };
@@ -536,12 +542,18 @@ impl Supervisor {
                 warn!(device = %dev.dev.uio, "its worker could not be reaped; its ring is left as it is");
                 continue;
             }
-            let dir = discovery::configfs_dir(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name);
-            if lio::device_action(&dir, &dev.dev.uio, "reset_ring", "1") {
-                reset += 1;
+            match lio::reset_ring(&self.opts.sysfs_root, dev.dev.hba, &dev.dev.name) {
+                Ok(()) => {
+                    debug!(device = %dev.dev.uio, "ring reset");
+                    reset += 1;
+                }
+                Err(e) if e.is_missing() => {
+                    debug!(device = %dev.dev.uio, error = %e, "device has no reset_ring action");
+                }
+                Err(e) => warn!(device = %dev.dev.uio, error = %e, "cannot reset the ring"),
             }
         }
-        lio::set_module_param(&self.opts.sysfs_root.clone(), "reset_netlink", "1");
+        lio::set_module_param(&self.opts.sysfs_root, ModuleParam::ResetNetlink, true);
         self.ops.control = None;
         info!(
             reset,
@@ -1150,7 +1162,7 @@ impl Supervisor {
     /// with sysfs.
     fn resync(&mut self, why: &str) {
         error!(reason = why, "events were lost; resynchronizing with sysfs");
-        lio::set_module_param(&self.opts.sysfs_root.clone(), "reset_netlink", "1");
+        lio::set_module_param(&self.opts.sysfs_root, ModuleParam::ResetNetlink, true);
         let scan = match discovery::scan(&self.opts.sysfs_root) {
             Ok(s) => s,
             Err(e) => {
