@@ -83,6 +83,32 @@ pub enum ControlError {
     Refused(String),
 }
 
+/// Why a request line was refused (the client is told this text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The line is longer than [`MAX_REQUEST`].
+    #[error("request longer than {MAX_REQUEST} bytes")]
+    TooLong,
+    /// Not a request object (serde's own words: unknown request, field or type).
+    #[error("{0}")]
+    Malformed(String),
+    /// `worker` given with a request that takes none.
+    #[error("`worker` is only accepted with `lift_quarantine`")]
+    UnexpectedWorker,
+    /// `lift_quarantine` without a `worker`.
+    #[error("`lift_quarantine` needs a `worker`")]
+    MissingWorker,
+    /// The worker name is empty.
+    #[error("the worker name is empty")]
+    EmptyWorkerName,
+    /// The worker name is too long.
+    #[error("the worker name is longer than {MAX_NAME_LEN} bytes")]
+    LongWorkerName,
+    /// The worker name holds control characters.
+    #[error("the worker name holds control characters")]
+    ControlInWorkerName,
+}
+
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -134,14 +160,12 @@ impl Envelope {
         }
     }
 
-    fn into_request(self) -> Result<Request, String> {
+    fn into_request(self) -> Result<Request, RequestError> {
         match (self.request, self.worker) {
             (Kind::Status, None) => Ok(Request::Status),
             (Kind::Version, None) => Ok(Request::Version),
-            (Kind::Status | Kind::Version, Some(_)) => {
-                Err("`worker` is only accepted with `lift_quarantine`".into())
-            }
-            (Kind::LiftQuarantine, None) => Err("`lift_quarantine` needs a `worker`".into()),
+            (Kind::Status | Kind::Version, Some(_)) => Err(RequestError::UnexpectedWorker),
+            (Kind::LiftQuarantine, None) => Err(RequestError::MissingWorker),
             (Kind::LiftQuarantine, Some(worker)) => {
                 check_worker_name(&worker)?;
                 Ok(Request::LiftQuarantine { worker })
@@ -151,17 +175,15 @@ impl Envelope {
 }
 
 /// A worker name from a client: 1 to [`MAX_NAME_LEN`] bytes, no control characters.
-fn check_worker_name(name: &str) -> Result<(), String> {
+fn check_worker_name(name: &str) -> Result<(), RequestError> {
     if name.is_empty() {
-        return Err("the worker name is empty".into());
+        return Err(RequestError::EmptyWorkerName);
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "the worker name is longer than {MAX_NAME_LEN} bytes"
-        ));
+        return Err(RequestError::LongWorkerName);
     }
     if name.chars().any(char::is_control) {
-        return Err("the worker name holds control characters".into());
+        return Err(RequestError::ControlInWorkerName);
     }
     Ok(())
 }
@@ -352,12 +374,12 @@ pub struct WorkerReport {
 }
 
 /// Decodes one request line (without its newline). Never panics.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
     if line.len() > MAX_REQUEST {
-        return Err(format!("request longer than {MAX_REQUEST} bytes"));
+        return Err(RequestError::TooLong);
     }
     serde_json::from_slice::<Envelope>(line)
-        .map_err(|e| e.to_string())
+        .map_err(|e| RequestError::Malformed(e.to_string()))
         .and_then(Envelope::into_request)
 }
 
@@ -485,8 +507,8 @@ impl ControlServer {
 
     /// Handles readiness (`ready[i]` for the `i`th entry of [`ControlServer::poll_fds`]):
     /// accepts, reads, writes and closes. Returns the requests received, by connection.
-    pub fn service(&mut self, ready: &[bool]) -> Vec<(u64, Result<Request, String>)> {
-        let mut requests: Vec<(u64, Result<Request, String>)> = Vec::new();
+    pub fn service(&mut self, ready: &[bool]) -> Vec<(u64, Result<Request, RequestError>)> {
+        let mut requests: Vec<(u64, Result<Request, RequestError>)> = Vec::new();
         let now = Instant::now();
         for (conn, is_ready) in self.conns.iter_mut().zip(ready.iter().skip(1)) {
             if !*is_ready {
@@ -615,7 +637,11 @@ fn flush(conn: &mut Conn) {
     }
 }
 
-fn read_requests(conn: &mut Conn, now: Instant, out: &mut Vec<(u64, Result<Request, String>)>) {
+fn read_requests(
+    conn: &mut Conn,
+    now: Instant,
+    out: &mut Vec<(u64, Result<Request, RequestError>)>,
+) {
     let mut buf = [0u8; 4096];
     loop {
         match conn.stream.read(&mut buf) {
@@ -655,10 +681,7 @@ fn read_requests(conn: &mut Conn, now: Instant, out: &mut Vec<(u64, Result<Reque
     }
     if conn.inbuf.len() > MAX_REQUEST {
         conn.inbuf.clear();
-        out.push((
-            conn.id,
-            Err(format!("request longer than {MAX_REQUEST} bytes")),
-        ));
+        out.push((conn.id, Err(RequestError::TooLong)));
         conn.closing = true;
     }
 }
@@ -834,6 +857,7 @@ mod tests {
         assert!(
             parse_request(br#"{"request":"reboot"}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("reboot")
         );
         assert!(parse_request(br#"{"request":"status","x":1}"#).is_err());
@@ -845,7 +869,7 @@ mod tests {
         );
         let refused = |line: &[u8], why: &str| {
             let err = parse_request(line).unwrap_err();
-            assert!(err.contains(why), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
         };
         refused(br#"{"request":"lift_quarantine"}"#, "needs a `worker`");
         refused(br#"{"request":"lift_quarantine","worker":""}"#, "empty");
@@ -881,7 +905,7 @@ mod tests {
     }
 
     /// Turns the server until `n` requests arrived (answering each with its echo).
-    fn serve(server: &mut ControlServer, n: usize) -> Vec<Result<Request, String>> {
+    fn serve(server: &mut ControlServer, n: usize) -> Vec<Result<Request, RequestError>> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut got = Vec::new();
         while got.len() < n {
@@ -903,7 +927,7 @@ mod tests {
                         }),
                         ..Response::default()
                     },
-                    Err(e) => Response::error(e.clone()),
+                    Err(e) => Response::error(e.to_string()),
                 };
                 server.respond(id, &resp);
                 got.push(req);
@@ -967,7 +991,7 @@ mod tests {
             .write_all(&vec![b'x'; MAX_REQUEST + 10])
             .unwrap();
         let got = serve(&mut server, 1);
-        assert!(got[0].as_ref().unwrap_err().contains("longer"));
+        assert!(got[0].as_ref().unwrap_err().to_string().contains("longer"));
         let mut rest = String::new();
         c2.read_to_string(&mut rest).unwrap();
         assert!(rest.contains("\"ok\":false"), "{rest}");

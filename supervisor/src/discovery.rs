@@ -50,6 +50,29 @@ pub enum DiscoveryError {
     },
 }
 
+/// Why the text of one sysfs or configfs attribute is not what the kernel writes there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttrError {
+    /// The HBA number of a uio `name` is not a number.
+    #[error("HBA number {0:?} is not a number")]
+    BadHba(String),
+    /// The backstore name of a uio `name` is empty.
+    #[error("the backstore name is empty")]
+    EmptyName,
+    /// `maps/map0/size` is not a size.
+    #[error("{0:?} is not a size")]
+    BadSize(String),
+    /// `wwn/vpd_unit_serial` lacks its `...: <serial>` form.
+    #[error("{0:?} lacks the \"...: <serial>\" form")]
+    BadSerialForm(String),
+    /// The serial holds control characters.
+    #[error("the serial contains control characters")]
+    SerialControl,
+    /// The serial is longer than the wire allows.
+    #[error("the serial is {0} bytes long")]
+    SerialTooLong(usize),
+}
+
 /// The parsed `name` attribute of a TCMU uio device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UioName {
@@ -65,7 +88,7 @@ pub struct UioName {
 
 /// Parses a uio `name` attribute. `Ok(None)`: not a TCMU device. A trailing newline (as sysfs
 /// prints it) is ignored.
-pub fn parse_uio_name(text: &str) -> Result<Option<UioName>, String> {
+pub fn parse_uio_name(text: &str) -> Result<Option<UioName>, AttrError> {
     let text = text.strip_suffix('\n').unwrap_or(text);
     let Some(rest) = text.strip_prefix(TCMU_UIO_PREFIX) else {
         return Ok(None);
@@ -74,10 +97,10 @@ pub fn parse_uio_name(text: &str) -> Result<Option<UioName>, String> {
     let hba_text = parts.next().unwrap_or_default();
     let hba: u32 = hba_text
         .parse()
-        .map_err(|_| format!("HBA number {hba_text:?} is not a number"))?;
+        .map_err(|_| AttrError::BadHba(hba_text.to_owned()))?;
     let name = parts.next().unwrap_or_default();
     if name.is_empty() {
-        return Err("the backstore name is empty".into());
+        return Err(AttrError::EmptyName);
     }
     let (subtype, cfgstring) = match parts.next() {
         None => (None, String::new()),
@@ -201,7 +224,7 @@ pub fn read_device(sysfs_root: &Path, uio: &str) -> Result<Option<TcmuDevice>, D
     let text = read_attr(&name_path)?;
     let Some(parsed) = parse_uio_name(&text).map_err(|why| DiscoveryError::Parse {
         path: name_path.clone(),
-        why,
+        why: why.to_string(),
     })?
     else {
         return Ok(None);
@@ -210,7 +233,7 @@ pub fn read_device(sysfs_root: &Path, uio: &str) -> Result<Option<TcmuDevice>, D
     let map_path = uio_dir.join("maps/map0/size");
     let map_size = parse_map_size(&read_attr(&map_path)?).map_err(|why| DiscoveryError::Parse {
         path: map_path.clone(),
-        why,
+        why: why.to_string(),
     })?;
     if !(4096..=(1 << 40)).contains(&map_size) {
         return Err(DiscoveryError::Parse {
@@ -258,7 +281,7 @@ pub fn read_device(sysfs_root: &Path, uio: &str) -> Result<Option<TcmuDevice>, D
     let serial =
         parse_unit_serial(&read_attr(&serial_path)?).map_err(|why| DiscoveryError::Parse {
             path: serial_path,
-            why,
+            why: why.to_string(),
         })?;
     let unit_serial = serial.unwrap_or_else(|| derived_serial(parsed.hba, &parsed.name));
 
@@ -286,30 +309,30 @@ pub fn configfs_dir(sysfs_root: &Path, hba: u32, name: &str) -> PathBuf {
 }
 
 /// Parses `maps/map0/size`: hexadecimal with `0x` (as the uio driver prints it), or decimal.
-pub fn parse_map_size(text: &str) -> Result<u64, String> {
+pub fn parse_map_size(text: &str) -> Result<u64, AttrError> {
     let t = text.trim();
     let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => t.parse(),
     };
-    parsed.map_err(|_| format!("{t:?} is not a size"))
+    parsed.map_err(|_| AttrError::BadSize(t.to_owned()))
 }
 
 /// Parses `wwn/vpd_unit_serial` (`T10 VPD Unit Serial Number: <serial>`). `Ok(None)`: no serial
 /// is set.
-pub fn parse_unit_serial(text: &str) -> Result<Option<String>, String> {
+pub fn parse_unit_serial(text: &str) -> Result<Option<String>, AttrError> {
     let (_, serial) = text
         .split_once(':')
-        .ok_or_else(|| format!("{:?} lacks the \"...: <serial>\" form", text.trim()))?;
+        .ok_or_else(|| AttrError::BadSerialForm(text.trim().to_owned()))?;
     let serial = serial.trim();
     if serial.is_empty() {
         return Ok(None);
     }
     if serial.chars().any(char::is_control) {
-        return Err("the serial contains control characters".into());
+        return Err(AttrError::SerialControl);
     }
     if serial.len() > tcmu_warden_proto::MAX_NAME_LEN {
-        return Err(format!("the serial is {} bytes long", serial.len()));
+        return Err(AttrError::SerialTooLong(serial.len()));
     }
     Ok(Some(serial.to_owned()))
 }

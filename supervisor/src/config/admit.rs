@@ -37,7 +37,7 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 
-use crate::config::{Config, normalize_absolute};
+use crate::config::{Config, PathError, normalize_absolute};
 use tcmu_warden_policy::jail::settings::Backing;
 use tcmu_warden_policy::size::format_size;
 
@@ -67,7 +67,7 @@ pub enum PolicyError {
         /// The cfgstring.
         path: String,
         /// Why.
-        why: String,
+        why: PathError,
     },
     /// The path lies outside every `allow_paths` entry.
     #[error("{path:?} is outside allow_paths [{allowed}]")]
@@ -241,7 +241,7 @@ impl Config {
         } else {
             let rel = path.strip_prefix(entry).map_err(|_| PolicyError::BadPath {
                 path: cfgstring.to_owned(),
-                why: "cannot be split at its allowed directory".into(),
+                why: PathError::Unsplittable,
             })?;
             open_beneath(subtype, entry, rel, &path)
         }

@@ -1021,28 +1021,49 @@ fn is_subtype_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Why a path is not an absolute, normalizable Unix path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The text is empty.
+    #[error("empty path")]
+    Empty,
+    /// It holds a NUL byte.
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    /// It is relative.
+    #[error("{0:?} is not an absolute path")]
+    Relative(String),
+    /// It has a `..` component.
+    #[error("{0:?} contains a `..` component")]
+    ParentDir(String),
+    /// It has a prefix no Unix path has.
+    #[error("{0:?} is not a Unix path")]
+    NotUnix(String),
+    /// It cannot be split at the allowed directory it lies under.
+    #[error("cannot be split at its allowed directory")]
+    Unsplittable,
+}
+
 /// Lexically normalizes an absolute path: removes `.` and repeated or trailing slashes. Refuses
-/// relative paths, `..` components and NUL bytes with a message saying which.
-pub(crate) fn normalize_absolute(text: &str) -> Result<PathBuf, String> {
+/// relative paths, `..` components and NUL bytes, saying which.
+pub(crate) fn normalize_absolute(text: &str) -> Result<PathBuf, PathError> {
     if text.is_empty() {
-        return Err("empty path".into());
+        return Err(PathError::Empty);
     }
     if text.contains('\0') {
-        return Err(format!("{text:?} contains a NUL byte"));
+        return Err(PathError::Nul(text.to_owned()));
     }
     let path = Path::new(text);
     if !path.is_absolute() {
-        return Err(format!("{text:?} is not an absolute path"));
+        return Err(PathError::Relative(text.to_owned()));
     }
     let mut out = PathBuf::from("/");
     for component in path.components() {
         match component {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(part) => out.push(part),
-            Component::ParentDir => {
-                return Err(format!("{text:?} contains a `..` component"));
-            }
-            Component::Prefix(_) => return Err(format!("{text:?} is not a Unix path")),
+            Component::ParentDir => return Err(PathError::ParentDir(text.to_owned())),
+            Component::Prefix(_) => return Err(PathError::NotUnix(text.to_owned())),
         }
     }
     Ok(out)

@@ -74,6 +74,17 @@ pub(super) struct CrashHistory {
     pub lifts: u32,
 }
 
+/// Why a ring could not be reset (logged, and the device marked failed, where it happens).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ResetError {
+    /// The device left the table.
+    #[error("device {0} is no longer managed")]
+    Gone(u64),
+    /// `action/reset_ring` could not be written.
+    #[error("ring reset failed: {0}")]
+    Knob(#[from] lio::KnobError),
+}
+
 /// The restart delay after the `n`-th crash inside the window (1-based).
 pub(super) fn backoff(initial: Duration, max: Duration, n: usize) -> Duration {
     let doublings = u32::try_from(n.saturating_sub(1))
@@ -266,18 +277,18 @@ impl Supervisor {
 
     /// Blocks (if needed) and resets the ring of device `id`, and zeroes its journal. On
     /// failure the device is marked failed.
-    pub(super) fn reset_device_ring(&mut self, id: u64) -> Result<(), ()> {
+    pub(super) fn reset_device_ring(&mut self, id: u64) -> Result<(), ResetError> {
         self.block_device(id);
         let root = self.opts.sysfs_root.clone();
         let Some(dev) = self.devices.get_mut(&id) else {
-            return Err(());
+            return Err(ResetError::Gone(id));
         };
         if let Err(err) = lio::reset_ring(&root, dev.dev.hba, &dev.dev.name) {
             error!(device = %dev.dev.uio, backstore = %dev.dev.label(), error = %err,
                    "cannot reset the ring; the device is not served");
             dev.phase = DevicePhase::Failed(fit_reason(format!("ring reset failed: {err}")));
             dev.deadline = None;
-            return Err(());
+            return Err(ResetError::Knob(err));
         }
         dev.resets = dev.resets.saturating_add(1);
         dev.ring_dirty = false;

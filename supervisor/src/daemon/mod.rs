@@ -222,6 +222,53 @@ pub enum AdoptError {
     Spec(ProtoError),
 }
 
+/// A protocol violation: a message a worker had no business sending. It ends that worker (the
+/// text is its kill reason), never the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// Something other than `Hello` as the first message.
+    #[error("sent {0} before answering Hello")]
+    BeforeHello(&'static str),
+    /// A second `Hello`.
+    #[error("sent a second Hello")]
+    SecondHello,
+    /// A reply about a device that is not the worker's.
+    #[error("{what} for device {id}, which it does not own")]
+    NotOwned {
+        /// The message.
+        what: &'static str,
+        /// The device id it named.
+        id: u64,
+    },
+    /// A reply the device's phase does not expect.
+    #[error("{what} for device {id}, which is {phase:?}")]
+    WrongPhase {
+        /// The message.
+        what: &'static str,
+        /// The device.
+        id: u64,
+        /// Its phase.
+        phase: DevicePhase,
+    },
+    /// `RecoveryFailed` right after the supervisor reset and blocked the ring.
+    #[error("RecoveryFailed for device {0}, whose ring was just reset and blocked")]
+    RecoveryAfterReset(u64),
+    /// A `Pong` that answers no outstanding `Ping`.
+    #[error("unsolicited Pong {0}")]
+    UnsolicitedPong(u64),
+    /// A `Pong` carrying counters of devices that are not the worker's.
+    #[error("Pong reports devices it does not own")]
+    ForeignStats,
+    /// A reconfiguration answer nobody asked for.
+    #[error("{what} for device {id}, which has no reconfiguration pending")]
+    NoReconfigPending {
+        /// The message.
+        what: &'static str,
+        /// The device.
+        id: u64,
+    },
+}
+
 /// Which worker serves a device.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WorkerKey {
@@ -1109,7 +1156,7 @@ impl Supervisor {
             match slot.process.recv() {
                 Ok(Some(msg)) => {
                     if let Err(why) = self.handle(key, msg) {
-                        self.kill_worker(key, why);
+                        self.kill_worker(key, why.to_string());
                         return;
                     }
                 }
@@ -1144,24 +1191,23 @@ impl Supervisor {
     }
 
     /// Acts on one validated message. `Err` is a protocol violation that ends the worker.
-    fn handle(&mut self, key: &WorkerKey, msg: FromWorker) -> Result<(), String> {
+    fn handle(&mut self, key: &WorkerKey, msg: FromWorker) -> Result<(), Violation> {
         let phase = self.workers.get(key).map(|s| s.phase);
         match (phase, msg) {
             (Some(WorkerPhase::Handshaking), FromWorker::Hello { pid, subtypes }) => {
                 self.on_hello(key, pid, subtypes);
                 Ok(())
             }
-            (Some(WorkerPhase::Handshaking), other) => {
-                Err(format!("sent {} before answering Hello", kind(&other)))
-            }
-            (_, FromWorker::Hello { .. }) => Err("sent a second Hello".into()),
+            (Some(WorkerPhase::Handshaking), other) => Err(Violation::BeforeHello(kind(&other))),
+            (_, FromWorker::Hello { .. }) => Err(Violation::SecondHello),
             (_, FromWorker::DeviceReady { id }) => {
                 let (dev, _) = self.owned(key, id, "DeviceReady")?;
                 if dev.phase != DevicePhase::Sent {
-                    return Err(format!(
-                        "DeviceReady for device {id}, which is {:?}",
-                        dev.phase
-                    ));
+                    return Err(Violation::WrongPhase {
+                        what: "DeviceReady",
+                        id,
+                        phase: dev.phase.clone(),
+                    });
                 }
                 dev.phase = DevicePhase::Ready;
                 dev.deadline = None;
@@ -1199,10 +1245,11 @@ impl Supervisor {
                     return Ok(());
                 }
                 if !matches!(dev.phase, DevicePhase::Sent | DevicePhase::Ready) {
-                    return Err(format!(
-                        "DeviceFailed for device {id}, which is {:?}",
-                        dev.phase
-                    ));
+                    return Err(Violation::WrongPhase {
+                        what: "DeviceFailed",
+                        id,
+                        phase: dev.phase.clone(),
+                    });
                 }
                 // The reason is the worker's text: logged escaped, never interpreted.
                 error!(
@@ -1225,15 +1272,14 @@ impl Supervisor {
                 // In any journal mode: without a journal to recover from, a ring that already
                 // holds commands cannot be served either (see `lifecycle`).
                 if dev.phase != DevicePhase::Sent {
-                    return Err(format!(
-                        "RecoveryFailed for device {id}, which is {:?}",
-                        dev.phase
-                    ));
+                    return Err(Violation::WrongPhase {
+                        what: "RecoveryFailed",
+                        id,
+                        phase: dev.phase.clone(),
+                    });
                 }
                 if dev.reset_for_handover {
-                    return Err(format!(
-                        "RecoveryFailed for device {id}, whose ring was just reset and blocked"
-                    ));
+                    return Err(Violation::RecoveryAfterReset(id));
                 }
                 dev.deadline = None;
                 self.on_recovery_failed(key, id, &reason);
@@ -1242,10 +1288,11 @@ impl Supervisor {
             (_, FromWorker::DeviceRemoved { id }) => {
                 let (dev, _) = self.owned(key, id, "DeviceRemoved")?;
                 if dev.phase != DevicePhase::Removing {
-                    return Err(format!(
-                        "DeviceRemoved for device {id}, which is {:?}",
-                        dev.phase
-                    ));
+                    return Err(Violation::WrongPhase {
+                        what: "DeviceRemoved",
+                        id,
+                        phase: dev.phase.clone(),
+                    });
                 }
                 self.release_done(id);
                 Ok(())
@@ -1257,12 +1304,12 @@ impl Supervisor {
                 let owned_all = stats
                     .iter()
                     .all(|s| self.devices.get(&s.id).is_some_and(|d| &d.worker == key));
-                let slot = self.workers.get_mut(key).ok_or("unknown worker")?;
-                if slot.ping != Some(*seq) {
-                    return Err(format!("unsolicited Pong {seq}"));
+                let ping = self.workers.get(key).and_then(|s| s.ping);
+                if ping != Some(*seq) {
+                    return Err(Violation::UnsolicitedPong(*seq));
                 }
                 if !owned_all {
-                    return Err("Pong reports devices it does not own".into());
+                    return Err(Violation::ForeignStats);
                 }
                 let FromWorker::Pong { stats, .. } = &msg else {
                     return Ok(());
@@ -1272,9 +1319,11 @@ impl Supervisor {
                 self.record_stats(counters);
                 Ok(())
             }
-            (_, FromWorker::Reconfigured { id }) => self.on_reconfig_reply(key, id, Ok(())),
+            (_, FromWorker::Reconfigured { id }) => {
+                self.on_reconfig_reply(key, id, ops::ReconfigAnswer::Applied)
+            }
             (_, FromWorker::ReconfigFailed { id, reason }) => {
-                self.on_reconfig_reply(key, id, Err(reason))
+                self.on_reconfig_reply(key, id, ops::ReconfigAnswer::Refused(reason))
             }
         }
     }
@@ -1284,12 +1333,12 @@ impl Supervisor {
         &mut self,
         key: &WorkerKey,
         id: u64,
-        what: &str,
-    ) -> Result<(&mut Device, String), String> {
+        what: &'static str,
+    ) -> Result<(&mut Device, String), Violation> {
         let name = key.name();
         match self.devices.get_mut(&id) {
             Some(dev) if &dev.worker == key => Ok((dev, name)),
-            _ => Err(format!("{what} for device {id}, which it does not own")),
+            _ => Err(Violation::NotOwned { what, id }),
         }
     }
 

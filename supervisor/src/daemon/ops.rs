@@ -61,7 +61,7 @@ use tcmu_warden_proto::{DeviceStats, ToWorker};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AdoptError, DaemonError, Device, DevicePhase, Supervisor, WorkerKey, WorkerPhase,
+    AdoptError, DaemonError, Device, DevicePhase, Supervisor, Violation, WorkerKey, WorkerPhase,
     default_worker_exe,
 };
 use crate::control::{
@@ -177,6 +177,15 @@ impl Ops {
             .flatten()
             .min()
     }
+}
+
+/// A worker's answer to a [`ToWorker::Reconfig`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ReconfigAnswer {
+    /// `Reconfigured`: the change is in force.
+    Applied,
+    /// `ReconfigFailed`, with the worker's reason (its text, logged escaped).
+    Refused(String),
 }
 
 /// Where a ready descriptor belongs.
@@ -443,12 +452,11 @@ impl Supervisor {
         &mut self,
         key: &WorkerKey,
         id: u64,
-        result: Result<(), String>,
-    ) -> Result<(), String> {
-        let what = if result.is_ok() {
-            "Reconfigured"
-        } else {
-            "ReconfigFailed"
+        answer: ReconfigAnswer,
+    ) -> Result<(), Violation> {
+        let what = match answer {
+            ReconfigAnswer::Applied => "Reconfigured",
+            ReconfigAnswer::Refused(_) => "ReconfigFailed",
         };
         self.owned(key, id, what)?;
         let Some(p) = self
@@ -465,17 +473,15 @@ impl Supervisor {
                     debug!(id, what, "late answer to an abandoned reconfiguration");
                     Ok(())
                 }
-                _ => Err(format!(
-                    "{what} for device {id}, which has no reconfiguration pending"
-                )),
+                _ => Err(Violation::NoReconfigPending { what, id }),
             };
         };
         let Some(dev) = self.devices.get_mut(&id) else {
             return Ok(());
         };
         let uio = dev.dev.uio.clone();
-        match result {
-            Ok(()) => {
+        match answer {
+            ReconfigAnswer::Applied => {
                 if let Some(size) = p.dev_size {
                     dev.dev.dev_size = size;
                     dev.spec.dev_size = size;
@@ -487,7 +493,7 @@ impl Supervisor {
                 info!(device = %uio, worker = %key.name(), dev_size = ?p.dev_size, write_cache = ?p.write_cache, "device reconfigured");
                 self.reply(netlink::cmd::RECONFIG_DEVICE_DONE, p.device_id, 0);
             }
-            Err(reason) => {
+            ReconfigAnswer::Refused(reason) => {
                 warn!(device = %uio, worker = %key.name(), reason = ?reason, "the worker could not apply the change; refusing it to the kernel");
                 self.reply(netlink::cmd::RECONFIG_DEVICE_DONE, p.device_id, -libc::EIO);
             }
@@ -1227,7 +1233,7 @@ impl Supervisor {
                         Response::error(e.to_string())
                     }
                 },
-                Err(why) => Response::error(why),
+                Err(why) => Response::error(why.to_string()),
             };
             if let Some(server) = &mut self.ops.control {
                 server.respond(conn, &response);
