@@ -27,12 +27,9 @@
 //! This module never decides policy (the policy crate's [`JailSpec`] does) and never runs in
 //! the worker after `exec` (stage two is the worker's own).
 
-use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tcmu_warden_policy::jail::landlock::{self as ll, Enforcement, LandlockReport};
@@ -380,8 +377,11 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
     })?;
     let caps = own_effective_caps().map_err(JailError::SelfState)?;
     let has = |cap: u32| caps & (1u64 << cap) != 0;
-    // SAFETY: getuid/getgid/getpid have no preconditions.
-    let (my_uid, my_gid, me) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+    let (my_uid, my_gid, me) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+        nix::unistd::getpid().as_raw(),
+    );
     let uid = spec.uid().unwrap_or(my_uid);
     let gid = spec.gid().unwrap_or(my_gid);
     if uid != my_uid && !has(CAP_SETUID) {
@@ -470,12 +470,9 @@ fn above_low_numbers(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() >= min {
         return Ok(fd);
     }
-    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own onto the lowest free number >= min.
-    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a new descriptor owned by nothing else.
+    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))
+        .map_err(io::Error::from)?;
+    // SAFETY: F_DUPFD_CLOEXEC just returned `raw`, a new descriptor owned by nothing else.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
 }
 
@@ -635,7 +632,7 @@ pub fn kernel_log_violation(pid: u32, since: SystemTime, patience: Duration) -> 
         match seccomp_record_in_kmsg(pid, since) {
             Ok(Some(nr)) => break nr,
             // The log cannot be read at all: waiting would not help.
-            Err(()) => return None,
+            Err(_) => return None,
             Ok(None) if std::time::Instant::now() >= end => return None,
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -648,20 +645,13 @@ pub fn kernel_log_violation(pid: u32, since: SystemTime, patience: Duration) -> 
 
 /// One pass over `/dev/kmsg`: the system call number of the newest matching seccomp record,
 /// `Ok(None)` if there is none yet, `Err(())` if the log cannot be opened.
-fn seccomp_record_in_kmsg(pid: u32, since: SystemTime) -> Result<Option<i64>, ()> {
-    let path = CString::new(Path::new("/dev/kmsg").as_os_str().as_bytes()).map_err(|_| ())?;
-    // SAFETY: opening a device node read-only, non-blocking; the descriptor is owned at once.
-    let raw = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        return Err(());
-    }
-    // SAFETY: `raw` was just opened and is owned by nothing else.
-    let fd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+fn seccomp_record_in_kmsg(pid: u32, since: SystemTime) -> Result<Option<i64>, io::Error> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/kmsg")?;
     // Audit stamps are wall-clock seconds; allow for their millisecond rounding.
     let since = since
         .checked_sub(Duration::from_secs(1))
@@ -671,19 +661,16 @@ fn seccomp_record_in_kmsg(pid: u32, since: SystemTime) -> Result<Option<i64>, ()
     let mut buf = vec![0u8; 8192];
     // Each read returns one record; the kernel's buffer holds a bounded number of them.
     for _ in 0..1_000_000 {
-        // SAFETY: reading at most buf.len() bytes into buf.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                // Records overwritten while we read: carry on with the next one.
-                Some(libc::EPIPE) | Some(libc::EINTR) => continue,
-                _ => break,
+        let n = match kmsg.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            // Records overwritten while we read: carry on with the next one.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::EINTR)) => {
+                continue;
             }
-        }
-        if n == 0 {
-            break;
-        }
-        let Some(record) = buf.get(..n.unsigned_abs()) else {
+            Err(_) => break,
+        };
+        let Some(record) = buf.get(..n) else {
             break;
         };
         if let Some(nr) = parse_seccomp_record(&String::from_utf8_lossy(record), pid, since) {

@@ -29,7 +29,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -95,8 +95,7 @@ impl WorkerProcess {
         let (ours, theirs) = Channel::pair().map_err(spawn_err)?;
         ours.set_nonblocking(true).map_err(spawn_err)?;
         let child_fd = theirs.as_raw_fd();
-        // SAFETY: getpid has no preconditions.
-        let parent_pid = unsafe { libc::getpid() };
+        let parent_pid = nix::unistd::getpid().as_raw();
 
         let mut cmd = Command::new(exe);
         cmd.env_clear();
@@ -349,8 +348,7 @@ pub fn classify_exit(status: ExitStatus, killed_for: Option<&str>) -> String {
 
 /// Test and future-restart helper: whether `fd` is still an open descriptor of this process.
 pub fn fd_is_open(fd: &OwnedFd) -> bool {
-    // SAFETY: F_GETFD on a descriptor number; it only reads the descriptor table.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) >= 0 }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
 }
 
 #[cfg(test)]

@@ -461,9 +461,7 @@ mod tests {
             fs::read(t.root.join("allowed/disk.img")).unwrap(),
             b"INSIDE"
         );
-        // SAFETY: F_GETFD on a descriptor we own.
-        let flags =
-            unsafe { nix::libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), nix::libc::F_GETFD) };
+        let flags = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert_eq!(flags & nix::libc::FD_CLOEXEC, nix::libc::FD_CLOEXEC);
     }
 
