@@ -59,6 +59,16 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// A connection that sends nothing (or reads nothing) for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Which descriptor of the control server is ready: the listening socket, or the connection
+/// with this id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlToken {
+    /// The listening socket (a connection to accept).
+    Listener,
+    /// An accepted connection.
+    Conn(u64),
+}
+
 /// Errors of the control socket, server or client side.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -490,8 +500,12 @@ impl ControlServer {
     }
 
     /// What to poll: the listener first, then each connection.
-    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
-        let mut v = vec![(self.listener.as_fd(), PollFlags::POLLIN)];
+    pub fn poll_fds(&self) -> Vec<(ControlToken, BorrowedFd<'_>, PollFlags)> {
+        let mut v = vec![(
+            ControlToken::Listener,
+            self.listener.as_fd(),
+            PollFlags::POLLIN,
+        )];
         for c in &self.conns {
             let mut flags = PollFlags::empty();
             if !c.closing {
@@ -500,18 +514,18 @@ impl ControlServer {
             if !c.outbuf.is_empty() {
                 flags |= PollFlags::POLLOUT;
             }
-            v.push((c.stream.as_fd(), flags));
+            v.push((ControlToken::Conn(c.id), c.stream.as_fd(), flags));
         }
         v
     }
 
-    /// Handles readiness (`ready[i]` for the `i`th entry of [`ControlServer::poll_fds`]):
+    /// Handles readiness (the tokens of the [`ControlServer::poll_fds`] entries found ready):
     /// accepts, reads, writes and closes. Returns the requests received, by connection.
-    pub fn service(&mut self, ready: &[bool]) -> Vec<(u64, Result<Request, RequestError>)> {
+    pub fn service(&mut self, ready: &[ControlToken]) -> Vec<(u64, Result<Request, RequestError>)> {
         let mut requests: Vec<(u64, Result<Request, RequestError>)> = Vec::new();
         let now = Instant::now();
-        for (conn, is_ready) in self.conns.iter_mut().zip(ready.iter().skip(1)) {
-            if !*is_ready {
+        for conn in &mut self.conns {
+            if !ready.contains(&ControlToken::Conn(conn.id)) {
                 continue;
             }
             flush(conn);
@@ -519,7 +533,7 @@ impl ControlServer {
                 read_requests(conn, now, &mut requests);
             }
         }
-        if ready.first().copied().unwrap_or(false) {
+        if ready.contains(&ControlToken::Listener) {
             self.accept_all(now);
         }
         for conn in &mut self.conns {
@@ -910,7 +924,8 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < n {
             assert!(Instant::now() < deadline, "requests never arrived");
-            let ready = vec![true; server.poll_fds().len()];
+            let ready: Vec<ControlToken> =
+                server.poll_fds().into_iter().map(|(t, _, _)| t).collect();
             for (id, req) in server.service(&ready) {
                 let resp = match &req {
                     Ok(Request::Version) => Response {
@@ -1017,7 +1032,8 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(30);
         while server.next_deadline().is_none() {
             assert!(Instant::now() < deadline);
-            let ready = vec![true; server.poll_fds().len()];
+            let ready: Vec<ControlToken> =
+                server.poll_fds().into_iter().map(|(t, _, _)| t).collect();
             server.service(&ready);
         }
         server.expire(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1));

@@ -1070,46 +1070,34 @@ impl Supervisor {
     pub fn poll_once(&mut self, max_wait: Duration) -> Result<(), DaemonError> {
         let now = Instant::now();
         let ops_deadline = [self.ops.next_deadline(now)].into_iter().flatten().min();
-        let wait = [self.next_deadline(), ops_deadline]
+        let wait_for = [self.next_deadline(), ops_deadline]
             .into_iter()
             .flatten()
             .min()
             .map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
-        let (signalled, ready, ops_ready) = {
-            let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
-            let mut keys = Vec::new();
+        let ready = {
+            let mut sources: Vec<(Token, BorrowedFd<'_>, PollFlags)> =
+                vec![(Token::Signals, self.signals.fd(), PollFlags::POLLIN)];
             for (key, slot) in &self.workers {
                 if let Some(channel) = slot.process.channel() {
-                    fds.push(PollFd::new(channel.fd(), PollFlags::POLLIN));
-                    keys.push(key.clone());
+                    sources.push((Token::Worker(key.clone()), channel.fd(), PollFlags::POLLIN));
                 }
             }
-            let workers_end = fds.len();
-            let sources = self.ops_poll_fds();
-            let mut ops_sources = Vec::with_capacity(sources.len());
-            for (source, fd, flags) in sources {
-                fds.push(PollFd::new(fd, flags));
-                ops_sources.push(source);
-            }
-            match poll(&mut fds, poll_timeout(wait)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(err) => return Err(DaemonError::Poll(err)),
-            }
-            let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-            let signalled = fds.first().is_some_and(is_ready);
-            let ready: Vec<WorkerKey> = keys
-                .into_iter()
-                .zip(fds.iter().skip(1).take(workers_end.saturating_sub(1)))
-                .filter(|(_, fd)| is_ready(fd))
-                .map(|(key, _)| key)
-                .collect();
-            let ops_ready: Vec<(ops::Source, bool)> = ops_sources
-                .into_iter()
-                .zip(fds.iter().skip(workers_end))
-                .map(|(source, fd)| (source, is_ready(fd)))
-                .collect();
-            (signalled, ready, ops_ready)
+            sources.extend(
+                self.ops_poll_fds()
+                    .into_iter()
+                    .map(|(source, fd, flags)| (Token::Ops(source), fd, flags)),
+            );
+            wait(sources, poll_timeout(wait_for))?
         };
+        let signalled = ready.contains(&Token::Signals);
+        let ops_ready: Vec<ops::Source> = ready
+            .iter()
+            .filter_map(|t| match t {
+                Token::Ops(source) => Some(*source),
+                _ => None,
+            })
+            .collect();
         if signalled {
             if let Some(sig) = self.signals.drain() {
                 self.on_termination_signal(sig);
@@ -1119,8 +1107,10 @@ impl Supervisor {
                 self.reload();
             }
         }
-        for key in ready {
-            self.service(&key);
+        for token in &ready {
+            if let Token::Worker(key) = token {
+                self.service(key);
+            }
         }
         self.ops_on_ready(&ops_ready);
         self.reap();
@@ -1713,6 +1703,41 @@ fn kind(msg: &FromWorker) -> &'static str {
         FromWorker::Reconfigured { .. } => "Reconfigured",
         FromWorker::ReconfigFailed { .. } => "ReconfigFailed",
     }
+}
+
+/// What one descriptor of the event loop's wait stands for: each source is named by its token,
+/// never by its position in the `poll` array.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    /// The signal wake-up socket ([`signals`]).
+    Signals,
+    /// A worker's channel.
+    Worker(WorkerKey),
+    /// A descriptor of the operations side (uevents, netlink, the control socket).
+    Ops(ops::Source),
+}
+
+/// Waits until one of `sources` is ready or `timeout` passes, and returns the tokens of the
+/// ready ones (none on a timeout or `EINTR`).
+fn wait(
+    sources: Vec<(Token, BorrowedFd<'_>, PollFlags)>,
+    timeout: PollTimeout,
+) -> Result<Vec<Token>, DaemonError> {
+    let (tokens, mut fds): (Vec<Token>, Vec<PollFd<'_>>) = sources
+        .into_iter()
+        .map(|(token, fd, flags)| (token, PollFd::new(fd, flags)))
+        .unzip();
+    match poll(&mut fds, timeout) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
+        Err(err) => return Err(DaemonError::Poll(err)),
+    }
+    Ok(tokens
+        .into_iter()
+        .zip(&fds)
+        .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
+        .map(|(token, _)| token)
+        .collect())
 }
 
 /// `poll` timeout in whole milliseconds, rounded up so a deadline is never missed by a spin.

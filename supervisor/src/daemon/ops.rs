@@ -65,8 +65,8 @@ use super::{
     default_worker_exe,
 };
 use crate::control::{
-    ControlServer, DaemonReport, DeviceReport, FilePolicy, PolicyReport, RamPolicy, Request,
-    Response, StatusReport, WorkerReport,
+    ControlServer, ControlToken, DaemonReport, DeviceReport, FilePolicy, PolicyReport, RamPolicy,
+    Request, Response, StatusReport, WorkerReport,
 };
 use crate::discovery::{self, TcmuDevice, parse_uio_name};
 use crate::lio::{self, ModuleParam};
@@ -193,7 +193,7 @@ pub(super) enum ReconfigAnswer {
 pub(super) enum Source {
     Uevent,
     Netlink,
-    Control(usize),
+    Control(ControlToken),
 }
 
 /// The errno a refusal is answered with (the administrator sees its text from the failed
@@ -352,8 +352,8 @@ impl Supervisor {
             v.push((Source::Netlink, n.fd(), pollin));
         }
         if let Some(c) = &self.ops.control {
-            for (i, (fd, flags)) in c.poll_fds().into_iter().enumerate() {
-                v.push((Source::Control(i), fd, flags));
+            for (token, fd, flags) in c.poll_fds() {
+                v.push((Source::Control(token), fd, flags));
             }
         }
         v
@@ -361,20 +361,21 @@ impl Supervisor {
 
     /// Handles the sources `poll` found ready (uevents before netlink: the kernel emits a uio
     /// device's uevent before its netlink request).
-    pub(super) fn ops_on_ready(&mut self, ready: &[(Source, bool)]) {
-        let is = |s: Source| ready.iter().any(|(src, r)| *src == s && *r);
-        if is(Source::Uevent) {
+    pub(super) fn ops_on_ready(&mut self, ready: &[Source]) {
+        if ready.contains(&Source::Uevent) {
             self.read_uevents();
         }
-        if is(Source::Netlink) {
+        if ready.contains(&Source::Netlink) {
             self.read_netlink();
         }
-        let control: Vec<bool> = ready
+        let control: Vec<ControlToken> = ready
             .iter()
-            .filter(|(s, _)| matches!(s, Source::Control(_)))
-            .map(|(_, r)| *r)
+            .filter_map(|s| match s {
+                Source::Control(t) => Some(*t),
+                _ => None,
+            })
             .collect();
-        if control.iter().any(|r| *r) {
+        if !control.is_empty() {
             self.serve_control(&control);
         }
     }
@@ -1205,7 +1206,7 @@ impl Supervisor {
 
     // ---- control ------------------------------------------------------------------------------
 
-    fn serve_control(&mut self, ready: &[bool]) {
+    fn serve_control(&mut self, ready: &[ControlToken]) {
         let Some(server) = &mut self.ops.control else {
             return;
         };
