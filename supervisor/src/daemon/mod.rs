@@ -62,7 +62,7 @@ pub mod ops;
 pub mod quarantine;
 mod signals;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -484,6 +484,18 @@ struct Device {
     /// Being released by its worker, to be handed to this one once released (a lifted
     /// quarantine takes its devices back from the refusals worker this way).
     move_to: Option<WorkerKey>,
+    /// The counters of its worker's last `Pong`.
+    stats: Option<DeviceStats>,
+    /// What the kernel told of this device's identity ([`ops`]).
+    inc: ops::Incarnation,
+    /// Reconfigurations sent to its worker, oldest first, each still to be answered to the
+    /// kernel.
+    reconfigs: VecDeque<ops::PendingReconfig>,
+    /// Reconfigurations already answered to the kernel that the worker may still answer (its
+    /// late answer is then not a protocol violation).
+    abandoned: usize,
+    /// Its `dev_config` changed: adopted again, with this description, once released.
+    reopen: Option<TcmuDevice>,
 }
 
 struct Shutdown {
@@ -726,6 +738,11 @@ impl Supervisor {
                 resets: 0,
                 parked: None,
                 move_to: None,
+                stats: None,
+                inc: ops::Incarnation::default(),
+                reconfigs: VecDeque::new(),
+                abandoned: 0,
+                reopen: None,
             },
         );
         if ring_dirty {
@@ -1541,9 +1558,18 @@ impl Supervisor {
     fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.values().filter_map(|s| s.deadline);
         let devices = self.devices.values().filter_map(|d| d.deadline);
+        let reconfigs = self
+            .devices
+            .values()
+            .filter_map(|d| d.reconfigs.iter().map(|p| p.deadline).min());
         let give_up = self.shutdown.as_ref().map(|s| s.give_up);
         let lifecycle = self.lifecycle_deadline();
-        workers.chain(devices).chain(give_up).chain(lifecycle).min()
+        workers
+            .chain(devices)
+            .chain(reconfigs)
+            .chain(give_up)
+            .chain(lifecycle)
+            .min()
     }
 
     /// Starts an orderly shutdown: `Shutdown` to every worker; workers still running after

@@ -51,7 +51,7 @@
 //! This module never reads a worker's messages itself (the core does and calls back here) and
 //! never kills a worker for being slow to answer a ping (hang detection is the core's).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -111,12 +111,13 @@ struct PendingAdd {
     wait_netlink_until: Option<Instant>,
 }
 
+/// A reconfiguration sent to the device's worker, to be answered to the kernel.
 #[derive(Debug)]
-struct PendingReconfig {
+pub(super) struct PendingReconfig {
     device_id: Option<u32>,
     dev_size: Option<u64>,
     write_cache: Option<bool>,
-    deadline: Instant,
+    pub(super) deadline: Instant,
 }
 
 /// State of the operations side.
@@ -127,17 +128,9 @@ pub(super) struct Ops {
     control: Option<ControlServer>,
     notifier: Notifier,
     next_watchdog: Option<Instant>,
-    stats: BTreeMap<u64, DeviceStats>,
-    incarnations: BTreeMap<u64, Incarnation>,
     pending: Vec<PendingAdd>,
     /// uio → uio name of a device refused at `ADDED_DEVICE`: its uevents are not acted on.
     refused: BTreeMap<String, String>,
-    reconfigs: BTreeMap<u64, VecDeque<PendingReconfig>>,
-    /// Per device, reconfigurations already answered to the kernel that the worker may still
-    /// answer (its late answer is then not a protocol violation).
-    abandoned: BTreeMap<u64, usize>,
-    /// Devices whose `dev_config` changed: adopted again, with this description, once released.
-    reopen: BTreeMap<u64, TcmuDevice>,
     /// Released devices to adopt again, with the supervisor's uio descriptor kept open.
     readopt: Vec<(TcmuDevice, OwnedFd, Incarnation)>,
     started_at: Instant,
@@ -153,13 +146,8 @@ impl Ops {
             control: None,
             notifier: Notifier::default(),
             next_watchdog: None,
-            stats: BTreeMap::new(),
-            incarnations: BTreeMap::new(),
             pending: Vec::new(),
             refused: BTreeMap::new(),
-            reconfigs: BTreeMap::new(),
-            abandoned: BTreeMap::new(),
-            reopen: BTreeMap::new(),
             readopt: Vec::new(),
             started_at: Instant::now(),
             generation: 1,
@@ -170,9 +158,8 @@ impl Ops {
     pub(super) fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let pending =
             (!self.pending.is_empty() || !self.readopt.is_empty()).then(|| now + PENDING_RETRY);
-        let reconfig = self.reconfigs.values().flatten().map(|p| p.deadline).min();
         let control = self.control.as_ref().and_then(ControlServer::next_deadline);
-        [pending, reconfig, control, self.next_watchdog]
+        [pending, control, self.next_watchdog]
             .into_iter()
             .flatten()
             .min()
@@ -398,22 +385,21 @@ impl Supervisor {
         if let Some(c) = &mut self.ops.control {
             c.expire(now);
         }
-        let devices = &self.devices;
-        self.ops.stats.retain(|id, _| devices.contains_key(id));
-        self.ops.abandoned.retain(|id, _| devices.contains_key(id));
-        self.ops
-            .incarnations
-            .retain(|id, _| devices.contains_key(id));
     }
 
     /// A device left the table (released or dropped): adopt it again if its `dev_config`
     /// changed, and let a device waiting for its minor proceed.
     pub(super) fn on_device_dropped(&mut self, id: u64, dev: Device) {
-        self.ops.stats.remove(&id);
-        let inc = self.ops.incarnations.remove(&id).unwrap_or_default();
-        self.answer_reconfigs(id, -libc::ENODEV, "the device was released");
-        if let Some(new) = self.ops.reopen.remove(&id) {
-            self.ops.readopt.push((new, dev.uio_fd, inc));
+        for p in dev.reconfigs {
+            warn!(device_id = ?p.device_id, id, why = "the device was released", status = -libc::ENODEV, "reconfiguration not applied");
+            self.reply(
+                netlink::cmd::RECONFIG_DEVICE_DONE,
+                p.device_id,
+                -libc::ENODEV,
+            );
+        }
+        if let Some(new) = dev.reopen {
+            self.ops.readopt.push((new, dev.uio_fd, dev.inc));
         }
     }
 
@@ -444,7 +430,9 @@ impl Supervisor {
     /// A validated `Pong` answering our ping: keep the counters.
     pub(super) fn record_stats(&mut self, stats: Vec<DeviceStats>) {
         for s in stats {
-            self.ops.stats.insert(s.id, s);
+            if let Some(dev) = self.devices.get_mut(&s.id) {
+                dev.stats = Some(s);
+            }
         }
     }
 
@@ -461,14 +449,13 @@ impl Supervisor {
         };
         self.owned(key, id, what)?;
         let Some(p) = self
-            .ops
-            .reconfigs
+            .devices
             .get_mut(&id)
-            .and_then(VecDeque::pop_front)
+            .and_then(|d| d.reconfigs.pop_front())
         else {
             // A late answer to a change already refused to the kernel (the device failed or
             // the deadline passed) is expected; anything else was never asked for.
-            return match self.ops.abandoned.get_mut(&id) {
+            return match self.devices.get_mut(&id).map(|d| &mut d.abandoned) {
                 Some(n) if *n > 0 => {
                     *n -= 1;
                     debug!(id, what, "late answer to an abandoned reconfiguration");
@@ -518,8 +505,7 @@ impl Supervisor {
             .filter(|id| self.block_for_drain(*id))
             .count();
         info!(blocked, "devices blocked; in-flight commands are draining");
-        let ids: Vec<u64> = self.ops.reconfigs.keys().copied().collect();
-        for id in ids {
+        for id in self.ids_with_reconfigs() {
             self.answer_reconfigs(id, -libc::ESHUTDOWN, "the daemon is stopping");
         }
         self.ops.pending.clear();
@@ -609,7 +595,9 @@ impl Supervisor {
                 if let Some(p) = self.ops.pending.iter_mut().find(|p| p.uio == uio) {
                     p.inc.awaiting_add_uevent = false;
                 } else if let Some((id, _)) = managed.filter(|(_, removing)| !removing) {
-                    let inc = self.ops.incarnations.entry(id).or_default();
+                    let Some(inc) = self.devices.get_mut(&id).map(|d| &mut d.inc) else {
+                        return;
+                    };
                     if inc.awaiting_add_uevent {
                         inc.awaiting_add_uevent = false;
                     } else {
@@ -637,10 +625,9 @@ impl Supervisor {
                     .retain(|p| p.uio != uio || p.inc.awaiting_add_uevent);
                 if let Some((id, removing)) = managed {
                     let stale = self
-                        .ops
-                        .incarnations
+                        .devices
                         .get(&id)
-                        .is_some_and(|i| i.awaiting_add_uevent);
+                        .is_some_and(|d| d.inc.awaiting_add_uevent);
                     if stale {
                         debug!(device = %uio, "uevent remove for the previous device on this minor; ignored");
                     } else if !removing {
@@ -737,8 +724,8 @@ impl Supervisor {
                     .as_ref()
                     .is_none_or(|p| p.hba == dev.dev.hba && p.name == dev.dev.name)
             })
-            .find(|(id, _)| {
-                let known = self.ops.incarnations.get(id).and_then(|i| i.device_id);
+            .find(|(_, dev)| {
+                let known = dev.inc.device_id;
                 known.is_none() || d.device_id.is_none() || known == d.device_id
             })
             .map(|(id, _)| *id)
@@ -799,10 +786,12 @@ impl Supervisor {
                 .devices
                 .get(&id)
                 .is_some_and(|dev| dev.dev.hba == parsed.hba && dev.dev.name == parsed.name);
-            let known = self.ops.incarnations.get(&id).and_then(|i| i.device_id);
+            let known = self.devices.get(&id).and_then(|dev| dev.inc.device_id);
             if !removing && same && (known.is_none() || known == d.device_id) {
                 // Adopted already (its uevent came first, or the scan found it).
-                self.ops.incarnations.entry(id).or_default().device_id = d.device_id;
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.inc.device_id = d.device_id;
+                }
                 return;
             }
             if !removing {
@@ -921,7 +910,9 @@ impl Supervisor {
                 let phase = dev.phase.clone();
                 self.reply(done, d.device_id, 0);
                 info!(device = %uio, dev_config = ?dev_config, "dev_config changed; reopening the device");
-                self.ops.reopen.insert(id, new);
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.reopen = Some(new);
+                }
                 if !matches!(phase, DevicePhase::Removing) {
                     self.remove_device(id);
                 }
@@ -996,16 +987,15 @@ impl Supervisor {
         match sent {
             Some(Ok(())) => {
                 debug!(device = %uio, worker = %key.name(), "reconfiguration sent to the worker");
-                self.ops
-                    .reconfigs
-                    .entry(id)
-                    .or_default()
-                    .push_back(PendingReconfig {
+                let deadline = Instant::now() + self.opts.reply_timeout;
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.reconfigs.push_back(PendingReconfig {
                         device_id,
                         dev_size,
                         write_cache,
-                        deadline: Instant::now() + self.opts.reply_timeout,
+                        deadline,
                     });
+                }
             }
             Some(Err(err)) => {
                 self.reply(done, device_id, -libc::EIO);
@@ -1015,14 +1005,22 @@ impl Supervisor {
         }
     }
 
+    /// The devices with a reconfiguration waiting for their worker's answer.
+    fn ids_with_reconfigs(&self) -> Vec<u64> {
+        self.devices
+            .iter()
+            .filter(|(_, d)| !d.reconfigs.is_empty())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Answers every pending reconfiguration of `id` with `status`.
     fn answer_reconfigs(&mut self, id: u64, status: i32, why: &str) {
-        let Some(q) = self.ops.reconfigs.remove(&id) else {
+        let Some(dev) = self.devices.get_mut(&id) else {
             return;
         };
-        if self.devices.contains_key(&id) {
-            *self.ops.abandoned.entry(id).or_default() += q.len();
-        }
+        let q = std::mem::take(&mut dev.reconfigs);
+        dev.abandoned += q.len();
         for p in q {
             warn!(device_id = ?p.device_id, id, why, status, "reconfiguration not applied");
             self.reply(netlink::cmd::RECONFIG_DEVICE_DONE, p.device_id, status);
@@ -1032,8 +1030,7 @@ impl Supervisor {
     /// Answers reconfigurations whose device is no longer served, and kills workers that did
     /// not answer in time.
     fn check_reconfigs(&mut self, now: Instant) {
-        let ids: Vec<u64> = self.ops.reconfigs.keys().copied().collect();
-        for id in ids {
+        for id in self.ids_with_reconfigs() {
             let (served, key) = match self.devices.get(&id) {
                 Some(d) => (
                     matches!(d.phase, DevicePhase::Sent | DevicePhase::Ready)
@@ -1050,10 +1047,9 @@ impl Supervisor {
                 continue;
             }
             let overdue = self
-                .ops
-                .reconfigs
+                .devices
                 .get(&id)
-                .and_then(VecDeque::front)
+                .and_then(|d| d.reconfigs.front())
                 .is_some_and(|p| p.deadline <= now);
             if overdue {
                 self.answer_reconfigs(id, -libc::ETIMEDOUT, "its worker did not answer in time");
@@ -1064,8 +1060,6 @@ impl Supervisor {
                     );
                     self.kill_worker(&key, why);
                 }
-            } else if self.ops.reconfigs.get(&id).is_some_and(VecDeque::is_empty) {
-                self.ops.reconfigs.remove(&id);
             }
         }
     }
@@ -1078,7 +1072,9 @@ impl Supervisor {
             match self.adopt_with_fd(dev, fd) {
                 Ok(id) => {
                     info!(device = %uio, id, "device reopened with its new dev_config");
-                    self.ops.incarnations.insert(id, inc);
+                    if let Some(dev) = self.devices.get_mut(&id) {
+                        dev.inc = inc;
+                    }
                 }
                 Err(e) => error!(device = %uio, error = %e, "cannot reopen the device"),
             }
@@ -1150,7 +1146,9 @@ impl Supervisor {
         let uio = p.uio.clone();
         match self.adopt(dev) {
             Ok(id) => {
-                self.ops.incarnations.insert(id, p.inc);
+                if let Some(dev) = self.devices.get_mut(&id) {
+                    dev.inc = p.inc;
+                }
                 None
             }
             Err(AdoptError::OpenUio { ref source, .. })
@@ -1283,7 +1281,7 @@ impl Supervisor {
             .devices
             .iter()
             .map(|(id, d)| {
-                let stats = self.ops.stats.get(id);
+                let stats = d.stats.as_ref();
                 let worker_pid = self
                     .workers
                     .get(&d.worker)
