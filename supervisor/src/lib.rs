@@ -13,11 +13,12 @@
 //! - [`discovery`]: the start-up scan of sysfs and configfs.
 //! - [`worker`]: starting one worker process and talking to it.
 //! - [`jail`]: stage one of a worker's confinement, applied between fork and exec.
-//! - [`daemon`]: the device table, the worker table and the event loop (worker lifecycle:
-//!   heartbeats, crash handling, restarts, quarantine, in `daemon::lifecycle`).
+//! - [`daemon`]: the coordinator ([`daemon::Supervisor`]) over the device table and the worker
+//!   table, and the typed event loop; worker lifecycle (heartbeats, crash handling, restarts,
+//!   quarantine) in `daemon::lifecycle` and `daemon::quarantine`; the hot-plug state machine
+//!   (uevents, `TCM-USER` requests, pending adoptions, reconfiguration) in [`daemon::hotplug`];
+//!   the control socket, status report, reload and systemd in [`daemon::admin`].
 //! - [`journal`]: the devices' in-flight journal files (what a crashed worker left running).
-//! - [`daemon`]: the device table, the worker table and the event loop; [`daemon::ops`] adds
-//!   hot-plug, kernel requests, reconfiguration, statistics, reload and draining.
 //! - [`uevent`] and [`netlink`]: the kernel's device events (uevents) and its `TCM-USER`
 //!   generic netlink requests, decoded with bounds checks.
 //! - [`control`]: the control socket and the `status` report; [`sdnotify`]: systemd

@@ -13,7 +13,7 @@ use tcmu_warden_supervisor::cli::{
 };
 use tcmu_warden_supervisor::config::{Config, DEFAULT_CONTROL_SOCKET, LogFormat};
 use tcmu_warden_supervisor::control::{self, Request};
-use tcmu_warden_supervisor::daemon::ops::status_json;
+use tcmu_warden_supervisor::daemon::admin::status_json;
 use tcmu_warden_supervisor::daemon::{self, Options};
 use tcmu_warden_supervisor::logging;
 

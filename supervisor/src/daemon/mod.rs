@@ -45,20 +45,28 @@
 //! deleted at start-up.
 //!
 //! ## The loop
-//! [`Supervisor::poll_once`] is one turn of the event loop: `poll` on the workers' channels and
-//! the signal wake-up socket (with the nearest deadline as timeout), then messages, then reaping
-//! (`waitpid(WNOHANG)` per worker), then deadlines (replies, heartbeats, restarts). Nothing else
-//! blocks. The operations side ([`ops`]: uevents, the kernel's `TCM-USER` netlink requests, the
-//! control socket, reload on `SIGHUP`, systemd notifications, draining at shutdown) joins the
-//! same loop through a few hooks: its descriptors in the `poll`, its deadlines in the timeout,
-//! and [`Supervisor::ops_tick`] at the end of each turn. Heartbeats ([`lifecycle`]) are the
-//! only pings; their answers carry the counters the status report shows.
+//! [`Supervisor`] is the coordinator: it owns the device table (`devices`: every fact about one
+//! device in its `Device` record), the worker table (`workers` and their crash history), the
+//! hot-plug state machine (`hotplug::Hotplug`) and the administrator's face
+//! (`admin::Admin`: control socket, status, reload, systemd), and dispatches events to them.
+//! [`Supervisor::poll_once`] is one turn: `poll` on every source, each named by a `Token`
+//! (the signal wake-up socket, each worker's channel, uevents, netlink, each control
+//! connection), with the nearest deadline as timeout; then signals, worker messages, kernel
+//! events, control requests, reaping (`waitpid(WNOHANG)` per worker), deadlines (replies,
+//! heartbeats, restarts), and the hot-plug and admin turns (`Supervisor::hotplug_turn`,
+//! `Supervisor::admin_turn`). Heartbeats ([`lifecycle`]) are the only pings; their answers
+//! carry the counters the status report shows.
+//!
+//! Kernel knobs (`block_dev`, `reset_ring`, module parameters) are written only through
+//! [`crate::lio`], and only from [`lifecycle`] (a device's block, unblock and ring reset, the
+//! drain's block) and [`hotplug`] (netlink's module parameters, the drain's ring reset).
 //!
 //! This module never parses sysfs (that is [`crate::discovery`]), never decides policy (that is
 //! [`crate::config`]), and never spawns processes by hand (that is [`crate::worker`]).
 
+pub mod admin;
+pub mod hotplug;
 pub mod lifecycle;
-pub mod ops;
 pub mod quarantine;
 mod signals;
 
@@ -80,6 +88,7 @@ use tcmu_warden_proto::{
 };
 use tracing::{debug, error, info, warn};
 
+use crate::control::ControlToken;
 use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
 use crate::jail::{self, JailStatus};
 use crate::journal::{JournalStore, OpenJournal};
@@ -486,11 +495,11 @@ struct Device {
     move_to: Option<WorkerKey>,
     /// The counters of its worker's last `Pong`.
     stats: Option<DeviceStats>,
-    /// What the kernel told of this device's identity ([`ops`]).
-    inc: ops::Incarnation,
+    /// What the kernel told of this device's identity ([`hotplug`]).
+    inc: hotplug::Incarnation,
     /// Reconfigurations sent to its worker, oldest first, each still to be answered to the
     /// kernel.
-    reconfigs: VecDeque<ops::PendingReconfig>,
+    reconfigs: VecDeque<hotplug::PendingReconfig>,
     /// Reconfigurations already answered to the kernel that the worker may still answer (its
     /// late answer is then not a protocol violation).
     abandoned: usize,
@@ -514,7 +523,8 @@ pub struct Supervisor {
     /// Crash records per worker key, across its processes.
     history: BTreeMap<WorkerKey, CrashHistory>,
     journals: JournalStore,
-    ops: ops::Ops,
+    hotplug: hotplug::Hotplug,
+    admin: admin::Admin,
 }
 
 impl Supervisor {
@@ -532,7 +542,8 @@ impl Supervisor {
             shutdown: None,
             history: BTreeMap::new(),
             journals,
-            ops: ops::Ops::new(),
+            hotplug: hotplug::Hotplug::new(),
+            admin: admin::Admin::new(),
         })
     }
 
@@ -739,7 +750,7 @@ impl Supervisor {
                 parked: None,
                 move_to: None,
                 stats: None,
-                inc: ops::Incarnation::default(),
+                inc: hotplug::Incarnation::default(),
                 reconfigs: VecDeque::new(),
                 abandoned: 0,
                 reopen: None,
@@ -1086,12 +1097,15 @@ impl Supervisor {
     /// One turn of the event loop; sleeps at most `max_wait` (less if a deadline is nearer).
     pub fn poll_once(&mut self, max_wait: Duration) -> Result<(), DaemonError> {
         let now = Instant::now();
-        let ops_deadline = [self.ops.next_deadline(now)].into_iter().flatten().min();
-        let wait_for = [self.next_deadline(), ops_deadline]
-            .into_iter()
-            .flatten()
-            .min()
-            .map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
+        let wait_for = [
+            self.next_deadline(),
+            self.hotplug.next_deadline(now),
+            self.admin.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
         let ready = {
             let mut sources: Vec<(Token, BorrowedFd<'_>, PollFlags)> =
                 vec![(Token::Signals, self.signals.fd(), PollFlags::POLLIN)];
@@ -1100,22 +1114,11 @@ impl Supervisor {
                     sources.push((Token::Worker(key.clone()), channel.fd(), PollFlags::POLLIN));
                 }
             }
-            sources.extend(
-                self.ops_poll_fds()
-                    .into_iter()
-                    .map(|(source, fd, flags)| (Token::Ops(source), fd, flags)),
-            );
+            sources.extend(self.hotplug_sources());
+            sources.extend(self.admin_sources());
             wait(sources, poll_timeout(wait_for))?
         };
-        let signalled = ready.contains(&Token::Signals);
-        let ops_ready: Vec<ops::Source> = ready
-            .iter()
-            .filter_map(|t| match t {
-                Token::Ops(source) => Some(*source),
-                _ => None,
-            })
-            .collect();
-        if signalled {
+        if ready.contains(&Token::Signals) {
             if let Some(sig) = self.signals.drain() {
                 self.on_termination_signal(sig);
             }
@@ -1129,11 +1132,29 @@ impl Supervisor {
                 self.service(key);
             }
         }
-        self.ops_on_ready(&ops_ready);
+        // Uevents before netlink: the kernel emits a uio device's uevent before its netlink
+        // request.
+        if ready.contains(&Token::Uevent) {
+            self.read_uevents();
+        }
+        if ready.contains(&Token::Netlink) {
+            self.read_netlink();
+        }
+        let control: Vec<ControlToken> = ready
+            .iter()
+            .filter_map(|t| match t {
+                Token::Control(c) => Some(*c),
+                _ => None,
+            })
+            .collect();
+        if !control.is_empty() {
+            self.serve_control(&control);
+        }
         self.reap();
         let now = Instant::now();
         self.check_deadlines(now);
-        self.ops_tick(now);
+        self.hotplug_turn(now);
+        self.admin_turn(now);
         Ok(())
     }
 
@@ -1327,10 +1348,10 @@ impl Supervisor {
                 Ok(())
             }
             (_, FromWorker::Reconfigured { id }) => {
-                self.on_reconfig_reply(key, id, ops::ReconfigAnswer::Applied)
+                self.on_reconfig_reply(key, id, hotplug::ReconfigAnswer::Applied)
             }
             (_, FromWorker::ReconfigFailed { id, reason }) => {
-                self.on_reconfig_reply(key, id, ops::ReconfigAnswer::Refused(reason))
+                self.on_reconfig_reply(key, id, hotplug::ReconfigAnswer::Refused(reason))
             }
         }
     }
@@ -1739,8 +1760,12 @@ enum Token {
     Signals,
     /// A worker's channel.
     Worker(WorkerKey),
-    /// A descriptor of the operations side (uevents, netlink, the control socket).
-    Ops(ops::Source),
+    /// The uevent socket ([`hotplug`]).
+    Uevent,
+    /// The `TCM-USER` generic netlink socket ([`hotplug`]).
+    Netlink,
+    /// The control socket's listener or one of its connections ([`admin`]).
+    Control(ControlToken),
 }
 
 /// Waits until one of `sources` is ready or `timeout` passes, and returns the tokens of the

@@ -1,8 +1,12 @@
-//! # Operations: hot-plug, kernel requests, reconfiguration, statistics, control and systemd
+//! # The hot-plug state machine: uevents, `TCM-USER` requests, pending adoptions, reconfiguration
 //!
-//! The parts of the daemon that follow the kernel and the administrator after the start-up scan.
-//! They live here, as methods of [`Supervisor`] reached from a few small hooks in the event loop
-//! (`daemon/mod.rs`), so the device/worker core stays readable.
+//! How the daemon follows the kernel after the start-up scan. `Hotplug` owns the two event
+//! channels, the adoptions still pending, the minors refused at creation and the devices
+//! released to be adopted again; what it learns about a managed device (the kernel's device id,
+//! a reconfiguration waiting for the worker's answer, a new `dev_config`) goes into that
+//! device's record in the device table. The coordinator ([`Supervisor::poll_once`]) hands it
+//! the ready `Token::Uevent` and `Token::Netlink` and calls `Supervisor::hotplug_turn`
+//! at the end of each turn.
 //!
 //! ## Two event sources, one device table
 //! Devices come and go through two channels that are not ordered with respect to each other:
@@ -25,7 +29,7 @@
 //!   until the release completes.
 //! - Every netlink request is answered exactly once, whatever happens: `REMOVED_DEVICE` at
 //!   once with 0 (removal cannot be refused), `RECONFIG_DEVICE` when the worker confirmed the
-//!   change, or with an error when it refused, died, or missed [`Options::reply_timeout`].
+//!   change, or with an error when it refused, died, or missed [`Options::reply_timeout`](super::Options::reply_timeout).
 //! - If either socket overflowed (`ENOBUFS`), events were lost: the daemon fails the kernel's
 //!   waiting requests (`reset_netlink`) and resynchronizes with a scan of sysfs.
 //!
@@ -37,44 +41,38 @@
 //! device is released by its worker and adopted again with the new configuration (and a new
 //! backing descriptor), keeping the supervisor's uio descriptor open throughout.
 //!
-//! ## Statistics, status, reload, shutdown, systemd
-//! The heartbeats of [`super::lifecycle`] ping every ready worker; each `Pong` (validated by
-//! the protocol crate, accepted only as the answer to the supervisor's own outstanding ping)
-//! carries the per-device counters `tcmu-warden status` shows. The control socket ([`crate::control`]) is
-//! answered from [`Supervisor::status_report`]. `SIGHUP` reloads the configuration
-//! ([`crate::reload`]). A shutdown blocks every device (`action/block_dev`), lets the workers
-//! drain, then resets the rings (`action/reset_ring`: what is left completes BUSY, which
-//! initiators retry) and blocks the netlink interface, so configfs writes fail fast rather than
-//! wait for a daemon that is gone. systemd hears `READY=1`, `RELOADING=1`, `STOPPING=1`,
-//! `STATUS=` and `WATCHDOG=1` ([`crate::sdnotify`]).
+//! ## Set-up and shutdown
+//! [`Supervisor::start_operations`] opens the control socket ([`super::admin`]) and the kernel
+//! channels and blocks and resets netlink; a shutdown blocks every served device
+//! (`action/block_dev`, through [`crate::lio`]), lets the workers drain, then resets the rings
+//! (`action/reset_ring`: what is left completes BUSY, which initiators retry) and blocks the
+//! netlink interface, so configfs writes fail fast rather than wait for a daemon that is gone.
 //!
-//! This module never reads a worker's messages itself (the core does and calls back here) and
-//! never kills a worker for being slow to answer a ping (hang detection is the core's).
+//! This module never reads a worker's messages itself (the coordinator does and calls back
+//! here), never kills a worker for being slow to answer a ping (hang detection is
+//! [`super::lifecycle`]'s), never answers the control socket ([`super::admin`]), and writes no
+//! kernel knob except through [`crate::lio`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, PolicyError};
+use crate::config::PolicyError;
+use nix::poll::PollFlags;
 use tcmu_warden_proto::process::fit_reason;
 use tcmu_warden_proto::{DeviceStats, ToWorker};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AdoptError, DaemonError, Device, DevicePhase, Supervisor, Violation, WorkerKey, WorkerPhase,
-    default_worker_exe,
+    AdoptError, DaemonError, Device, DevicePhase, Supervisor, Token, Violation, WorkerKey,
+    WorkerPhase,
 };
-use crate::control::{
-    ControlServer, ControlToken, DaemonReport, DeviceReport, FilePolicy, PolicyReport, RamPolicy,
-    Request, Response, StatusReport, WorkerReport,
-};
+use crate::control::ControlServer;
 use crate::discovery::{self, TcmuDevice, parse_uio_name};
 use crate::lio::{self, ModuleParam};
 use crate::netlink::{self, DeviceRef, Incoming, Reconfig, TcmuEvent, TcmuNetlink};
-use crate::reload;
 use crate::sdnotify::Notifier;
 use crate::uevent::{self, Action, Uevent, UeventSocket};
-use crate::worker::describe_exit;
 
 /// How long an admitted device may take for its `/dev/uioN` to appear.
 pub const NODE_WAIT: Duration = Duration::from_secs(10);
@@ -120,49 +118,49 @@ pub(super) struct PendingReconfig {
     pub(super) deadline: Instant,
 }
 
-/// State of the operations side.
-pub(super) struct Ops {
+/// The hot-plug state machine's own state: the kernel's two event channels, the adoptions
+/// waiting for a node or for netlink, the minors refused at creation, and the devices released
+/// to be adopted again. (What it knows of one managed device lives in that device's record.)
+pub(super) struct Hotplug {
     netlink: Option<TcmuNetlink>,
     netlink_state: &'static str,
     uevents: Option<UeventSocket>,
-    control: Option<ControlServer>,
-    notifier: Notifier,
-    next_watchdog: Option<Instant>,
     pending: Vec<PendingAdd>,
     /// uio → uio name of a device refused at `ADDED_DEVICE`: its uevents are not acted on.
     refused: BTreeMap<String, String>,
     /// Released devices to adopt again, with the supervisor's uio descriptor kept open.
     readopt: Vec<(TcmuDevice, OwnedFd, Incarnation)>,
-    started_at: Instant,
-    generation: u32,
 }
 
-impl Ops {
-    pub(super) fn new() -> Ops {
-        Ops {
+impl Hotplug {
+    pub(super) fn new() -> Hotplug {
+        Hotplug {
             netlink: None,
             netlink_state: "off",
             uevents: None,
-            control: None,
-            notifier: Notifier::default(),
-            next_watchdog: None,
             pending: Vec::new(),
             refused: BTreeMap::new(),
             readopt: Vec::new(),
-            started_at: Instant::now(),
-            generation: 1,
         }
     }
 
-    /// The earliest time the operations side needs a turn.
+    /// The earliest time the hot-plug side needs a turn.
     pub(super) fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let pending =
-            (!self.pending.is_empty() || !self.readopt.is_empty()).then(|| now + PENDING_RETRY);
-        let control = self.control.as_ref().and_then(ControlServer::next_deadline);
-        [pending, control, self.next_watchdog]
-            .into_iter()
-            .flatten()
-            .min()
+        (!self.pending.is_empty() || !self.readopt.is_empty()).then(|| now + PENDING_RETRY)
+    }
+
+    /// `udev`, `kernel` or `off`: which uevents are followed.
+    pub(super) fn uevents_state(&self) -> &'static str {
+        match &self.uevents {
+            None => "off",
+            Some(u) if u.group() == uevent::GROUP_UDEV => "udev",
+            Some(_) => "kernel",
+        }
+    }
+
+    /// `connected`, `unavailable` or `off`: the TCM-USER netlink channel.
+    pub(super) fn netlink_state(&self) -> &'static str {
+        self.netlink_state
     }
 }
 
@@ -173,14 +171,6 @@ pub(super) enum ReconfigAnswer {
     Applied,
     /// `ReconfigFailed`, with the worker's reason (its text, logged escaped).
     Refused(String),
-}
-
-/// Where a ready descriptor belongs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Source {
-    Uevent,
-    Netlink,
-    Control(ControlToken),
 }
 
 /// The errno a refusal is answered with (the administrator sees its text from the failed
@@ -199,30 +189,6 @@ pub fn refusal_errno(err: &PolicyError) -> i32 {
     }
 }
 
-fn phase_name(p: &DevicePhase) -> &'static str {
-    match p {
-        DevicePhase::Queued => "queued",
-        DevicePhase::Sent => "sent",
-        DevicePhase::Ready => "ready",
-        DevicePhase::Failed(_) => "failed",
-        DevicePhase::Removing => "removing",
-        DevicePhase::Orphaned => "orphaned",
-        DevicePhase::Recovering => "recovering",
-        DevicePhase::Quarantined(_) => "quarantined",
-    }
-}
-
-fn worker_phase_name(p: WorkerPhase) -> &'static str {
-    match p {
-        WorkerPhase::Handshaking => "handshaking",
-        WorkerPhase::Ready => "ready",
-        WorkerPhase::ShuttingDown => "shutting-down",
-        WorkerPhase::Closing => "closing",
-        WorkerPhase::Killed => "killed",
-        WorkerPhase::Exited => "exited",
-    }
-}
-
 /// Splits a `dev_config` string into subtype and cfgstring, as the uio name does.
 fn split_dev_config(dev_config: &str) -> (Option<String>, String) {
     let (subtype, cfg) = match dev_config.split_once('/') {
@@ -238,11 +204,11 @@ impl Supervisor {
     /// Opens what the operations side listens on, before the start-up scan: opens the control
     /// socket (refusing to start if another daemon answers on it), blocks and resets the
     /// kernel's netlink requests (so a previous daemon's unanswered requests fail instead of
-    /// wedging), joins the uevent and `TCM-USER` channels (only when [`Options::kernel_events`]),
+    /// wedging), joins the uevent and `TCM-USER` channels (only when [`Options::kernel_events`](super::Options::kernel_events)),
     /// and asks for kernel command replies. Only a control socket that cannot be created (or
     /// that another daemon holds) is fatal.
     pub fn start_operations(&mut self) -> Result<(), DaemonError> {
-        self.ops.notifier = Notifier::from_env();
+        self.admin.notifier = Notifier::from_env();
         // The control socket first: it is also the lock that keeps a second daemon from
         // touching the kernel's state (the module parameters below) under a running one.
         if let Some(path) = self.opts.control_socket.clone() {
@@ -265,13 +231,13 @@ impl Supervisor {
             match TcmuNetlink::connect() {
                 Ok(nl) => self.attach_netlink(nl),
                 Err(netlink::NetlinkError::FamilyMissing) => {
-                    self.ops.netlink_state = "unavailable";
+                    self.hotplug.netlink_state = "unavailable";
                     info!(
                         "the kernel has no TCM-USER netlink family yet (target_core_user not loaded); following uevents only"
                     );
                 }
                 Err(e) => {
-                    self.ops.netlink_state = "unavailable";
+                    self.hotplug.netlink_state = "unavailable";
                     warn!(error = %e, "cannot join the TCM-USER netlink family; following uevents only");
                 }
             }
@@ -289,7 +255,7 @@ impl Supervisor {
             },
             "following uio uevents"
         );
-        self.ops.uevents = Some(sock);
+        self.hotplug.uevents = Some(sock);
     }
 
     /// Serves `TCM-USER` requests from `nl` and asks for kernel command replies (tests pass a
@@ -299,92 +265,46 @@ impl Supervisor {
             Ok(seq) => debug!(seq, "asked the kernel for command replies"),
             Err(e) => warn!(error = %e, "cannot ask the kernel for command replies"),
         }
-        self.ops.netlink = Some(nl);
-        self.ops.netlink_state = "connected";
+        self.hotplug.netlink = Some(nl);
+        self.hotplug.netlink_state = "connected";
         info!("following TCM-USER netlink requests");
-    }
-
-    /// Answers control requests on `server`.
-    pub fn attach_control(&mut self, server: ControlServer) {
-        self.ops.control = Some(server);
     }
 
     /// After the start-up scan: lets the kernel send netlink requests again and tells systemd
     /// the daemon is ready.
     pub fn operations_ready(&mut self) {
         lio::set_module_param(&self.opts.sysfs_root, ModuleParam::BlockNetlink, false);
-        self.ops.notifier.notify(&format!(
+        self.admin.notifier.notify(&format!(
             "READY=1\nSTATUS=serving {} devices with {} workers",
             self.devices.len(),
             self.workers.len()
         ));
-        if let Some(every) = self.ops.notifier.watchdog_interval() {
-            self.ops.notifier.notify("WATCHDOG=1");
-            self.ops.next_watchdog = Some(Instant::now() + every);
+        if let Some(every) = self.admin.notifier.watchdog_interval() {
+            self.admin.notifier.notify("WATCHDOG=1");
+            self.admin.next_watchdog = Some(Instant::now() + every);
         }
     }
 
     // ---- the event loop's hooks ---------------------------------------------------------------
 
-    /// The descriptors the operations side polls.
-    pub(super) fn ops_poll_fds(
-        &self,
-    ) -> Vec<(Source, std::os::fd::BorrowedFd<'_>, nix::poll::PollFlags)> {
+    /// The kernel event channels the loop waits on.
+    pub(super) fn hotplug_sources(&self) -> Vec<(Token, BorrowedFd<'_>, PollFlags)> {
         let mut v = Vec::new();
-        let pollin = nix::poll::PollFlags::POLLIN;
-        if let Some(u) = &self.ops.uevents {
-            v.push((Source::Uevent, u.fd(), pollin));
+        if let Some(u) = &self.hotplug.uevents {
+            v.push((Token::Uevent, u.fd(), PollFlags::POLLIN));
         }
-        if let Some(n) = &self.ops.netlink {
-            v.push((Source::Netlink, n.fd(), pollin));
-        }
-        if let Some(c) = &self.ops.control {
-            for (token, fd, flags) in c.poll_fds() {
-                v.push((Source::Control(token), fd, flags));
-            }
+        if let Some(n) = &self.hotplug.netlink {
+            v.push((Token::Netlink, n.fd(), PollFlags::POLLIN));
         }
         v
     }
 
-    /// Handles the sources `poll` found ready (uevents before netlink: the kernel emits a uio
-    /// device's uevent before its netlink request).
-    pub(super) fn ops_on_ready(&mut self, ready: &[Source]) {
-        if ready.contains(&Source::Uevent) {
-            self.read_uevents();
-        }
-        if ready.contains(&Source::Netlink) {
-            self.read_netlink();
-        }
-        let control: Vec<ControlToken> = ready
-            .iter()
-            .filter_map(|s| match s {
-                Source::Control(t) => Some(*t),
-                _ => None,
-            })
-            .collect();
-        if !control.is_empty() {
-            self.serve_control(&control);
-        }
-    }
-
-    /// Periodic work at the end of every turn.
-    pub(super) fn ops_tick(&mut self, now: Instant) {
+    /// Hot-plug work due at the end of every turn: devices to adopt again, pending adoptions,
+    /// reconfigurations overdue.
+    pub(super) fn hotplug_turn(&mut self, now: Instant) {
         self.run_readopt();
         self.try_pending(now);
         self.check_reconfigs(now);
-        if let Some(next) = self.ops.next_watchdog
-            && next <= now
-        {
-            self.ops.notifier.notify("WATCHDOG=1");
-            self.ops.next_watchdog = self
-                .ops
-                .notifier
-                .watchdog_interval()
-                .map(|every| now + every);
-        }
-        if let Some(c) = &mut self.ops.control {
-            c.expire(now);
-        }
     }
 
     /// A device left the table (released or dropped): adopt it again if its `dev_config`
@@ -399,7 +319,7 @@ impl Supervisor {
             );
         }
         if let Some(new) = dev.reopen {
-            self.ops.readopt.push((new, dev.uio_fd, dev.inc));
+            self.hotplug.readopt.push((new, dev.uio_fd, dev.inc));
         }
     }
 
@@ -492,7 +412,7 @@ impl Supervisor {
     /// Called when a shutdown starts: tell systemd, refuse new netlink requests, and block
     /// every served device so the kernel holds new commands while in-flight ones drain.
     pub(super) fn on_shutdown_begin(&mut self) {
-        self.ops.notifier.notify("STOPPING=1\nSTATUS=draining");
+        self.admin.notifier.notify("STOPPING=1\nSTATUS=draining");
         lio::set_module_param(&self.opts.sysfs_root, ModuleParam::BlockNetlink, true);
         let ids: Vec<u64> = self
             .devices
@@ -508,7 +428,7 @@ impl Supervisor {
         for id in self.ids_with_reconfigs() {
             self.answer_reconfigs(id, -libc::ESHUTDOWN, "the daemon is stopping");
         }
-        self.ops.pending.clear();
+        self.hotplug.pending.clear();
     }
 
     /// After the last worker is gone: rings of blocked devices whose worker exited are reset
@@ -547,7 +467,7 @@ impl Supervisor {
             }
         }
         lio::set_module_param(&self.opts.sysfs_root, ModuleParam::ResetNetlink, true);
-        self.ops.control = None;
+        self.admin.control = None;
         info!(
             reset,
             "rings reset; devices stay blocked until a daemon serves them again"
@@ -556,9 +476,9 @@ impl Supervisor {
 
     // ---- uevents ------------------------------------------------------------------------------
 
-    fn read_uevents(&mut self) {
+    pub(super) fn read_uevents(&mut self) {
         for _ in 0..MAX_DATAGRAMS_PER_TURN {
-            let Some(sock) = &self.ops.uevents else {
+            let Some(sock) = &self.hotplug.uevents else {
                 return;
             };
             match sock.recv() {
@@ -570,7 +490,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     error!(error = %e, "uevent socket failed; no longer following uevents");
-                    self.ops.uevents = None;
+                    self.hotplug.uevents = None;
                     return;
                 }
             }
@@ -588,11 +508,11 @@ impl Supervisor {
         let managed = self.managed_on(&uio);
         match ev.action {
             Action::Add => {
-                if self.ops.refused.contains_key(&uio) {
+                if self.hotplug.refused.contains_key(&uio) {
                     debug!(device = %uio, "uevent add for a device refused at creation; ignored");
                     return;
                 }
-                if let Some(p) = self.ops.pending.iter_mut().find(|p| p.uio == uio) {
+                if let Some(p) = self.hotplug.pending.iter_mut().find(|p| p.uio == uio) {
                     p.inc.awaiting_add_uevent = false;
                 } else if let Some((id, _)) = managed.filter(|(_, removing)| !removing) {
                     let Some(inc) = self.devices.get_mut(&id).map(|d| &mut d.inc) else {
@@ -607,20 +527,24 @@ impl Supervisor {
                 } else {
                     info!(device = %uio, seqnum = ?ev.seqnum, "uio device appeared");
                     let now = Instant::now();
-                    self.ops.pending.push(PendingAdd {
+                    self.hotplug.pending.push(PendingAdd {
                         uio: uio.clone(),
                         backstore: None,
                         inc: Incarnation::default(),
                         deadline: now + NODE_WAIT,
-                        wait_netlink_until: self.ops.netlink.is_some().then(|| now + NETLINK_GRACE),
+                        wait_netlink_until: self
+                            .hotplug
+                            .netlink
+                            .is_some()
+                            .then(|| now + NETLINK_GRACE),
                     });
                 }
                 self.try_pending(Instant::now());
             }
             Action::Remove => {
-                self.ops.refused.remove(&uio);
+                self.hotplug.refused.remove(&uio);
                 // A pending adoption still waiting for its own add is a newer device.
-                self.ops
+                self.hotplug
                     .pending
                     .retain(|p| p.uio != uio || p.inc.awaiting_add_uevent);
                 if let Some((id, removing)) = managed {
@@ -652,9 +576,9 @@ impl Supervisor {
 
     // ---- netlink ------------------------------------------------------------------------------
 
-    fn read_netlink(&mut self) {
+    pub(super) fn read_netlink(&mut self) {
         for _ in 0..MAX_DATAGRAMS_PER_TURN {
-            let Some(nl) = &mut self.ops.netlink else {
+            let Some(nl) = &mut self.hotplug.netlink else {
                 return;
             };
             let items = match nl.recv() {
@@ -666,8 +590,8 @@ impl Supervisor {
                 }
                 Err(e) => {
                     error!(error = %e, "netlink socket failed; no longer following TCM-USER requests");
-                    self.ops.netlink = None;
-                    self.ops.netlink_state = "unavailable";
+                    self.hotplug.netlink = None;
+                    self.hotplug.netlink_state = "unavailable";
                     return;
                 }
             };
@@ -691,7 +615,7 @@ impl Supervisor {
     /// Answers a kernel request (nothing to answer without a device id: such kernels do not
     /// wait for replies).
     fn reply(&mut self, done_cmd: u8, device_id: Option<u32>, status: i32) {
-        let (Some(nl), Some(device_id)) = (&mut self.ops.netlink, device_id) else {
+        let (Some(nl), Some(device_id)) = (&mut self.hotplug.netlink, device_id) else {
             return;
         };
         match nl.send_done(done_cmd, status, device_id) {
@@ -767,8 +691,8 @@ impl Supervisor {
                     "device refused by policy at creation; the configfs write fails"
                 );
                 self.reply(done, d.device_id, -errno);
-                self.ops.refused.insert(uio.clone(), d.name.clone());
-                self.ops.pending.retain(|p| p.uio != uio);
+                self.hotplug.refused.insert(uio.clone(), d.name.clone());
+                self.hotplug.pending.retain(|p| p.uio != uio);
                 if let Some(id) = self.device_for(&d) {
                     self.remove_device(id);
                 }
@@ -780,7 +704,7 @@ impl Supervisor {
             }
         }
         info!(device = %uio, backstore = %label, device_id = ?d.device_id, "device added by the kernel");
-        self.ops.refused.remove(&uio);
+        self.hotplug.refused.remove(&uio);
         if let Some((id, removing)) = self.managed_on(&uio) {
             let same = self
                 .devices
@@ -799,13 +723,13 @@ impl Supervisor {
                 self.remove_device(id);
             }
         }
-        let awaiting = self.ops.uevents.is_some();
-        if let Some(p) = self.ops.pending.iter_mut().find(|p| p.uio == uio) {
+        let awaiting = self.hotplug.uevents.is_some();
+        if let Some(p) = self.hotplug.pending.iter_mut().find(|p| p.uio == uio) {
             p.inc.device_id = d.device_id;
             p.backstore = Some((parsed.hba, parsed.name));
             p.wait_netlink_until = None;
         } else {
-            self.ops.pending.push(PendingAdd {
+            self.hotplug.pending.push(PendingAdd {
                 uio,
                 backstore: Some((parsed.hba, parsed.name)),
                 inc: Incarnation {
@@ -838,10 +762,10 @@ impl Supervisor {
     fn on_nl_removed(&mut self, d: DeviceRef) {
         let uio = d.uio();
         self.reply(netlink::cmd::REMOVED_DEVICE_DONE, d.device_id, 0);
-        if self.ops.refused.get(&uio).is_some_and(|n| *n == d.name) {
-            self.ops.refused.remove(&uio);
+        if self.hotplug.refused.get(&uio).is_some_and(|n| *n == d.name) {
+            self.hotplug.refused.remove(&uio);
         }
-        self.ops.pending.retain(|p| {
+        self.hotplug.pending.retain(|p| {
             !(p.uio == uio && (p.inc.device_id.is_none() || p.inc.device_id == d.device_id))
         });
         if let Some(id) = self.device_for(&d) {
@@ -1067,7 +991,7 @@ impl Supervisor {
     // ---- pending adoptions ----------------------------------------------------------------------
 
     fn run_readopt(&mut self) {
-        for (dev, fd, inc) in std::mem::take(&mut self.ops.readopt) {
+        for (dev, fd, inc) in std::mem::take(&mut self.hotplug.readopt) {
             let uio = dev.uio.clone();
             match self.adopt_with_fd(dev, fd) {
                 Ok(id) => {
@@ -1085,20 +1009,20 @@ impl Supervisor {
     /// their deadline.
     fn try_pending(&mut self, now: Instant) {
         if self.shutdown.is_some() {
-            self.ops.pending.clear();
+            self.hotplug.pending.clear();
             return;
         }
-        let pending = std::mem::take(&mut self.ops.pending);
+        let pending = std::mem::take(&mut self.hotplug.pending);
         for p in pending {
             if let Some(keep) = self.try_one(p, now) {
-                self.ops.pending.push(keep);
+                self.hotplug.pending.push(keep);
             }
         }
     }
 
     /// One pending adoption: `Some` to keep waiting.
     fn try_one(&mut self, p: PendingAdd, now: Instant) -> Option<PendingAdd> {
-        if p.wait_netlink_until.is_some_and(|t| now < t) && self.ops.netlink.is_some() {
+        if p.wait_netlink_until.is_some_and(|t| now < t) && self.hotplug.netlink.is_some() {
             return Some(p);
         }
         let expired = p.deadline <= now;
@@ -1187,9 +1111,9 @@ impl Supervisor {
         }
         for dev in scan.devices {
             if self.managed_on(&dev.uio).is_none()
-                && !self.ops.pending.iter().any(|p| p.uio == dev.uio)
+                && !self.hotplug.pending.iter().any(|p| p.uio == dev.uio)
             {
-                self.ops.pending.push(PendingAdd {
+                self.hotplug.pending.push(PendingAdd {
                     uio: dev.uio,
                     backstore: Some((dev.hba, dev.name)),
                     inc: Incarnation::default(),
@@ -1199,228 +1123,6 @@ impl Supervisor {
             }
         }
     }
-
-    // ---- statistics -----------------------------------------------------------------------------
-
-    // ---- control ------------------------------------------------------------------------------
-
-    fn serve_control(&mut self, ready: &[ControlToken]) {
-        let Some(server) = &mut self.ops.control else {
-            return;
-        };
-        let requests = server.service(ready);
-        for (conn, request) in requests {
-            let response = match request {
-                Ok(Request::Status) => Response {
-                    ok: true,
-                    status: Some(self.status_report()),
-                    ..Response::default()
-                },
-                Ok(Request::Version) => Response {
-                    ok: true,
-                    version: Some(env!("CARGO_PKG_VERSION").to_owned()),
-                    ..Response::default()
-                },
-                Ok(Request::LiftQuarantine { worker }) => match self.lift_quarantine(&worker) {
-                    Ok(lift) => Response {
-                        ok: true,
-                        lift: Some(lift),
-                        ..Response::default()
-                    },
-                    Err(e) => {
-                        warn!(worker = ?worker, error = %e, "quarantine lift refused");
-                        Response::error(e.to_string())
-                    }
-                },
-                Err(why) => Response::error(why.to_string()),
-            };
-            if let Some(server) = &mut self.ops.control {
-                server.respond(conn, &response);
-            }
-        }
-    }
-
-    /// Everything `tcmu-warden status` shows.
-    pub fn status_report(&self) -> StatusReport {
-        let uevents = match &self.ops.uevents {
-            None => "off",
-            Some(u) if u.group() == uevent::GROUP_UDEV => "udev",
-            Some(_) => "kernel",
-        };
-        let daemon = DaemonReport {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            pid: std::process::id(),
-            config: self.config.source.display().to_string(),
-            config_generation: self.ops.generation,
-            uptime_secs: self.ops.started_at.elapsed().as_secs(),
-            shutting_down: self.shutdown.is_some(),
-            uevents: uevents.to_owned(),
-            netlink: self.ops.netlink_state.to_owned(),
-        };
-        let c = &self.config;
-        let policy = PolicyReport {
-            served: c
-                .served_subtypes()
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-            worker_exe: self.opts.worker_exe.display().to_string(),
-            file: c.file.as_ref().map(|f| FilePolicy {
-                allow_paths: f
-                    .allow_paths
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect(),
-                isolation: f.isolation.as_str().to_owned(),
-            }),
-            ram: c.ram.as_ref().map(|r| RamPolicy {
-                max_size: r.max_size,
-            }),
-        };
-        let devices = self
-            .devices
-            .iter()
-            .map(|(id, d)| {
-                let stats = d.stats.as_ref();
-                let worker_pid = self
-                    .workers
-                    .get(&d.worker)
-                    .filter(|s| !matches!(s.phase, WorkerPhase::Exited | WorkerPhase::Killed))
-                    .map(|s| s.process.pid());
-                // Parked with the refusals worker (failing fast, or blocked if nothing answers).
-                let quarantined = d.parked.is_some()
-                    && !matches!(d.phase, DevicePhase::Failed(_) | DevicePhase::Removing);
-                DeviceReport {
-                    id: *id,
-                    uio: d.dev.uio.clone(),
-                    backstore: d.dev.label(),
-                    subtype: d.dev.subtype.clone(),
-                    cfgstring: d.dev.cfgstring.clone(),
-                    size: d.dev.dev_size,
-                    block_size: d.dev.block_size,
-                    write_cache: d.dev.write_cache,
-                    worker: d.worker.name(),
-                    worker_pid,
-                    state: if quarantined {
-                        "quarantined"
-                    } else {
-                        phase_name(&d.phase)
-                    }
-                    .to_owned(),
-                    blocked: d.blocked,
-                    recoveries: d.recoveries,
-                    resets: d.resets,
-                    refusal: d.spec.refusal.clone(),
-                    home_worker: d.parked.as_ref().map(|p| p.home.name()),
-                    failure: match &d.phase {
-                        DevicePhase::Failed(why) => Some(why.clone()),
-                        _ => None,
-                    },
-                    commands: stats.map(|s| s.commands),
-                    errors: stats.map(|s| s.errors),
-                    bytes_read: stats.map(|s| s.bytes_read),
-                    bytes_written: stats.map(|s| s.bytes_written),
-                }
-            })
-            .collect();
-        let workers = self
-            .workers
-            .iter()
-            .map(|(key, s)| {
-                let exit = s.process.exit_status();
-                let history = self.history.get(key);
-                let last_crash = history
-                    .and_then(|h| h.last_cause.clone())
-                    .or_else(|| s.kill_reason.clone())
-                    .or_else(|| exit.filter(|e| !e.success()).map(describe_exit));
-                // A quarantined worker's devices stay its own while the refusals worker
-                // answers for them.
-                let devices = self
-                    .devices
-                    .iter()
-                    .filter(|(_, d)| {
-                        &d.worker == key || d.parked.as_ref().is_some_and(|p| &p.home == key)
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
-                WorkerReport {
-                    name: s.name.clone(),
-                    pid: s.process.pid(),
-                    state: worker_phase_name(s.phase).to_owned(),
-                    subtypes: s.subtypes.clone(),
-                    devices,
-                    restarts: history.map_or(0, |h| h.restarts),
-                    crashes: history.map_or(0, |h| h.total),
-                    last_crash,
-                    quarantined: history.and_then(|h| h.quarantined.clone()),
-                    lifts: history.map_or(0, |h| h.lifts),
-                    jail: s.jail.as_ref().map(ToString::to_string),
-                }
-            })
-            .collect();
-        StatusReport {
-            daemon,
-            policy,
-            devices,
-            workers,
-        }
-    }
-
-    // ---- reload ---------------------------------------------------------------------------------
-
-    /// Re-reads the configuration file and applies it to devices and workers from now on
-    /// (see [`crate::reload`]). A file that does not load keeps the configuration in force.
-    pub fn reload(&mut self) {
-        self.ops.notifier.notify("RELOADING=1");
-        let source = self.config.source.clone();
-        let result = Config::load(&source);
-        match result {
-            Err(e) => {
-                error!(config = %source.display(), error = %e, "configuration reload failed; the configuration in force stays");
-            }
-            Ok(new) => {
-                for warning in new.warnings() {
-                    warn!(config = %source.display(), "{warning}");
-                }
-                let changes = reload::changes(&self.config, &new);
-                let merged = reload::merge(&self.config, new);
-                let exe = match &merged.daemon.worker_exe {
-                    Some(exe) => Some(exe.clone()),
-                    None => default_worker_exe().ok(),
-                };
-                if let Some(exe) = exe {
-                    self.opts.worker_exe = exe;
-                }
-                self.opts.shutdown_timeout = merged.daemon.drain_timeout;
-                self.config = merged;
-                self.ops.generation += 1;
-                for line in &changes.applied {
-                    info!(change = %line, "configuration change applies to devices and workers from now on");
-                }
-                for line in &changes.need_restart {
-                    warn!(change = %line, "configuration change needs a restart; ignored");
-                }
-                info!(
-                    config = %source.display(),
-                    generation = self.ops.generation,
-                    applied = changes.applied.len(),
-                    ignored = changes.need_restart.len(),
-                    "configuration reloaded"
-                );
-            }
-        }
-        self.ops.notifier.notify(&format!(
-            "READY=1\nSTATUS=serving {} devices with {} workers",
-            self.devices.len(),
-            self.workers.len()
-        ));
-    }
-}
-
-/// Renders a status report as JSON (what `status --json` prints).
-pub fn status_json(report: &StatusReport) -> String {
-    serde_json::to_string_pretty(report)
-        .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
 
 #[cfg(test)]
