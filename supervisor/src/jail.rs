@@ -38,9 +38,11 @@ use tcmu_warden_policy::jail::syscalls;
 use tcmu_warden_policy::{JailSpec, LandlockMode, SeccompMode};
 use tcmu_warden_proto::StageTwoRequest;
 
-/// Errors preparing a jail: the worker is not started, and this says why.
+/// Errors preparing a worker's stage-one jail (applied between fork and exec): the worker is not
+/// started, and this says why. Not the worker's own `tcmu_warden_worker::jail::JailError`, which
+/// is about installing stage two inside the worker.
 #[derive(Debug, thiserror::Error)]
-pub enum JailError {
+pub enum StageOneError {
     /// `landlock = "required"` and the kernel cannot enforce what the policy needs.
     #[error(
         "landlock = \"required\" but this kernel cannot enforce the policy ({}); set \
@@ -367,7 +369,7 @@ fn last_cap() -> libc::c_ulong {
 
 /// Builds everything stage one needs for `spec`, before the fork. Fails when the worker must
 /// not start (the error says why).
-pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
+pub fn prepare(spec: &JailSpec) -> Result<Prepared, StageOneError> {
     let settings = &spec.settings;
     let ruleset = ll::prepare(&spec.fs_rules, &settings.network)?;
     check_required(settings.landlock, &ruleset.report)?;
@@ -375,7 +377,7 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
         network: settings.network.clone(),
         io_uring: settings.io_uring,
     })?;
-    let caps = own_effective_caps().map_err(JailError::SelfState)?;
+    let caps = own_effective_caps().map_err(StageOneError::SelfState)?;
     let has = |cap: u32| caps & (1u64 << cap) != 0;
     let (my_uid, my_gid, me) = (
         nix::unistd::getuid().as_raw(),
@@ -385,14 +387,14 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
     let uid = spec.uid().unwrap_or(my_uid);
     let gid = spec.gid().unwrap_or(my_gid);
     if uid != my_uid && !has(CAP_SETUID) {
-        return Err(JailError::Privilege {
+        return Err(StageOneError::Privilege {
             uid,
             gid,
             cap: "CAP_SETUID",
         });
     }
     if gid != my_gid && !has(CAP_SETGID) {
-        return Err(JailError::Privilege {
+        return Err(StageOneError::Privilege {
             uid,
             gid,
             cap: "CAP_SETGID",
@@ -420,7 +422,7 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
     // The child installs the channel as descriptor 3 (dup2) before applying the jail: the
     // ruleset must not sit at a number that dup2 could overwrite.
     let landlock = match ruleset.fd {
-        Some(fd) => Some(above_low_numbers(fd).map_err(JailError::SelfState)?),
+        Some(fd) => Some(above_low_numbers(fd).map_err(StageOneError::SelfState)?),
         None => None,
     };
     let stage_one_filters = u32::try_from(seccomp.programs.len()).unwrap_or(u32::MAX);
@@ -456,9 +458,9 @@ pub fn prepare(spec: &JailSpec) -> Result<Prepared, JailError> {
 }
 
 /// With `landlock = "required"`, refuses a report that is not fully enforced.
-pub fn check_required(mode: LandlockMode, report: &LandlockReport) -> Result<(), JailError> {
+pub fn check_required(mode: LandlockMode, report: &LandlockReport) -> Result<(), StageOneError> {
     if mode == LandlockMode::Required && report.enforcement() != Enforcement::Full {
-        return Err(JailError::LandlockRequired(report.clone()));
+        return Err(StageOneError::LandlockRequired(report.clone()));
     }
     Ok(())
 }

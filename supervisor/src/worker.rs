@@ -41,9 +41,11 @@ use tcmu_warden_proto::{Channel, DeviceFds, DeviceSpec, FromWorker, ProtoError, 
 
 use tcmu_warden_proto::process::{CHANNEL_FD_ENV, LOG_FORMAT_ENV, WORKER_CHANNEL_FD};
 
-/// Errors of one worker process.
+/// Errors of one worker process, as the supervisor sees it (spawning it, its channel). Not the
+/// worker runtime's own `tcmu_warden_worker::runtime::WorkerError`, which is why a worker
+/// process stops from the inside.
 #[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
+pub enum WorkerProcessError {
     /// The process could not be started.
     #[error("starting {}: {source}", exe.display())]
     Spawn {
@@ -87,8 +89,8 @@ impl WorkerProcess {
         name: &str,
         log_format: Option<LogFormat>,
         jail: Option<StageOne>,
-    ) -> Result<WorkerProcess, WorkerError> {
-        let spawn_err = |source: io::Error| WorkerError::Spawn {
+    ) -> Result<WorkerProcess, WorkerProcessError> {
+        let spawn_err = |source: io::Error| WorkerProcessError::Spawn {
             exe: exe.to_path_buf(),
             source,
         };
@@ -175,8 +177,8 @@ impl WorkerProcess {
     }
 
     /// Sends one message that carries no descriptors, without blocking.
-    pub fn send(&self, msg: &ToWorker) -> Result<(), WorkerError> {
-        let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
+    pub fn send(&self, msg: &ToWorker) -> Result<(), WorkerProcessError> {
+        let channel = self.channel.as_ref().ok_or(WorkerProcessError::NoChannel)?;
         Self::sent(channel.send(msg))
     }
 
@@ -186,16 +188,16 @@ impl WorkerProcess {
         &self,
         spec: &DeviceSpec,
         fds: &DeviceFds<BorrowedFd<'_>>,
-    ) -> Result<(), WorkerError> {
-        let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
+    ) -> Result<(), WorkerProcessError> {
+        let channel = self.channel.as_ref().ok_or(WorkerProcessError::NoChannel)?;
         Self::sent(channel.send_device(spec, fds))
     }
 
-    fn sent(result: Result<(), ProtoError>) -> Result<(), WorkerError> {
+    fn sent(result: Result<(), ProtoError>) -> Result<(), WorkerProcessError> {
         match result {
             Ok(()) => Ok(()),
             Err(ProtoError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                Err(WorkerError::Stuck)
+                Err(WorkerProcessError::Stuck)
             }
             Err(e) => Err(e.into()),
         }
@@ -204,8 +206,8 @@ impl WorkerProcess {
     /// Receives one message if one is waiting (`Ok(None)` otherwise). Every message is decoded
     /// and validated by the protocol crate; any error means the worker broke the protocol or
     /// closed the connection ([`ProtoError::Closed`], also for a reset connection).
-    pub fn recv(&self) -> Result<Option<FromWorker>, WorkerError> {
-        let channel = self.channel.as_ref().ok_or(WorkerError::NoChannel)?;
+    pub fn recv(&self) -> Result<Option<FromWorker>, WorkerProcessError> {
+        let channel = self.channel.as_ref().ok_or(WorkerProcessError::NoChannel)?;
         match channel.recv::<FromWorker>() {
             // FromWorker messages carry no descriptors; the protocol crate refuses any that
             // come anyway, so the vector is empty here.
@@ -404,7 +406,7 @@ mod tests {
     fn spawn_failure_names_the_executable() {
         let err =
             WorkerProcess::spawn(Path::new("/nonexistent/worker"), "w", None, None).unwrap_err();
-        assert!(matches!(err, WorkerError::Spawn { .. }));
+        assert!(matches!(err, WorkerProcessError::Spawn { .. }));
         assert!(err.to_string().contains("/nonexistent/worker"), "{err}");
     }
 
@@ -423,9 +425,9 @@ mod tests {
         assert!(status.success());
         assert!(matches!(
             w.recv(),
-            Err(WorkerError::Proto(ProtoError::Closed))
+            Err(WorkerProcessError::Proto(ProtoError::Closed))
         ));
         w.kill().unwrap();
-        assert!(matches!(w.recv(), Err(WorkerError::NoChannel)));
+        assert!(matches!(w.recv(), Err(WorkerProcessError::NoChannel)));
     }
 }

@@ -64,7 +64,7 @@ use tcmu_warden_proto::{DeviceStats, ToWorker};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AdoptError, DaemonError, Device, DevicePhase, Supervisor, Token, Violation, WorkerKey,
+    AdoptError, DaemonError, DevicePhase, DeviceRecord, Supervisor, Token, Violation, WorkerKey,
     WorkerPhase,
 };
 use crate::control::ControlServer;
@@ -309,7 +309,7 @@ impl Supervisor {
 
     /// A device left the table (released or dropped): adopt it again if its `dev_config`
     /// changed, and let a device waiting for its minor proceed.
-    pub(super) fn on_device_dropped(&mut self, id: u64, dev: Device) {
+    pub(super) fn on_device_dropped(&mut self, id: u64, dev: DeviceRecord) {
         for p in dev.reconfigs {
             warn!(device_id = ?p.device_id, id, why = "the device was released", status = -libc::ENODEV, "reconfiguration not applied");
             self.reply(

@@ -92,7 +92,7 @@ use crate::control::ControlToken;
 use crate::discovery::{self, DiscoveryError, TcmuDevice, is_uio_name};
 use crate::jail::{self, JailStatus};
 use crate::journal::{JournalStore, OpenJournal};
-use crate::worker::{WorkerError, WorkerProcess, describe_exit};
+use crate::worker::{WorkerProcess, WorkerProcessError, describe_exit};
 
 use lifecycle::CrashHistory;
 use signals::Signals;
@@ -334,7 +334,10 @@ pub enum WorkerPhase {
     Exited,
 }
 
-/// A snapshot of one worker, for callers and tests.
+/// A snapshot of one worker's entry and crash history, for callers and tests. What the control
+/// socket serves is [`WorkerReport`](crate::control::WorkerReport), whose `last_crash` falls
+/// back to the kill reason or the exit status when the key never crashed; here `last_crash` is
+/// the crash history's last cause only.
 #[derive(Debug, Clone)]
 pub struct WorkerStatus {
     /// The worker's name.
@@ -400,7 +403,11 @@ pub enum DevicePhase {
     Quarantined(String),
 }
 
-/// A snapshot of one device, for callers and tests.
+/// A snapshot of one device's record, for callers and tests (typed: its phase is a
+/// [`DevicePhase`]). What the control socket serves is [`DeviceReport`], built from the same
+/// record with the worker's counters.
+///
+/// [`DeviceReport`]: crate::control::DeviceReport
 #[derive(Debug, Clone)]
 pub struct DeviceStatus {
     /// Supervisor-assigned id.
@@ -436,7 +443,10 @@ pub struct DeviceStatus {
     pub home: Option<String>,
 }
 
-struct Slot {
+/// One worker's entry in the worker table: its process, phase, deadlines, heartbeat state and
+/// jail. (Its crash history, which outlives its processes, is the `CrashHistory` of its key;
+/// the worker side's ring has a `Slot` of its own, unrelated.)
+struct WorkerEntry {
     name: String,
     subtypes: Vec<String>,
     process: WorkerProcess,
@@ -462,7 +472,15 @@ struct Slot {
     jail: Option<JailStatus>,
 }
 
-struct Device {
+/// One device's record in the device table: every fact the supervisor keeps about it. The other
+/// types that describe a device differ from it so: [`TcmuDevice`] is what sysfs and configfs
+/// said at discovery (no state); [`DeviceSpec`] is the description a worker is sent on the wire
+/// (`proto`); the SDK's `DeviceConfig` is what a handler is given; [`DeviceStatus`] is an
+/// in-process snapshot of this record for callers and tests; [`DeviceReport`] is its
+/// serialized form in the `status` report.
+///
+/// [`DeviceReport`]: crate::control::DeviceReport
+struct DeviceRecord {
     dev: TcmuDevice,
     spec: DeviceSpec,
     uio_fd: OwnedFd,
@@ -515,8 +533,8 @@ struct Shutdown {
 pub struct Supervisor {
     config: Config,
     opts: Options,
-    workers: BTreeMap<WorkerKey, Slot>,
-    devices: BTreeMap<u64, Device>,
+    workers: BTreeMap<WorkerKey, WorkerEntry>,
+    devices: BTreeMap<u64, DeviceRecord>,
     next_id: u64,
     signals: Signals,
     shutdown: Option<Shutdown>,
@@ -732,7 +750,7 @@ impl Supervisor {
         }
         self.devices.insert(
             id,
-            Device {
+            DeviceRecord {
                 dev,
                 spec,
                 uio_fd,
@@ -951,7 +969,7 @@ impl Supervisor {
         let sent = process.send(&hello);
         self.workers.insert(
             key.clone(),
-            Slot {
+            WorkerEntry {
                 name,
                 subtypes: key.subtypes(),
                 process,
@@ -1016,7 +1034,7 @@ impl Supervisor {
                     dev.ring_dirty = true;
                     None
                 }
-                Err(WorkerError::Proto(
+                Err(WorkerProcessError::Proto(
                     err @ (ProtoError::Invalid { .. }
                     | ProtoError::Oversized
                     | ProtoError::FdCount { .. }),
@@ -1189,11 +1207,11 @@ impl Supervisor {
                     }
                 }
                 Ok(None) => return,
-                Err(WorkerError::Proto(ProtoError::Closed)) => {
+                Err(WorkerProcessError::Proto(ProtoError::Closed)) => {
                     self.on_closed(key);
                     return;
                 }
-                Err(WorkerError::NoChannel) => return,
+                Err(WorkerProcessError::NoChannel) => return,
                 Err(err) => {
                     self.kill_worker(key, format!("protocol violation: {err}"));
                     return;
@@ -1362,7 +1380,7 @@ impl Supervisor {
         key: &WorkerKey,
         id: u64,
         what: &'static str,
-    ) -> Result<(&mut Device, String), Violation> {
+    ) -> Result<(&mut DeviceRecord, String), Violation> {
         let name = key.name();
         match self.devices.get_mut(&id) {
             Some(dev) if &dev.worker == key => Ok((dev, name)),
@@ -1685,7 +1703,7 @@ impl Supervisor {
             .map(|(key, s)| self.worker_status(key, s))
     }
 
-    fn worker_status(&self, key: &WorkerKey, s: &Slot) -> WorkerStatus {
+    fn worker_status(&self, key: &WorkerKey, s: &WorkerEntry) -> WorkerStatus {
         let h = self.history.get(key);
         WorkerStatus {
             name: s.name.clone(),
@@ -1719,7 +1737,7 @@ impl Supervisor {
     }
 }
 
-fn status_of(id: u64, d: &Device) -> DeviceStatus {
+fn status_of(id: u64, d: &DeviceRecord) -> DeviceStatus {
     DeviceStatus {
         id,
         uio: d.dev.uio.clone(),
