@@ -89,6 +89,18 @@ pub trait Handler: Send + Sync {
         HandlerCaps::default()
     }
 
+    /// Whether every call the runtime makes for a command ([`Handler::submit_io`] and the
+    /// blocking block methods behind its default, [`Handler::submit`]) returns within
+    /// microseconds, never waiting for a disk, a network or another thread (an in-memory
+    /// store, or a handler whose `submit_io`/`submit` only queue the work). The worker then
+    /// runs such commands on its event-loop thread, with no hand-off to an I/O thread; with
+    /// `false` (the default) they run on the worker's shared I/O pool, so a slow handler never
+    /// holds up other devices. Read once, when the device is opened. Declaring `true` for a
+    /// handler that does block stalls every device of the worker while it blocks.
+    fn nonblocking(&self) -> bool {
+        false
+    }
+
     /// Reads `bufs` full from byte `offset` of the device.
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()>;
 
