@@ -298,6 +298,8 @@ impl Engine {
                         jobs: job_tx,
                         devices: HashMap::new(),
                         touched: Vec::new(),
+                        always_ready: Vec::new(),
+                        stopping: 0,
                     };
                     l.run();
                 })?,
@@ -523,6 +525,9 @@ struct LoopDevice {
     result: Sender<Result<(), DeviceError>>,
     finished: Arc<AtomicBool>,
     stopping: Option<Instant>,
+    /// `epoll` refused its descriptor (a regular file, which `poll` reports as always ready,
+    /// as some tests pass in place of a UIO node): it is served every round instead.
+    always_ready: bool,
     /// Answered or fetched in this round: notify its kernel and check its drain.
     touched: bool,
 }
@@ -534,6 +539,10 @@ struct Loop {
     jobs: Sender<Job>,
     devices: HashMap<u64, LoopDevice>,
     touched: Vec<u64>,
+    /// Devices served every round (see [`LoopDevice::always_ready`]).
+    always_ready: Vec<u64>,
+    /// Devices draining towards their stop.
+    stopping: usize,
 }
 
 impl Loop {
@@ -541,7 +550,9 @@ impl Loop {
         let mut events = [EpollEvent::empty(); EVENTS];
         let mut ready: Vec<(u64, bool)> = Vec::new();
         loop {
-            let timeout = if self.devices.values().any(|d| d.stopping.is_some()) {
+            let timeout = if !self.always_ready.is_empty() {
+                EpollTimeout::from(1u16)
+            } else if self.stopping > 0 {
                 EpollTimeout::from(100u16)
             } else {
                 EpollTimeout::NONE
@@ -560,6 +571,7 @@ impl Loop {
             };
             let mut woken = false;
             ready.clear();
+            ready.extend(self.always_ready.iter().map(|&id| (id, false)));
             for ev in events.iter().take(n) {
                 match Token::decode(ev.data()) {
                     Token::Wake => woken = true,
@@ -586,7 +598,10 @@ impl Loop {
                         Ctl::Add(d) => self.add(*d),
                         Ctl::Stop(id) => {
                             if let Some(d) = self.devices.get_mut(&id) {
-                                d.stopping.get_or_insert_with(Instant::now);
+                                if d.stopping.is_none() {
+                                    d.stopping = Some(Instant::now());
+                                    self.stopping += 1;
+                                }
                                 mark(&mut self.touched, id, d);
                             }
                         }
@@ -645,13 +660,20 @@ impl Loop {
             result,
             finished,
         } = d;
-        let registered = self
-            .epoll
-            .add(
-                event.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, Token::Device(id).encode()),
-            )
-            .map_err(|e| DeviceError::Io(e.into()));
+        let mut always_ready = false;
+        let registered = match self.epoll.add(
+            event.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, Token::Device(id).encode()),
+        ) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EPERM) => {
+                debug!(device = %shared.name, "descriptor cannot be polled; serving it every round");
+                always_ready = true;
+                self.always_ready.push(id);
+                Ok(())
+            }
+            Err(e) => Err(DeviceError::Io(e.into())),
+        };
         let started =
             registered.and_then(|()| finish_recovered(&shared, &mut ring, recovered, &self.jobs));
         let dev = LoopDevice {
@@ -662,6 +684,7 @@ impl Loop {
             result,
             finished,
             stopping: None,
+            always_ready,
             touched: false,
         };
         self.devices.insert(id, dev);
@@ -715,6 +738,9 @@ impl Loop {
         }
         self.touched = touched;
         self.touched.clear();
+        if self.stopping == 0 {
+            return;
+        }
         let draining: Vec<(u64, usize, Instant)> = self
             .devices
             .iter()
@@ -735,7 +761,14 @@ impl Loop {
         let Some(mut d) = self.devices.remove(&id) else {
             return;
         };
-        let _ = self.epoll.delete(d.event.as_fd());
+        if d.always_ready {
+            self.always_ready.retain(|&x| x != id);
+        } else {
+            let _ = self.epoll.delete(d.event.as_fd());
+        }
+        if d.stopping.is_some() {
+            self.stopping -= 1;
+        }
         let dev = &d.shared.name;
         match &r {
             Ok(()) => info!(device = %dev, "device stopped"),

@@ -1,10 +1,12 @@
-//! # The worker runtime: the conversation with the supervisor, and one runner per device
+//! # The worker runtime: the conversation with the supervisor, and the engine serving its devices
 //!
 //! A worker process starts with one inherited descriptor, a `SOCK_SEQPACKET` socket to the
 //! supervisor (its number in `TCMU_WARDEN_FD`). It answers the supervisor's `Hello`, then serves
 //! devices as they arrive: for each [`ToWorker::AddDevice`] it opens the subtype's handler (or, for
 //! a device the policy refused, an emulator that fails every command with NOT READY), maps the UIO
-//! region, and starts a [`device::DeviceRunner`]. It reports each device ready or failed, answers
+//! region, and starts serving it on the worker's one [`device::Engine`] (an event loop over every
+//! device's ring and a shared I/O pool of the policy's `io_threads`, started after stage two of
+//! the jail; see [`device`]), which returns the device's [`device::DeviceRunner`]. It reports each device ready or failed, answers
 //! pings with counters, and on `Shutdown` (or when the supervisor goes away) drains its devices and
 //! exits.
 //!
