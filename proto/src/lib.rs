@@ -36,8 +36,9 @@ pub use process::{SeccompMode, StageTwoRequest};
 /// descriptor after the others), [`FromWorker::RecoveryFailed`], [`ToWorker::Reconfig`],
 /// [`FromWorker::Reconfigured`], [`FromWorker::ReconfigFailed`], and validated
 /// [`DeviceStats`] in [`FromWorker::Pong`]; 3 = stage two of the jail in [`ToWorker::Hello`]
-/// ([`process::StageTwoRequest`]) instead of the `TCMU_WARDEN_JAIL` environment text.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// ([`process::StageTwoRequest`]) instead of the `TCMU_WARDEN_JAIL` environment text; 4 = the
+/// I/O pool's size in it ([`process::StageTwoRequest::io_threads`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest encoded frame either side accepts. Anything larger ends the conversation.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -1073,6 +1074,7 @@ mod tests {
             jail: Some(StageTwoRequest {
                 action: SeccompMode::Log,
                 syscalls: vec!["fsync".into()],
+                io_threads: None,
             }),
         };
         a.send(&hello).unwrap();
@@ -1083,6 +1085,7 @@ mod tests {
             jail: Some(StageTwoRequest {
                 action: SeccompMode::Kill,
                 syscalls: vec!["read;write".into()],
+                io_threads: None,
             }),
         };
         let bytes = postcard::to_stdvec(&Frame {

@@ -77,6 +77,10 @@ pub struct StageTwoRequest {
     pub action: SeccompMode,
     /// Names to allow besides the runtime's and the handlers' own (the policy's `syscalls`).
     pub syscalls: Vec<String>,
+    /// Threads of the worker's shared I/O pool (the policy's `io_threads`); `None`: the
+    /// worker's default. Travels with the jail because it is a per-handler policy setting.
+    #[serde(default)]
+    pub io_threads: Option<u16>,
 }
 
 impl StageTwoRequest {
@@ -165,18 +169,21 @@ mod tests {
         let ok = StageTwoRequest {
             action: SeccompMode::Log,
             syscalls: vec!["fsync".into(), "sync_file_range".into()],
+            io_threads: None,
         };
         assert!(ok.validate().is_ok());
         for bad in ["", "Fsync", "fsync;kill", "a b", &"x".repeat(65)] {
             let req = StageTwoRequest {
                 action: SeccompMode::Kill,
                 syscalls: vec![bad.to_owned()],
+                io_threads: None,
             };
             assert!(req.validate().is_err(), "{bad:?} accepted");
         }
         let many = StageTwoRequest {
             action: SeccompMode::Kill,
             syscalls: vec!["read".into(); MAX_STAGE_TWO_SYSCALLS + 1],
+            io_threads: None,
         };
         assert!(many.validate().is_err());
     }

@@ -11,7 +11,14 @@
 //!   lower bound for the worker alone), CPU nanoseconds per command, and the latency from
 //!   queueing a command to reaping its completion (p50/p99/p99.9);
 //! - with 1, 8, 64 and 256 devices (`ram`, queue depth 32 each): the aggregate figures and the
-//!   process's thread count.
+//!   process's thread count;
+//! - at scale (`SIM_BENCH_SCALE`, default 1000 devices; `null` handler, 1 MiB data area each):
+//!   the time to attach each device, the worker-side resident memory per idle device (the
+//!   process's RSS growth over the attach, the simulator's ring pages included, so an upper
+//!   bound), the thread count, and the aggregate figures at queue depth 1 per device.
+//!
+//! Every device of a case is served by one shared [`Engine`] (one event loop and one I/O pool of
+//! `SIM_BENCH_IO_THREADS` threads), as a worker serves its devices.
 //!
 //! The simulated kernel is one driver thread. With one device it blocks on the device's event
 //! fd between completions as the kernel's waiter would; with several it polls every ring in
@@ -21,7 +28,8 @@
 //! Knobs (environment): `SIM_BENCH_SECS` (measured seconds per case, default 3; quick 0.5),
 //! `SIM_BENCH_WARMUP_MS` (default 300), `SIM_BENCH_QDS` (default "1 32 128"),
 //! `SIM_BENCH_DEVICES` (default "1 8 64 256"; quick "1 8"), `SIM_BENCH_MULTI_QD` (32),
-//! `SIM_BENCH_IO_THREADS` (I/O threads per device, default the runtime's default),
+//! `SIM_BENCH_IO_THREADS` (threads of the engine's I/O pool, default the runtime's default),
+//! `SIM_BENCH_SCALE` (devices of the scale case, default 1000; 0 skips it),
 //! `SIM_BENCH_JSON` (also write the results there as JSON).
 //!
 //! Not a test: `harness = false` and `test = false` in Cargo.toml keep it out of `cargo test`.
@@ -42,7 +50,7 @@ use std::time::{Duration, Instant};
 use tcmu_warden_tests::{Rig, SimConfig};
 use tcmu_warden_worker::handler::ram::RamHandler;
 use tcmu_warden_worker::handler::{DeviceConfig, Handler};
-use tcmu_warden_worker::runtime::DeviceOptions;
+use tcmu_warden_worker::runtime::{DeviceOptions, Engine};
 
 const BS: u32 = 512;
 const IO: usize = 4096;
@@ -51,6 +59,9 @@ const IO: usize = 4096;
 struct NullHandler;
 
 impl Handler for NullHandler {
+    fn nonblocking(&self) -> bool {
+        true
+    }
     fn read(&self, _offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         for b in bufs.iter_mut() {
             b.fill(0);
@@ -100,7 +111,11 @@ fn env_list(name: &str, default: &str) -> Vec<usize> {
 
 /// A device of `size` bytes served by `kind`; a `ram` device is written in full first, so that
 /// reads copy real memory rather than the zeros of unallocated chunks.
-fn device(kind: Kind, i: usize, size: u64, io_threads: usize) -> Rig {
+fn device(kind: Kind, i: usize, size: u64, engine: &Engine) -> Rig {
+    device_with(kind, i, size, engine, 4 << 20)
+}
+
+fn device_with(kind: Kind, i: usize, size: u64, engine: &Engine, data_size: usize) -> Rig {
     let cfg = DeviceConfig {
         name: format!("bench{i}"),
         subtype: kind.name().into(),
@@ -126,10 +141,10 @@ fn device(kind: Kind, i: usize, size: u64, io_threads: usize) -> Rig {
         }
     };
     let sim = SimConfig {
-        data_size: 4 << 20,
+        data_size,
         ..SimConfig::default()
     };
-    Rig::new(&cfg, handler, sim, io_threads)
+    Rig::on_engine(&cfg, handler, sim, engine)
 }
 
 fn read10(lba: u32, blocks: u16) -> [u8; 10] {
@@ -161,6 +176,17 @@ fn cpu_time() -> Duration {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn threads() -> usize {
@@ -345,7 +371,7 @@ fn main() {
     let io_threads: usize = env_or("SIM_BENCH_IO_THREADS", DeviceOptions::default().io_threads);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "sim bench: 4 KiB random READ(10), {} s per case after {} ms warm-up, {io_threads} I/O threads per device, {cpus} CPUs",
+        "sim bench: 4 KiB random READ(10), {} s per case after {} ms warm-up, one engine per case (event loop + {io_threads} I/O threads), {cpus} CPUs",
         secs.as_secs_f64(),
         warmup.as_millis()
     );
@@ -354,7 +380,8 @@ fn main() {
     println!("\nOne device, by queue depth (64 MiB device):\n\n{HEADER}");
     for kind in [Kind::Ram, Kind::Null] {
         for &qd in &qds {
-            let mut devs = vec![device(kind, 0, 64 << 20, io_threads)];
+            let engine = Engine::new(DeviceOptions { io_threads }).unwrap();
+            let mut devs = vec![device(kind, 0, 64 << 20, &engine)];
             let o = drive(
                 &mut devs,
                 64 << 20,
@@ -379,8 +406,9 @@ fn main() {
         "\nMany devices, `ram`, queue depth {multi_qd} each (4 MiB per device; aggregate figures):\n\n{HEADER}"
     );
     for &n in &counts {
+        let engine = Engine::new(DeviceOptions { io_threads }).unwrap();
         let mut devs: Vec<Rig> = (0..n)
-            .map(|i| device(Kind::Ram, i, 4 << 20, io_threads))
+            .map(|i| device(Kind::Ram, i, 4 << 20, &engine))
             .collect();
         let o = drive(
             &mut devs,
@@ -398,6 +426,45 @@ fn main() {
             o,
         };
         println!("{}", row.line());
+        rows.push(row);
+    }
+
+    let scale: usize = env_or("SIM_BENCH_SCALE", if quick { 0 } else { 1000 });
+    if scale > 0 {
+        println!(
+            "\nScale: {scale} devices, `null`, queue depth 1 each (1 MiB device, 1 MiB data area):\n"
+        );
+        let engine = Engine::new(DeviceOptions { io_threads }).unwrap();
+        let rss0 = rss_kib();
+        let t = Instant::now();
+        let mut devs: Vec<Rig> = (0..scale)
+            .map(|i| device_with(Kind::Null, i, 1 << 20, &engine, 1 << 20))
+            .collect();
+        let attach = t.elapsed();
+        // Let every device's first wake-up settle, then measure the idle process.
+        std::thread::sleep(Duration::from_millis(300));
+        let rss1 = rss_kib();
+        let idle_threads = threads();
+        let cpu_idle0 = cpu_time();
+        std::thread::sleep(Duration::from_secs(1));
+        let idle_cpu = cpu_time() - cpu_idle0;
+        println!(
+            "- attach: {:.1} µs per device ({scale} in {:.2} s, simulator setup included)\n- RSS per idle device: {:.1} KiB ({} KiB over {scale} devices, simulator rings included)\n- threads while idle: {idle_threads}; CPU while idle: {:.1} ms in 1 s\n",
+            attach.as_secs_f64() * 1e6 / scale as f64,
+            attach.as_secs_f64(),
+            rss1.saturating_sub(rss0) as f64 / scale as f64,
+            rss1.saturating_sub(rss0),
+            idle_cpu.as_secs_f64() * 1e3,
+        );
+        let o = drive(&mut devs, 1 << 20, 1, warmup, secs, 0x2545_f491);
+        drop(devs);
+        let row = Row {
+            handler: "null",
+            devices: scale,
+            qd: 1,
+            o,
+        };
+        println!("{HEADER}\n{}", row.line());
         rows.push(row);
     }
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tcmu_warden_worker::handler::{DeviceConfig, Handler};
 use tcmu_warden_worker::ring::{Mapping, Ring};
-use tcmu_warden_worker::runtime::{DeviceOptions, DeviceRunner};
+use tcmu_warden_worker::runtime::{DeviceOptions, DeviceRunner, Engine};
 use tcmu_warden_worker::scsi::Emulator;
 
 use crate::sim::{Completed, KernelSim, SimConfig, SimError};
@@ -64,6 +64,34 @@ impl Rig {
             Box::new(|r| assert!(r.is_ok(), "device ended with {r:?}")),
         )
         .unwrap();
+        Rig {
+            sim,
+            emu,
+            runner: Some(runner),
+        }
+    }
+
+    /// Starts device `cfg` through `handler` on a ring laid out by `sim_cfg`, served by
+    /// `engine` (shared with other rigs, as a worker shares one engine among its devices).
+    pub fn on_engine(
+        cfg: &DeviceConfig,
+        handler: Arc<dyn Handler>,
+        sim_cfg: SimConfig,
+        engine: &Engine,
+    ) -> Rig {
+        let (sim, dev) = KernelSim::new(sim_cfg).unwrap();
+        let map = Mapping::map(dev.map_fd.as_fd(), dev.map_len).unwrap();
+        let ring = Ring::new(map).unwrap();
+        let emu = Arc::new(Emulator::new(cfg, handler));
+        let runner = engine
+            .start(
+                cfg.name.clone(),
+                ring,
+                dev.event_fd,
+                emu.clone(),
+                Box::new(|r| assert!(r.is_ok(), "device ended with {r:?}")),
+            )
+            .unwrap();
         Rig {
             sim,
             emu,

@@ -299,6 +299,7 @@ mod tests {
                 "no_such_call".into(),
                 "sync_file_range".into(),
             ],
+            io_threads: None,
         };
         let extra = allowed_extras(&builtin_factories(), &request);
         // The file handler's declarations...

@@ -137,6 +137,7 @@ impl JailSpec {
             stage_two: StageTwoRequest {
                 action: settings.seccomp_action,
                 syscalls: extra,
+                io_threads: settings.io_threads,
             },
             backing_paths: backing_paths.to_vec(),
         }

@@ -484,6 +484,14 @@ pub const RUNTIME_SYSCALLS: &[&str] = &[
     "poll",
     "ppoll",
     "eventfd2",
+    // the event loop over every device's ring (runtime/device.rs): epoll_create1 once per
+    // engine, epoll_ctl to add and remove a device's uio descriptor, epoll_wait (epoll_pwait
+    // where the C library implements epoll_wait with it, as on aarch64) to sleep until one is
+    // ready
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
     "recvmsg",
     "sendmsg",
     "recvfrom",

@@ -187,6 +187,10 @@ pub struct JailSettings {
     /// seccomp (landlock still checks the files it opens), so this is off by default and a
     /// handler that turns it on should restrict its rings (`IORING_REGISTER_RESTRICTIONS`).
     pub io_uring: bool,
+    /// Threads of the worker's shared I/O pool, which runs the commands that may block
+    /// (`None`: the worker's default, 4). The worker's thread count is this plus one (its
+    /// event loop), whatever the number of devices.
+    pub io_threads: Option<u16>,
 }
 
 impl Default for JailSettings {
@@ -203,6 +207,7 @@ impl Default for JailSettings {
             landlock: LandlockMode::Required,
             seccomp_action: SeccompMode::Kill,
             io_uring: false,
+            io_threads: None,
         }
     }
 }

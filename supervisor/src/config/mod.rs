@@ -91,6 +91,7 @@
 //! landlock = "required"         # or "best-effort"
 //! seccomp_action = "kill"       # or "log": a debugging aid, NOT FOR PRODUCTION
 //! io_uring = false
+//! io_threads = 4                # the worker's shared I/O pool (1..=256); plus one event-loop thread
 //! rlimits = { open_files = 4096, core_size = 0, address_space = "64GiB", processes = 256 }
 //! ```
 //!
@@ -461,6 +462,7 @@ struct RawSection {
     landlock: Option<Spanned<String>>,
     seccomp_action: Option<Spanned<String>>,
     io_uring: Option<Spanned<bool>>,
+    io_threads: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -808,6 +810,16 @@ impl Locator<'_> {
         }
         if let Some(flag) = &s.io_uring {
             out.io_uring = *flag.get_ref();
+        }
+        if let Some(n) = &s.io_threads {
+            let v = *n.get_ref();
+            let ok = u16::try_from(v).ok().filter(|v| (1..=256).contains(v));
+            out.io_threads = Some(ok.ok_or_else(|| {
+                self.error(
+                    Some(n.span()),
+                    format!("{prefix}.io_threads: {v} is not between 1 and 256"),
+                )
+            })?);
         }
         // The effective combination must make sense, wherever its parts were set.
         if matches!(out.network, Network::Tcp { .. })

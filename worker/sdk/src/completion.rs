@@ -32,7 +32,7 @@ pub enum Answer {
 
 /// Carries a command's answer back to the runtime. Called exactly once, on whatever thread
 /// answered the command; it must not block for long (the worker's sends to a channel and wakes
-/// the device's ring thread).
+/// the worker's event-loop thread).
 pub type CompleteFn = Box<dyn FnOnce(CommandResult, Answer) + Send>;
 
 /// One command in a handler's hands, and the duty to answer it. See the module documentation.

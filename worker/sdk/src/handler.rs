@@ -78,7 +78,7 @@ pub enum HandlerError {
 ///
 /// The block methods ([`Handler::read`], [`Handler::write`], [`Handler::flush`],
 /// [`Handler::unmap`], [`Handler::allocation`]) are the *blocking* shape: the worker's SCSI
-/// emulation calls them on one of the device's I/O threads and waits. The command methods
+/// emulation calls them on one of the worker's I/O threads (or its event loop, for a [`Handler::nonblocking`] handler) and waits. The command methods
 /// ([`Handler::implemented_opcodes`], [`Handler::submit`], [`Handler::execute`]) let a handler
 /// answer whole SCSI commands itself, asynchronously through [`Handler::submit`] or blocking
 /// through [`Handler::execute`]. Between the two sits [`Handler::submit_io`]: the emulation's
@@ -87,6 +87,18 @@ pub trait Handler: Send + Sync {
     /// What the handler supports beyond read/write/flush.
     fn caps(&self) -> HandlerCaps {
         HandlerCaps::default()
+    }
+
+    /// Whether every call the runtime makes for a command ([`Handler::submit_io`] and the
+    /// blocking block methods behind its default, [`Handler::submit`]) returns within
+    /// microseconds, never waiting for a disk, a network or another thread (an in-memory
+    /// store, or a handler whose `submit_io`/`submit` only queue the work). The worker then
+    /// runs such commands on its event-loop thread, with no hand-off to an I/O thread; with
+    /// `false` (the default) they run on the worker's shared I/O pool, so a slow handler never
+    /// holds up other devices. Read once, when the device is opened. Declaring `true` for a
+    /// handler that does block stalls every device of the worker while it blocks.
+    fn nonblocking(&self) -> bool {
+        false
     }
 
     /// Reads `bufs` full from byte `offset` of the device.
@@ -121,7 +133,7 @@ pub trait Handler: Send + Sync {
     /// its range lock) until the request completes; the commands the emulation runs blocking
     /// (COMPARE AND WRITE, VERIFY, WRITE SAME...) submit here too and wait on their I/O thread.
     ///
-    /// Called on one of the device's I/O threads, or (for the second step of a command, such
+    /// Called on one of the worker's I/O threads (its event-loop thread for a [`Handler::nonblocking`] handler), or (for the second step of a command, such
     /// as the flush after an UNMAP on a device without a write cache) on the thread that
     /// completed the command's previous request. It must return quickly and must never wait for
     /// the handler's own completions. The default runs the request on [`Handler::read`],
@@ -146,7 +158,7 @@ pub trait Handler: Send + Sync {
     /// Starts a command whose opcode is in [`Handler::implemented_opcodes`]; the handler answers
     /// it, now or later and from any thread, with [`Pending::complete`].
     ///
-    /// Called on one of the device's I/O threads, after the runtime has checked what applies to
+    /// Called on one of the worker's I/O threads (its event-loop thread for a [`Handler::nonblocking`] handler), after the runtime has checked what applies to
     /// every command (a refused device, a pending unit attention). It should return quickly: an
     /// asynchronous handler queues the command (to librbd, an NBD socket, io_uring...) and
     /// returns. The default runs [`Handler::execute`] right here and completes with its result:

@@ -17,7 +17,9 @@
 //! - **Blocking** (`file`, `ram`): implement [`Handler::read`], [`Handler::write`] and
 //!   [`Handler::flush`] (and optionally [`Handler::unmap`], [`Handler::allocation`]). The
 //!   worker's SCSI emulation answers every command (READ, WRITE, INQUIRY, MODE SENSE, UNMAP,
-//!   COMPARE AND WRITE...) on top of them, calling them on the device's pool of I/O threads.
+//!   COMPARE AND WRITE...) on top of them, calling them on the worker's shared pool of I/O
+//!   threads, or, for a handler that declares [`Handler::nonblocking`] (`ram`), right on the
+//!   worker's event-loop thread, without a thread hand-off.
 //! - **Asynchronous** (a network or io_uring handler keeping hundreds of commands in flight
 //!   from one thread): list the opcodes it answers itself in [`Handler::implemented_opcodes`]
 //!   and override [`Handler::submit`]. It receives each such command as a [`Pending`], starts
@@ -51,14 +53,17 @@
 //!
 //! ## Rules a handler follows
 //! - **Threads.** Every [`Handler`] method may be called concurrently from several of the
-//!   device's I/O threads (use interior mutability); [`Handler::submit`] too. [`Pending`] is
+//!   worker's I/O threads, which all its devices share (use interior mutability);
+//!   [`Handler::submit`] too. A handler declaring [`Handler::nonblocking`] is also called on the
+//!   worker's event-loop thread, which serves every device of the worker: it must then never
+//!   wait there. [`Pending`] is
 //!   `Send`: [`Pending::complete`] may be called on any thread, including one the handler made
 //!   or a library's callback thread, and never blocks for long. [`Handler::submit_io`] is
 //!   called on an I/O thread, or, for a command's second step (the flush after an UNMAP on a
 //!   device without a write cache), on the thread that completed its previous request; it
 //!   returns quickly and never waits for the handler's own completions.
 //!   [`BlockRequest::complete`], like [`Pending::complete`], may be called on any thread; the
-//!   answer it produces reaches the kernel's ring only through the device's ring thread.
+//!   answer it produces reaches the kernel's ring only through the worker's event-loop thread.
 //!   [`HandlerFactory::open`] is called on the worker's main thread.
 //! - **Exactly one answer.** [`Pending::complete`] consumes the handle (and
 //!   [`BlockRequest::complete`] its request: the same rules hold for block requests, a dropped

@@ -146,6 +146,11 @@ impl RamHandler {
 }
 
 impl Handler for RamHandler {
+    fn nonblocking(&self) -> bool {
+        // Memory copies under short per-shard locks: never waits for I/O.
+        true
+    }
+
     fn caps(&self) -> HandlerCaps {
         HandlerCaps {
             unmap: true,

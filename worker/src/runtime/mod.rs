@@ -1,10 +1,12 @@
-//! # The worker runtime: the conversation with the supervisor, and one runner per device
+//! # The worker runtime: the conversation with the supervisor, and the engine serving its devices
 //!
 //! A worker process starts with one inherited descriptor, a `SOCK_SEQPACKET` socket to the
 //! supervisor (its number in `TCMU_WARDEN_FD`). It answers the supervisor's `Hello`, then serves
 //! devices as they arrive: for each [`ToWorker::AddDevice`] it opens the subtype's handler (or, for
 //! a device the policy refused, an emulator that fails every command with NOT READY), maps the UIO
-//! region, and starts a [`device::DeviceRunner`]. It reports each device ready or failed, answers
+//! region, and starts serving it on the worker's one [`device::Engine`] (an event loop over every
+//! device's ring and a shared I/O pool of the policy's `io_threads`, started after stage two of
+//! the jail; see [`device`]), which returns the device's [`device::DeviceRunner`]. It reports each device ready or failed, answers
 //! pings with counters, and on `Shutdown` (or when the supervisor goes away) drains its devices and
 //! exits.
 //!
@@ -40,7 +42,7 @@ use crate::ring::journal::{Journal, JournalError};
 use crate::ring::{Mapping, RecoverError, Ring, RingError};
 use crate::scsi::{CopyRegistry, Emulator};
 pub use config::{MIN_MAX_TRANSFER_BYTES, device_config};
-pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, OnExit};
+pub use device::{Counters, DeviceError, DeviceOptions, DeviceRunner, Engine, OnExit};
 use tcmu_warden_sdk::{HandlerError, HandlerFactory};
 
 use tcmu_warden_proto::process::{CHANNEL_FD_ENV as FD_ENV, LOG_FORMAT_ENV, fit_reason};
@@ -131,6 +133,9 @@ pub struct Worker {
     factories: Vec<Arc<dyn HandlerFactory>>,
     devices: HashMap<u64, Served>,
     opts: DeviceOptions,
+    /// The event loop and I/O pool serving every device, started after stage two of the jail
+    /// (so that its threads are confined too).
+    engine: Option<Engine>,
     /// Every served device's emulator by NAA designator, so that an EXTENDED COPY received by
     /// one device can read from or write to another device of this worker. It holds weak
     /// references: a device leaves it when its runner (the last owner of its emulator) stops.
@@ -145,6 +150,7 @@ impl Worker {
             factories,
             devices: HashMap::new(),
             opts: DeviceOptions::default(),
+            engine: None,
             copy_registry: CopyRegistry::new(),
         }
     }
@@ -169,6 +175,9 @@ impl Worker {
         drop(fds);
         // Stage two of the jail, before answering and so before any device is served.
         crate::jail::enter_stage_two(&self.factories, jail.as_ref())?;
+        if let Some(n) = jail.as_ref().and_then(|j| j.io_threads) {
+            self.opts.io_threads = usize::from(n).max(1);
+        }
         let missing: Vec<&String> = subtypes
             .iter()
             .filter(|s| self.factory(s).is_none())
@@ -368,23 +377,25 @@ impl Worker {
         }
         let emulator = Arc::new(emulator);
         self.copy_registry.register(&emulator);
+        let engine = match &self.engine {
+            Some(e) => e.clone(),
+            None => {
+                let e = Engine::new(self.opts)?;
+                info!(
+                    io_threads = self.opts.io_threads,
+                    "started the event loop and the I/O pool"
+                );
+                self.engine = Some(e.clone());
+                e
+            }
+        };
         let runner = match start {
-            Start::Recovered(rec) => DeviceRunner::start_recovered(
-                spec.name.clone(),
-                rec,
-                uio,
-                emulator.clone(),
-                self.opts,
-                on_exit,
-            )?,
-            Start::Ring(ring) => DeviceRunner::start(
-                spec.name.clone(),
-                ring,
-                uio,
-                emulator.clone(),
-                self.opts,
-                on_exit,
-            )?,
+            Start::Recovered(rec) => {
+                engine.start_recovered(spec.name.clone(), rec, uio, emulator.clone(), on_exit)?
+            }
+            Start::Ring(ring) => {
+                engine.start(spec.name.clone(), ring, uio, emulator.clone(), on_exit)?
+            }
         };
         self.devices.insert(spec.id, Served { runner, emulator });
         Ok(())

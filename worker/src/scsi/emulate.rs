@@ -20,7 +20,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::cdb::{Cdb, check_usage};
+use super::cdb::{Cdb, check_usage, op};
 use super::inquiry;
 use super::rangelock::RangeLock;
 use super::table;
@@ -51,6 +51,7 @@ impl Emulator {
     /// The handler's [`Handler::caps`] and [`Handler::implemented_opcodes`] are read once, here.
     pub fn new(cfg: &DeviceConfig, handler: Arc<dyn Handler>) -> Emulator {
         let caps = handler.caps();
+        let nonblocking = handler.nonblocking();
         let mut handler_ops = [false; 256];
         for &op in handler.implemented_opcodes() {
             if let Some(slot) = handler_ops.get_mut(usize::from(op)) {
@@ -70,6 +71,7 @@ impl Emulator {
             refusal: None,
             caps,
             handler_ops,
+            nonblocking,
             write_cache: AtomicBool::new(cfg.write_cache),
             dev_size: AtomicU64::new(cfg.dev_size),
             ua_pending: AtomicBool::new(false),
@@ -114,6 +116,52 @@ impl Emulator {
             Err(r) => cmd.complete(r),
             Ok(opcode) if self.handler_implements(opcode) => self.handler.submit(cmd),
             Ok(_) => self.emulate_pending(cmd),
+        }
+    }
+
+    /// Whether [`Emulator::submit`] of `cdb` returns without waiting for anything slow, so that
+    /// the runtime may run it on its event-loop thread: commands answered from the emulation's
+    /// own state (TEST UNIT READY, INQUIRY, MODE SENSE, READ CAPACITY, REPORT LUNS...), commands
+    /// refused before they reach the handler, every command of a refused device, and, when the
+    /// handler declares itself [`Handler::nonblocking`], the commands on the asynchronous block
+    /// path (READ, WRITE, SYNCHRONIZE CACHE, UNMAP...) and those it implements itself. Commands
+    /// the emulation runs blocking over several requests (COMPARE AND WRITE, VERIFY, a WRITE
+    /// SAME that writes, FORMAT UNIT, EXTENDED COPY, GET LBA STATUS) never qualify: they may
+    /// wait on a range lock or for another device. Reads only the CDB and never panics.
+    pub fn runs_inline(&self, cdb: &[u8]) -> bool {
+        let Some(&opcode) = cdb.first() else {
+            return true;
+        };
+        if self.refusal.is_some() {
+            return true;
+        }
+        if self.handler_implements(opcode) {
+            return self.nonblocking;
+        }
+        let sa = cdb.get(1).map(|b| b & crate::scsi::cdb::SA_MASK);
+        let own_state = match opcode {
+            op::TEST_UNIT_READY
+            | op::REQUEST_SENSE
+            | op::INQUIRY
+            | op::MODE_SENSE_6
+            | op::MODE_SENSE_10
+            | op::READ_CAPACITY_10
+            | op::PREVENT_ALLOW_MEDIUM_REMOVAL
+            | op::READ_DEFECT_DATA_10
+            | op::READ_DEFECT_DATA_12
+            | op::REPORT_LUNS
+            | op::RECEIVE_COPY_RESULTS => true,
+            op::SERVICE_ACTION_IN_16 => sa == Some(op::SA_READ_CAPACITY_16),
+            op::MAINTENANCE_IN => sa == Some(op::SA_REPORT_SUPPORTED_OPCODES),
+            _ => false,
+        };
+        if own_state {
+            return true;
+        }
+        match table::lookup(&Cdb::new(cdb), |o| self.offers(o)) {
+            // Refused at decoding: answered with sense data at once.
+            Err(_) => true,
+            Ok(desc) => self.nonblocking && desc.start.is_some(),
         }
     }
 

@@ -128,6 +128,8 @@ pub struct Emulator {
     pub(super) refusal: Option<String>,
     pub(super) caps: HandlerCaps,
     pub(super) handler_ops: [bool; 256],
+    /// The handler's [`Handler::nonblocking`], read once.
+    pub(super) nonblocking: bool,
     pub(super) write_cache: AtomicBool,
     pub(super) dev_size: AtomicU64,
     pub(super) ua_pending: AtomicBool,
