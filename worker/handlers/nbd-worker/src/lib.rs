@@ -38,8 +38,10 @@
 //! page cache; a server host that loses power may lose them, as a volatile cache does).
 //!
 //! ## Connections and the jail
-//! The worker connects itself: TCP under the jail's `network = "tcp"` with `connect_ports`,
-//! Unix sockets by path (see `docs/security.md` for what that means for the jail). The host of
+//! The worker connects itself: TCP under the jail's `network = "tcp"` with `connect_ports`.
+//! Unix sockets are connected by path too, which the jail's stage one refuses (it allows
+//! AF_INET/AF_INET6 stream sockets only): `nbd+unix://` needs the supervisor to pass the
+//! connected socket, not built yet (see `docs/security.md`, "The nbd worker"). The host of
 //! a TCP URI should be an IP address: a name is resolved with the C library's resolver, which
 //! the jail usually leaves nothing to read.
 
