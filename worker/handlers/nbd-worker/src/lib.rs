@@ -348,7 +348,9 @@ fn reconnect_loop(inner: &Arc<Inner>) {
         };
         // Dropped outside the lock: its pending requests come back through `hold`.
         if let Some(old) = old {
-            tracing::warn!(device = %inner.name, why = ?old.broken(), "nbd connection lost, reconnecting");
+            if !inner.shutdown.load(Ordering::SeqCst) {
+                tracing::warn!(device = %inner.name, why = ?old.broken(), "nbd connection lost, reconnecting");
+            }
             drop(old);
         }
         if !expired.is_empty() {

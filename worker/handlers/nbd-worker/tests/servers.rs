@@ -366,3 +366,36 @@ fn the_server_killed_and_restarted_under_writes() {
         );
     }
 }
+
+/// A server that stays away: a held request fails with ENOTCONN (NOT READY to the initiator)
+/// after the hold limit, well before the kernel's 30 s command timeout; the device serves again
+/// once the server is back.
+#[test]
+fn a_request_held_past_the_limit_fails_not_ready_then_the_device_resumes() {
+    let port = free_port();
+    let mut server = nbdkit_tcp(port, &["memory", "size=1M"]);
+    let h = open(&dev(&format!("nbd://127.0.0.1:{port}/"), 1 << 20));
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    let started = Instant::now();
+    let rx = submit(
+        &h,
+        BlockOp::Write {
+            offset: 0,
+            durable: true,
+        },
+        vec![7; 512],
+    );
+    let (_, r) = wait(rx);
+    let waited = started.elapsed();
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOTCONN));
+    assert!(
+        waited >= tcmu_warden_nbd_worker::HOLD_LIMIT && waited < Duration::from_secs(25),
+        "failed after {waited:?}"
+    );
+    assert!(h.reconnecting());
+    let _server = nbdkit_tcp(port, &["memory", "size=1M"]);
+    write(&h, 512, vec![9; 512], true);
+    assert_eq!(read(&h, 512, 512), vec![9; 512]);
+    assert!(!h.reconnecting());
+}
