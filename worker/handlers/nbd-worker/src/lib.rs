@@ -451,7 +451,8 @@ fn plan(inner: &Inner, client: &Client, req: &BlockRequest) -> (Vec<Part>, bool)
         BlockOp::Write { offset, durable } => {
             let fua = durable && ex.can_fua();
             let parts = split(offset, len, &|offset, n| {
-                let at = usize::try_from(offset - req_offset(req)).unwrap_or(usize::MAX);
+                let at =
+                    usize::try_from(offset.saturating_sub(req_offset(req))).unwrap_or(usize::MAX);
                 let mut data = vec![0u8; n as usize];
                 req.copy_out(at, &mut data);
                 Request::Write { offset, data, fua }
