@@ -187,6 +187,13 @@ impl Sense {
         Sense::new(key::NOT_READY, 0x04, 0x03)
     }
 
+    /// 02/04/0A NOT READY, LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION: the
+    /// backend is unreachable for now (a network handler's server went away). Linux answers it
+    /// as a transport error, which dm-multipath fails over on.
+    pub const fn not_ready_transition() -> Sense {
+        Sense::new(key::NOT_READY, 0x04, 0x0A)
+    }
+
     /// 06/29/00 UNIT ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
     pub const fn power_on_reset() -> Sense {
         Sense::new(key::UNIT_ATTENTION, 0x29, 0x00)

@@ -407,6 +407,8 @@ impl Emulator {
     /// - ENOSPC, EDQUOT (the backing store is full): DATA PROTECT / SPACE ALLOCATION FAILED
     ///   WRITE PROTECT (07/27/07), so thin-provisioning-aware initiators see "out of space";
     /// - EROFS: DATA PROTECT / WRITE PROTECTED (07/27/00);
+    /// - ENOTCONN (a network backend stayed unreachable): NOT READY / ASYMMETRIC ACCESS STATE
+    ///   TRANSITION (02/04/0A), a transport error to Linux, which multipath fails over on;
     /// - errors that say the request or the environment was wrong rather than the medium
     ///   (EINVAL, EBADF, EFAULT, ENOMEM, ENOSYS, EOPNOTSUPP, "unsupported"): HARDWARE ERROR /
     ///   INTERNAL TARGET FAILURE (04/44/00);
@@ -429,6 +431,8 @@ pub(crate) fn io_sense(name: &str, e: &io::Error, kind: IoKind, what: &'static s
             (Some(libc::EROFS), _) | (_, io::ErrorKind::ReadOnlyFilesystem) => {
                 Sense::write_protected()
             }
+            // A network backend that stayed unreachable (the nbd handler's bounded wait).
+            (Some(libc::ENOTCONN), _) => Sense::not_ready_transition(),
             (
                 Some(
                     libc::EINVAL

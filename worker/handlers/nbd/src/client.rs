@@ -402,7 +402,11 @@ impl Drop for Client {
         }
         self.shared.fail("the client closed the connection".into());
         if let Some(r) = self.reader.take() {
-            let _ = r.join();
+            // The last handle may be dropped by a completion callback, on the reader thread
+            // itself: it ends on its own once the stream is shut down, and cannot join itself.
+            if r.thread().id() != std::thread::current().id() {
+                let _ = r.join();
+            }
         }
     }
 }

@@ -271,7 +271,7 @@ fn handler_implemented_opcodes_go_to_the_handler() {
 
 #[test]
 fn io_errors_map_to_sense() {
-    let cases: [(i32, bool, (u8, u8, u8)); 8] = [
+    let cases: [(i32, bool, (u8, u8, u8)); 10] = [
         (libc::EIO, false, (0x03, 0x11, 0x00)),
         (libc::EIO, true, (0x03, 0x0C, 0x00)),
         (libc::ENOSPC, true, (0x07, 0x27, 0x07)),
@@ -280,6 +280,10 @@ fn io_errors_map_to_sense() {
         (libc::EINVAL, false, (0x04, 0x44, 0x00)),
         (libc::EBADF, true, (0x04, 0x44, 0x00)),
         (libc::ENXIO, false, (0x03, 0x11, 0x00)),
+        // A network backend that stayed away (the nbd handler's bounded wait): NOT READY,
+        // ASYMMETRIC ACCESS STATE TRANSITION, in both directions.
+        (libc::ENOTCONN, false, (0x02, 0x04, 0x0A)),
+        (libc::ENOTCONN, true, (0x02, 0x04, 0x0A)),
     ];
     for (errno, write, (k, asc, ascq)) in cases {
         let d = Dev::new();
