@@ -101,7 +101,6 @@ const CTRL_ATTR_MCAST_GRP_NAME: u16 = 1;
 const CTRL_ATTR_MCAST_GRP_ID: u16 = 2;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLA_F_NESTED: u16 = 0x8000;
-const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
 
 /// Most attributes accepted at one nesting level.
 pub const MAX_ATTRS: usize = 64;
@@ -605,7 +604,7 @@ impl TcmuNetlink {
         let fd = generic_socket()?;
         let family = resolve(&fd, FAMILY_NAME)?;
         let group = family.group(MCAST_GROUP).ok_or(NetlinkError::NoGroup)?;
-        set_int_opt(&fd, libc::SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)?;
+        join_group(&fd, group)?;
         // A large queue: a lost request would leave a configfs writer blocked.
         let _ =
             nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &(1 << 20));
@@ -789,24 +788,25 @@ fn resolve(fd: &OwnedFd, name: &str) -> Result<Family, NetlinkError> {
     Err(NetlinkError::Timeout)
 }
 
-fn set_int_opt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
+/// `NETLINK_ADD_MEMBERSHIP`: joins a netlink multicast group by number. `nix` has no ready
+/// option for it, but its `setsockopt_impl!` builds one on its safe `SetSockOpt` trait (the
+/// `unsafe` call, with its pointer and length taken from a `&c_int`, lives inside `nix`).
+#[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
+struct NetlinkAddMembership;
+
+nix::setsockopt_impl!(
+    NetlinkAddMembership,
+    libc::SOL_NETLINK,
+    libc::NETLINK_ADD_MEMBERSHIP,
+    libc::c_int,
+    nix::sys::socket::sockopt::SetStruct<'_, libc::c_int>
+);
+
+/// Joins multicast group `group` (a generic netlink group id) on a netlink socket.
+fn join_group(fd: &OwnedFd, group: u32) -> io::Result<()> {
     let v =
-        libc::c_int::try_from(value).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a valid, live integer.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+        libc::c_int::try_from(group).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    nix::sys::socket::setsockopt(fd, NetlinkAddMembership, &v).map_err(io::Error::from)
 }
 
 /// Sets `O_NONBLOCK` on a descriptor.
