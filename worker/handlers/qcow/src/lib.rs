@@ -67,23 +67,25 @@ pub trait Storage {
     /// Fills `buf` from `offset`; bytes past the end read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error>;
     /// The storage's length in bytes.
-    fn len(&self) -> Result<u64, Error>;
+    fn byte_len(&self) -> Result<u64, Error>;
 }
 
 impl Storage for File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        let mut done = 0;
-        while done < buf.len() {
-            let n = FileExt::read_at(self, &mut buf[done..], offset + done as u64)?;
+        let mut rest = buf;
+        let mut pos = offset;
+        while !rest.is_empty() {
+            let n = FileExt::read_at(self, rest, pos)?;
             if n == 0 {
-                buf[done..].fill(0);
+                rest.fill(0);
                 break;
             }
-            done += n;
+            rest = rest.get_mut(n..).unwrap_or_default();
+            pos += n as u64;
         }
         Ok(())
     }
-    fn len(&self) -> Result<u64, Error> {
+    fn byte_len(&self) -> Result<u64, Error> {
         Ok(self.metadata()?.len())
     }
 }
@@ -91,13 +93,14 @@ impl Storage for File {
 impl Storage for Vec<u8> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         buf.fill(0);
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.len());
-        let avail = &self[start..];
-        let n = avail.len().min(buf.len());
-        buf[..n].copy_from_slice(&avail[..n]);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let avail = self.get(start..).unwrap_or_default();
+        for (d, s) in buf.iter_mut().zip(avail) {
+            *d = *s;
+        }
         Ok(())
     }
-    fn len(&self) -> Result<u64, Error> {
+    fn byte_len(&self) -> Result<u64, Error> {
         Ok(self.len() as u64)
     }
 }
@@ -242,7 +245,7 @@ impl<S: Storage> Image<S> {
     /// Opens an image; `backing` is the already-opened backing image, if
     /// the image names one (see [`Image::backing_name`]).
     pub fn open(file: S, backing: Option<Box<dyn Storage>>) -> Result<Self, Error> {
-        let file_len = file.len()?;
+        let file_len = file.byte_len()?;
         let mut hdr = [0u8; 112];
         file.read_at(&mut hdr, 0)?;
         let header = Header::parse(&hdr, file_len)?;
@@ -252,7 +255,13 @@ impl<S: Storage> Image<S> {
             .chunks_exact(8)
             .map(|c| c.try_into().map(u64::from_be_bytes).unwrap_or(0))
             .collect();
-        Ok(Image { file, file_len, header, l1, backing })
+        Ok(Image {
+            file,
+            file_len,
+            header,
+            l1,
+            backing,
+        })
     }
 
     /// The validated header.
@@ -270,8 +279,7 @@ impl<S: Storage> Image<S> {
         if h.backing_file_size == 0 || h.backing_file_size > 1023 {
             return Err(Error::Corrupt("backing file name length"));
         }
-        if h
-            .backing_file_offset
+        if h.backing_file_offset
             .checked_add(u64::from(h.backing_file_size))
             .is_none_or(|e| e > self.file_len)
         {
@@ -287,7 +295,11 @@ impl<S: Storage> Image<S> {
     }
 
     fn checked_host(&self, off: u64, what: &'static str) -> Result<u64, Error> {
-        if off % self.cluster_size() != 0 || off.checked_add(self.cluster_size()).is_none_or(|e| e > self.file_len.div_ceil(self.cluster_size()) * self.cluster_size()) {
+        if off % self.cluster_size() != 0
+            || off.checked_add(self.cluster_size()).is_none_or(|e| {
+                e > self.file_len.div_ceil(self.cluster_size()) * self.cluster_size()
+            })
+        {
             return Err(Error::Corrupt(what));
         }
         Ok(off)
@@ -295,7 +307,9 @@ impl<S: Storage> Image<S> {
 
     /// Reads `buf.len()` bytes of the virtual disk at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        let end = offset.checked_add(buf.len() as u64).ok_or(Error::OutOfRange)?;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or(Error::OutOfRange)?;
         if end > self.header.size {
             return Err(Error::OutOfRange);
         }
@@ -305,7 +319,8 @@ impl<S: Storage> Image<S> {
             let pos = offset + done as u64;
             let in_cluster = pos % cs;
             let n = ((cs - in_cluster) as usize).min(buf.len() - done);
-            self.read_in_cluster(&mut buf[done..done + n], pos)?;
+            let part = buf.get_mut(done..done + n).ok_or(Error::OutOfRange)?;
+            self.read_in_cluster(part, pos)?;
             done += n;
         }
         Ok(())
@@ -316,10 +331,15 @@ impl<S: Storage> Image<S> {
         let bits = self.header.cluster_bits;
         let l2_entries = cs / 8;
         let cluster_index = pos >> bits;
-        let l1_index = usize::try_from(cluster_index / l2_entries).map_err(|_| Error::OutOfRange)?;
+        let l1_index =
+            usize::try_from(cluster_index / l2_entries).map_err(|_| Error::OutOfRange)?;
         let l2_index = cluster_index % l2_entries;
         let in_cluster = pos % cs;
-        let l1e = self.l1.get(l1_index).copied().ok_or(Error::Corrupt("L1 index"))?;
+        let l1e = self
+            .l1
+            .get(l1_index)
+            .copied()
+            .ok_or(Error::Corrupt("L1 index"))?;
         let l2_off = l1e & OFFSET_MASK;
         let l2e = if l2_off == 0 {
             0
@@ -332,7 +352,9 @@ impl<S: Storage> Image<S> {
         if l2e & L2_COMPRESSED != 0 {
             let data = self.read_compressed(l2e)?;
             let start = in_cluster as usize;
-            let src = data.get(start..start + out.len()).ok_or(Error::Corrupt("compressed cluster short"))?;
+            let src = data
+                .get(start..start + out.len())
+                .ok_or(Error::Corrupt("compressed cluster short"))?;
             out.copy_from_slice(src);
             return Ok(());
         }
@@ -358,7 +380,9 @@ impl<S: Storage> Image<S> {
         let off = l2e & ((1u64 << x) - 1);
         let sectors = (l2e & ((1u64 << 62) - 1)) >> x;
         let len = (sectors + 1) * 512 - (off % 512);
-        if off.checked_add(len).is_none_or(|e| e > self.file_len + 512) || len > 2 * self.cluster_size() + 512 {
+        if off.checked_add(len).is_none_or(|e| e > self.file_len + 512)
+            || len > 2 * self.cluster_size() + 512
+        {
             return Err(Error::Corrupt("compressed cluster outside the file"));
         }
         let mut raw = vec![0u8; len as usize];
