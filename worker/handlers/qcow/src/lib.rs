@@ -238,13 +238,13 @@ pub struct Image<S: Storage> {
     file_len: u64,
     header: Header,
     l1: Vec<u64>,
-    backing: Option<Box<dyn Storage>>,
+    backing: Option<Box<dyn Storage + Send + Sync>>,
 }
 
 impl<S: Storage> Image<S> {
     /// Opens an image; `backing` is the already-opened backing image, if
     /// the image names one (see [`Image::backing_name`]).
-    pub fn open(file: S, backing: Option<Box<dyn Storage>>) -> Result<Self, Error> {
+    pub fn open(file: S, backing: Option<Box<dyn Storage + Send + Sync>>) -> Result<Self, Error> {
         let file_len = file.byte_len()?;
         let mut hdr = [0u8; 112];
         file.read_at(&mut hdr, 0)?;

@@ -41,7 +41,7 @@ fn write_patterns(img: &Path, cluster: u64) {
     }
 }
 
-fn compare_with_raw(img: &Path, backing: Option<Box<dyn Storage>>) {
+fn compare_with_raw(img: &Path, backing: Option<Box<dyn Storage + Send + Sync>>) {
     let dir = img.parent().unwrap();
     let raw = dir.join(format!(
         "{}.raw",
