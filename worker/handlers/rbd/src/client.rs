@@ -52,7 +52,8 @@ impl Cluster {
         conf: Option<&str>,
         options: &[(&str, &str)],
     ) -> Result<Arc<Self>, RbdError> {
-        let id = cstr("id", id)?;
+        // rados_create2 takes the full entity name ("client.admin"), not the bare id.
+        let id = cstr("id", &format!("client.{id}"))?;
         let mut raw: ffi::RadosT = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out pointer; the names are NUL-terminated and live across the call.
         check("rados_create2", unsafe {
@@ -132,7 +133,8 @@ unsafe impl Send for Image {}
 // SAFETY: as above.
 unsafe impl Sync for Image {}
 
-/// What an aio hands back: librbd's return value (bytes or 0, or a negative errno) and the buffer.
+/// What an aio hands back: librbd's return value (bytes read for a read, 0 for a completed
+/// write, discard or flush, or a negative errno) and the buffer.
 pub type AioDone = Box<dyn FnOnce(isize, Vec<u8>) + Send + 'static>;
 
 struct AioState {
