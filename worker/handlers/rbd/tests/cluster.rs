@@ -111,7 +111,11 @@ fn aio_against_a_one_node_cluster() {
     let exported = std::fs::read(&out).unwrap();
     assert_eq!(exported.len(), 64 << 20);
     for i in 0..256usize {
-        let want = if (16..32).contains(&i) { 0 } else { (i % 251) as u8 + 1 };
+        let want = if (16..32).contains(&i) {
+            0
+        } else {
+            (i % 251) as u8 + 1
+        };
         assert!(
             exported[i * 4096..(i + 1) * 4096]
                 .iter()
