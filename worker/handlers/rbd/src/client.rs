@@ -137,9 +137,30 @@ unsafe impl Sync for Image {}
 /// write, discard or flush, or a negative errno) and the buffer.
 pub type AioDone = Box<dyn FnOnce(isize, Vec<u8>) + Send + 'static>;
 
+/// A COMPARE AND WRITE's outcome, handed to its [`CawDone`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CawOutcome {
+    /// The data matched and the write was applied.
+    Written,
+    /// Byte `offset` (from the start of the range) differed; nothing was written.
+    Miscompare { offset: u64 },
+    /// librbd failed with this errno.
+    Failed(i32),
+}
+
+/// What a compare-and-write hands back.
+pub type CawDone = Box<dyn FnOnce(CawOutcome) + Send + 'static>;
+
 struct AioState {
     buf: Vec<u8>,
-    done: AioDone,
+    /// Written by librbd on a miscompare; read in the callback (the box keeps it in place).
+    mismatch_off: u64,
+    done: Done,
+}
+
+enum Done {
+    Plain(AioDone),
+    Caw(CawDone),
 }
 
 unsafe extern "C" fn aio_callback(c: ffi::RbdCompletionT, arg: *mut c_void) {
@@ -149,7 +170,21 @@ unsafe extern "C" fn aio_callback(c: ffi::RbdCompletionT, arg: *mut c_void) {
     let rv = unsafe { ffi::rbd_aio_get_return_value(c) };
     // SAFETY: as above; no use of `c` follows.
     unsafe { ffi::rbd_aio_release(c) };
-    (state.done)(rv, state.buf);
+    let AioState {
+        buf,
+        mismatch_off,
+        done,
+    } = *state;
+    match done {
+        Done::Plain(done) => done(rv, buf),
+        Done::Caw(done) => done(match rv {
+            rv if rv >= 0 => CawOutcome::Written,
+            rv if rv == -(libc::EILSEQ as isize) => CawOutcome::Miscompare {
+                offset: mismatch_off,
+            },
+            rv => CawOutcome::Failed(i32::try_from(-rv).unwrap_or(libc::EIO)),
+        }),
+    }
 }
 
 enum Op {
@@ -157,6 +192,8 @@ enum Op {
     Write,
     Discard(u64),
     Flush,
+    WriteSame(u64),
+    Caw,
 }
 
 impl Image {
@@ -222,26 +259,63 @@ impl Image {
 
     /// Reads `len` bytes at `off`; `done` gets the filled buffer.
     pub fn aio_read(&self, off: u64, len: usize, done: AioDone) -> Result<(), RbdError> {
-        self.submit(Op::Read, off, vec![0; len], done)
+        self.submit(Op::Read, off, vec![0; len], Done::Plain(done))
     }
 
     /// Writes `buf` at `off`; `done` gets the buffer back.
     pub fn aio_write(&self, off: u64, buf: Vec<u8>, done: AioDone) -> Result<(), RbdError> {
-        self.submit(Op::Write, off, buf, done)
+        self.submit(Op::Write, off, buf, Done::Plain(done))
     }
 
     /// Discards (unmaps) `len` bytes at `off`.
     pub fn aio_discard(&self, off: u64, len: u64, done: AioDone) -> Result<(), RbdError> {
-        self.submit(Op::Discard(len), off, Vec::new(), done)
+        self.submit(Op::Discard(len), off, Vec::new(), Done::Plain(done))
+    }
+
+    /// Writes `pattern` repeatedly over `len` bytes at `off` (WRITE SAME); `len` must be a
+    /// multiple of the pattern length.
+    pub fn aio_writesame(
+        &self,
+        off: u64,
+        len: u64,
+        pattern: Vec<u8>,
+        done: AioDone,
+    ) -> Result<(), RbdError> {
+        self.submit(Op::WriteSame(len), off, pattern, Done::Plain(done))
+    }
+
+    /// COMPARE AND WRITE: if the `cmp.len()` bytes at `off` equal `cmp`, writes `data` (same
+    /// length) there, atomically in librbd.
+    pub fn aio_compare_and_write(
+        &self,
+        off: u64,
+        cmp: &[u8],
+        data: &[u8],
+        done: CawDone,
+    ) -> Result<(), RbdError> {
+        if cmp.len() != data.len() {
+            return Err(RbdError::Call {
+                call: "rbd_aio_compare_and_write",
+                errno: libc::EINVAL,
+            });
+        }
+        let mut buf = Vec::with_capacity(cmp.len() * 2);
+        buf.extend_from_slice(cmp);
+        buf.extend_from_slice(data);
+        self.submit(Op::Caw, off, buf, Done::Caw(done))
     }
 
     /// Flushes librbd's cache to the OSDs (durability for FUA / SYNCHRONIZE CACHE).
     pub fn aio_flush(&self, done: AioDone) -> Result<(), RbdError> {
-        self.submit(Op::Flush, 0, Vec::new(), done)
+        self.submit(Op::Flush, 0, Vec::new(), Done::Plain(done))
     }
 
-    fn submit(&self, op: Op, off: u64, buf: Vec<u8>, done: AioDone) -> Result<(), RbdError> {
-        let state = Box::into_raw(Box::new(AioState { buf, done }));
+    fn submit(&self, op: Op, off: u64, buf: Vec<u8>, done: Done) -> Result<(), RbdError> {
+        let state = Box::into_raw(Box::new(AioState {
+            buf,
+            mismatch_off: 0,
+            done,
+        }));
         let mut c: ffi::RbdCompletionT = std::ptr::null_mut();
         // SAFETY: `state` is a live leaked box reclaimed by exactly one of aio_callback or the
         // error paths below; `aio_callback` matches rbd_callback_t.
@@ -256,7 +330,9 @@ impl Image {
             });
         }
         // SAFETY: the buffer lives in the heap-allocated `state` until the callback runs, so its
-        // pointer stays valid for the whole aio; the image is open; `c` is fresh.
+        // pointer stays valid for the whole aio (so does `mismatch_off`, which librbd writes on a
+        // miscompare; a CAW buffer is compare half then write half, split at len / 2); the image
+        // is open; `c` is fresh.
         let rc = unsafe {
             let b = &mut (*state).buf;
             match op {
@@ -264,6 +340,26 @@ impl Image {
                 Op::Write => ffi::rbd_aio_write(self.raw, off, b.len(), b.as_ptr().cast(), c),
                 Op::Discard(len) => ffi::rbd_aio_discard(self.raw, off, len, c),
                 Op::Flush => ffi::rbd_aio_flush(self.raw, c),
+                Op::WriteSame(len) => match usize::try_from(len) {
+                    Ok(len) => {
+                        ffi::rbd_aio_writesame(self.raw, off, len, b.as_ptr().cast(), b.len(), c, 0)
+                    }
+                    Err(_) => -libc::EINVAL,
+                },
+                Op::Caw => {
+                    let half = b.len() / 2;
+                    let rc = ffi::rbd_aio_compare_and_write(
+                        self.raw,
+                        off,
+                        half,
+                        b.as_ptr().cast(),
+                        b.as_ptr().add(half).cast(),
+                        c,
+                        &mut (*state).mismatch_off,
+                        0,
+                    );
+                    i32::try_from(rc).unwrap_or(-libc::EIO)
+                }
             }
         };
         if rc < 0 {

@@ -74,5 +74,24 @@ unsafe extern "C" {
         c: RbdCompletionT,
     ) -> c_int;
     pub fn rbd_aio_discard(image: RbdImageT, off: u64, len: u64, c: RbdCompletionT) -> c_int;
+    pub fn rbd_aio_writesame(
+        image: RbdImageT,
+        off: u64,
+        len: size_t,
+        buf: *const c_char,
+        data_len: size_t,
+        c: RbdCompletionT,
+        op_flags: c_int,
+    ) -> c_int;
+    pub fn rbd_aio_compare_and_write(
+        image: RbdImageT,
+        off: u64,
+        len: size_t,
+        cmp_buf: *const c_char,
+        buf: *const c_char,
+        c: RbdCompletionT,
+        mismatch_off: *mut u64,
+        op_flags: c_int,
+    ) -> ssize_t;
     pub fn rbd_aio_flush(image: RbdImageT, c: RbdCompletionT) -> c_int;
 }

@@ -9,4 +9,4 @@ pub mod client;
 mod ffi;
 
 pub use cfgstring::{CfgError, RbdConfig, parse};
-pub use client::{AioDone, Cluster, Image, IoCtx, RbdError};
+pub use client::{AioDone, CawDone, CawOutcome, Cluster, Image, IoCtx, RbdError};

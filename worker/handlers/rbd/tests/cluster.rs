@@ -12,7 +12,7 @@ mod common;
 
 use std::sync::mpsc;
 
-use tcmu_warden_rbd::{Cluster, Image, IoCtx, RbdError};
+use tcmu_warden_rbd::{CawOutcome, Cluster, Image, IoCtx, RbdError};
 
 #[test]
 fn aio_against_a_one_node_cluster() {
@@ -103,6 +103,44 @@ fn aio_against_a_one_node_cluster() {
     let (rv, buf) = zrx.recv().unwrap();
     assert_eq!(rv, 65536);
     assert!(buf.iter().all(|&b| b == 0));
+    // WRITE SAME: a 512-byte pattern over blocks 32..34 (8 KiB).
+    let pattern: Vec<u8> = (0..512u32).map(|i| (i % 7) as u8 + 0x40).collect();
+    let (wtx, wrx) = mpsc::channel();
+    let w2 = wtx.clone();
+    img.aio_writesame(
+        32 * 4096,
+        8192,
+        pattern.clone(),
+        Box::new(move |rv, _| w2.send(rv).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(wrx.recv().unwrap(), 0);
+
+    // COMPARE AND WRITE on the first 512 bytes of block 40 (holds 41 from the first pass; librbd 16
+    // refuses a compare-and-write longer than one 512-byte sector with EINVAL): a match writes, a miscompare
+    // reports the first differing byte and writes nothing.
+    let (ctx, crx) = mpsc::channel();
+    let old = vec![41u8; 512];
+    let new = vec![0xAAu8; 512];
+    let c2 = ctx.clone();
+    img.aio_compare_and_write(
+        40 * 4096,
+        &old,
+        &new,
+        Box::new(move |o| c2.send(o).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(crx.recv().unwrap(), CawOutcome::Written);
+    let mut wrong = vec![0xAAu8; 512];
+    wrong[100] = 0;
+    img.aio_compare_and_write(
+        40 * 4096,
+        &wrong,
+        &old,
+        Box::new(move |o| ctx.send(o).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(crx.recv().unwrap(), CawOutcome::Miscompare { offset: 100 });
     drop(img);
 
     // `rbd export` sees exactly what was written.
@@ -113,6 +151,8 @@ fn aio_against_a_one_node_cluster() {
     for i in 0..256usize {
         let want = if (16..32).contains(&i) {
             0
+        } else if i == 32 || i == 33 || i == 40 {
+            continue;
         } else {
             (i % 251) as u8 + 1
         };
@@ -122,6 +162,19 @@ fn aio_against_a_one_node_cluster() {
                 .all(|&b| b == want),
             "block {i}"
         );
+    }
+    assert!(
+        exported[40 * 4096..40 * 4096 + 512]
+            .iter()
+            .all(|&b| b == 0xAA)
+    );
+    assert!(
+        exported[40 * 4096 + 512..41 * 4096]
+            .iter()
+            .all(|&b| b == 41)
+    );
+    for (k, b) in exported[32 * 4096..34 * 4096].iter().enumerate() {
+        assert_eq!(*b, pattern[k % 512], "write same byte {k}");
     }
     assert!(exported[256 * 4096..].iter().all(|&b| b == 0));
 }
