@@ -18,7 +18,10 @@ cache="$here/cache"
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio kmod fio sg3-utils e2fsprogs
           iproute2 libiscsi-bin tcmu-runner inotify-tools util-linux coreutils python3 systemd
-          nbdkit)
+          nbdkit
+          # The rbd handler: a throwaway one-node Ceph cluster (mon + memstore OSD) for its
+          # tests, the rbd CLI to check images, and librbd/librados headers to link against.
+          ceph-mon ceph-osd ceph-common librbd-dev)
 
 log() { printf 'setup-host: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
