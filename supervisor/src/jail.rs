@@ -626,8 +626,8 @@ impl StageOne {
 ///
 /// Without an audit daemon the record is printed by the kernel's audit thread (`kauditd`), not
 /// by the dying task, so it can reach the log a moment after the worker has been reaped: the
-/// log is read again, every 20 ms, for up to `patience`. This blocks: the supervisor's event
-/// loop uses [`kernel_log_lookup`] from a timer instead; tests and tools may block.
+/// log is read again, every 20 ms, for up to `patience` (the caller's event loop waits that long
+/// at most, once per seccomp kill; restarts are rate-limited by backoff and quarantine).
 pub fn kernel_log_violation(pid: u32, since: SystemTime, patience: Duration) -> Option<String> {
     let end = std::time::Instant::now() + patience;
     let nr = loop {
@@ -643,17 +643,6 @@ pub fn kernel_log_violation(pid: u32, since: SystemTime, patience: Duration) -> 
         Some(name) => format!("{name} (nr {nr})"),
         None => format!("system call nr {nr}"),
     })
-}
-
-/// One non-blocking pass of [`kernel_log_violation`]: the named system call of `pid`'s seccomp
-/// record, `Ok(None)` if the log has none (yet), `Err` if the log cannot be read at all.
-pub fn kernel_log_lookup(pid: u32, since: SystemTime) -> Result<Option<String>, io::Error> {
-    Ok(
-        seccomp_record_in_kmsg(pid, since)?.map(|nr| match syscalls::name_of(nr) {
-            Some(name) => format!("{name} (nr {nr})"),
-            None => format!("system call nr {nr}"),
-        }),
-    )
 }
 
 /// One pass over `/dev/kmsg`: the system call number of the newest matching seccomp record,

@@ -114,22 +114,6 @@ pub const IDLE_TICK: Duration = Duration::from_secs(1);
 /// (printed asynchronously by the audit thread) before naming the system call "unknown".
 const KMSG_PATIENCE: Duration = Duration::from_millis(300);
 
-/// How often the kernel log is read again while an [`AuditLookup`] waits.
-const KMSG_RETRY: Duration = Duration::from_millis(20);
-
-/// A seccomp kill whose audit record was not in the kernel log yet when the worker was reaped:
-/// a timer of the event loop (nothing in the loop sleeps) reads the log again every
-/// [`KMSG_RETRY`] until [`KMSG_PATIENCE`] has passed, then logs the violation once.
-#[derive(Debug)]
-struct AuditLookup {
-    key: WorkerKey,
-    worker: String,
-    pid: u32,
-    since: std::time::SystemTime,
-    next_try: Instant,
-    give_up: Instant,
-}
-
 /// How long after SIGKILL at the end of a shutdown the daemon waits for reaping before it exits
 /// anyway (a process stuck in uninterruptible I/O cannot be reaped).
 const REAP_GRACE: Duration = Duration::from_secs(5);
@@ -559,8 +543,6 @@ pub struct Supervisor {
     journals: JournalStore,
     hotplug: hotplug::Hotplug,
     admin: admin::Admin,
-    /// Seccomp kills waiting for their audit record (see [`AuditLookup`]).
-    audits: Vec<AuditLookup>,
 }
 
 impl Supervisor {
@@ -580,7 +562,6 @@ impl Supervisor {
             journals,
             hotplug: hotplug::Hotplug::new(),
             admin: admin::Admin::new(),
-            audits: Vec::new(),
         })
     }
 
@@ -1189,7 +1170,6 @@ impl Supervisor {
         }
         self.reap();
         let now = Instant::now();
-        self.audit_turn(now);
         self.check_deadlines(now);
         self.hotplug_turn(now);
         self.admin_turn(now);
@@ -1538,15 +1518,17 @@ impl Supervisor {
                     .jail
                     .as_ref()
                     .map_or(std::time::UNIX_EPOCH, |j| j.prepared_at);
-                let now = Instant::now();
-                self.audits.push(AuditLookup {
-                    key: key.clone(),
-                    worker: slot.name.clone(),
+                let syscall = jail::kernel_log_violation(pid, since, KMSG_PATIENCE);
+                error!(
+                    worker = %slot.name,
                     pid,
-                    since,
-                    next_try: now,
-                    give_up: now + KMSG_PATIENCE,
-                });
+                    syscall = syscall.as_deref().unwrap_or("unknown (see the audit log, type=SECCOMP)"),
+                    "sandbox violation: seccomp killed the worker"
+                );
+                if let Some(jail) = slot.jail.as_mut() {
+                    jail.violation =
+                        Some(syscall.unwrap_or_else(|| "unknown system call".to_owned()));
+                }
             }
             match was {
                 WorkerPhase::Killed => {
@@ -1612,44 +1594,7 @@ impl Supervisor {
         self.restarts(now);
     }
 
-    /// Reads the kernel log for the seccomp kills in [`Supervisor::audits`] that are due, and
-    /// logs each violation once: with the system call when its record is there, or when
-    /// [`KMSG_PATIENCE`] has passed (or the log cannot be read) as unknown.
-    fn audit_turn(&mut self, now: Instant) {
-        let mut waiting = Vec::new();
-        for mut a in std::mem::take(&mut self.audits) {
-            if a.next_try > now {
-                waiting.push(a);
-                continue;
-            }
-            let syscall = match jail::kernel_log_lookup(a.pid, a.since) {
-                Ok(None) if now < a.give_up => {
-                    a.next_try = now + KMSG_RETRY;
-                    waiting.push(a);
-                    continue;
-                }
-                Ok(found) => found,
-                Err(_) => None,
-            };
-            error!(
-                worker = %a.worker,
-                pid = a.pid,
-                syscall = syscall.as_deref().unwrap_or("unknown (see the audit log, type=SECCOMP)"),
-                "sandbox violation: seccomp killed the worker"
-            );
-            // Only the process that was killed: a restarted worker has a new jail.
-            if let Some(slot) = self.workers.get_mut(&a.key)
-                && slot.process.pid() == a.pid
-                && let Some(jail) = slot.jail.as_mut()
-            {
-                jail.violation = Some(syscall.unwrap_or_else(|| "unknown system call".to_owned()));
-            }
-        }
-        self.audits = waiting;
-    }
-
     fn next_deadline(&self) -> Option<Instant> {
-        let audits = self.audits.iter().map(|a| a.next_try);
         let workers = self.workers.values().filter_map(|s| s.deadline);
         let devices = self.devices.values().filter_map(|d| d.deadline);
         let reconfigs = self
@@ -1663,7 +1608,6 @@ impl Supervisor {
             .chain(reconfigs)
             .chain(give_up)
             .chain(lifecycle)
-            .chain(audits)
             .min()
     }
 
